@@ -1,0 +1,125 @@
+//! `selfplay`: argument parsing and wiring only; the work lives in the library crates.
+mod bench;
+mod generate_cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "selfplay", version, about = "Language Self-Play: train LLMs by self-play, without data")]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, global = true, env = "SELFPLAY_LOG", default_value = "info")]
+    log: String,
+    /// Log format: text or json.
+    #[arg(long, global = true, env = "SELFPLAY_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    /// Intra-op CPU threads for libtorch (0 = libtorch's default).
+    #[arg(long, global = true, env = "SELFPLAY_THREADS", default_value_t = 0)]
+    threads: i32,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat with a model: stream its answer to one prompt.
+    Generate(generate_cmd::GenerateArgs),
+    /// Convert a GGUF llama model into a Hugging Face directory (safetensors, config, tokenizer).
+    ImportGguf {
+        /// The .gguf file.
+        file: PathBuf,
+        /// The directory to write.
+        out_dir: PathBuf,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn init_logging(filter: &str, format: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "text" => builder.init(),
+        other => anyhow::bail!("unknown --log-format {other:?} (text or json)"),
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log, &cli.log_format) {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    if cli.threads > 0 {
+        tch::set_num_threads(cli.threads);
+    }
+    let result = match cli.command {
+        Command::Generate(args) => generate_cmd::run(args),
+        Command::ImportGguf { file, out_dir } => import_gguf(&file, &out_dir),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn import_gguf(file: &std::path::Path, out_dir: &std::path::Path) -> Result<()> {
+    let summary = selfplay_policy::gguf::import_gguf(file, out_dir)?;
+    tracing::info!(?summary, out = %out_dir.display(), "imported");
+    Ok(())
+}
+
+/// The default model: $SELFPLAY_MODEL, else the SmolLM2 import in the cache.
+pub fn default_model() -> PathBuf {
+    if let Ok(p) = std::env::var("SELFPLAY_MODEL") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".cache/selfplay/models/SmolLM2-135M-Instruct")
+}
+
+/// Device and dtype flags shared by every command that loads a model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (default: the imported SmolLM2-135M-Instruct).
+    #[arg(long, env = "SELFPLAY_MODEL")]
+    pub model: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (default: cuda when available).
+    #[arg(long, env = "SELFPLAY_DEVICE")]
+    pub device: Option<String>,
+    /// f32, bf16 or f16.
+    #[arg(long, env = "SELFPLAY_DTYPE", default_value = "f32")]
+    pub dtype: String,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<selfplay_policy::Policy> {
+        let dir = self.model.clone().unwrap_or_else(default_model);
+        let device = match &self.device {
+            Some(d) => selfplay_policy::parse_device(d)?,
+            None => tch::Device::cuda_if_available(),
+        };
+        let kind = selfplay_policy::parse_kind(&self.dtype)?;
+        let t0 = std::time::Instant::now();
+        let policy = selfplay_policy::Policy::load(&dir, device, kind)?;
+        tracing::info!(
+            model = %dir.display(),
+            ?device,
+            ?kind,
+            params = policy.model.num_parameters(),
+            cuda_available = tch::Cuda::is_available(),
+            secs = t0.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        Ok(policy)
+    }
+}

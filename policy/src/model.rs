@@ -1,0 +1,445 @@
+//! The Llama family in tch: grouped-query attention, RMSNorm, SwiGLU, rotary embeddings
+//! (with Llama-3 frequency scaling), tied or untied output, an optional `score` head for
+//! sequence-classifier reward models, and a preallocated KV cache for generation.
+//!
+//! Numerics follow transformers' implementation (RMSNorm and rotary tables in f32, logits
+//! returned in f32) so that logits match it to 1e-4 in f32.
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{PolicyError, Result};
+use crate::weights;
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+struct Layer {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    q_b: Option<Tensor>,
+    k_b: Option<Tensor>,
+    v_b: Option<Tensor>,
+    o_b: Option<Tensor>,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    gate_b: Option<Tensor>,
+    up_b: Option<Tensor>,
+    down_b: Option<Tensor>,
+}
+
+/// Per-layer key/value tensors of shape [batch, kv_heads, capacity, head_dim].
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+}
+
+pub struct Llama {
+    cfg: ModelConfig,
+    device: Device,
+    kind: Kind,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    score: Option<Tensor>,
+    inv_freq: Tensor,
+    /// Every parameter under its Hugging Face name (shallow handles onto the same storage).
+    params: Vec<(String, Tensor)>,
+}
+
+/// The tensors a config needs, with their shapes, in Hugging Face naming.
+pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<i64>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let q_out = cfg.num_attention_heads * cfg.head_dim;
+    let kv_out = cfg.num_key_value_heads * cfg.head_dim;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![q_out, h]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv_out, h]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv_out, h]));
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q_out]));
+        if cfg.attention_bias {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![q_out]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv_out]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv_out]));
+            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        if cfg.mlp_bias {
+            out.push((format!("{p}.mlp.gate_proj.bias"), vec![i]));
+            out.push((format!("{p}.mlp.up_proj.bias"), vec![i]));
+            out.push((format!("{p}.mlp.down_proj.bias"), vec![h]));
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    match cfg.architecture {
+        Architecture::LlamaForCausalLM if !cfg.tie_word_embeddings => {
+            out.push(("lm_head.weight".to_string(), vec![v, h]))
+        }
+        Architecture::LlamaForCausalLM => {}
+        Architecture::LlamaForSequenceClassification => {
+            out.push(("score.weight".to_string(), vec![cfg.num_labels, h]))
+        }
+    }
+    out
+}
+
+fn inv_freq(cfg: &ModelConfig) -> Tensor {
+    let dim = cfg.head_dim;
+    let base = cfg.rope.theta;
+    // Same arithmetic as transformers: base ** (arange(0, dim, 2) / dim) in f32.
+    let exps = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float)
+        / (dim as f64);
+    let inv = Tensor::from(base as f32).to_kind(Kind::Float).pow(&exps).reciprocal();
+    match &cfg.rope.scaling {
+        None => inv,
+        Some(s) => {
+            let low_wl = s.original_max_position_embeddings / s.low_freq_factor;
+            let high_wl = s.original_max_position_embeddings / s.high_freq_factor;
+            let wavelen = inv.reciprocal() * (2.0 * std::f64::consts::PI);
+            let scaled = inv.where_self(&wavelen.le(low_wl), &(&inv / s.factor));
+            let smooth = (wavelen.reciprocal() * s.original_max_position_embeddings
+                - s.low_freq_factor)
+                / (s.high_freq_factor - s.low_freq_factor);
+            let smoothed = (smooth.ones_like() - &smooth) * &scaled / s.factor + &smooth * &scaled;
+            let medium = wavelen.ge(high_wl).logical_and(&wavelen.le(low_wl));
+            smoothed.where_self(&medium, &scaled)
+        }
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    Tensor::cat(&[x2.neg(), x1], 3)
+}
+
+fn linear(x: &Tensor, w: &Tensor, b: &Option<Tensor>) -> Tensor {
+    x.linear(w, b.as_ref())
+}
+
+impl Llama {
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let files = weights::weight_files(dir)?;
+        let mut tensors = weights::load_tensors(&files, kind, device, |_| true)?;
+        Self::from_tensors(cfg, &mut tensors, device, kind, dir)
+    }
+
+    /// Builds the model from named tensors, checking every name and shape against the config.
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        tensors: &mut HashMap<String, Tensor>,
+        device: Device,
+        kind: Kind,
+        source: &Path,
+    ) -> Result<Self> {
+        let mut params = Vec::new();
+        for (name, shape) in expected_tensors(&cfg) {
+            let t = tensors.remove(&name).ok_or_else(|| PolicyError::MissingTensor {
+                name: name.clone(),
+                path: source.to_path_buf(),
+            })?;
+            if t.size() != shape {
+                return Err(PolicyError::WeightMismatch {
+                    message: format!("config implies shape {shape:?}, file has {:?}", t.size()),
+                    name,
+                });
+            }
+            params.push((name, t.to_device(device).to_kind(kind)));
+        }
+        let get = |n: &str| -> Tensor {
+            params
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, t)| t.shallow_clone())
+                .expect("checked above")
+        };
+        let opt = |n: String, on: bool| on.then(|| get(&n));
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                Layer {
+                    input_norm: get(&format!("{p}.input_layernorm.weight")),
+                    q: get(&format!("{p}.self_attn.q_proj.weight")),
+                    k: get(&format!("{p}.self_attn.k_proj.weight")),
+                    v: get(&format!("{p}.self_attn.v_proj.weight")),
+                    o: get(&format!("{p}.self_attn.o_proj.weight")),
+                    q_b: opt(format!("{p}.self_attn.q_proj.bias"), cfg.attention_bias),
+                    k_b: opt(format!("{p}.self_attn.k_proj.bias"), cfg.attention_bias),
+                    v_b: opt(format!("{p}.self_attn.v_proj.bias"), cfg.attention_bias),
+                    o_b: opt(format!("{p}.self_attn.o_proj.bias"), cfg.attention_bias),
+                    post_norm: get(&format!("{p}.post_attention_layernorm.weight")),
+                    gate: get(&format!("{p}.mlp.gate_proj.weight")),
+                    up: get(&format!("{p}.mlp.up_proj.weight")),
+                    down: get(&format!("{p}.mlp.down_proj.weight")),
+                    gate_b: opt(format!("{p}.mlp.gate_proj.bias"), cfg.mlp_bias),
+                    up_b: opt(format!("{p}.mlp.up_proj.bias"), cfg.mlp_bias),
+                    down_b: opt(format!("{p}.mlp.down_proj.bias"), cfg.mlp_bias),
+                }
+            })
+            .collect();
+        let is_lm = cfg.architecture == Architecture::LlamaForCausalLM;
+        Ok(Llama {
+            embed: get("model.embed_tokens.weight"),
+            norm: get("model.norm.weight"),
+            lm_head: (is_lm && !cfg.tie_word_embeddings).then(|| get("lm_head.weight")),
+            score: (!is_lm).then(|| get("score.weight")),
+            inv_freq: inv_freq(&cfg).to_device(device),
+            layers,
+            params,
+            cfg,
+            device,
+            kind,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+    /// Every parameter with its Hugging Face name, in a fixed order.
+    pub fn parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+    pub fn num_parameters(&self) -> i64 {
+        self.params.iter().map(|(_, t)| t.numel() as i64).sum()
+    }
+
+    /// Marks every parameter as trainable (or frozen).
+    pub fn set_requires_grad(&mut self, on: bool) {
+        for (_, t) in &self.params {
+            let _ = t.set_requires_grad(on);
+        }
+    }
+
+    /// A deep copy on the same device: used for the frozen reference model.
+    pub fn deep_clone(&self) -> Result<Self> {
+        let mut tensors: HashMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach().copy()))
+            .collect();
+        Self::from_tensors(self.cfg.clone(), &mut tensors, self.device, self.kind, Path::new("<copy>"))
+    }
+
+    /// Saves the weights as a Hugging Face safetensors file (tied weights stored once).
+    pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        weights::save_tensors(path, self.params.iter().map(|(n, t)| (n.as_str(), t)))
+    }
+
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        let shape = [batch, self.cfg.num_key_value_heads, capacity, self.cfg.head_dim];
+        let mk = || Tensor::zeros(shape, (self.kind, self.device));
+        let n = self.cfg.num_hidden_layers as usize;
+        KvCache {
+            keys: (0..n).map(|_| mk()).collect(),
+            values: (0..n).map(|_| mk()).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = xf * (var + self.cfg.rms_norm_eps).rsqrt();
+        w * normed.to_kind(self.kind)
+    }
+
+    /// Rotary tables for positions [B, T]: cos and sin of shape [B, 1, T, head_dim].
+    fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        (emb.cos().to_kind(self.kind), emb.sin().to_kind(self.kind))
+    }
+
+    /// The transformer body. `ids` [B, T] and `positions` [B, T] are int64; `mask` is a bool
+    /// tensor [B, 1, T, S] (true = may attend) where S is the number of keys after this call
+    /// (the cache length plus T when a cache is given, else T). Returns hidden states [B, T, H]
+    /// after the final norm.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.size2()?;
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        if let Some(c) = cache.as_deref() {
+            if c.len + t > c.capacity {
+                return Err(PolicyError::InvalidInput(format!(
+                    "KV cache full: {} cached + {t} new > capacity {}",
+                    c.len, c.capacity
+                )));
+            }
+        }
+        let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        let (cos, sin) = self.rope_tables(positions);
+        let rope = |v: &Tensor| v * &cos + rotate_half(v) * &sin;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.input_norm);
+            let q = linear(&h, &layer.q, &layer.q_b).view([b, t, nh, hd]).transpose(1, 2);
+            let k = linear(&h, &layer.k, &layer.k_b).view([b, t, nkv, hd]).transpose(1, 2);
+            let v = linear(&h, &layer.v, &layer.v_b).view([b, t, nkv, hd]).transpose(1, 2);
+            let (q, k) = (rope(&q), rope(&k));
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => {
+                    c.keys[l].narrow(2, c.len, t).copy_(&k);
+                    c.values[l].narrow(2, c.len, t).copy_(&v);
+                    (c.keys[l].narrow(2, 0, c.len + t), c.values[l].narrow(2, 0, c.len + t))
+                }
+                None => (k, v),
+            };
+            let attn = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(mask),
+                0.0,
+                false,
+                Some(1.0 / (hd as f64).sqrt()),
+                nh != nkv,
+            )?;
+            let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
+            x = x + linear(&attn, &layer.o, &layer.o_b);
+            let h = self.rms_norm(&x, &layer.post_norm);
+            let gate = linear(&h, &layer.gate, &layer.gate_b).silu();
+            let up = linear(&h, &layer.up, &layer.up_b);
+            x = x + linear(&(gate * up), &layer.down, &layer.down_b);
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        Ok(self.rms_norm(&x, &self.norm))
+    }
+
+    /// Language-model logits in f32 for hidden states [.., H].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = match (&self.lm_head, &self.score) {
+            (Some(w), _) => w,
+            (None, None) => &self.embed,
+            (None, Some(_)) => {
+                return Err(PolicyError::InvalidInput(
+                    "a sequence classifier has no language-model head".into(),
+                ))
+            }
+        };
+        Ok(hidden.linear(w, None::<Tensor>).to_kind(Kind::Float))
+    }
+
+    /// Sequence-classifier scores in f32 for hidden states [.., H]: [.., num_labels].
+    pub fn scores(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = self.score.as_ref().ok_or_else(|| {
+            PolicyError::InvalidInput("this model has no score head (not a reward model)".into())
+        })?;
+        Ok(hidden.linear(w, None::<Tensor>).to_kind(Kind::Float))
+    }
+
+    /// Checks that every id is inside the vocabulary before it reaches an embedding lookup.
+    pub fn check_ids(&self, ids: &Tensor) -> Result<()> {
+        if ids.numel() == 0 {
+            return Ok(());
+        }
+        let lo = ids.min().int64_value(&[]);
+        let hi = ids.max().int64_value(&[]);
+        for id in [lo, hi] {
+            if id < 0 || id >= self.cfg.vocab_size {
+                return Err(PolicyError::TokenOutOfRange {
+                    id,
+                    vocab_size: self.cfg.vocab_size,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Right-padded batch of whole sequences with the masks the model needs.
+pub struct PaddedBatch {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    /// [B, 1, T, T] bool: causal and not padding.
+    pub mask: Tensor,
+    /// [B, T] bool: real tokens.
+    pub valid: Tensor,
+    pub lengths: Vec<i64>,
+}
+
+impl PaddedBatch {
+    pub fn right_padded(seqs: &[Vec<i64>], pad: i64, device: Device) -> Result<Self> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.is_empty()) {
+            return Err(PolicyError::InvalidInput("empty batch or empty sequence".into()));
+        }
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0) as i64;
+        let b = seqs.len() as i64;
+        let mut flat = Vec::with_capacity((b * t) as usize);
+        let mut valid = Vec::with_capacity((b * t) as usize);
+        for s in seqs {
+            flat.extend_from_slice(s);
+            flat.extend(std::iter::repeat_n(pad, t as usize - s.len()));
+            valid.extend(std::iter::repeat_n(true, s.len()));
+            valid.extend(std::iter::repeat_n(false, t as usize - s.len()));
+        }
+        let ids = Tensor::from_slice(&flat).view([b, t]).to_device(device);
+        let valid = Tensor::from_slice(&valid).view([b, t]).to_device(device);
+        let positions = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], true);
+        Ok(PaddedBatch {
+            ids,
+            positions,
+            mask: attention_mask(&valid, 0),
+            valid,
+            lengths: seqs.iter().map(|s| s.len() as i64).collect(),
+        })
+    }
+}
+
+/// Bool attention mask [B, 1, T, S] for T new queries after `past` cached keys, given which of
+/// the S = past + T keys are real tokens (`key_valid` [B, S]). The diagonal is always open so
+/// that padding rows stay finite (their outputs are ignored).
+pub fn attention_mask(key_valid: &Tensor, past: i64) -> Tensor {
+    let (_, s) = key_valid.size2().expect("key_valid is [B, S]");
+    let t = s - past;
+    let dev = key_valid.device();
+    let q = Tensor::arange_start(past, s, (Kind::Int64, dev)).unsqueeze(1);
+    let k = Tensor::arange(s, (Kind::Int64, dev)).unsqueeze(0);
+    let causal = k.le_tensor(&q); // [T, S]
+    let diag = k.eq_tensor(&q);
+    let m = causal.unsqueeze(0).logical_and(&key_valid.unsqueeze(1)); // [B, T, S]
+    let _ = t;
+    m.logical_or(&diag.unsqueeze(0)).unsqueeze(1)
+}

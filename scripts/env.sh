@@ -1,0 +1,17 @@
+# Environment shared by every selfplay script: source it, do not run it.
+# Everything lives in a cache outside the clone so that a fresh clone reuses it.
+export SELFPLAY_CACHE="${SELFPLAY_CACHE:-$HOME/.cache/selfplay}"
+export VIRTUAL_ENV="$SELFPLAY_CACHE/venv"
+export PATH="$VIRTUAL_ENV/bin:$HOME/.cargo/bin:$PATH"
+export SELFPLAY_PYTHON="$VIRTUAL_ENV/bin/python"
+# tch builds against the PyTorch wheel in the venv (torch 2.11.0 for tch 0.24.0).
+export LIBTORCH_USE_PYTORCH=1
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SELFPLAY_CACHE/target}"
+_torch_lib=$(ls -d "$VIRTUAL_ENV"/lib/python3*/site-packages/torch/lib 2>/dev/null | head -n1)
+if [ -n "$_torch_lib" ]; then
+  export LD_LIBRARY_PATH="$_torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+unset _torch_lib
+export SELFPLAY_GGUF="$SELFPLAY_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
+export SELFPLAY_MODEL="${SELFPLAY_MODEL:-$SELFPLAY_CACHE/models/SmolLM2-135M-Instruct}"
+export SELFPLAY_DATA="${SELFPLAY_DATA:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/shared/data}"

@@ -1,0 +1,92 @@
+"""Reference side of the parity tests: tiny random Llama models through transformers.
+
+Subcommands (all paths explicit, output as JSON so the Rust tests need no Python parsing):
+  make-tiny OUT_DIR VARIANT SEED     write a random model (config.json + model.safetensors)
+  logits MODEL_DIR IN_JSON OUT_JSON  per-prompt logits (no padding) and greedy continuations
+  scores MODEL_DIR IN_JSON OUT_JSON  sequence-classifier scores, one per sequence
+"""
+import json
+import sys
+
+import torch
+import transformers
+
+VARIANTS = {
+    # grouped-query attention, tied embeddings (the SmolLM2 shape family)
+    "gqa_tied": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    # multi-head attention, untied output head
+    "mha_untied": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    # Llama-3.2 shape family: GQA, tied, llama3 rope scaling, large theta
+    "llama3_rope": dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64),
+    ),
+    # head_dim different from hidden_size / num_attention_heads
+    "head_dim": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                     tie_word_embeddings=False),
+}
+
+
+def make_tiny(out_dir, variant, seed, classifier=False):
+    torch.manual_seed(int(seed))
+    kw = dict(vocab_size=211, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(VARIANTS[variant])
+    cfg = transformers.LlamaConfig(**kw)
+    if classifier:
+        cfg.num_labels = 1
+        model = transformers.LlamaForSequenceClassification(cfg)
+    else:
+        model = transformers.LlamaForCausalLM(cfg)
+    # Random init has tiny weights; widen them so that mistakes show in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load(model_dir, cls):
+    m = cls.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    m.eval()
+    return m
+
+
+def logits(model_dir, in_json, out_json):
+    spec = json.load(open(in_json))
+    m = load(model_dir, transformers.LlamaForCausalLM)
+    out = {"logits": [], "greedy": []}
+    with torch.no_grad():
+        for ids in spec["prompts"]:
+            x = torch.tensor([ids])
+            out["logits"].append(m(x).logits[0].tolist())
+            g = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                           max_new_tokens=spec["max_new_tokens"], eos_token_id=None, pad_token_id=0)
+            out["greedy"].append(g[0, len(ids):].tolist())
+    json.dump(out, open(out_json, "w"))
+
+
+def scores(model_dir, in_json, out_json):
+    spec = json.load(open(in_json))
+    m = load(model_dir, transformers.LlamaForSequenceClassification)
+    with torch.no_grad():
+        res = [m(torch.tensor([ids])).logits[0, 0].item() for ids in spec["sequences"]]
+    json.dump({"scores": res}, open(out_json, "w"))
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    if cmd == "make-tiny":
+        make_tiny(*args)
+    elif cmd == "make-tiny-classifier":
+        make_tiny(*args, classifier=True)
+    elif cmd == "logits":
+        logits(*args)
+    elif cmd == "scores":
+        scores(*args)
+    else:
+        sys.exit(f"unknown command {cmd}")
