@@ -1,1 +1,25 @@
-//! placeholder
+//! Language Self-Play (METHOD.md): one policy as Challenger and Solver, rewards from a reward
+//! model and from the reference model's self-judgement, the paper's advantages, and one
+//! KL-regularised gradient step on L_sol + alpha_ch * L_ch.
+//!
+//! Library first: [`play::Player::play`] is the actor's side (one unit into a
+//! [`rollout::RolloutGroup`]), [`trainer::Trainer::train_step`] the learner's (N groups into
+//! one step), and [`driver`] a small in-process loop over both for tests and examples.
+pub mod config;
+pub mod driver;
+pub mod error;
+pub mod judge;
+pub mod optim;
+pub mod play;
+pub mod prompts;
+pub mod reward;
+pub mod rewards;
+pub mod rollout;
+pub mod trainer;
+
+pub use config::Config;
+pub use error::{GameError, Result};
+pub use play::{Player, Unit};
+pub use rewards::Mode;
+pub use rollout::RolloutGroup;
+pub use trainer::{StepStats, Trainer};

@@ -73,6 +73,12 @@ impl Policy {
         Ok(Policy { model, tokenizer, eos_ids, dir: dir.to_path_buf() })
     }
 
+    /// A frozen deep copy (the reference model): same weights, no gradients.
+    pub fn frozen_copy(&self) -> Result<Self> {
+        let model = self.model.deep_clone()?;
+        Ok(Policy { model, tokenizer: Tokenizer::load(&self.dir)?, eos_ids: self.eos_ids.clone(), dir: self.dir.clone() })
+    }
+
     /// Chat-renders one user turn and returns its token ids (generation prompt appended).
     pub fn user_prompt(&self, text: &str) -> Result<Vec<i64>> {
         self.tokenizer.encode_chat(&[ChatMessage::user(text)], true)

@@ -252,6 +252,38 @@ impl Llama {
         Self::from_tensors(self.cfg.clone(), &mut tensors, self.device, self.kind, Path::new("<copy>"))
     }
 
+    /// Copies every parameter's values from a model of the same shape (weight sync).
+    pub fn copy_weights_from(&mut self, other: &Llama) -> Result<()> {
+        if other.params.len() != self.params.len() {
+            return Err(PolicyError::InvalidInput("weight sync between different models".into()));
+        }
+        tch::no_grad(|| {
+            for ((n, dst), (m, src)) in self.params.iter().zip(&other.params) {
+                if n != m || dst.size() != src.size() {
+                    return Err(PolicyError::WeightMismatch { name: n.clone(), message: format!("cannot copy from {m} {:?}", src.size()) });
+                }
+                let mut d = dst.shallow_clone();
+                d.copy_(src);
+            }
+            Ok(())
+        })
+    }
+
+    /// Sets named parameters from tensors (any dtype or device); every parameter must be given.
+    pub fn set_weights(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        tch::no_grad(|| {
+            for (n, dst) in &self.params {
+                let src = tensors.get(n).ok_or_else(|| PolicyError::MissingTensor { name: n.clone(), path: "<weights update>".into() })?;
+                if src.size() != dst.size() {
+                    return Err(PolicyError::WeightMismatch { name: n.clone(), message: format!("update has shape {:?}, model {:?}", src.size(), dst.size()) });
+                }
+                let mut d = dst.shallow_clone();
+                d.copy_(src);
+            }
+            Ok(())
+        })
+    }
+
     /// Saves the weights as a Hugging Face safetensors file (tied weights stored once).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
         weights::save_tensors(path, self.params.iter().map(|(n, t)| (n.as_str(), t)))

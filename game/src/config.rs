@@ -1,0 +1,403 @@
+//! Every knob of a run, in one TOML file; each can be overridden on the command line with
+//! `--set section.key=value`. Unknown keys and impossible values are errors.
+//!
+//! Defaults follow the paper's Table 1 (N = 8 queries per step, beta = 0.05, lr 3e-6 for LSP and
+//! LSP-Zero and 1e-6 for GRPO, gradient accumulation 2). Where the paper is silent:
+//! - G = 4 answers per query: the smallest group whose mean is a usable baseline at 4x the
+//!   solver cost of one answer; 8 x 4 = 32 answers per step.
+//! - alpha_ch = 1: both roles weigh the same, as in L = L_sol + L_ch without a factor.
+//! - temperature 1.0 and top-p 1.0 for both roles: sampling from pi itself keeps the policy
+//!   gradient unbiased (a sharpened sampler would not be the policy being differentiated).
+//! - challenger 96 new tokens (one instruction), solver 256, judge 160 (~100 words + tags).
+//! - KL as the per-token k3 estimator summed over each sequence (see METHOD.md: the literal
+//!   log-ratio has zero expected gradient on-policy).
+use crate::error::{io_err, GameError, Result};
+use crate::prompts::ParseFailure;
+use crate::rewards::Mode;
+use selfplay_policy::SamplingConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub run: RunConfig,
+    pub model: ModelConfig,
+    pub game: GameConfig,
+    pub challenger: RoleSampling,
+    pub solver: RoleSampling,
+    pub self_reward: SelfRewardConfig,
+    pub reward: RewardConfig,
+    pub loss: LossConfig,
+    pub optim: OptimConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub seed: u64,
+    /// Learner steps to run (0 = until stopped).
+    pub steps: u64,
+    /// Where checkpoints and logs go.
+    pub out_dir: PathBuf,
+    /// Checkpoint every M steps (0 = only at the end).
+    pub checkpoint_every: u64,
+    /// How many checkpoints to keep (0 = all).
+    pub keep_checkpoints: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Hugging Face directory of the initial policy (empty = the embedded default model).
+    pub path: PathBuf,
+    /// cpu, cuda, cuda:N, or "auto" (cuda when available).
+    pub device: String,
+    /// f32 or bf16 (f16 trains poorly without loss scaling and is refused for training).
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GameConfig {
+    pub mode: Mode,
+    /// N: queries (work units) per learner step.
+    pub queries_per_step: usize,
+    /// G: solver answers per query.
+    pub group_size: usize,
+    /// Weight of the challenger loss.
+    pub alpha_ch: f64,
+    /// Challenger tasks, used round-robin over a step's units ("" = free choice).
+    pub tasks: Vec<String>,
+    /// Fill-in pattern the challenger's instruction must follow ("" = none).
+    pub template: String,
+    /// Files replacing the built-in prompts (empty = built-in).
+    pub challenger_prompt_file: PathBuf,
+    pub judge_prompt_file: PathBuf,
+    /// GRPO mode: the training prompts, a JSON list or JSONL of objects with "instruction"
+    /// (or "prompt"), or of strings.
+    pub prompts_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoleSampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: i64,
+    pub max_new_tokens: i64,
+}
+
+impl RoleSampling {
+    pub fn to_sampling(&self, seed: u64) -> SamplingConfig {
+        SamplingConfig {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            max_new_tokens: self.max_new_tokens,
+            seed,
+            stop: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SelfRewardMode {
+    /// The paper's: the judge writes a justification and `<Score>N</Score>` (greedy).
+    Generate,
+    /// One forward pass over the judge prompt ending at `<Score>`: the probability-weighted
+    /// mean over the tokens 0..7.
+    Expected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelfRewardConfig {
+    pub mode: SelfRewardMode,
+    pub max_new_tokens: i64,
+    pub parse_failure: ParseFailure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RewardKind {
+    /// A LlamaForSequenceClassification reward model (Skywork-Reward-V2 format).
+    Model,
+    /// A causal LM prompted with the rubric (when no reward model exists).
+    Judge,
+    /// No external reward: R = 0 (LSP then trains on the self-reward alone).
+    None,
+    /// A remote `Reward` gRPC service.
+    Remote,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardConfig {
+    pub kind: RewardKind,
+    /// Model directory for `model` and `judge` (empty for `judge` = the reference model).
+    pub path: PathBuf,
+    /// Address of the reward service for `remote`.
+    pub address: String,
+    /// Multiplies R (reward models have arbitrary scales; R and R_Q are added unscaled).
+    pub scale: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KlMode {
+    /// Per-token k3 = exp(ref - logp) - (ref - logp) - 1 in the loss (default).
+    K3,
+    /// beta * detached sequence log-ratio subtracted from each reward; no KL term in the loss.
+    RewardPenalty,
+    /// The paper's literal term: beta * (log pi(y|x) - log pi_ref(y|x)) with its gradient.
+    Paper,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Aggregation {
+    /// Sum over a sequence's tokens (the paper's sequence-level pi(y|x)).
+    SequenceSum,
+    /// Mean over a sequence's tokens.
+    TokenMean,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    pub beta: f64,
+    pub kl: KlMode,
+    pub aggregation: Aggregation,
+    /// GRPO: advantage = (R - mean) / (std + grpo_eps).
+    pub grpo_eps: f64,
+    /// Truncated importance weights min(pi/mu, c) for stale (asynchronous) groups; 0 = off.
+    pub importance_cap: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// 0 = the mode's default (3e-6 LSP / LSP-Zero, 1e-6 GRPO).
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Micro-batches per step: the step's groups are split into this many backward passes.
+    pub grad_accum: usize,
+    /// Global gradient-norm clip (0 = off).
+    pub max_grad_norm: f64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig { seed: 0, steps: 100, out_dir: PathBuf::from("runs/selfplay"), checkpoint_every: 50, keep_checkpoints: 3 }
+    }
+}
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { path: PathBuf::new(), device: "auto".into(), dtype: "f32".into() }
+    }
+}
+impl Default for GameConfig {
+    fn default() -> Self {
+        GameConfig {
+            mode: Mode::Lsp,
+            queries_per_step: 8,
+            group_size: 4,
+            alpha_ch: 1.0,
+            tasks: vec![],
+            template: String::new(),
+            challenger_prompt_file: PathBuf::new(),
+            judge_prompt_file: PathBuf::new(),
+            prompts_file: PathBuf::new(),
+        }
+    }
+}
+impl Default for RoleSampling {
+    fn default() -> Self {
+        RoleSampling { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 256 }
+    }
+}
+impl Default for SelfRewardConfig {
+    fn default() -> Self {
+        SelfRewardConfig { mode: SelfRewardMode::Generate, max_new_tokens: 160, parse_failure: ParseFailure::Zero }
+    }
+}
+impl Default for RewardConfig {
+    fn default() -> Self {
+        RewardConfig { kind: RewardKind::Judge, path: PathBuf::new(), address: String::new(), scale: 1.0 }
+    }
+}
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig { beta: 0.05, kl: KlMode::K3, aggregation: Aggregation::SequenceSum, grpo_eps: 1e-4, importance_cap: 0.0 }
+    }
+}
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig { lr: 0.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, grad_accum: 2, max_grad_norm: 1.0 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut challenger = RoleSampling::default();
+        challenger.max_new_tokens = 96;
+        Config {
+            run: RunConfig::default(),
+            model: ModelConfig::default(),
+            game: GameConfig::default(),
+            challenger,
+            solver: RoleSampling::default(),
+            self_reward: SelfRewardConfig::default(),
+            reward: RewardConfig::default(),
+            loss: LossConfig::default(),
+            optim: OptimConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file (None = defaults) and applies `key=value` overrides in order.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut value = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(io_err(p))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| GameError::Config(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let cfg: Config = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| GameError::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// The learning rate in effect (the mode's default when lr = 0).
+    pub fn lr(&self) -> f64 {
+        match (self.optim.lr, self.game.mode) {
+            (lr, _) if lr > 0.0 => lr,
+            (_, Mode::Grpo) => 1e-6,
+            _ => 3e-6,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let mut errs = vec![];
+        let mut need = |ok: bool, msg: String| {
+            if !ok {
+                errs.push(msg)
+            }
+        };
+        let g = &self.game;
+        need(g.queries_per_step >= 1, format!("game.queries_per_step must be >= 1, got {}", g.queries_per_step));
+        need(g.group_size >= 2 || g.mode == Mode::LspZero && g.group_size >= 1,
+            format!("game.group_size must be >= 2 (a baseline needs two answers), got {}", g.group_size));
+        need(g.alpha_ch.is_finite() && g.alpha_ch >= 0.0, format!("game.alpha_ch must be >= 0, got {}", g.alpha_ch));
+        need(g.mode != Mode::Grpo || !g.prompts_file.as_os_str().is_empty(), "game.prompts_file is required in grpo mode".into());
+        for (name, s) in [("challenger", &self.challenger), ("solver", &self.solver)] {
+            need(s.temperature.is_finite() && s.temperature >= 0.0, format!("{name}.temperature must be >= 0, got {}", s.temperature));
+            need(s.top_p > 0.0 && s.top_p <= 1.0, format!("{name}.top_p must be in (0, 1], got {}", s.top_p));
+            need(s.top_k >= 0, format!("{name}.top_k must be >= 0, got {}", s.top_k));
+            need(s.max_new_tokens >= 1, format!("{name}.max_new_tokens must be >= 1, got {}", s.max_new_tokens));
+        }
+        need(self.self_reward.max_new_tokens >= 1, "self_reward.max_new_tokens must be >= 1".into());
+        let l = &self.loss;
+        need(l.beta.is_finite() && l.beta >= 0.0, format!("loss.beta must be >= 0, got {}", l.beta));
+        need(l.grpo_eps.is_finite() && l.grpo_eps >= 0.0, format!("loss.grpo_eps must be >= 0, got {}", l.grpo_eps));
+        need(l.importance_cap.is_finite() && l.importance_cap >= 0.0, format!("loss.importance_cap must be >= 0, got {}", l.importance_cap));
+        let o = &self.optim;
+        need(o.lr.is_finite() && o.lr >= 0.0, format!("optim.lr must be >= 0, got {}", o.lr));
+        need(o.weight_decay.is_finite() && o.weight_decay >= 0.0, format!("optim.weight_decay must be >= 0, got {}", o.weight_decay));
+        need((0.0..1.0).contains(&o.beta1) && (0.0..1.0).contains(&o.beta2), "optim.beta1 and beta2 must be in [0, 1)".into());
+        need(o.eps > 0.0, format!("optim.eps must be > 0, got {}", o.eps));
+        need(o.grad_accum >= 1 && o.grad_accum <= g.queries_per_step,
+            format!("optim.grad_accum must be in 1..=queries_per_step ({}), got {}", g.queries_per_step, o.grad_accum));
+        need(o.max_grad_norm.is_finite() && o.max_grad_norm >= 0.0, "optim.max_grad_norm must be >= 0".into());
+        need(matches!(self.model.dtype.as_str(), "f32" | "bf16"), format!("model.dtype must be f32 or bf16, got {:?}", self.model.dtype));
+        need(self.reward.scale.is_finite(), "reward.scale must be finite".into());
+        need(self.reward.kind != RewardKind::Model || !self.reward.path.as_os_str().is_empty(), "reward.path is required for reward.kind = \"model\"".into());
+        need(self.reward.kind != RewardKind::Remote || !self.reward.address.is_empty(), "reward.address is required for reward.kind = \"remote\"".into());
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(GameError::Config(errs.join("; ")))
+        }
+    }
+}
+
+/// `a.b.c=value`: value parsed as TOML (numbers, booleans, arrays, quoted strings), else taken
+/// as a bare string.
+fn apply_override(root: &mut toml::Table, spec: &str) -> Result<()> {
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| GameError::Config(format!("override {spec:?} is not key=value")))?;
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut table = root;
+    for p in &parts[..parts.len() - 1] {
+        table = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| GameError::Config(format!("override {key}: {p} is not a table")))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_paper() {
+        let c = Config::load(None, &[]).unwrap();
+        assert_eq!(c.game.queries_per_step, 8);
+        assert_eq!(c.loss.beta, 0.05);
+        assert_eq!(c.optim.grad_accum, 2);
+        assert_eq!(c.lr(), 3e-6);
+        let g = Config::load(None, &["game.mode=\"grpo\"".into(), "game.prompts_file=p.json".into()]).unwrap();
+        assert_eq!(g.lr(), 1e-6);
+    }
+
+    #[test]
+    fn overrides_and_round_trip() {
+        let c = Config::load(None, &["game.group_size=6".into(), "loss.kl=paper".into(), "game.tasks=[\"math\"]".into()]).unwrap();
+        assert_eq!(c.game.group_size, 6);
+        assert_eq!(c.loss.kl, KlMode::Paper);
+        assert_eq!(c.game.tasks, vec!["math".to_string()]);
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_key_named() {
+        let e = Config::load(None, &["game.group_sise=4".into()]).unwrap_err().to_string();
+        assert!(e.contains("group_sise"), "{e}");
+        let e = Config::load(None, &["loss.beta=-1".into()]).unwrap_err().to_string();
+        assert!(e.contains("loss.beta"), "{e}");
+        let e = Config::load(None, &["optim.grad_accum=9".into()]).unwrap_err().to_string();
+        assert!(e.contains("grad_accum"), "{e}");
+        let e = Config::load(None, &["loss.kl=\"k4\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("k4"), "{e}");
+        let e = Config::load(None, &["game.mode=grpo".into()]).unwrap_err().to_string();
+        assert!(e.contains("prompts_file"), "{e}");
+    }
+}

@@ -1,0 +1,110 @@
+//! The self-reward judge: the reference model grades (instruction, response) pairs with the
+//! 7-point rubric, either by writing a judgement (the paper's way) or by one forward pass that
+//! reads the expected score from the next-token distribution after `<Score>`.
+use crate::config::SelfRewardMode;
+use crate::error::{GameError, Result};
+use crate::prompts::{judge_prompt, parse_score};
+use selfplay_policy::{ChatMessage, Policy, SamplingConfig};
+use tch::Kind;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    /// None when the judgement could not be parsed.
+    pub score: Option<f64>,
+    /// The judge's text (empty in expected mode).
+    pub text: String,
+}
+
+pub struct Judge {
+    pub prompt: String,
+    pub mode: SelfRewardMode,
+    pub max_new_tokens: i64,
+    /// Ids of the single-token digits "0".."7" (expected mode).
+    digit_ids: Vec<i64>,
+}
+
+impl Judge {
+    pub fn new(judge: &Policy, prompt: String, mode: SelfRewardMode, max_new_tokens: i64) -> Result<Self> {
+        let digit_ids = (0..=7)
+            .map(|d| {
+                let ids = judge.tokenizer.encode(&d.to_string(), false)?;
+                match ids.as_slice() {
+                    [id] => Ok(*id),
+                    _ => Err(GameError::Config(format!(
+                        "expected self-reward needs single-token digits; {d:?} is {ids:?}"
+                    ))),
+                }
+            })
+            .collect::<Result<Vec<_>>>();
+        let digit_ids = match (mode, digit_ids) {
+            (SelfRewardMode::Expected, Err(e)) => return Err(e),
+            (_, ids) => ids.unwrap_or_default(),
+        };
+        Ok(Judge { prompt, mode, max_new_tokens, digit_ids })
+    }
+
+    fn prompt_ids(&self, judge: &Policy, instruction: &str, response: &str) -> Result<Vec<i64>> {
+        let text = judge_prompt(&self.prompt, instruction, response);
+        Ok(judge.tokenizer.encode_chat(&[ChatMessage::user(text)], true)?)
+    }
+
+    pub fn judge(&self, judge: &Policy, pairs: &[(String, String)]) -> Result<Vec<Judgement>> {
+        if pairs.is_empty() {
+            return Ok(vec![]);
+        }
+        match self.mode {
+            SelfRewardMode::Generate => self.judge_generate(judge, pairs),
+            SelfRewardMode::Expected => self.judge_expected(judge, pairs),
+        }
+    }
+
+    fn judge_generate(&self, judge: &Policy, pairs: &[(String, String)]) -> Result<Vec<Judgement>> {
+        let prompts = pairs
+            .iter()
+            .map(|(q, a)| self.prompt_ids(judge, q, a))
+            .collect::<Result<Vec<_>>>()?;
+        let cfg = SamplingConfig { stop: vec!["</Score>".into()], ..SamplingConfig::greedy(self.max_new_tokens) };
+        let out = judge.generate(&prompts, &cfg)?;
+        Ok(out
+            .into_iter()
+            .map(|c| {
+                // The stop string is cut from the text; put it back for the parser and logs.
+                let text = if c.finish_reason == selfplay_policy::FinishReason::Stop {
+                    format!("{}</Score>", c.text)
+                } else {
+                    c.text
+                };
+                Judgement { score: parse_score(&text), text }
+            })
+            .collect())
+    }
+
+    fn judge_expected(&self, judge: &Policy, pairs: &[(String, String)]) -> Result<Vec<Judgement>> {
+        let score_tag = judge.tokenizer.encode("<Score>", false)?;
+        let seqs: Vec<Vec<i64>> = pairs
+            .iter()
+            .map(|(q, a)| Ok([self.prompt_ids(judge, q, a)?, score_tag.clone()].concat()))
+            .collect::<Result<_>>()?;
+        let model = &judge.model;
+        let probs = tch::no_grad(|| -> Result<tch::Tensor> {
+            let batch = selfplay_policy::model::PaddedBatch::right_padded(&seqs, 0, model.device())?;
+            let hidden = model.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None)?;
+            let last: Vec<i64> = batch.lengths.iter().map(|l| l - 1).collect();
+            let idx = tch::Tensor::from_slice(&last).to_device(model.device());
+            let h = hidden.size()[2];
+            let b = seqs.len() as i64;
+            let picked = hidden.gather(1, &idx.view([b, 1, 1]).expand([b, 1, h], true), false).squeeze_dim(1);
+            let logits = model.logits(&picked)?;
+            let digits = tch::Tensor::from_slice(&self.digit_ids).to_device(model.device());
+            Ok(logits.index_select(1, &digits).softmax(-1, Kind::Float).to_device(tch::Device::Cpu))
+        })?;
+        let probs: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(probs)?;
+        Ok(probs
+            .into_iter()
+            .map(|p| {
+                let s: f64 = p.iter().enumerate().map(|(k, v)| k as f64 * *v as f64).sum();
+                Judgement { score: s.is_finite().then_some(s), text: String::new() }
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,216 @@
+//! The actor side of the game: one work unit played into a [`RolloutGroup`]: a challenger
+//! query (or a data prompt in GRPO mode), G solver answers, rewards, self-rewards (LSP) and
+//! the reference model's log-probs of every sequence.
+use crate::config::{Config, RewardKind};
+use crate::error::{io_err, GameError, Result};
+use crate::judge::Judge;
+use crate::prompts::{challenger_prompt, DEFAULT_CHALLENGER_PROMPT, DEFAULT_JUDGE_PROMPT};
+use crate::reward::{JudgeReward, NoReward, RewardModel, RewardSource};
+use crate::rollout::{AnswerData, RolloutGroup, SequenceData};
+use selfplay_policy::{scoring, ChatMessage, Policy};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+/// A work unit as the game sees it (the coordinator's `WorkUnit` without transport fields).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Unit {
+    pub unit_id: String,
+    pub step: u64,
+    pub seed: u64,
+    pub task: String,
+    pub template: String,
+    /// GRPO: the data prompt.
+    pub prompt: String,
+}
+
+/// Seed of unit `index` of `step`, from the run seed alone (a re-issued unit replays exactly).
+pub fn unit_seed(run_seed: u64, step: u64, index: u64) -> u64 {
+    let mut r = selfplay_policy::generate::SplitMix64::new(run_seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.rotate_left(32));
+    r.next_u64()
+}
+
+/// What playing a unit cost, for the actor's metrics.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PlayStats {
+    pub generated_tokens: u64,
+    pub generation_seconds: f64,
+    pub reward_seconds: f64,
+    pub judge_seconds: f64,
+    pub reference_seconds: f64,
+    pub parse_failures: u64,
+}
+
+pub struct Player {
+    pub policy: Policy,
+    /// The frozen initial policy: reference log-probs and the self-reward judge.
+    pub reference: Policy,
+    pub reward: Box<dyn RewardSource>,
+    pub judge: Option<Judge>,
+    pub challenger_prompt: String,
+    pub cfg: Config,
+}
+
+fn read_prompt(file: &Path, default: &str) -> Result<String> {
+    if file.as_os_str().is_empty() {
+        Ok(default.to_string())
+    } else {
+        std::fs::read_to_string(file).map_err(io_err(file))
+    }
+}
+
+impl Player {
+    /// Builds the actor's side from a loaded policy: the reference is a frozen deep copy.
+    pub fn new(policy: Policy, cfg: Config) -> Result<Self> {
+        let reference = policy.frozen_copy()?;
+        let judge_prompt = read_prompt(&cfg.game.judge_prompt_file, DEFAULT_JUDGE_PROMPT)?;
+        let judge = if cfg.game.mode.uses_self_reward() {
+            Some(Judge::new(&reference, judge_prompt.clone(), cfg.self_reward.mode, cfg.self_reward.max_new_tokens)?)
+        } else {
+            None
+        };
+        let reward: Box<dyn RewardSource> = match cfg.reward.kind {
+            RewardKind::None => Box::new(NoReward),
+            RewardKind::Model => {
+                Box::new(RewardModel::load(&cfg.reward.path, policy.model.device(), policy.model.kind())?)
+            }
+            RewardKind::Judge => {
+                let own = if cfg.reward.path.as_os_str().is_empty() {
+                    None
+                } else {
+                    Some(Policy::load(&cfg.reward.path, policy.model.device(), policy.model.kind())?)
+                };
+                Box::new(JudgeReward::new(own, &reference, judge_prompt, cfg.self_reward.mode, cfg.self_reward.max_new_tokens)?)
+            }
+            RewardKind::Remote => {
+                return Err(GameError::Config(
+                    "reward.kind = remote needs the actor runtime (Player::with_reward)".into(),
+                ))
+            }
+        };
+        Self::with_reward(policy, reference, reward, judge, cfg)
+    }
+
+    pub fn with_reward(
+        policy: Policy,
+        reference: Policy,
+        reward: Box<dyn RewardSource>,
+        judge: Option<Judge>,
+        cfg: Config,
+    ) -> Result<Self> {
+        let challenger_prompt = read_prompt(&cfg.game.challenger_prompt_file, DEFAULT_CHALLENGER_PROMPT)?;
+        Ok(Player { policy, reference, reward, judge, challenger_prompt, cfg })
+    }
+
+    fn reference_logprobs(&self, seqs: &[(Vec<i64>, Vec<i64>)]) -> Result<Vec<Vec<f32>>> {
+        let lp = tch::no_grad(|| scoring::completion_logprobs(&self.reference.model, seqs, false))?;
+        let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(lp.logprobs.to_device(tch::Device::Cpu))?;
+        Ok(rows.into_iter().zip(seqs).map(|(mut r, (_, c))| {
+            r.truncate(c.len());
+            r
+        }).collect())
+    }
+
+    /// Plays one unit with the current policy weights (`weights_version`).
+    pub fn play(&mut self, unit: &Unit, weights_version: u64, actor_id: &str) -> Result<(RolloutGroup, PlayStats)> {
+        let t_start = Instant::now();
+        let mut stats = PlayStats::default();
+        let g = self.cfg.game.group_size;
+        let mode = self.cfg.game.mode;
+
+        // 1. The query: the challenger's instruction, or the data prompt.
+        let t = Instant::now();
+        let (challenger, query) = if mode.has_challenger() {
+            let text = challenger_prompt(&self.challenger_prompt, &unit.task, &unit.template);
+            let ids = self.policy.tokenizer.encode_chat(&[ChatMessage::user(text)], true)?;
+            let out = self.policy.generate(&[ids], &self.cfg.challenger.to_sampling(unit.seed))?;
+            let c = out.into_iter().next().expect("one prompt, one completion");
+            stats.generated_tokens += c.completion_ids.len() as u64;
+            let query = c.text.trim().to_string();
+            let seq = SequenceData {
+                prompt_ids: c.prompt_ids,
+                completion_ids: c.completion_ids,
+                behaviour_logprobs: c.logprobs,
+                ref_logprobs: vec![],
+                text: c.text,
+            };
+            (Some(seq), query)
+        } else {
+            if unit.prompt.trim().is_empty() {
+                return Err(GameError::Config(format!("unit {} has no prompt (grpo mode)", unit.unit_id)));
+            }
+            (None, unit.prompt.clone())
+        };
+
+        // 2. G answers in one batch.
+        let solver_prompt = self.policy.tokenizer.encode_chat(&[ChatMessage::user(query.clone())], true)?;
+        let prompts = vec![solver_prompt; g];
+        let answers = self.policy.generate(&prompts, &self.cfg.solver.to_sampling(unit.seed.wrapping_add(1)))?;
+        stats.generated_tokens += answers.iter().map(|a| a.completion_ids.len() as u64).sum::<u64>();
+        stats.generation_seconds = t.elapsed().as_secs_f64();
+
+        // 3. Rewards.
+        let t = Instant::now();
+        let pairs: Vec<(String, String)> = answers.iter().map(|a| (query.clone(), a.text.clone())).collect();
+        let rewards = self.reward.score(&pairs, &self.reference)?;
+        stats.reward_seconds = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let judgements = match &self.judge {
+            Some(j) => j.judge(&self.reference, &pairs)?,
+            None => vec![],
+        };
+        stats.judge_seconds = t.elapsed().as_secs_f64();
+
+        // 4. Reference log-probs of every sequence, in one batch.
+        let t = Instant::now();
+        let mut seqs: Vec<(Vec<i64>, Vec<i64>)> =
+            answers.iter().map(|a| (a.prompt_ids.clone(), a.completion_ids.clone())).collect();
+        if let Some(c) = &challenger {
+            seqs.push((c.prompt_ids.clone(), c.completion_ids.clone()));
+        }
+        let mut ref_lps = self.reference_logprobs(&seqs)?;
+        stats.reference_seconds = t.elapsed().as_secs_f64();
+        let challenger = challenger.map(|mut c| {
+            c.ref_logprobs = ref_lps.pop().expect("challenger row");
+            c
+        });
+
+        let scale = self.cfg.reward.scale;
+        let answers: Vec<AnswerData> = answers
+            .into_iter()
+            .zip(ref_lps)
+            .enumerate()
+            .map(|(j, (a, ref_lp))| {
+                let (self_reward, parsed) = match judgements.get(j) {
+                    Some(jd) => (jd.score.unwrap_or(0.0), jd.score.is_some()),
+                    None => (0.0, true),
+                };
+                if !parsed {
+                    stats.parse_failures += 1;
+                }
+                AnswerData {
+                    sequence: SequenceData {
+                        prompt_ids: a.prompt_ids,
+                        completion_ids: a.completion_ids,
+                        behaviour_logprobs: a.logprobs,
+                        ref_logprobs: ref_lp,
+                        text: a.text,
+                    },
+                    reward: (rewards[j] * scale) as f32,
+                    self_reward: self_reward as f32,
+                    self_reward_parsed: parsed,
+                }
+            })
+            .collect();
+        let group = RolloutGroup {
+            unit_id: unit.unit_id.clone(),
+            step: unit.step,
+            weights_version,
+            actor_id: actor_id.to_string(),
+            challenger,
+            answers,
+            play_seconds: t_start.elapsed().as_secs_f64(),
+        };
+        Ok((group, stats))
+    }
+}

@@ -1,0 +1,443 @@
+//! The learner side of the game: N rollout groups in, one optimizer step out.
+//!
+//! Per sequence i with completion tokens t (log-probs lp_t under the current policy, ref_t
+//! under the reference, mu_t under the sampler) and advantage A_i:
+//!   sequence-sum:  pg_i = exp(S_i - sg(S_i)) * A_i,  S_i = sum_t lp_t
+//!   token-mean:    pg_i = mean_t exp(lp_t - sg(lp_t)) * A_i
+//!   kl_i (k3)    = agg_t [exp(ref_t - lp_t) - (ref_t - lp_t) - 1]
+//!   kl_i (paper) = agg_t [lp_t - ref_t]
+//!   kl_i (reward-penalty) = 0; beta * agg_t [mu_t - ref_t] comes off the reward instead
+//!   L_sol = -1/|answers| sum_answers (pg_i - beta kl_i),  L_ch = -1/N sum_queries (pg_i - beta kl_i)
+//!   L = L_sol + alpha_ch L_ch
+//! With an importance cap c > 0, pg is weighted by min(pi/mu, c) (per sequence or per token).
+//! Groups are split into `grad_accum` micro-batches whose losses use the step's global
+//! denominators, so accumulation changes memory use, not the result.
+use crate::config::{Aggregation, Config, KlMode};
+use crate::error::{io_err, GameError, Result};
+use crate::optim::AdamW;
+use crate::prompts::ParseFailure;
+use crate::rewards::{advantages, Advantages, GroupRewards};
+use crate::rollout::{GroupLimits, RolloutGroup, SequenceData};
+use selfplay_policy::{scoring, Policy};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// Mean and standard deviation (population) of a list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Moments {
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl Moments {
+    pub fn of(x: impl IntoIterator<Item = f64>) -> Self {
+        let v: Vec<f64> = x.into_iter().collect();
+        if v.is_empty() {
+            return Moments::default();
+        }
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        Moments { mean, std: var.sqrt() }
+    }
+}
+
+/// What one learner step did: the statistics the metrics and the progress bar show.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepStats {
+    pub step: u64,
+    pub loss: f64,
+    pub loss_solver: f64,
+    pub loss_challenger: f64,
+    /// Reward-model reward R over all answers.
+    pub reward: Moments,
+    /// Self-reward R_Q over all answers (LSP).
+    pub self_reward: Moments,
+    pub solver_reward: Moments,
+    pub challenger_reward: Moments,
+    pub solver_advantage: Moments,
+    pub challenger_advantage: Moments,
+    /// Per-sequence KL (k3, aggregated as the loss aggregates) for each role.
+    pub kl_solver: f64,
+    pub kl_challenger: f64,
+    /// Mean per-token entropy of the policy on the sampled tokens' positions.
+    pub entropy_solver: f64,
+    pub entropy_challenger: f64,
+    pub solver_length: Moments,
+    pub challenger_length: Moments,
+    pub parse_failures: u64,
+    pub dropped_answers: u64,
+    pub grad_norm: f64,
+    /// Mean policy lag (learner version - sampling version) of the groups.
+    pub staleness: f64,
+    pub step_seconds: f64,
+    /// Tokens (prompt + completion) through forward and backward per second.
+    pub tokens_per_second: f64,
+}
+
+/// One sequence in the loss, with its advantage and its weight in the loss.
+struct LossItem<'a> {
+    seq: &'a SequenceData,
+    advantage: f64,
+    weight: f64,
+    challenger: bool,
+}
+
+pub struct Trainer {
+    pub policy: Policy,
+    pub cfg: Config,
+    pub opt: AdamW,
+    /// Completed steps.
+    pub step: u64,
+}
+
+impl Trainer {
+    pub fn new(mut policy: Policy, cfg: Config) -> Result<Self> {
+        cfg.validate()?;
+        policy.model.set_requires_grad(true);
+        let o = &cfg.optim;
+        let opt = AdamW::new(policy.model.parameters(), cfg.lr(), o.beta1, o.beta2, o.eps, o.weight_decay);
+        Ok(Trainer { policy, cfg, opt, step: 0 })
+    }
+
+    /// Limits a group must satisfy to enter a step.
+    pub fn limits(&self) -> GroupLimits {
+        let longest_prompt = self.policy.model.config().max_position_embeddings.max(4096) as usize;
+        GroupLimits {
+            group_size: self.cfg.game.group_size,
+            vocab_size: self.policy.model.config().vocab_size,
+            max_prompt_tokens: longest_prompt,
+            max_completion_tokens: self
+                .cfg
+                .solver
+                .max_new_tokens
+                .max(self.cfg.challenger.max_new_tokens)
+                .max(1) as usize,
+            needs_challenger: self.cfg.game.mode.has_challenger(),
+        }
+    }
+
+    fn agg(&self, x: &Tensor, mask: &Tensor, n: &Tensor) -> Tensor {
+        let s = (x * mask).sum_dim_intlist(1, false, Kind::Float);
+        match self.cfg.loss.aggregation {
+            Aggregation::SequenceSum => s,
+            Aggregation::TokenMean => s / n,
+        }
+    }
+
+    fn agg_f64(&self, x: &[f32]) -> f64 {
+        let s: f64 = x.iter().map(|v| *v as f64).sum();
+        match self.cfg.loss.aggregation {
+            Aggregation::SequenceSum => s,
+            Aggregation::TokenMean => s / x.len().max(1) as f64,
+        }
+    }
+
+    /// Rewards and advantages of a step (also used by tests and the learner's metrics).
+    pub fn advantages(&self, groups: &[RolloutGroup]) -> (Advantages, u64, u64) {
+        let mode = self.cfg.game.mode;
+        let penalty = self.cfg.loss.kl == KlMode::RewardPenalty;
+        let beta = self.cfg.loss.beta;
+        let mut parse_failures = 0;
+        let mut dropped = 0;
+        let rewards: Vec<GroupRewards> = groups
+            .iter()
+            .map(|g| {
+                let mut r = GroupRewards::new(
+                    g.answers.iter().map(|a| a.reward as f64).collect(),
+                    g.answers.iter().map(|a| a.self_reward as f64).collect(),
+                );
+                if mode.uses_self_reward() {
+                    for (j, a) in g.answers.iter().enumerate() {
+                        if !a.self_reward_parsed {
+                            parse_failures += 1;
+                            match self.cfg.self_reward.parse_failure {
+                                ParseFailure::Zero => r.self_reward[j] = 0.0,
+                                ParseFailure::Drop => {
+                                    r.keep[j] = false;
+                                    dropped += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+                if penalty {
+                    let kl = |s: &SequenceData| {
+                        let d: Vec<f32> =
+                            s.behaviour_logprobs.iter().zip(&s.ref_logprobs).map(|(m, r)| m - r).collect();
+                        beta * self.agg_f64(&d)
+                    };
+                    r.solver_penalty = g.answers.iter().map(|a| kl(&a.sequence)).collect();
+                    r.challenger_penalty = g.challenger.as_ref().map(kl).unwrap_or(0.0);
+                }
+                r
+            })
+            .collect();
+        (advantages(mode, &rewards, self.cfg.loss.grpo_eps), parse_failures, dropped)
+    }
+
+    /// One optimizer step on N groups. Validates everything first: a bad group changes nothing.
+    pub fn train_step(&mut self, groups: &[RolloutGroup]) -> Result<StepStats> {
+        let t0 = Instant::now();
+        let n = self.cfg.game.queries_per_step;
+        if groups.len() != n {
+            return Err(GameError::InvalidGroup {
+                unit_id: String::new(),
+                reason: format!("a step needs N = {n} groups, got {}", groups.len()),
+            });
+        }
+        let lim = self.limits();
+        for g in groups {
+            g.validate(&lim).map_err(|reason| GameError::InvalidGroup { unit_id: g.unit_id.clone(), reason })?;
+        }
+        let (adv, parse_failures, dropped) = self.advantages(groups);
+        let kept_answers: usize = groups.len() * self.cfg.game.group_size - dropped as usize;
+        let alpha = self.cfg.game.alpha_ch;
+        let has_ch = self.cfg.game.mode.has_challenger();
+
+        // Every sequence of the step with its advantage and its weight in the loss.
+        let mut items_per_group: Vec<Vec<LossItem>> = vec![];
+        for (i, g) in groups.iter().enumerate() {
+            let mut items = vec![];
+            if let (true, Some(c)) = (has_ch, &g.challenger) {
+                items.push(LossItem { seq: c, advantage: adv.challenger[i], weight: alpha / n as f64, challenger: true });
+            }
+            for (j, a) in g.answers.iter().enumerate() {
+                if self.cfg.game.mode.uses_self_reward()
+                    && !a.self_reward_parsed
+                    && self.cfg.self_reward.parse_failure == ParseFailure::Drop
+                {
+                    continue;
+                }
+                items.push(LossItem {
+                    seq: &a.sequence,
+                    advantage: adv.solver[i][j],
+                    weight: 1.0 / kept_answers.max(1) as f64,
+                    challenger: false,
+                });
+            }
+            items_per_group.push(items);
+        }
+
+        let mut acc = Accum::default();
+        let k = self.cfg.optim.grad_accum.max(1);
+        let per = groups.len().div_ceil(k);
+        let mut tokens = 0usize;
+        for chunk in items_per_group.chunks(per) {
+            let items: Vec<&LossItem> = chunk.iter().flatten().collect();
+            if items.is_empty() {
+                continue;
+            }
+            tokens += items.iter().map(|it| it.seq.prompt_ids.len() + it.seq.completion_ids.len()).sum::<usize>();
+            let loss = self.micro_batch_loss(&items, &mut acc)?;
+            if !loss.double_value(&[]).is_finite() {
+                self.zero_grad();
+                return Err(GameError::InvalidGroup {
+                    unit_id: String::new(),
+                    reason: "the loss is not finite; step skipped, weights unchanged".into(),
+                });
+            }
+            loss.backward();
+        }
+        let params = self.policy.model.parameters();
+        let grad_norm = AdamW::clip_grad_norm(params, self.cfg.optim.max_grad_norm);
+        if !grad_norm.is_finite() {
+            self.zero_grad();
+            return Err(GameError::InvalidGroup {
+                unit_id: String::new(),
+                reason: "the gradient norm is not finite; step skipped, weights unchanged".into(),
+            });
+        }
+        self.opt.step(params);
+        self.step += 1;
+
+        let all_answers = || groups.iter().flat_map(|g| g.answers.iter());
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(StepStats {
+            step: self.step,
+            loss: acc.loss_sol + alpha * acc.loss_ch,
+            loss_solver: acc.loss_sol,
+            loss_challenger: acc.loss_ch,
+            reward: Moments::of(all_answers().map(|a| a.reward as f64)),
+            self_reward: Moments::of(all_answers().map(|a| a.self_reward as f64)),
+            solver_reward: Moments::of(adv.solver_reward.iter().flatten().copied()),
+            challenger_reward: Moments::of(adv.challenger_reward.iter().copied().filter(|_| has_ch)),
+            solver_advantage: Moments::of(adv.solver.iter().flatten().copied()),
+            challenger_advantage: Moments::of(adv.challenger.iter().copied()),
+            kl_solver: acc.kl_sol / acc.n_sol.max(1) as f64,
+            kl_challenger: acc.kl_ch / acc.n_ch.max(1) as f64,
+            entropy_solver: acc.ent_sol / acc.tok_sol.max(1) as f64,
+            entropy_challenger: acc.ent_ch / acc.tok_ch.max(1) as f64,
+            solver_length: Moments::of(all_answers().map(|a| a.sequence.completion_ids.len() as f64)),
+            challenger_length: Moments::of(
+                groups.iter().filter_map(|g| g.challenger.as_ref()).map(|c| c.completion_ids.len() as f64),
+            ),
+            parse_failures,
+            dropped_answers: dropped,
+            grad_norm,
+            staleness: Moments::of(groups.iter().map(|g| (self.step - 1).saturating_sub(g.weights_version) as f64)).mean,
+            step_seconds: secs,
+            tokens_per_second: tokens as f64 / secs,
+        })
+    }
+
+    fn zero_grad(&self) {
+        for (_, p) in self.policy.model.parameters() {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    fn micro_batch_loss(&self, items: &[&LossItem], acc: &mut Accum) -> Result<Tensor> {
+        let dev = self.policy.model.device();
+        let pairs: Vec<(Vec<i64>, Vec<i64>)> =
+            items.iter().map(|it| (it.seq.prompt_ids.clone(), it.seq.completion_ids.clone())).collect();
+        let scored = scoring::completion_logprobs(&self.policy.model, &pairs, true)?;
+        let (lp, mask) = (&scored.logprobs, scored.mask.to_kind(Kind::Float));
+        let c = lp.size()[1] as usize;
+        let pad = |v: &[f32]| {
+            let mut x = v.to_vec();
+            x.resize(c, 0.0);
+            x
+        };
+        let b = items.len() as i64;
+        let refs: Vec<f32> = items.iter().flat_map(|it| pad(&it.seq.ref_logprobs)).collect();
+        let behs: Vec<f32> = items.iter().flat_map(|it| pad(&it.seq.behaviour_logprobs)).collect();
+        let refs = Tensor::from_slice(&refs).view([b, c as i64]).to_device(dev);
+        let behs = Tensor::from_slice(&behs).view([b, c as i64]).to_device(dev);
+        let adv: Vec<f32> = items.iter().map(|it| it.advantage as f32).collect();
+        let adv = Tensor::from_slice(&adv).to_device(dev);
+        let w: Vec<f32> = items.iter().map(|it| it.weight as f32).collect();
+        let w = Tensor::from_slice(&w).to_device(dev);
+        let ntok: Vec<f32> = items.iter().map(|it| it.seq.completion_ids.len() as f32).collect();
+        let ntok = Tensor::from_slice(&ntok).to_device(dev);
+
+        let cap = self.cfg.loss.importance_cap;
+        let pg = match self.cfg.loss.aggregation {
+            Aggregation::SequenceSum => {
+                let s = (lp * &mask).sum_dim_intlist(1, false, Kind::Float);
+                let ratio = (&s - s.detach()).exp();
+                let mut pg = ratio * &adv;
+                if cap > 0.0 {
+                    let mu = (&behs * &mask).sum_dim_intlist(1, false, Kind::Float);
+                    pg = pg * (s.detach() - mu).exp().clamp_max(cap);
+                }
+                pg
+            }
+            Aggregation::TokenMean => {
+                let mut ratio = (lp - lp.detach()).exp();
+                if cap > 0.0 {
+                    ratio = ratio * (lp.detach() - &behs).exp().clamp_max(cap);
+                }
+                self.agg(&(ratio * adv.unsqueeze(1)), &mask, &ntok)
+            }
+        };
+        let k3 = {
+            let d = &refs - lp;
+            d.exp() - &d - 1.0
+        };
+        let kl = match self.cfg.loss.kl {
+            KlMode::K3 => Some(self.agg(&k3, &mask, &ntok)),
+            KlMode::Paper => Some(self.agg(&(lp - &refs), &mask, &ntok)),
+            KlMode::RewardPenalty => None,
+        };
+        let objective = match &kl {
+            Some(kl) => &pg - kl * self.cfg.loss.beta,
+            None => pg.shallow_clone(),
+        };
+        let per_seq = -(objective * &w);
+        let loss = per_seq.sum(Kind::Float);
+
+        // Statistics, detached.
+        let k3_seq: Vec<f64> = Vec::<f64>::try_from(self.agg(&k3.detach(), &mask, &ntok).to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+        let per_seq_v: Vec<f64> = Vec::<f64>::try_from(per_seq.detach().to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+        let ent = scored.entropy.as_ref().expect("requested").sum_dim_intlist(1, false, Kind::Float);
+        let ent_v: Vec<f64> = Vec::<f64>::try_from(ent.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+        for (i, it) in items.iter().enumerate() {
+            let ntok = it.seq.completion_ids.len() as u64;
+            if it.challenger {
+                acc.loss_ch += per_seq_v[i] / self.cfg.game.alpha_ch.max(f64::MIN_POSITIVE);
+                acc.kl_ch += k3_seq[i];
+                acc.n_ch += 1;
+                acc.ent_ch += ent_v[i];
+                acc.tok_ch += ntok;
+            } else {
+                acc.loss_sol += per_seq_v[i];
+                acc.kl_sol += k3_seq[i];
+                acc.n_sol += 1;
+                acc.ent_sol += ent_v[i];
+                acc.tok_sol += ntok;
+            }
+        }
+        Ok(loss)
+    }
+
+    /// Writes a checkpoint directory: HF-layout weights (loadable by transformers and by
+    /// `selfplay generate`), the tokenizer and config files, the optimizer state, and
+    /// `trainer.json` (step, config, and the caller's `extra` state). Written under a
+    /// temporary name and renamed, so a crash never leaves a partial checkpoint.
+    pub fn save_checkpoint(&self, dir: &Path, extra: serde_json::Value) -> Result<PathBuf> {
+        let tmp = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        self.policy.model.save_safetensors(&tmp.join("model.safetensors"))?;
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja", "special_tokens_map.json"] {
+            let src = self.policy.dir.join(f);
+            if src.exists() {
+                std::fs::copy(&src, tmp.join(f)).map_err(io_err(&src))?;
+            }
+        }
+        self.opt.save(&tmp.join("optimizer.safetensors"))?;
+        let state = TrainerState { step: self.step, adam_t: self.opt.t, config: self.cfg.to_toml(), extra };
+        let json = serde_json::to_string_pretty(&state).expect("serialisable");
+        std::fs::write(tmp.join("trainer.json"), json).map_err(io_err(&tmp))?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
+        Ok(dir.to_path_buf())
+    }
+
+    /// Resumes from a checkpoint directory written by [`Trainer::save_checkpoint`]. The
+    /// checkpoint's config is used unless `cfg` is given. Returns the caller's extra state.
+    pub fn resume(dir: &Path, cfg: Option<Config>, device: tch::Device) -> Result<(Self, serde_json::Value)> {
+        let state_path = dir.join("trainer.json");
+        let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+        let state: TrainerState = serde_json::from_str(&text)
+            .map_err(|e| GameError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
+        let cfg = match cfg {
+            Some(c) => c,
+            None => toml::from_str(&state.config)
+                .map_err(|e| GameError::Checkpoint { path: state_path.clone(), message: format!("config: {e}") })?,
+        };
+        let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
+        let policy = Policy::load(dir, device, kind)?;
+        let mut t = Trainer::new(policy, cfg)?;
+        t.opt.load(&dir.join("optimizer.safetensors"), state.adam_t, device)?;
+        t.step = state.step;
+        Ok((t, state.extra))
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    adam_t: u64,
+    config: String,
+    extra: serde_json::Value,
+}
+
+#[derive(Default)]
+struct Accum {
+    loss_sol: f64,
+    loss_ch: f64,
+    kl_sol: f64,
+    kl_ch: f64,
+    n_sol: u64,
+    n_ch: u64,
+    ent_sol: f64,
+    ent_ch: f64,
+    tok_sol: u64,
+    tok_ch: u64,
+}
