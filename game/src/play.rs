@@ -60,9 +60,13 @@ fn read_prompt(file: &Path, default: &str) -> Result<String> {
 }
 
 impl Player {
-    /// Builds the actor's side from a loaded policy: the reference is a frozen deep copy.
-    pub fn new(policy: Policy, cfg: Config) -> Result<Self> {
-        let reference = policy.frozen_copy()?;
+    /// Builds the actor's side from a loaded policy. The reference is the given model, or a
+    /// frozen deep copy of the policy when starting from the initial weights.
+    pub fn new(policy: Policy, reference: Option<Policy>, cfg: Config) -> Result<Self> {
+        let reference = match reference {
+            Some(r) => r,
+            None => policy.frozen_copy()?,
+        };
         let judge_prompt = read_prompt(&cfg.game.judge_prompt_file, DEFAULT_JUDGE_PROMPT)?;
         let judge = if cfg.game.mode.uses_self_reward() {
             Some(Judge::new(&reference, judge_prompt.clone(), cfg.self_reward.mode, cfg.self_reward.max_new_tokens)?)
