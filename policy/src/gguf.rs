@@ -16,6 +16,9 @@
 //! Nothing here panics on malformed input: every problem is a [`GgufError`] that names the file
 //! and what is wrong with it.
 
+// `x % n != 0` rather than `is_multiple_of`, which is newer than the workspace's rust-version.
+#![allow(clippy::manual_is_multiple_of)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
@@ -34,6 +37,8 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: u32 = 4;
 /// Deepest nesting of metadata arrays accepted (real files use at most 1).
 const MAX_ARRAY_DEPTH: usize = 8;
+/// Most elements reserved up front for a list whose length comes from the file (it still grows).
+const MAX_RESERVE: usize = 1 << 16;
 /// Super-block size of the K-quants.
 const QK_K: usize = 256;
 
@@ -48,7 +53,11 @@ pub enum GgufError {
         source: std::io::Error,
     },
     /// The file does not start with "GGUF".
-    #[error("{}: bad magic {found:02x?} (expected \"GGUF\"): not a GGUF file", .path.display())]
+    #[error(
+        "{}: bad magic \"{}\" (expected \"GGUF\"): not a GGUF file",
+        .path.display(),
+        .found.escape_ascii()
+    )]
     BadMagic { path: PathBuf, found: [u8; 4] },
     /// A GGUF version other than 2 or 3.
     #[error("{}: unsupported GGUF version {version} (supported: 2 and 3){hint}", .path.display())]
@@ -98,7 +107,10 @@ pub enum GgufError {
     #[error("{}: unsupported model: {what}", .path.display())]
     Unsupported { path: PathBuf, what: String },
     /// [`dequantize`] was asked for a type it does not implement.
-    #[error("cannot dequantize tensor type {ty} (supported: {})", GgmlType::supported_names())]
+    #[error(
+        "cannot dequantize tensor type {ty} (supported: {})",
+        GgmlType::supported_names()
+    )]
     UnsupportedType { ty: GgmlType },
     /// [`dequantize`] was given a buffer whose size does not match the element count.
     #[error("cannot dequantize {n_elements} elements of type {ty}: {what}")]
@@ -242,7 +254,7 @@ impl GgmlType {
     /// ggml's name for the type, e.g. `Q4_1`.
     pub fn name(self) -> String {
         match self {
-            GgmlType::Unknown(id) => format!("unknown type id {id}"),
+            GgmlType::Unknown(id) => format!("unknown (id {id})"),
             t => format!("{t:?}"),
         }
     }
@@ -536,7 +548,8 @@ pub fn unpermute_qk(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Op
             for j in 0..2 {
                 let src = h * head_dim + 2 * i + j;
                 let dst = h * head_dim + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -778,11 +791,12 @@ impl<'a> Cursor<'a> {
                 let elem_ty = self.u32(&|| format!("the element type of {}", what()))?;
                 let count = self.u64(&|| format!("the length of {}", what()))?;
                 // Every element takes at least one byte: never reserve more than the file holds.
-                let mut items = Vec::with_capacity((count as usize).min(self.remaining()));
+                let mut items =
+                    Vec::with_capacity((count as usize).min(self.remaining()).min(MAX_RESERVE));
                 for i in 0..count {
-                    items.push(self.value(elem_ty, depth + 1, &|| {
-                        format!("element {i} of {}", what())
-                    })?);
+                    items.push(
+                        self.value(elem_ty, depth + 1, &|| format!("element {i} of {}", what()))?,
+                    );
                 }
                 GgufValue::Array(elem_ty, items)
             }
@@ -896,7 +910,9 @@ impl GgufFile {
         let start = self.data_offset.checked_add(info.offset);
         let end = start.and_then(|s| s.checked_add(size));
         match (start, end) {
-            (Some(s), Some(e)) if e <= self.mmap.len() as u64 => Ok(&self.mmap[s as usize..e as usize]),
+            (Some(s), Some(e)) if e <= self.mmap.len() as u64 => {
+                Ok(&self.mmap[s as usize..e as usize])
+            }
             _ => Err(GgufError::Truncated {
                 path: self.path.clone(),
                 what: format!(
@@ -1015,7 +1031,10 @@ impl GgufFile {
             .ok_or_else(|| self.wrong(key, "an array of strings", v))?;
         items
             .iter()
-            .map(|x| x.as_str().ok_or_else(|| self.wrong(key, "an array of strings", v)))
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| self.wrong(key, "an array of strings", v))
+            })
             .collect()
     }
 
@@ -1057,7 +1076,9 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
     if version != 2 && version != 3 {
         let hint = match version.swap_bytes() {
             2 | 3 => " (this looks like a big-endian GGUF, which is not supported)".to_string(),
-            _ if version == 1 => " (version 1 files predate 64-bit sizes; reconvert the model)".to_string(),
+            _ if version == 1 => {
+                " (version 1 files predate 64-bit sizes; reconvert the model)".to_string()
+            }
             _ => String::new(),
         };
         return Err(GgufError::UnsupportedVersion {
@@ -1069,7 +1090,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
     let n_tensors = c.u64(&|| "the tensor count".to_string())?;
     let n_kv = c.u64(&|| "the metadata count".to_string())?;
 
-    let mut metadata = Vec::with_capacity((n_kv as usize).min(c.remaining() / 13));
+    let mut metadata = Vec::with_capacity((n_kv as usize).min(c.remaining() / 13).min(MAX_RESERVE));
     for i in 0..n_kv {
         let key = c.string(&|| format!("the key of metadata entry {i}"))?;
         let ty = c.u32(&|| format!("the value type of metadata key '{key}'"))?;
@@ -1089,7 +1110,11 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         };
     }
 
-    let mut tensors: Vec<TensorInfo> = Vec::with_capacity((n_tensors as usize).min(c.remaining() / 24));
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(
+        (n_tensors as usize)
+            .min(c.remaining() / 24)
+            .min(MAX_RESERVE),
+    );
     for i in 0..n_tensors {
         let name = c.string(&|| format!("the name of tensor {i}"))?;
         let n_dims = c.u32(&|| format!("the dimension count of tensor '{name}'"))?;
@@ -1117,9 +1142,11 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
                         "tensor '{name}' of type {ty} has a row of {inner} elements, not a multiple of the block size {block}"
                     )));
                 }
-                Some(ty.byte_size(n_elements).ok_or_else(|| {
-                    malformed(format!("tensor '{name}' is too large: {dims:?}"))
-                })?)
+                Some(
+                    ty.byte_size(n_elements).ok_or_else(|| {
+                        malformed(format!("tensor '{name}' is too large: {dims:?}"))
+                    })?,
+                )
             }
         };
         if offset % alignment != 0 {
@@ -1247,7 +1274,9 @@ impl LlamaParams {
         if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(GgufError::Malformed {
                 path: g.path.clone(),
-                what: format!("head counts {n_head} (query) and {n_head_kv} (key/value) do not fit"),
+                what: format!(
+                    "head counts {n_head} (query) and {n_head_kv} (key/value) do not fit"
+                ),
             });
         }
         let head_dim = match opt("attention.key_length")? {
@@ -1327,10 +1356,12 @@ impl LlamaParams {
                 })
             }
         };
-        let embd = g.tensor("token_embd.weight").ok_or_else(|| GgufError::MissingTensor {
-            path: g.path.clone(),
-            name: "token_embd.weight".into(),
-        })?;
+        let embd = g
+            .tensor("token_embd.weight")
+            .ok_or_else(|| GgufError::MissingTensor {
+                path: g.path.clone(),
+                name: "token_embd.weight".into(),
+            })?;
         let vocab_size = match embd.dims.as_slice() {
             [cols, rows] if *cols as usize == n_embd => *rows as usize,
             _ => {
@@ -1398,17 +1429,25 @@ fn hf_name(name: &str, p: &LlamaParams) -> Option<(String, Fix)> {
 
 /// The PyTorch shape each Hugging Face tensor must have.
 fn expected_shape(hf: &str, p: &LlamaParams) -> Option<Vec<usize>> {
-    let q = p.n_head * p.head_dim;
-    let kv = p.n_head_kv * p.head_dim;
-    let suffix = hf.rsplit_once("layers.").map(|(_, s)| s.split_once('.').map(|x| x.1).unwrap_or(""));
+    let q = p.n_head.saturating_mul(p.head_dim);
+    let kv = p.n_head_kv.saturating_mul(p.head_dim);
+    let suffix = hf
+        .rsplit_once("layers.")
+        .map(|(_, s)| s.split_once('.').map(|x| x.1).unwrap_or(""));
     Some(match (hf, suffix) {
         ("model.embed_tokens.weight", _) | ("lm_head.weight", _) => vec![p.vocab_size, p.n_embd],
         ("model.norm.weight", _) => vec![p.n_embd],
-        (_, Some("input_layernorm.weight")) | (_, Some("post_attention_layernorm.weight")) => vec![p.n_embd],
+        (_, Some("input_layernorm.weight")) | (_, Some("post_attention_layernorm.weight")) => {
+            vec![p.n_embd]
+        }
         (_, Some("self_attn.q_proj.weight")) => vec![q, p.n_embd],
-        (_, Some("self_attn.k_proj.weight")) | (_, Some("self_attn.v_proj.weight")) => vec![kv, p.n_embd],
+        (_, Some("self_attn.k_proj.weight")) | (_, Some("self_attn.v_proj.weight")) => {
+            vec![kv, p.n_embd]
+        }
         (_, Some("self_attn.o_proj.weight")) => vec![p.n_embd, q],
-        (_, Some("mlp.gate_proj.weight")) | (_, Some("mlp.up_proj.weight")) => vec![p.n_ff, p.n_embd],
+        (_, Some("mlp.gate_proj.weight")) | (_, Some("mlp.up_proj.weight")) => {
+            vec![p.n_ff, p.n_embd]
+        }
         (_, Some("mlp.down_proj.weight")) => vec![p.n_embd, p.n_ff],
         _ => return None,
     })
@@ -1481,10 +1520,21 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
             fix,
         });
     }
-    let mut required = vec!["token_embd.weight".to_string(), "output_norm.weight".to_string()];
+    let mut required = vec![
+        "token_embd.weight".to_string(),
+        "output_norm.weight".to_string(),
+    ];
     for l in 0..p.n_layer {
         for part in [
-            "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
         ] {
             required.push(format!("blk.{l}.{part}.weight"));
         }
@@ -1522,10 +1572,11 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
         );
         offset += bytes;
     }
-    let mut header_text = serde_json::to_string(&Value::Object(header)).map_err(|source| GgufError::Json {
-        path: st_path.clone(),
-        source,
-    })?;
+    let mut header_text =
+        serde_json::to_string(&Value::Object(header)).map_err(|source| GgufError::Json {
+            path: st_path.clone(),
+            source,
+        })?;
     while header_text.len() % 8 != 0 {
         header_text.push(' ');
     }
@@ -1534,19 +1585,22 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
         let file = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         let werr = io_err(&tmp_path);
-        w.write_all(&(header_text.len() as u64).to_le_bytes()).map_err(&werr)?;
+        w.write_all(&(header_text.len() as u64).to_le_bytes())
+            .map_err(&werr)?;
         w.write_all(header_text.as_bytes()).map_err(&werr)?;
         let mut bytes = Vec::new();
         for t in &plan {
             let mut values = g.dequantize_tensor(t.info)?;
             if let Fix::Unpermute(n_head) = t.fix {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
-                values = unpermute_qk(&values, rows, cols, n_head).ok_or_else(|| GgufError::Malformed {
-                    path: g.path.clone(),
-                    what: format!(
+                values = unpermute_qk(&values, rows, cols, n_head).ok_or_else(|| {
+                    GgufError::Malformed {
+                        path: g.path.clone(),
+                        what: format!(
                         "tensor '{}' with {rows} rows cannot be split into {n_head} rotary heads",
                         t.info.name
                     ),
+                    }
                 })?;
             }
             n_parameters += values.len() as u64;
@@ -1586,8 +1640,15 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
     })
 }
 
+/// The id of a special token: `name` is bos, eos, unk or pad (GGUF spells the last two
+/// `unknown` and `padding`).
 fn special_id(g: &GgufFile, name: &str) -> Result<Option<u64>> {
-    g.opt_u64(&format!("tokenizer.ggml.{name}_token_id"))
+    let key = match name {
+        "unk" => "unknown",
+        "pad" => "padding",
+        other => other,
+    };
+    g.opt_u64(&format!("tokenizer.ggml.{key}_token_id"))
 }
 
 /// `config.json` for `LlamaForCausalLM`.
@@ -1653,7 +1714,12 @@ fn byte_level(add_prefix_space: bool, trim_offsets: bool, use_regex: bool) -> Va
     })
 }
 
-fn token_text<'a>(g: &GgufFile, tokens: &[&'a str], id: Option<u64>, key: &str) -> Result<Option<&'a str>> {
+fn token_text<'a>(
+    g: &GgufFile,
+    tokens: &[&'a str],
+    id: Option<u64>,
+    key: &str,
+) -> Result<Option<&'a str>> {
     match id {
         None => Ok(None),
         Some(i) => tokens
@@ -1662,7 +1728,10 @@ fn token_text<'a>(g: &GgufFile, tokens: &[&'a str], id: Option<u64>, key: &str) 
             .map(Some)
             .ok_or_else(|| GgufError::Malformed {
                 path: g.path.clone(),
-                what: format!("tokenizer.ggml.{key}_token_id {i} is outside the vocabulary of {} tokens", tokens.len()),
+                what: format!(
+                    "tokenizer.ggml.{key}_token_id {i} is outside the vocabulary of {} tokens",
+                    tokens.len()
+                ),
             }),
     }
 }
@@ -1679,9 +1748,9 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<Value> {
             "tokenizer.ggml.model is '{model}'; only 'gpt2' (byte-level BPE) is supported"
         )));
     }
-    let pre = g
-        .opt_str("tokenizer.ggml.pre")?
-        .ok_or_else(|| unsupported("tokenizer.ggml.pre is missing, so the pre-tokenizer is unknown".into()))?;
+    let pre = g.opt_str("tokenizer.ggml.pre")?.ok_or_else(|| {
+        unsupported("tokenizer.ggml.pre is missing, so the pre-tokenizer is unknown".into())
+    })?;
     let pre_tokenizer = match pre {
         "smollm" => json!({
             "type": "Sequence",
@@ -1733,7 +1802,9 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<Value> {
     for m in &merges {
         let (a, b) = m.split_once(' ').ok_or_else(|| GgufError::Malformed {
             path: g.path.clone(),
-            what: format!("merge '{m}' in tokenizer.ggml.merges is not two tokens separated by a space"),
+            what: format!(
+                "merge '{m}' in tokenizer.ggml.merges is not two tokens separated by a space"
+            ),
         })?;
         merge_list.push(json!([a, b]));
     }
@@ -1773,8 +1844,16 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<Value> {
                 json!({"id": tok, "ids": [id], "tokens": [tok]}),
             ))
         };
-        let bos_parts = if add_bos { Some(special("bos", bos, special_id(g, "bos")?)?) } else { None };
-        let eos_parts = if add_eos { Some(special("eos", eos, special_id(g, "eos")?)?) } else { None };
+        let bos_parts = if add_bos {
+            Some(special("bos", bos, special_id(g, "bos")?)?)
+        } else {
+            None
+        };
+        let eos_parts = if add_eos {
+            Some(special("eos", eos, special_id(g, "eos")?)?)
+        } else {
+            None
+        };
         for (seq, type_id) in [("A", 0), ("B", 1)] {
             let target = if seq == "A" { &mut single } else { &mut pair };
             if let Some((piece, def)) = &bos_parts {
@@ -1838,7 +1917,6 @@ pub fn build_tokenizer_config(g: &GgufFile, p: &LlamaParams) -> Result<Value> {
         "add_eos_token".into(),
         json!(g.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false)),
     );
-    c.insert("add_prefix_space".into(), json!(false));
     let mut decoder = Map::new();
     if let Some(types) = &types {
         for (id, (&tok, &ty)) in tokens.iter().zip(types.iter()).enumerate() {
@@ -1858,8 +1936,8 @@ pub fn build_tokenizer_config(g: &GgufFile, p: &LlamaParams) -> Result<Value> {
         }
     }
     c.insert("added_tokens_decoder".into(), Value::Object(decoder));
-    for (name, key) in [("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")] {
-        let text = token_text(g, &tokens, g.opt_u64(&format!("tokenizer.ggml.{key}_token_id"))?, key)?;
+    for name in ["bos", "eos", "unk", "pad"] {
+        let text = token_text(g, &tokens, special_id(g, name)?, name)?;
         c.insert(format!("{name}_token"), json!(text));
     }
     if let Some(t) = g.opt_str("tokenizer.chat_template")? {
@@ -1885,8 +1963,14 @@ mod tests {
 
     #[test]
     fn f32_f16_bf16() {
-        let data: Vec<u8> = [1.5f32, -2.25, 0.0].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(dequantize(GgmlType::F32, &data, 3).unwrap(), vec![1.5, -2.25, 0.0]);
+        let data: Vec<u8> = [1.5f32, -2.25, 0.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            dequantize(GgmlType::F32, &data, 3).unwrap(),
+            vec![1.5, -2.25, 0.0]
+        );
 
         let data: Vec<u8> = [h(1.5), h(-0.125), [0x00, 0x7c], [0x01, 0x00]].concat();
         let y = dequantize(GgmlType::F16, &data, 4).unwrap();
@@ -1938,7 +2022,11 @@ mod tests {
         let qh: u32 = 0xAAAA_AAAA;
         let qs: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
         let expect_q = |j: usize| -> u32 {
-            let low = if j < 16 { j as u32 } else { 15 - (j as u32 - 16) };
+            let low = if j < 16 {
+                j as u32
+            } else {
+                15 - (j as u32 - 16)
+            };
             low | if j % 2 == 1 { 16 } else { 0 }
         };
         let mut b = h(0.5).to_vec();
@@ -2000,7 +2088,11 @@ mod tests {
         let y = dequantize(GgmlType::Q4_K, &b, 256).unwrap();
         for k in 0..8 {
             for l in 0..32 {
-                assert_eq!(y[k * 32 + l], elem(k, l, false), "Q4_K sub-block {k} element {l}");
+                assert_eq!(
+                    y[k * 32 + l],
+                    elem(k, l, false),
+                    "Q4_K sub-block {k} element {l}"
+                );
             }
         }
         let mut b = [h(d), h(dmin)].concat();
@@ -2010,7 +2102,11 @@ mod tests {
         let y = dequantize(GgmlType::Q5_K, &b, 256).unwrap();
         for k in 0..8 {
             for l in 0..32 {
-                assert_eq!(y[k * 32 + l], elem(k, l, true), "Q5_K sub-block {k} element {l}");
+                assert_eq!(
+                    y[k * 32 + l],
+                    elem(k, l, true),
+                    "Q5_K sub-block {k} element {l}"
+                );
             }
         }
     }
@@ -2026,7 +2122,12 @@ mod tests {
         for half in 0..2 {
             for l in 0..32 {
                 let base = half * 128;
-                let (a, b2, c, e) = (q[base + l], q[base + l + 32], q[base + l + 64], q[base + l + 96]);
+                let (a, b2, c, e) = (
+                    q[base + l],
+                    q[base + l + 32],
+                    q[base + l + 64],
+                    q[base + l + 96],
+                );
                 ql[half * 64 + l] = (a & 0x0f) | ((c & 0x0f) << 4);
                 ql[half * 64 + l + 32] = (b2 & 0x0f) | ((e & 0x0f) << 4);
                 qh[half * 32 + l] = (a >> 4) | ((b2 >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6);
@@ -2054,7 +2155,12 @@ mod tests {
             Err(GgufError::BadTensorData { .. })
         ));
         let e = dequantize(GgmlType::IQ2_XXS, &[0u8; 66], 256).unwrap_err();
-        assert!(matches!(e, GgufError::UnsupportedType { ty: GgmlType::IQ2_XXS }));
+        assert!(matches!(
+            e,
+            GgufError::UnsupportedType {
+                ty: GgmlType::IQ2_XXS
+            }
+        ));
         assert!(e.to_string().contains("IQ2_XXS"), "{e}");
         let e = dequantize(GgmlType::from_id(99), &[], 0).unwrap_err();
         assert!(e.to_string().contains("99"), "{e}");
@@ -2081,7 +2187,8 @@ mod tests {
                     // permuted index (h, i, j) takes original index (h, j, i)
                     let dst = h * hd + i * 2 + j;
                     let src = h * hd + j * half + i;
-                    out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+                    out[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&w[src * cols..(src + 1) * cols]);
                 }
             }
         }
@@ -2091,7 +2198,10 @@ mod tests {
     #[test]
     fn unpermute_small_example() {
         // one head of 4 rows: HF rows [0,1,2,3] are stored as [0,2,1,3]
-        assert_eq!(unpermute_qk(&[0., 2., 1., 3.], 4, 1, 1).unwrap(), vec![0., 1., 2., 3.]);
+        assert_eq!(
+            unpermute_qk(&[0., 2., 1., 3.], 4, 1, 1).unwrap(),
+            vec![0., 1., 2., 3.]
+        );
         // two heads of 6 rows, 2 columns
         let rows = 12;
         let cols = 2;
@@ -2169,7 +2279,10 @@ mod tests {
         assert_eq!(get("a.f32"), GgufValue::F32(1.5));
         assert_eq!(get("a.bool"), GgufValue::Bool(true));
         assert_eq!(get("a.str"), GgufValue::String("héllo".into()));
-        assert_eq!(get("a.arr"), GgufValue::Array(4, vec![GgufValue::U32(7), GgufValue::U32(9)]));
+        assert_eq!(
+            get("a.arr"),
+            GgufValue::Array(4, vec![GgufValue::U32(7), GgufValue::U32(9)])
+        );
         assert_eq!(get("a.u64"), GgufValue::U64(1));
         assert_eq!(get("a.i64"), GgufValue::I64(-1));
         assert_eq!(get("a.f64"), GgufValue::F64(2.5));
@@ -2180,9 +2293,15 @@ mod tests {
     fn parse_errors() {
         let p = Path::new("bad.gguf");
         assert!(matches!(parse(p, b"GGU"), Err(GgufError::Truncated { .. })));
-        assert!(matches!(parse(p, b"GGML\x03\0\0\0"), Err(GgufError::BadMagic { .. })));
+        assert!(matches!(
+            parse(p, b"GGML\x03\0\0\0"),
+            Err(GgufError::BadMagic { .. })
+        ));
         let e = parse(p, &gguf_bytes(1, &[])).unwrap_err();
-        assert!(matches!(e, GgufError::UnsupportedVersion { version: 1, .. }), "{e}");
+        assert!(
+            matches!(e, GgufError::UnsupportedVersion { version: 1, .. }),
+            "{e}"
+        );
         let mut big = b"GGUF".to_vec();
         big.extend(3u32.to_be_bytes());
         let e = parse(p, &big).unwrap_err();
@@ -2253,11 +2372,17 @@ mod tests {
         };
         assert_eq!(
             hf_name("blk.1.attn_k.weight", &p),
-            Some(("model.layers.1.self_attn.k_proj.weight".into(), Fix::Unpermute(1)))
+            Some((
+                "model.layers.1.self_attn.k_proj.weight".into(),
+                Fix::Unpermute(1)
+            ))
         );
         assert_eq!(
             hf_name("blk.0.attn_q.weight", &p),
-            Some(("model.layers.0.self_attn.q_proj.weight".into(), Fix::Unpermute(2)))
+            Some((
+                "model.layers.0.self_attn.q_proj.weight".into(),
+                Fix::Unpermute(2)
+            ))
         );
         assert_eq!(hf_name("blk.2.attn_q.weight", &p), None);
         assert_eq!(hf_name("blk.01.attn_q.weight", &p), None);
@@ -2266,7 +2391,10 @@ mod tests {
             expected_shape("model.layers.0.self_attn.k_proj.weight", &p),
             Some(vec![4, 8])
         );
-        assert_eq!(expected_shape("model.layers.1.mlp.down_proj.weight", &p), Some(vec![8, 16]));
+        assert_eq!(
+            expected_shape("model.layers.1.mlp.down_proj.weight", &p),
+            Some(vec![8, 16])
+        );
         assert_eq!(f32_decimal(9.999999747378752e-06), 1e-5);
     }
 }

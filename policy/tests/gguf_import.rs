@@ -8,6 +8,8 @@
 //! Needs `SELFPLAY_PYTHON` (a python with torch, transformers, gguf, accelerate) and
 //! `SELFPLAY_GGUF` (the SmolLM2 gguf); `source scripts/env.sh` sets both.
 
+#![allow(clippy::manual_is_multiple_of)]
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,7 +74,11 @@ fn dequantization_matches_gguf_python_bit_for_bit() {
             .filter(|(_, (a, b))| a.to_bits() != b.to_bits())
             .take(5)
             .collect();
-        assert!(mismatches.is_empty(), "{} differs from gguf.quants.dequantize: {mismatches:?}", t.name);
+        assert!(
+            mismatches.is_empty(),
+            "{} differs from gguf.quants.dequantize: {mismatches:?}",
+            t.name
+        );
         assert_eq!(t.ty.name(), t.name);
         println!("{}: {} values bit-identical", t.name, ours.len());
         seen.insert(t.ty);
@@ -83,7 +89,8 @@ fn dequantization_matches_gguf_python_bit_for_bit() {
 }
 
 fn f32s(data: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    data.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 #[test]
@@ -107,7 +114,10 @@ fn smollm_import_matches_transformers() {
     let theirs_bytes = std::fs::read(dir.path().join("reference.safetensors")).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&ours_bytes).unwrap();
     assert_eq!(
-        meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str),
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("format"))
+            .map(String::as_str),
         Some("pt")
     );
     let ours = SafeTensors::deserialize(&ours_bytes).unwrap();
@@ -131,7 +141,7 @@ fn smollm_import_matches_transformers() {
             if x.to_bits() != y.to_bits() {
                 n_differing += 1;
                 let d = (x - y).abs();
-                if !(d <= max_diff) {
+                if d.is_nan() || d > max_diff {
                     max_diff = d;
                     worst = name.to_string();
                 }
@@ -185,10 +195,31 @@ fn smollm_import_matches_transformers() {
     assert_eq!(tc["unk_token"], "<|endoftext|>");
     assert_eq!(tc["pad_token"], "<|im_end|>");
     assert_eq!(tc["add_bos_token"], false);
-    assert!(tc["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+    assert!(tc["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
     let gc = read(out.join("generation_config.json"));
     assert_eq!(gc["bos_token_id"], 1);
     assert_eq!(gc["eos_token_id"], 2);
+
+    // The directory loads in plain transformers and computes what the GGUF load computes.
+    let check = dir.path().join("check.json");
+    run_reference(&["check-hf-dir", s(&gguf_path), s(&out), s(&check)]);
+    let check = read(check);
+    println!(
+        "transformers on the imported directory: max abs logit diff {} vs the GGUF load; greedy completion {:?}",
+        check["max_abs_logit_diff"], check["completion"]
+    );
+    assert_eq!(check["max_abs_logit_diff"].as_f64(), Some(0.0));
+    assert!(check["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("<|im_start|>system\n"));
+    assert_eq!(
+        check["ids"][0], 1,
+        "the chat prompt starts with <|im_start|>"
+    );
 }
 
 /// ~300 strings covering ASCII, unicode, digit runs, whitespace, code and special tokens.
@@ -273,7 +304,9 @@ fn tokenizer_strings() -> Vec<String> {
     // Deterministic combinations of the base strings.
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = |n: usize| {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 33) as usize) % n
     };
     while out.len() < 300 {
@@ -307,18 +340,45 @@ fn smollm_tokenizer_matches_transformers() {
     run_reference(&["tokenize", s(&gguf_path), s(&strings_path), s(&ids_path)]);
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&ids_path).unwrap()).unwrap();
-    let reference: Vec<Vec<u32>> = serde_json::from_value(reference["ids"].clone()).unwrap();
-    assert_eq!(reference.len(), strings.len());
+    assert_eq!(reference["pre"], "smollm");
+    let ids_of = |key: &str| -> Vec<Vec<u32>> {
+        let v: Vec<Vec<u32>> = serde_json::from_value(reference[key].clone()).unwrap();
+        assert_eq!(v.len(), strings.len(), "{key}");
+        v
+    };
+    // transformers' GGUF tokenizer with llama.cpp's "smollm" pre-tokenizer (digits split off
+    // first, as in SmolLM2's own tokenizer.json): must match exactly.
+    let reference = ids_of("ids");
+    // transformers' GGUF tokenizer as it loads: it ignores "smollm" and uses plain GPT-2
+    // splitting, which differs only where whitespace directly precedes a digit.
+    let as_loaded = ids_of("ids_transformers");
 
     let mut failures = Vec::new();
-    for (text, want) in strings.iter().zip(&reference) {
+    let mut differ_from_as_loaded = 0;
+    for ((text, want), loaded) in strings.iter().zip(&reference).zip(&as_loaded) {
         let got = tokenizer.encode(text.as_str(), false).unwrap();
         if got.get_ids() != want.as_slice() {
-            failures.push(format!("{text:?}:\n  ours   {:?}\n  theirs {want:?}", got.get_ids()));
+            failures.push(format!(
+                "{text:?}:\n  ours   {:?}\n  theirs {want:?}",
+                got.get_ids()
+            ));
+        }
+        if got.get_ids() != loaded.as_slice() {
+            differ_from_as_loaded += 1;
+            let ws_before_digit = text
+                .chars()
+                .zip(text.chars().skip(1))
+                .any(|(a, b)| a.is_whitespace() && b.is_numeric());
+            assert!(
+                ws_before_digit,
+                "{text:?} differs from transformers' GGUF tokenizer without whitespace before a digit:\n  ours   {:?}\n  theirs {loaded:?}",
+                got.get_ids()
+            );
         }
     }
     println!(
-        "{} of {} strings tokenize identically",
+        "{} of {} strings tokenize identically to transformers' GGUF tokenizer with llama.cpp's smollm pre-tokenizer; \
+         {differ_from_as_loaded} differ from it as loaded (all with whitespace before a digit)",
         strings.len() - failures.len(),
         strings.len()
     );
@@ -326,11 +386,18 @@ fn smollm_tokenizer_matches_transformers() {
         failures.is_empty(),
         "{} strings differ:\n{}",
         failures.len(),
-        failures.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        failures
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     // Special tokens are single tokens, and decoding round-trips.
-    let enc = tokenizer.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
+    let enc = tokenizer
+        .encode("<|im_start|>user\nhi<|im_end|>", false)
+        .unwrap();
     assert_eq!(enc.get_ids()[0], 1);
     assert_eq!(*enc.get_ids().last().unwrap(), 2);
     for text in strings.iter().take(60) {
@@ -353,7 +420,13 @@ struct MiniGguf {
 
 impl MiniGguf {
     fn new() -> Self {
-        MiniGguf { kv: vec![], n_kv: 0, infos: vec![], n_tensors: 0, data: vec![] }
+        MiniGguf {
+            kv: vec![],
+            n_kv: 0,
+            infos: vec![],
+            n_tensors: 0,
+            data: vec![],
+        }
     }
     fn string(buf: &mut Vec<u8>, s: &str) {
         buf.extend((s.len() as u64).to_le_bytes());
@@ -441,7 +514,10 @@ fn bad_input_gives_typed_errors() {
     let e = gguf::import_gguf(&bad_magic, &out).unwrap_err();
     println!("bad magic: {e}");
     assert!(matches!(e, GgufError::BadMagic { .. }), "{e:?}");
-    assert!(e.to_string().contains("bad magic") && e.to_string().contains("bad-magic.gguf"), "{e}");
+    assert!(
+        e.to_string().contains("bad magic") && e.to_string().contains("bad-magic.gguf"),
+        "{e}"
+    );
 
     // truncated: the real file cut in half (tensor data missing)
     let real = std::fs::read(smollm_gguf()).unwrap();
@@ -450,7 +526,10 @@ fn bad_input_gives_typed_errors() {
     let e = gguf::import_gguf(&half, &out).unwrap_err();
     println!("cut in half: {e}");
     assert!(matches!(e, GgufError::Truncated { .. }), "{e:?}");
-    assert!(e.to_string().contains("truncated") && e.to_string().contains("extends past the end"), "{e}");
+    assert!(
+        e.to_string().contains("truncated") && e.to_string().contains("extends past the end"),
+        "{e}"
+    );
 
     // truncated inside the header (in the vocabulary)
     let short = dir.path().join("short.gguf");
@@ -462,25 +541,41 @@ fn bad_input_gives_typed_errors() {
 
     // not llama
     let gpt2 = dir.path().join("gpt2.gguf");
-    MiniGguf::new().str("general.architecture", "gpt2").write(&gpt2);
+    MiniGguf::new()
+        .str("general.architecture", "gpt2")
+        .write(&gpt2);
     let e = gguf::import_gguf(&gpt2, &out).unwrap_err();
     println!("architecture: {e}");
-    assert!(matches!(&e, GgufError::UnsupportedArchitecture { found, .. } if found == "gpt2"), "{e:?}");
-    assert!(e.to_string().contains("'gpt2'") && e.to_string().contains("llama"), "{e}");
+    assert!(
+        matches!(&e, GgufError::UnsupportedArchitecture { found, .. } if found == "gpt2"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("'gpt2'") && e.to_string().contains("llama"),
+        "{e}"
+    );
 
     // no architecture at all
     let none = dir.path().join("none.gguf");
     MiniGguf::new().u32("general.alignment", 32).write(&none);
     let e = gguf::import_gguf(&none, &out).unwrap_err();
     println!("no architecture: {e}");
-    assert!(matches!(&e, GgufError::MissingKey { key, .. } if key == "general.architecture"), "{e:?}");
+    assert!(
+        matches!(&e, GgufError::MissingKey { key, .. } if key == "general.architecture"),
+        "{e:?}"
+    );
 
     // a missing hyper-parameter
     let no_layers = dir.path().join("no-layers.gguf");
-    MiniGguf::new().str("general.architecture", "llama").write(&no_layers);
+    MiniGguf::new()
+        .str("general.architecture", "llama")
+        .write(&no_layers);
     let e = gguf::import_gguf(&no_layers, &out).unwrap_err();
     println!("missing key: {e}");
-    assert!(matches!(&e, GgufError::MissingKey { key, .. } if key == "llama.block_count"), "{e:?}");
+    assert!(
+        matches!(&e, GgufError::MissingKey { key, .. } if key == "llama.block_count"),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("llama.block_count"), "{e}");
 
     // an unsupported tensor type (IQ2_XXS = 16, 66 bytes per 256 values)
@@ -494,14 +589,28 @@ fn bad_input_gives_typed_errors() {
         matches!(&e, GgufError::UnsupportedTensorType { tensor, ty: GgmlType::IQ2_XXS, .. } if tensor == "token_embd.weight"),
         "{e:?}"
     );
-    assert!(e.to_string().contains("IQ2_XXS") && e.to_string().contains("token_embd.weight"), "{e}");
+    assert!(
+        e.to_string().contains("IQ2_XXS") && e.to_string().contains("token_embd.weight"),
+        "{e}"
+    );
 
     // an unknown tensor type id
     let unknown = dir.path().join("unknown.gguf");
-    llama_header().tensor("token_embd.weight", &[256, 8], 200, 0).write(&unknown);
+    llama_header()
+        .tensor("token_embd.weight", &[256, 8], 200, 0)
+        .write(&unknown);
     let e = gguf::import_gguf(&unknown, &out).unwrap_err();
     println!("unknown type: {e}");
-    assert!(matches!(&e, GgufError::UnsupportedTensorType { ty: GgmlType::Unknown(200), .. }), "{e:?}");
+    assert!(
+        matches!(
+            &e,
+            GgufError::UnsupportedTensorType {
+                ty: GgmlType::Unknown(200),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("200"), "{e}");
 
     // nothing was written for any of them

@@ -17,8 +17,15 @@ Sub-commands:
 
   tokenize GGUF STRINGS_JSON OUT_JSON
       Load transformers' tokenizer from the GGUF (AutoTokenizer.from_pretrained(dir, gguf_file=...))
-      and write {"ids": [[...], ...]}: the ids of each string of the JSON list STRINGS_JSON,
-      encoded with add_special_tokens=False.
+      and write the ids of each string of the JSON list STRINGS_JSON, encoded with
+      add_special_tokens=False: "ids_transformers" from that tokenizer as loaded, and "ids" from
+      the same tokenizer with the pre-tokenizer llama.cpp uses for the file's tokenizer.ggml.pre
+      where transformers does not model it (see _llama_cpp_pre_tokenizer).
+
+  check-hf-dir GGUF HF_DIR OUT_JSON
+      Load the imported HF_DIR with plain transformers and write to OUT_JSON the largest logit
+      difference from transformers' GGUF load on a chat prompt, the prompt's ids and a short
+      greedy completion.
 """
 
 import json
@@ -107,16 +114,78 @@ def dump_model(gguf_path, out_dir):
         f.write(model.config.to_json_string())
 
 
+def _llama_cpp_pre_tokenizer(pre):
+    """The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`, where transformers' GGUF loader
+    does not model it (None: keep transformers' own).
+
+    llama.cpp's "smollm" splits every digit off first (regex \\p{N}) and then applies the GPT-2
+    regex, which is Digits(individual_digits=True) + ByteLevel, as in SmolLM2's own
+    tokenizer.json. transformers (5.24) builds a plain GPT-2 ByteLevel for it, which differs on
+    whitespace directly before a digit ("\\n\\t1" -> "\\n\\t" + "1" vs "\\n" + "\\t" + "1").
+    """
+    from tokenizers import pre_tokenizers
+
+    if pre == "smollm":
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
+    return None
+
+
 def tokenize(gguf_path, strings_json, out_json):
+    """ids: transformers' GGUF tokenizer with llama.cpp's pre-tokenizer for the file's
+    `tokenizer.ggml.pre` (vocabulary, merges, added tokens and BPE all transformers' own);
+    ids_transformers: transformers' GGUF tokenizer exactly as it loads."""
+    import gguf
     from transformers import AutoTokenizer
 
     directory, name = _split(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     with open(strings_json, encoding="utf-8") as f:
         strings = json.load(f)
+    as_is = [tokenizer.encode(s, add_special_tokens=False) for s in strings]
+
+    reader = gguf.GGUFReader(gguf_path)
+    field = reader.fields.get("tokenizer.ggml.pre")
+    pre = field.contents() if field is not None else None
+    replacement = _llama_cpp_pre_tokenizer(pre)
+    if replacement is not None:
+        tokenizer.backend_tokenizer.pre_tokenizer = replacement
     ids = [tokenizer.encode(s, add_special_tokens=False) for s in strings]
     with open(out_json, "w", encoding="utf-8") as f:
-        json.dump({"ids": ids}, f)
+        json.dump({"pre": pre, "ids": ids, "ids_transformers": as_is}, f)
+
+
+def check_hf_dir(gguf_path, hf_dir, out_json):
+    """Load the imported directory with plain transformers (no GGUF involved) and compare it with
+    transformers' GGUF load: logits on a chat prompt, and the tokenizer's ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = _split(gguf_path)
+    ours = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    messages = [{"role": "user", "content": "What is 12 + 30? Answer briefly."}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = ours(ids).logits
+        b = ref(ids).logits
+        greedy = ours.generate(ids, max_new_tokens=12, do_sample=False)
+    result = {
+        "text": text,
+        "ids": ids[0].tolist(),
+        "max_abs_logit_diff": float((a - b).abs().max()),
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "completion": tok.decode(greedy[0, ids.shape[1]:]),
+    }
+    with open(out_json, "w", encoding="utf-8") as f:
+        json.dump(result, f)
 
 
 def main(argv):
@@ -130,6 +199,8 @@ def main(argv):
         dump_model(*args)
     elif cmd == "tokenize" and len(args) == 3:
         tokenize(*args)
+    elif cmd == "check-hf-dir" and len(args) == 3:
+        check_hf_dir(*args)
     else:
         sys.exit(usage)
 
