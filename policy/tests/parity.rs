@@ -1,8 +1,6 @@
 //! Parity with Hugging Face transformers on tiny random Llama models: logits of unequal-length
 //! prompts in one padded batch within 1e-4 (f32), identical greedy continuations, and
 //! reward-model scores.
-mod common;
-
 use selfplay_policy::model::{Llama, PaddedBatch};
 use selfplay_policy::{generate, scoring, SamplingConfig, Tokenizer};
 use tch::{Device, Kind, Tensor};
@@ -19,21 +17,13 @@ fn prompts() -> Vec<Vec<i64>> {
 }
 
 fn tiny(variant: &str, dir: &std::path::Path) -> Llama {
-    common::run_python("hf_reference.py", &["make-tiny", dir.to_str().unwrap(), variant, "3"]);
+    selfplay_tests::run_python("hf_reference.py", &["make-tiny", dir.to_str().unwrap(), variant, "3"]);
     Llama::load(dir, Device::Cpu, Kind::Float).expect("load tiny model")
 }
 
 /// A tokenizer is needed by generate() only for stop strings and text; a tiny word-level one.
 fn tiny_tokenizer(dir: &std::path::Path) -> Tokenizer {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..211).map(|i| (format!("t{i}"), serde_json::json!(i))).collect();
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    selfplay_tests::tiny_tokenizer(dir);
     Tokenizer::load(dir).unwrap()
 }
 
@@ -47,7 +37,7 @@ fn logits_and_greedy_match_transformers() {
         let inp = tmp.path().join("in.json");
         let outp = tmp.path().join("out.json");
         std::fs::write(&inp, spec.to_string()).unwrap();
-        common::run_python(
+        selfplay_tests::run_python(
             "hf_reference.py",
             &["logits", tmp.path().to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()],
         );
@@ -85,7 +75,7 @@ fn logits_and_greedy_match_transformers() {
 fn reward_model_scores_match_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    common::run_python(
+    selfplay_tests::run_python(
         "hf_reference.py",
         &["make-tiny-classifier", dir.to_str().unwrap(), "llama3_rope", "5"],
     );
@@ -94,7 +84,7 @@ fn reward_model_scores_match_transformers() {
     let inp = dir.join("in.json");
     let outp = dir.join("out.json");
     std::fs::write(&inp, serde_json::json!({"sequences": seqs}).to_string()).unwrap();
-    common::run_python("hf_reference.py", &["scores", dir.to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()]);
+    selfplay_tests::run_python("hf_reference.py", &["scores", dir.to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()]);
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&outp).unwrap()).unwrap();
     let got = scoring::sequence_scores(&model, &seqs).unwrap();
     for (i, g) in got.iter().enumerate() {

@@ -78,6 +78,29 @@ def scores(model_dir, in_json, out_json):
     json.dump({"scores": res}, open(out_json, "w"))
 
 
+def chat(model_dir, in_json, out_json):
+    """Chat templates rendered by transformers for each conversation of IN_JSON."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    spec = json.load(open(in_json))
+    out = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g)
+           for c in spec["conversations"] for g in (True, False)]
+    json.dump({"rendered": out}, open(out_json, "w"))
+
+
+def greedy(model_dir, in_json, out_json):
+    """Greedy continuations of chat prompts (ids) with transformers, KV cache on."""
+    spec = json.load(open(in_json))
+    m = load(model_dir, transformers.LlamaForCausalLM)
+    res = []
+    with torch.no_grad():
+        for ids in spec["prompts"]:
+            x = torch.tensor([ids])
+            g = m.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                           max_new_tokens=spec["max_new_tokens"], eos_token_id=spec["eos"], pad_token_id=spec["eos"][0])
+            res.append(g[0, len(ids):].tolist())
+    json.dump({"greedy": res}, open(out_json, "w"))
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     if cmd == "make-tiny":
@@ -88,5 +111,9 @@ if __name__ == "__main__":
         logits(*args)
     elif cmd == "scores":
         scores(*args)
+    elif cmd == "chat":
+        chat(*args)
+    elif cmd == "greedy":
+        greedy(*args)
     else:
         sys.exit(f"unknown command {cmd}")
