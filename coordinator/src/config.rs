@@ -1,0 +1,108 @@
+//! The coordinator's configuration (the `[coordinator]` table of a run's TOML, or flags).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use selfplay_proto::auth::BearerToken;
+use serde::{Deserialize, Serialize};
+
+use crate::CoordinatorError;
+
+/// Optional TLS (rustls): PEM certificate chain and private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// Where the state snapshot (`coordinator.json`) and the weight store (`weights/`) live.
+    pub state_dir: PathBuf,
+    /// An actor that sends no heartbeat (or lease or completion) for this long is dropped and
+    /// its units are re-issued.
+    pub lease_ttl_ms: u64,
+    /// Weight versions kept (the newest ones).
+    pub keep_versions: usize,
+    /// Seed of the run: every unit's seed derives from it, its step and its index. A restart
+    /// keeps the seed saved in the state directory.
+    pub run_seed: u64,
+    /// File holding the bearer token; without it the token comes from `SELFPLAY_TOKEN`.
+    pub token_file: Option<PathBuf>,
+    /// Serve TLS with this certificate and key; plaintext when absent.
+    pub tls: Option<TlsConfig>,
+    /// A token given in-process (the embedded default); wins over `token_file` and the
+    /// environment. Never read from or written to a file.
+    #[serde(skip)]
+    pub token: Option<BearerToken>,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("selfplay-state/coordinator"),
+            lease_ttl_ms: 10_000,
+            keep_versions: 2,
+            run_seed: 0,
+            token_file: None,
+            tls: None,
+            token: None,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    /// Checks the values; every error names the field.
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        let bad = |field: &'static str, reason: &str| {
+            Err(CoordinatorError::Config(format!("{field}: {reason}")))
+        };
+        if self.lease_ttl_ms < 50 {
+            return bad("lease_ttl_ms", "must be at least 50");
+        }
+        if self.keep_versions == 0 {
+            return bad("keep_versions", "must be at least 1");
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return bad("state_dir", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The bearer token: `token`, else the file `token_file`, else `SELFPLAY_TOKEN`.
+    pub fn resolve_token(&self) -> Result<BearerToken, CoordinatorError> {
+        match &self.token {
+            Some(t) => Ok(t.clone()),
+            None => Ok(BearerToken::load(self.token_file.as_deref())?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_unknown_fields() {
+        let c: CoordinatorConfig = serde_json::from_str(r#"{"lease_ttl_ms": 300}"#).unwrap();
+        assert_eq!(c.lease_ttl_ms, 300);
+        assert_eq!(c.keep_versions, 2);
+        c.validate().unwrap();
+        assert!(serde_json::from_str::<CoordinatorConfig>(r#"{"lease_ttl": 300}"#).is_err());
+        let c = CoordinatorConfig {
+            keep_versions: 0,
+            ..CoordinatorConfig::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("keep_versions"));
+    }
+}

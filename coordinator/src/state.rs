@@ -1,0 +1,1322 @@
+//! The coordinator's state machine: membership with leases, the steps the learner opened and
+//! the queue of work units. Pure: no I/O, no clock of its own (every call that needs the time
+//! takes `now`), no metrics; callers turn the outcomes into RPC answers, metrics and
+//! snapshots.
+//!
+//! Invariants (checked by the tests after every operation):
+//! - a unit is `Pending` exactly when it is in the queue, once;
+//! - a unit is `Leased(a)` exactly when it is in member `a`'s set, so it is never handed to
+//!   two live actors at once;
+//! - a `Done` unit is never queued again, except when the learner reopens its step.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// A unit by step and index within the step.
+pub type UnitKey = (u64, u32);
+
+/// Completed steps kept (with their completion records) so that a repeated `OpenStep` for
+/// them stays a no-op.
+pub const KEEP_COMPLETED_STEPS: usize = 64;
+
+/// Window of the throughput figure in `Status`.
+pub const THROUGHPUT_WINDOW: Duration = Duration::from_secs(60);
+
+/// The id of a unit: `s{step}-u{index}`.
+pub fn unit_id(step: u64, index: u32) -> String {
+    format!("s{step}-u{index}")
+}
+
+/// Inverse of [`unit_id`]; `None` for anything else.
+pub fn parse_unit_id(id: &str) -> Option<UnitKey> {
+    let rest = id.strip_prefix('s')?;
+    let (step, index) = rest.split_once("-u")?;
+    let canonical = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !canonical(step) || !canonical(index) {
+        return None;
+    }
+    let key = (step.parse().ok()?, index.parse().ok()?);
+    // Reject non-canonical spellings such as leading zeros: one unit, one id.
+    (unit_id(key.0, key.1) == id).then_some(key)
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The sampling seed of unit `index` of `step` in a run: a fixed function of the three, so a
+/// re-issued unit (or a restarted coordinator) reproduces the same draws.
+pub fn unit_seed(run_seed: u64, step: u64, index: u32) -> u64 {
+    splitmix64(splitmix64(splitmix64(run_seed) ^ step) ^ u64::from(index))
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "actor {0:?} is not a member (its lease expired or the coordinator restarted): Join first"
+    )]
+    UnknownActor(String),
+    #[error("actor_id must not be empty")]
+    EmptyActorId,
+    #[error("step {step}: units must be at least 1")]
+    NoUnits { step: u64 },
+    #[error(
+        "step {step}: {field} holds {got} entries for {units} units (give none or one per unit)"
+    )]
+    PerUnitCount {
+        step: u64,
+        field: &'static str,
+        units: u32,
+        got: usize,
+    },
+    #[error("step {step} is already open with {open} units, not {asked}")]
+    UnitCountMismatch { step: u64, open: u32, asked: u32 },
+    #[error("step {step} completed and its {field} were released: reopening it needs them again")]
+    ReopenNeeds { step: u64, field: &'static str },
+}
+
+/// What the learner asks for in `OpenStep`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepSpec {
+    pub step: u64,
+    pub units: u32,
+    pub min_weights_version: u64,
+    /// Empty, or one per unit (GRPO prompts).
+    pub prompts: Vec<String>,
+    /// Empty, or one per unit (challenger tasks).
+    pub tasks: Vec<String>,
+    /// Drop every older step's pending and leased units.
+    pub discard_older: bool,
+    /// Put this step's completed units back to pending (the learner lost them).
+    pub reopen: bool,
+}
+
+/// What `open_step` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOutcome {
+    /// Units newly queued.
+    pub queued: u32,
+    /// The step existed already (the request was a repeat, or a reopen).
+    pub existed: bool,
+    /// Units of older steps dropped (pending or leased).
+    pub discarded: usize,
+}
+
+/// One unit handed to an actor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedUnit {
+    pub unit_id: String,
+    pub step: u64,
+    pub index: u32,
+    pub seed: u64,
+    pub min_weights_version: u64,
+    pub task: String,
+    pub prompt: String,
+    /// The unit had been issued before (a lease expired or the unit was given back).
+    pub reissue: bool,
+}
+
+/// What `complete` did. Every outcome is harmless; only `Done` changes the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompleteOutcome {
+    /// The unit is now done.
+    Done,
+    /// The holder gave the unit back unplayed: it is at the front of the queue.
+    GivenBack,
+    /// The unit was done already.
+    AlreadyDone,
+    /// No such unit (its step was discarded or never opened, or the id is malformed).
+    Unknown,
+    /// A give-back from an actor that does not hold the unit: ignored.
+    NotHolder,
+}
+
+/// Actors dropped by `expire`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expired {
+    pub actors: Vec<String>,
+    /// Their units, now at the front of the queue.
+    pub requeued: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub units_issued: u64,
+    pub units_reissued: u64,
+    pub units_done: u64,
+    pub leases_expired: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UnitState {
+    Pending,
+    Leased(String),
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    state: UnitState,
+    issues: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Step {
+    min_weights_version: u64,
+    prompts: Vec<String>,
+    tasks: Vec<String>,
+    /// Set when the step completed and its prompts (tasks) were released to keep the
+    /// snapshot small: a reopen must give them again.
+    needs_prompts: bool,
+    needs_tasks: bool,
+    slots: Vec<Slot>,
+    done: u32,
+}
+
+impl Step {
+    fn complete(&self) -> bool {
+        self.done as usize == self.slots.len()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    device: String,
+    last_seen: Instant,
+    weights_version: u64,
+    units: BTreeSet<UnitKey>,
+    units_done: u64,
+}
+
+/// One member as `Status` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberView {
+    pub actor_id: String,
+    pub device: String,
+    pub weights_version: u64,
+    pub units: Vec<String>,
+    pub units_done: u64,
+    pub last_heartbeat_age: Duration,
+}
+
+/// The persistent part of the state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub format: u32,
+    pub run_seed: u64,
+    pub steps: Vec<StepSnapshot>,
+    /// Pending units in queue order. Units neither here nor done were leased: a restored
+    /// state queues them first.
+    pub pending: Vec<UnitKey>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSnapshot {
+    pub step: u64,
+    pub units: u32,
+    pub min_weights_version: u64,
+    pub prompts: Vec<String>,
+    pub tasks: Vec<String>,
+    pub done: Vec<u32>,
+    #[serde(default)]
+    pub needs_prompts: bool,
+    #[serde(default)]
+    pub needs_tasks: bool,
+}
+
+const SNAPSHOT_FORMAT: u32 = 1;
+
+/// The state machine.
+#[derive(Debug, Clone)]
+pub struct State {
+    run_seed: u64,
+    ttl: Duration,
+    members: BTreeMap<String, Member>,
+    steps: BTreeMap<u64, Step>,
+    queue: VecDeque<UnitKey>,
+    counters: Counters,
+    completions: VecDeque<Instant>,
+    started: Instant,
+    generation: u64,
+}
+
+impl State {
+    pub fn new(run_seed: u64, ttl: Duration, now: Instant) -> Self {
+        Self {
+            run_seed,
+            ttl,
+            members: BTreeMap::new(),
+            steps: BTreeMap::new(),
+            queue: VecDeque::new(),
+            counters: Counters::default(),
+            completions: VecDeque::new(),
+            started: now,
+            generation: 0,
+        }
+    }
+
+    /// Rebuilds the state saved in `snapshot`: no members; units that were leased are pending,
+    /// ahead of the rest. Inconsistent entries (out-of-range indices, duplicates) are dropped.
+    pub fn restore(snapshot: Snapshot, ttl: Duration, now: Instant) -> Self {
+        let mut s = Self::new(snapshot.run_seed, ttl, now);
+        s.counters = snapshot.counters;
+        for st in snapshot.steps {
+            let mut slots = vec![
+                Slot {
+                    state: UnitState::Pending,
+                    issues: 0,
+                };
+                st.units as usize
+            ];
+            let mut done = 0;
+            for i in st.done {
+                if let Some(slot) = slots.get_mut(i as usize) {
+                    if slot.state != UnitState::Done {
+                        slot.state = UnitState::Done;
+                        done += 1;
+                    }
+                }
+            }
+            let per_unit = |v: Vec<String>| {
+                if v.len() == st.units as usize {
+                    v
+                } else {
+                    Vec::new()
+                }
+            };
+            s.steps.insert(
+                st.step,
+                Step {
+                    min_weights_version: st.min_weights_version,
+                    prompts: per_unit(st.prompts),
+                    tasks: per_unit(st.tasks),
+                    needs_prompts: st.needs_prompts,
+                    needs_tasks: st.needs_tasks,
+                    slots,
+                    done,
+                },
+            );
+        }
+        let listed: BTreeSet<UnitKey> = snapshot.pending.iter().copied().collect();
+        // Leased at the time of the snapshot: first in line, in unit order, and counted as
+        // re-issued when handed out again.
+        for (&step, st) in s.steps.iter_mut() {
+            for (i, slot) in st.slots.iter_mut().enumerate() {
+                let key = (step, i as u32);
+                if slot.state == UnitState::Pending && !listed.contains(&key) {
+                    slot.issues = 1;
+                    s.queue.push_back(key);
+                }
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for key in snapshot.pending {
+            let pending = s
+                .slot(key)
+                .is_some_and(|slot| slot.state == UnitState::Pending);
+            if pending && seen.insert(key) {
+                s.queue.push_back(key);
+            }
+        }
+        s
+    }
+
+    /// The persistent part of the state.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            format: SNAPSHOT_FORMAT,
+            run_seed: self.run_seed,
+            steps: self
+                .steps
+                .iter()
+                .map(|(&step, st)| StepSnapshot {
+                    step,
+                    units: st.slots.len() as u32,
+                    min_weights_version: st.min_weights_version,
+                    prompts: st.prompts.clone(),
+                    tasks: st.tasks.clone(),
+                    done: st
+                        .slots
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| s.state == UnitState::Done)
+                        .map(|(i, _)| i as u32)
+                        .collect(),
+                    needs_prompts: st.needs_prompts,
+                    needs_tasks: st.needs_tasks,
+                })
+                .collect(),
+            pending: self.queue.iter().copied().collect(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// Bumped by every change that the snapshot records: compare it with the generation last
+    /// written to know whether a write is due.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn run_seed(&self) -> u64 {
+        self.run_seed
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn members_alive(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_member(&self, actor: &str) -> bool {
+        self.members.contains_key(actor)
+    }
+
+    pub fn units_pending(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn units_leased(&self) -> usize {
+        self.members.values().map(|m| m.units.len()).sum()
+    }
+
+    /// The newest step the learner opened (0 when none is known).
+    pub fn latest_step(&self) -> u64 {
+        self.steps.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// Steps known, with (units, done).
+    pub fn steps(&self) -> Vec<(u64, u32, u32)> {
+        self.steps
+            .iter()
+            .map(|(&k, s)| (k, s.slots.len() as u32, s.done))
+            .collect()
+    }
+
+    /// Pending unit ids in queue order.
+    pub fn pending_ids(&self) -> Vec<String> {
+        self.queue.iter().map(|&(s, i)| unit_id(s, i)).collect()
+    }
+
+    fn slot(&self, (step, index): UnitKey) -> Option<&Slot> {
+        self.steps.get(&step)?.slots.get(index as usize)
+    }
+
+    fn slot_mut(&mut self, (step, index): UnitKey) -> Option<&mut Slot> {
+        self.steps.get_mut(&step)?.slots.get_mut(index as usize)
+    }
+
+    /// Puts every unit `actor` holds back at the front of the queue, lowest first.
+    fn release_units_of(&mut self, units: BTreeSet<UnitKey>) -> usize {
+        let n = units.len();
+        for key in units.into_iter().rev() {
+            if let Some(slot) = self.slot_mut(key) {
+                slot.state = UnitState::Pending;
+                self.queue.push_front(key);
+            }
+        }
+        n
+    }
+
+    /// Registers an actor (again). A member that joins again has restarted: the units it
+    /// held are given back first. Returns whether it was a member.
+    pub fn join(&mut self, actor: &str, device: &str, now: Instant) -> Result<bool, StateError> {
+        if actor.is_empty() {
+            return Err(StateError::EmptyActorId);
+        }
+        let was = match self.members.remove(actor) {
+            Some(old) => {
+                self.release_units_of(old.units);
+                true
+            }
+            None => false,
+        };
+        self.members.insert(
+            actor.to_string(),
+            Member {
+                device: device.to_string(),
+                last_seen: now,
+                weights_version: 0,
+                units: BTreeSet::new(),
+                units_done: 0,
+            },
+        );
+        Ok(was)
+    }
+
+    /// Renews a member's lease; `false` when the actor is unknown (it must join again).
+    pub fn heartbeat(&mut self, actor: &str, weights_version: u64, now: Instant) -> bool {
+        match self.members.get_mut(actor) {
+            Some(m) => {
+                m.last_seen = now;
+                m.weights_version = weights_version;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes a member at once; its units go back to the front of the queue. Returns how
+    /// many, `None` when it was not a member.
+    pub fn leave(&mut self, actor: &str) -> Option<usize> {
+        let m = self.members.remove(actor)?;
+        Some(self.release_units_of(m.units))
+    }
+
+    /// Drops the members whose lease ran out (no heartbeat, lease or completion for `ttl`)
+    /// and puts their units back at the front of the queue.
+    pub fn expire(&mut self, now: Instant) -> Expired {
+        let ttl = self.ttl;
+        let dead: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| now.saturating_duration_since(m.last_seen) >= ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut out = Expired::default();
+        for id in dead {
+            if let Some(m) = self.members.remove(&id) {
+                out.requeued += self.release_units_of(m.units);
+                self.counters.leases_expired += 1;
+                out.actors.push(id);
+            }
+        }
+        out
+    }
+
+    /// Opens a step: cuts it into `spec.units` units and queues them. Repeating the request
+    /// for a step that exists changes nothing (unless `reopen`); `discard_older` drops the
+    /// pending and leased units of every older step.
+    pub fn open_step(&mut self, spec: StepSpec) -> Result<OpenOutcome, StateError> {
+        let StepSpec {
+            step,
+            units,
+            min_weights_version,
+            prompts,
+            tasks,
+            discard_older,
+            reopen,
+        } = spec;
+        if units == 0 {
+            return Err(StateError::NoUnits { step });
+        }
+        for (field, got) in [("prompts", prompts.len()), ("tasks", tasks.len())] {
+            if got != 0 && got != units as usize {
+                return Err(StateError::PerUnitCount {
+                    step,
+                    field,
+                    units,
+                    got,
+                });
+            }
+        }
+        if let Some(existing) = self.steps.get(&step) {
+            let open = existing.slots.len() as u32;
+            if open != units {
+                return Err(StateError::UnitCountMismatch {
+                    step,
+                    open,
+                    asked: units,
+                });
+            }
+            if reopen && existing.needs_prompts && prompts.is_empty() {
+                return Err(StateError::ReopenNeeds {
+                    step,
+                    field: "prompts",
+                });
+            }
+            if reopen && existing.needs_tasks && tasks.is_empty() {
+                return Err(StateError::ReopenNeeds {
+                    step,
+                    field: "tasks",
+                });
+            }
+        }
+        let mut out = OpenOutcome {
+            queued: 0,
+            existed: false,
+            discarded: 0,
+        };
+        if discard_older {
+            let older: Vec<u64> = self.steps.range(..step).map(|(&k, _)| k).collect();
+            if !older.is_empty() {
+                let before = self.queue.len();
+                self.queue.retain(|&(s, _)| s >= step);
+                out.discarded += before - self.queue.len();
+                for m in self.members.values_mut() {
+                    let before = m.units.len();
+                    m.units.retain(|&(s, _)| s >= step);
+                    out.discarded += before - m.units.len();
+                }
+                for k in older {
+                    self.steps.remove(&k);
+                }
+                self.generation += 1;
+            }
+        }
+        if let Some(existing) = self.steps.get_mut(&step) {
+            out.existed = true;
+            if reopen {
+                existing.min_weights_version = min_weights_version;
+                if !prompts.is_empty() {
+                    existing.prompts = prompts;
+                    existing.needs_prompts = false;
+                }
+                if !tasks.is_empty() {
+                    existing.tasks = tasks;
+                    existing.needs_tasks = false;
+                }
+                let mut requeue = Vec::new();
+                for (i, slot) in existing.slots.iter_mut().enumerate() {
+                    if slot.state == UnitState::Done {
+                        slot.state = UnitState::Pending;
+                        requeue.push((step, i as u32));
+                    }
+                }
+                existing.done = 0;
+                out.queued = requeue.len() as u32;
+                self.queue.extend(requeue);
+                self.generation += 1;
+            }
+            return Ok(out);
+        }
+        self.steps.insert(
+            step,
+            Step {
+                min_weights_version,
+                prompts,
+                tasks,
+                needs_prompts: false,
+                needs_tasks: false,
+                slots: vec![
+                    Slot {
+                        state: UnitState::Pending,
+                        issues: 0,
+                    };
+                    units as usize
+                ],
+                done: 0,
+            },
+        );
+        self.queue.extend((0..units).map(|i| (step, i)));
+        out.queued = units;
+        self.generation += 1;
+        Ok(out)
+    }
+
+    /// Hands the next pending unit (FIFO; re-issued units are at the front) to a member.
+    /// `Ok(None)` when nothing is pending. Leasing renews the member's lease.
+    pub fn lease(&mut self, actor: &str, now: Instant) -> Result<Option<LeasedUnit>, StateError> {
+        let Some(member) = self.members.get_mut(actor) else {
+            return Err(StateError::UnknownActor(actor.to_string()));
+        };
+        member.last_seen = now;
+        while let Some(key) = self.queue.pop_front() {
+            let Some(st) = self.steps.get_mut(&key.0) else {
+                continue;
+            };
+            let Some(slot) = st.slots.get_mut(key.1 as usize) else {
+                continue;
+            };
+            if slot.state != UnitState::Pending {
+                continue;
+            }
+            slot.state = UnitState::Leased(actor.to_string());
+            slot.issues += 1;
+            let reissue = slot.issues > 1;
+            self.counters.units_issued += 1;
+            if reissue {
+                self.counters.units_reissued += 1;
+            }
+            member.units.insert(key);
+            let i = key.1 as usize;
+            return Ok(Some(LeasedUnit {
+                unit_id: unit_id(key.0, key.1),
+                step: key.0,
+                index: key.1,
+                seed: unit_seed(self.run_seed, key.0, key.1),
+                min_weights_version: st.min_weights_version,
+                task: st.tasks.get(i).cloned().unwrap_or_default(),
+                prompt: st.prompts.get(i).cloned().unwrap_or_default(),
+                reissue,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// An actor reports a unit: `done` when the learner accepted its group, else it gives the
+    /// unit back. A `done` report counts whoever sends it (a late report from an actor whose
+    /// lease expired still means the learner has the group); a give-back counts only from the
+    /// holder. Unknown units are ignored.
+    pub fn complete(
+        &mut self,
+        actor: &str,
+        unit: &str,
+        done: bool,
+        now: Instant,
+    ) -> CompleteOutcome {
+        if let Some(m) = self.members.get_mut(actor) {
+            m.last_seen = now;
+        }
+        let Some(key) = parse_unit_id(unit) else {
+            return CompleteOutcome::Unknown;
+        };
+        let Some(slot) = self.slot(key) else {
+            return CompleteOutcome::Unknown;
+        };
+        let state = slot.state.clone();
+        match (state, done) {
+            (UnitState::Done, _) => CompleteOutcome::AlreadyDone,
+            (UnitState::Leased(holder), false) if holder == actor => {
+                if let Some(m) = self.members.get_mut(&holder) {
+                    m.units.remove(&key);
+                }
+                if let Some(slot) = self.slot_mut(key) {
+                    slot.state = UnitState::Pending;
+                }
+                self.queue.push_front(key);
+                CompleteOutcome::GivenBack
+            }
+            (_, false) => CompleteOutcome::NotHolder,
+            (UnitState::Leased(holder), true) => {
+                if let Some(m) = self.members.get_mut(&holder) {
+                    m.units.remove(&key);
+                }
+                self.mark_done(key, actor, now);
+                CompleteOutcome::Done
+            }
+            (UnitState::Pending, true) => {
+                self.queue.retain(|&k| k != key);
+                self.mark_done(key, actor, now);
+                CompleteOutcome::Done
+            }
+        }
+    }
+
+    fn mark_done(&mut self, key: UnitKey, actor: &str, now: Instant) {
+        let Some(st) = self.steps.get_mut(&key.0) else {
+            return;
+        };
+        st.slots[key.1 as usize].state = UnitState::Done;
+        st.done += 1;
+        let step_complete = st.complete();
+        if step_complete {
+            // Nothing will be issued from this step again (short of a reopen, which must
+            // give them again): keep the snapshot small.
+            st.needs_prompts = !st.prompts.is_empty();
+            st.needs_tasks = !st.tasks.is_empty();
+            st.prompts = Vec::new();
+            st.tasks = Vec::new();
+        }
+        self.counters.units_done += 1;
+        if let Some(m) = self.members.get_mut(actor) {
+            m.units_done += 1;
+        }
+        self.completions.push_back(now);
+        self.prune_completions(now);
+        self.generation += 1;
+        if step_complete {
+            let complete: Vec<u64> = self
+                .steps
+                .iter()
+                .filter(|(_, s)| s.complete())
+                .map(|(&k, _)| k)
+                .collect();
+            if complete.len() > KEEP_COMPLETED_STEPS {
+                for k in &complete[..complete.len() - KEEP_COMPLETED_STEPS] {
+                    self.steps.remove(k);
+                }
+            }
+        }
+    }
+
+    fn prune_completions(&mut self, now: Instant) {
+        while let Some(&t) = self.completions.front() {
+            if now.saturating_duration_since(t) > THROUGHPUT_WINDOW {
+                self.completions.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Units completed per second over the last [`THROUGHPUT_WINDOW`] (or since the start,
+    /// when that is shorter; at least one second).
+    pub fn throughput(&mut self, now: Instant) -> f64 {
+        self.prune_completions(now);
+        let window = now
+            .saturating_duration_since(self.started)
+            .clamp(Duration::from_secs(1), THROUGHPUT_WINDOW);
+        self.completions.len() as f64 / window.as_secs_f64()
+    }
+
+    /// Every member, for `Status`.
+    pub fn members(&self, now: Instant) -> Vec<MemberView> {
+        self.members
+            .iter()
+            .map(|(id, m)| MemberView {
+                actor_id: id.clone(),
+                device: m.device.clone(),
+                weights_version: m.weights_version,
+                units: m.units.iter().map(|&(s, i)| unit_id(s, i)).collect(),
+                units_done: m.units_done,
+                last_heartbeat_age: now.saturating_duration_since(m.last_seen),
+            })
+            .collect()
+    }
+
+    /// Panics when an invariant of the module doc does not hold. For tests.
+    pub fn check_invariants(&self) {
+        let mut queued = BTreeSet::new();
+        for &key in &self.queue {
+            assert!(queued.insert(key), "{key:?} queued twice");
+            let slot = self
+                .slot(key)
+                .unwrap_or_else(|| panic!("{key:?} queued but unknown"));
+            assert_eq!(
+                slot.state,
+                UnitState::Pending,
+                "{key:?} queued but not pending"
+            );
+        }
+        let mut held = BTreeSet::new();
+        for (id, m) in &self.members {
+            for &key in &m.units {
+                assert!(held.insert(key), "{key:?} held by two members");
+                let slot = self
+                    .slot(key)
+                    .unwrap_or_else(|| panic!("{key:?} held but unknown"));
+                assert_eq!(
+                    slot.state,
+                    UnitState::Leased(id.clone()),
+                    "{key:?} held by {id}"
+                );
+            }
+        }
+        for (&step, st) in &self.steps {
+            let mut done = 0;
+            for (i, slot) in st.slots.iter().enumerate() {
+                let key = (step, i as u32);
+                match &slot.state {
+                    UnitState::Pending => {
+                        assert!(queued.contains(&key), "{key:?} pending, not queued")
+                    }
+                    UnitState::Leased(_) => {
+                        assert!(held.contains(&key), "{key:?} leased, not held")
+                    }
+                    UnitState::Done => done += 1,
+                }
+            }
+            assert_eq!(done, st.done, "step {step} done count");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_millis(1000);
+
+    fn spec(step: u64, units: u32) -> StepSpec {
+        StepSpec {
+            step,
+            units,
+            ..StepSpec::default()
+        }
+    }
+
+    fn ms(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    fn lease_id(s: &mut State, actor: &str, now: Instant) -> Option<String> {
+        let u = s.lease(actor, now).unwrap().map(|u| u.unit_id);
+        s.check_invariants();
+        u
+    }
+
+    #[test]
+    fn unit_ids_round_trip_and_reject_garbage() {
+        assert_eq!(unit_id(12, 3), "s12-u3");
+        assert_eq!(parse_unit_id("s12-u3"), Some((12, 3)));
+        for bad in [
+            "", "s", "s1-u", "s-u1", "x1-u2", "s01-u2", "s1-u+2", "s1-u2-", "s1u2",
+        ] {
+            assert_eq!(parse_unit_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn seeds_are_deterministic_and_distinct() {
+        assert_eq!(unit_seed(7, 3, 1), unit_seed(7, 3, 1));
+        let mut seen = BTreeSet::new();
+        for run in 0..3 {
+            for step in 0..20 {
+                for i in 0..20 {
+                    assert!(seen.insert(unit_seed(run, step, i)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fifo_lease_with_seeds_prompts_and_tasks() {
+        let t0 = Instant::now();
+        let mut s = State::new(42, TTL, t0);
+        s.join("a", "cpu", t0).unwrap();
+        s.open_step(StepSpec {
+            step: 5,
+            units: 2,
+            min_weights_version: 3,
+            prompts: vec!["p0".into(), "p1".into()],
+            tasks: vec!["t0".into(), "t1".into()],
+            ..StepSpec::default()
+        })
+        .unwrap();
+        let u0 = s.lease("a", t0).unwrap().unwrap();
+        assert_eq!(
+            u0,
+            LeasedUnit {
+                unit_id: "s5-u0".into(),
+                step: 5,
+                index: 0,
+                seed: unit_seed(42, 5, 0),
+                min_weights_version: 3,
+                task: "t0".into(),
+                prompt: "p0".into(),
+                reissue: false,
+            }
+        );
+        // An actor may hold several units.
+        let u1 = s.lease("a", t0).unwrap().unwrap();
+        assert_eq!((u1.unit_id.as_str(), u1.prompt.as_str()), ("s5-u1", "p1"));
+        assert_eq!(s.lease("a", t0).unwrap(), None);
+        assert_eq!(s.units_leased(), 2);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn per_unit_lists_must_match() {
+        let mut s = State::new(0, TTL, Instant::now());
+        let err = s
+            .open_step(StepSpec {
+                step: 1,
+                units: 3,
+                prompts: vec!["x".into()],
+                ..StepSpec::default()
+            })
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            StateError::PerUnitCount {
+                field: "prompts",
+                ..
+            }
+        ));
+        assert_eq!(
+            s.open_step(spec(1, 0)).unwrap_err(),
+            StateError::NoUnits { step: 1 }
+        );
+        assert_eq!(s.units_pending(), 0);
+    }
+
+    #[test]
+    fn unknown_actor_cannot_lease() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.open_step(spec(1, 1)).unwrap();
+        assert_eq!(
+            s.lease("ghost", t0).unwrap_err(),
+            StateError::UnknownActor("ghost".into())
+        );
+        assert!(!s.heartbeat("ghost", 1, t0));
+        assert_eq!(s.join("", "cpu", t0).unwrap_err(), StateError::EmptyActorId);
+    }
+
+    #[test]
+    fn expired_lease_requeues_at_the_front() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.join("b", "", t0).unwrap();
+        s.open_step(spec(1, 4)).unwrap();
+        assert_eq!(lease_id(&mut s, "a", t0).unwrap(), "s1-u0");
+        assert_eq!(lease_id(&mut s, "a", t0).unwrap(), "s1-u1");
+        assert_eq!(lease_id(&mut s, "b", t0).unwrap(), "s1-u2");
+        // b keeps heartbeating, a goes silent.
+        assert!(s.heartbeat("b", 0, ms(t0, 900)));
+        assert_eq!(s.expire(ms(t0, 999)), Expired::default());
+        let e = s.expire(ms(t0, 1000));
+        assert_eq!(
+            e,
+            Expired {
+                actors: vec!["a".into()],
+                requeued: 2
+            }
+        );
+        s.check_invariants();
+        assert_eq!(s.pending_ids(), ["s1-u0", "s1-u1", "s1-u3"]);
+        let u = s.lease("b", ms(t0, 1001)).unwrap().unwrap();
+        assert_eq!((u.unit_id.as_str(), u.reissue), ("s1-u0", true));
+        // Same unit, same seed.
+        assert_eq!(u.seed, unit_seed(0, 1, 0));
+        assert_eq!(s.counters().units_reissued, 1);
+        assert_eq!(s.counters().leases_expired, 1);
+        assert_eq!(s.units_leased(), 2);
+        // The expired actor is unknown now.
+        assert!(!s.heartbeat("a", 0, ms(t0, 1002)));
+        assert!(s.lease("a", ms(t0, 1002)).is_err());
+        s.check_invariants();
+    }
+
+    #[test]
+    fn activity_renews_the_lease() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.open_step(spec(1, 3)).unwrap();
+        lease_id(&mut s, "a", ms(t0, 800));
+        s.complete("a", "s1-u0", true, ms(t0, 1600));
+        assert!(s.expire(ms(t0, 2500)).actors.is_empty());
+        assert_eq!(s.expire(ms(t0, 2600)).actors, ["a"]);
+    }
+
+    #[test]
+    fn no_double_issue_under_churn() {
+        // Many actors, expiries, give-backs and late completions: the invariants hold after
+        // every operation and each unit ends up done exactly once.
+        let t0 = Instant::now();
+        let mut s = State::new(9, TTL, t0);
+        s.open_step(spec(1, 50)).unwrap();
+        let mut t = 0u64;
+        let mut rng = 12345u64;
+        let mut next = || {
+            rng = splitmix64(rng);
+            rng
+        };
+        let mut done_seen = BTreeSet::new();
+        let mut holding: Vec<(String, String)> = Vec::new();
+        for round in 0..3000 {
+            t += 37;
+            let now = ms(t0, t);
+            let actor = format!("a{}", next() % 6);
+            match next() % 7 {
+                0 => {
+                    s.join(&actor, "", now).unwrap();
+                }
+                1 | 2 => {
+                    if let Ok(Some(u)) = s.lease(&actor, now) {
+                        holding.push((actor.clone(), u.unit_id));
+                    }
+                }
+                3 | 4 if !holding.is_empty() => {
+                    let (a, u) = holding.swap_remove((next() % holding.len() as u64) as usize);
+                    if s.complete(&a, &u, true, now) == CompleteOutcome::Done {
+                        assert!(done_seen.insert(u.clone()), "{u} done twice");
+                    }
+                }
+                5 if !holding.is_empty() => {
+                    let (a, u) = holding.swap_remove((next() % holding.len() as u64) as usize);
+                    s.complete(&a, &u, false, now);
+                }
+                _ => {
+                    s.heartbeat(&actor, round, now);
+                    s.expire(now);
+                }
+            }
+            s.check_invariants();
+        }
+        assert_eq!(done_seen.len() as u64, s.counters().units_done);
+    }
+
+    #[test]
+    fn completed_units_are_never_reissued() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.join("b", "", t0).unwrap();
+        s.open_step(spec(1, 2)).unwrap();
+        assert_eq!(lease_id(&mut s, "a", t0).unwrap(), "s1-u0");
+        assert_eq!(s.complete("a", "s1-u0", true, t0), CompleteOutcome::Done);
+        assert_eq!(
+            s.complete("a", "s1-u0", true, t0),
+            CompleteOutcome::AlreadyDone
+        );
+        assert_eq!(
+            s.complete("a", "s1-u0", false, t0),
+            CompleteOutcome::AlreadyDone
+        );
+        // a expires: it holds nothing, so nothing comes back.
+        assert_eq!(s.expire(ms(t0, 1000)).requeued, 0);
+        assert_eq!(s.pending_ids(), ["s1-u1"]);
+        // A late "done" from an expired actor for a unit that went back to the queue.
+        s.join("c", "", ms(t0, 1000)).unwrap();
+        assert_eq!(lease_id(&mut s, "c", ms(t0, 1000)).unwrap(), "s1-u1");
+        s.leave("c");
+        assert_eq!(s.pending_ids(), ["s1-u1"]);
+        assert_eq!(
+            s.complete("c", "s1-u1", true, ms(t0, 1001)),
+            CompleteOutcome::Done
+        );
+        assert_eq!(s.pending_ids(), Vec::<String>::new());
+        s.join("b", "", ms(t0, 1002)).unwrap();
+        assert_eq!(s.lease("b", ms(t0, 1002)).unwrap(), None);
+        // Repeating OpenStep does not bring them back.
+        assert!(s.open_step(spec(1, 2)).unwrap().existed);
+        assert_eq!(s.lease("b", ms(t0, 1002)).unwrap(), None);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn late_done_from_the_old_holder_frees_the_new_holder() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.join("b", "", t0).unwrap();
+        s.open_step(spec(1, 1)).unwrap();
+        lease_id(&mut s, "a", t0);
+        s.heartbeat("b", 0, ms(t0, 999));
+        s.expire(ms(t0, 1000));
+        assert_eq!(lease_id(&mut s, "b", ms(t0, 1000)).unwrap(), "s1-u0");
+        // a was only slow: its group reached the learner.
+        assert_eq!(
+            s.complete("a", "s1-u0", true, ms(t0, 1001)),
+            CompleteOutcome::Done
+        );
+        assert_eq!(s.units_leased(), 0);
+        s.check_invariants();
+        assert_eq!(
+            s.complete("b", "s1-u0", true, ms(t0, 1002)),
+            CompleteOutcome::AlreadyDone
+        );
+        assert_eq!(s.counters().units_done, 1);
+    }
+
+    #[test]
+    fn give_back_goes_to_the_front_and_only_from_the_holder() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.join("b", "", t0).unwrap();
+        s.open_step(spec(1, 3)).unwrap();
+        lease_id(&mut s, "a", t0);
+        assert_eq!(
+            s.complete("b", "s1-u0", false, t0),
+            CompleteOutcome::NotHolder
+        );
+        assert_eq!(
+            s.complete("a", "s1-u0", false, t0),
+            CompleteOutcome::GivenBack
+        );
+        assert_eq!(s.pending_ids(), ["s1-u0", "s1-u1", "s1-u2"]);
+        assert_eq!(s.complete("a", "s9-u0", true, t0), CompleteOutcome::Unknown);
+        assert_eq!(s.complete("a", "s1-u7", true, t0), CompleteOutcome::Unknown);
+        assert_eq!(
+            s.complete("a", "garbage", true, t0),
+            CompleteOutcome::Unknown
+        );
+        s.check_invariants();
+    }
+
+    #[test]
+    fn open_step_is_idempotent() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        let first = s.open_step(spec(3, 4)).unwrap();
+        assert_eq!((first.queued, first.existed), (4, false));
+        lease_id(&mut s, "a", t0);
+        let g = s.generation();
+        let again = s.open_step(spec(3, 4)).unwrap();
+        assert_eq!((again.queued, again.existed), (0, true));
+        assert_eq!(s.generation(), g);
+        assert_eq!(s.units_pending(), 3);
+        assert_eq!(
+            s.open_step(spec(3, 5)).unwrap_err(),
+            StateError::UnitCountMismatch {
+                step: 3,
+                open: 4,
+                asked: 5
+            }
+        );
+        s.check_invariants();
+    }
+
+    #[test]
+    fn newer_step_keeps_older_units_unless_told() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.open_step(spec(1, 2)).unwrap();
+        lease_id(&mut s, "a", t0);
+        // Asynchronous mode: both steps' units are served, the older first.
+        s.open_step(spec(2, 2)).unwrap();
+        assert_eq!(s.pending_ids(), ["s1-u1", "s2-u0", "s2-u1"]);
+        // Synchronous mode: step 3 drops what is left of the older steps.
+        let out = s
+            .open_step(StepSpec {
+                discard_older: true,
+                ..spec(3, 1)
+            })
+            .unwrap();
+        assert_eq!(out.discarded, 4); // s1-u0 leased, s1-u1, s2-u0, s2-u1 pending
+        assert_eq!(s.pending_ids(), ["s3-u0"]);
+        assert_eq!(s.units_leased(), 0);
+        assert_eq!(s.complete("a", "s1-u0", true, t0), CompleteOutcome::Unknown);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn reopen_requeues_completed_units_only() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.open_step(spec(1, 3)).unwrap();
+        let u0 = lease_id(&mut s, "a", t0).unwrap();
+        lease_id(&mut s, "a", t0);
+        s.complete("a", &u0, true, t0);
+        let out = s
+            .open_step(StepSpec {
+                reopen: true,
+                ..spec(1, 3)
+            })
+            .unwrap();
+        assert_eq!((out.queued, out.existed), (1, true));
+        assert_eq!(s.pending_ids(), ["s1-u2", "s1-u0"]);
+        assert_eq!(s.units_leased(), 1);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_completed_step_releases_its_prompts_and_a_reopen_needs_them() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        let prompts = || vec!["p0".to_string(), "p1".to_string()];
+        s.open_step(StepSpec {
+            prompts: prompts(),
+            ..spec(1, 2)
+        })
+        .unwrap();
+        for _ in 0..2 {
+            let u = s.lease("a", t0).unwrap().unwrap();
+            s.complete("a", &u.unit_id, true, t0);
+        }
+        assert!(s.snapshot().steps[0].prompts.is_empty());
+        // A repeat is still a no-op; a reopen without the prompts is refused.
+        assert!(s.open_step(spec(1, 2)).unwrap().existed);
+        let reopen = |prompts| StepSpec {
+            reopen: true,
+            prompts,
+            ..spec(1, 2)
+        };
+        assert_eq!(
+            s.open_step(reopen(Vec::new())).unwrap_err(),
+            StateError::ReopenNeeds {
+                step: 1,
+                field: "prompts"
+            }
+        );
+        assert_eq!(s.open_step(reopen(prompts())).unwrap().queued, 2);
+        let u = s.lease("a", t0).unwrap().unwrap();
+        assert_eq!((u.unit_id.as_str(), u.prompt.as_str()), ("s1-u0", "p0"));
+        s.check_invariants();
+    }
+
+    #[test]
+    fn rejoin_gives_back_held_units() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.open_step(spec(1, 2)).unwrap();
+        lease_id(&mut s, "a", t0);
+        assert!(s.join("a", "gpu", t0).unwrap());
+        assert_eq!(s.pending_ids(), ["s1-u0", "s1-u1"]);
+        assert_eq!(s.leave("a"), Some(0));
+        assert_eq!(s.leave("a"), None);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn snapshot_round_trip_requeues_leased_units_first() {
+        let t0 = Instant::now();
+        let mut s = State::new(77, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.open_step(StepSpec {
+            prompts: (0..4).map(|i| format!("p{i}")).collect(),
+            ..spec(1, 4)
+        })
+        .unwrap();
+        s.open_step(spec(2, 2)).unwrap();
+        let u0 = lease_id(&mut s, "a", t0).unwrap();
+        lease_id(&mut s, "a", t0);
+        s.complete("a", &u0, true, t0);
+        let snap = s.snapshot();
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, snap);
+        let mut r = State::restore(back, TTL, t0);
+        r.check_invariants();
+        assert_eq!(r.run_seed(), 77);
+        assert_eq!(r.members_alive(), 0);
+        assert_eq!(
+            r.pending_ids(),
+            ["s1-u1", "s1-u2", "s1-u3", "s2-u0", "s2-u1"]
+        );
+        assert_eq!(r.counters(), s.counters());
+        r.join("b", "", t0).unwrap();
+        let u = r.lease("b", t0).unwrap().unwrap();
+        assert_eq!(
+            (u.unit_id.as_str(), u.prompt.as_str(), u.seed),
+            ("s1-u1", "p1", unit_seed(77, 1, 1))
+        );
+        // The done unit stays done.
+        assert_eq!(r.complete("b", &u0, true, t0), CompleteOutcome::AlreadyDone);
+    }
+
+    #[test]
+    fn completed_steps_are_pruned_beyond_the_limit() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        for step in 0..(KEEP_COMPLETED_STEPS as u64 + 10) {
+            s.open_step(spec(step, 1)).unwrap();
+            let u = s.lease("a", t0).unwrap().unwrap();
+            s.complete("a", &u.unit_id, true, t0);
+        }
+        assert_eq!(s.steps().len(), KEEP_COMPLETED_STEPS);
+        assert_eq!(s.latest_step(), KEEP_COMPLETED_STEPS as u64 + 9);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn throughput_over_the_window() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.open_step(spec(1, 10)).unwrap();
+        for i in 0..10 {
+            let now = ms(t0, 1000 * i);
+            let u = s.lease("a", now).unwrap().unwrap();
+            s.complete("a", &u.unit_id, true, now);
+        }
+        assert!((s.throughput(ms(t0, 10_000)) - 1.0).abs() < 1e-9);
+        // Past the window, the old completions no longer count.
+        assert!((s.throughput(ms(t0, 65_000)) - 5.0 / 60.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,609 @@
+//! The weight store: the versions the learner published, on disk under
+//! `<state_dir>/weights/` as `v<N>.bin` (the payload) and `v<N>.json` (its manifest), the
+//! latest `keep` of them.
+//!
+//! A payload is verified while it streams in (every tensor's sha256 and the whole payload's,
+//! [`selfplay_proto::weights::PayloadVerifier`]) and written to a temporary file; only a
+//! payload that verifies is fsynced and renamed into place, then its manifest is written the
+//! same way. A version exists once its manifest does, so a crash mid-publish leaves nothing
+//! behind but a temporary file, which the next start removes.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use selfplay_proto::v1::{TensorInfo, WeightManifest};
+use selfplay_proto::weights::{PayloadVerifier, WeightError};
+use serde::{Deserialize, Serialize};
+
+use crate::persist::{self, TMP_SUFFIX};
+
+/// Why the store refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightStoreError {
+    #[error(transparent)]
+    Invalid(#[from] WeightError),
+    #[error(
+        "weights version {version} is older than every kept version (oldest kept {oldest}, \
+         keeping {keep})"
+    )]
+    TooOld {
+        version: u64,
+        oldest: u64,
+        keep: usize,
+    },
+    #[error("no weights version has been published yet")]
+    NoneYet,
+    #[error("weights version {version} is not stored (kept: {kept:?})")]
+    NotFound { version: u64, kept: Vec<u64> },
+    #[error("weight store: {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl WeightStoreError {
+    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Io { context, source }
+    }
+}
+
+impl From<WeightStoreError> for tonic::Status {
+    fn from(e: WeightStoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            WeightStoreError::Invalid(_) => tonic::Status::invalid_argument(msg),
+            WeightStoreError::TooOld { .. } => tonic::Status::failed_precondition(msg),
+            WeightStoreError::NoneYet | WeightStoreError::NotFound { .. } => {
+                tonic::Status::not_found(msg)
+            }
+            WeightStoreError::Io { .. } => tonic::Status::internal(msg),
+        }
+    }
+}
+
+/// The manifest as stored beside its payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestFile {
+    version: u64,
+    step: u64,
+    total_bytes: u64,
+    sha256: String,
+    tensors: Vec<TensorFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TensorFile {
+    name: String,
+    shape: Vec<i64>,
+    dtype: String,
+    offset: u64,
+    nbytes: u64,
+    sha256: String,
+}
+
+impl From<&WeightManifest> for ManifestFile {
+    fn from(m: &WeightManifest) -> Self {
+        Self {
+            version: m.version,
+            step: m.step,
+            total_bytes: m.total_bytes,
+            sha256: m.sha256.clone(),
+            tensors: m
+                .tensors
+                .iter()
+                .map(|t| TensorFile {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    dtype: t.dtype.clone(),
+                    offset: t.offset,
+                    nbytes: t.nbytes,
+                    sha256: t.sha256.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<ManifestFile> for WeightManifest {
+    fn from(m: ManifestFile) -> Self {
+        Self {
+            version: m.version,
+            step: m.step,
+            total_bytes: m.total_bytes,
+            sha256: m.sha256,
+            tensors: m
+                .tensors
+                .into_iter()
+                .map(|t| TensorInfo {
+                    name: t.name,
+                    shape: t.shape,
+                    dtype: t.dtype,
+                    offset: t.offset,
+                    nbytes: t.nbytes,
+                    sha256: t.sha256,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One stored version. Holds its payload file open, so a fetch in progress keeps working
+/// when the version is pruned or replaced meanwhile.
+#[derive(Debug)]
+pub struct StoredVersion {
+    manifest: WeightManifest,
+    file: File,
+}
+
+impl StoredVersion {
+    pub fn manifest(&self) -> &WeightManifest {
+        &self.manifest
+    }
+
+    pub fn version(&self) -> u64 {
+        self.manifest.version
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.manifest.total_bytes
+    }
+
+    /// `len` payload bytes from `offset` (a blocking read: call it off the async runtime).
+    pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        read_exact_at(&self.file, &mut buf, offset)?;
+        Ok(buf)
+    }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(not(unix))]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = file.try_clone()?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(buf)
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// A new version is stored.
+    Stored,
+    /// The same version with the same payload was stored already: nothing changed.
+    AlreadyStored,
+    /// The version existed with another payload (the learner restarted and re-derived it):
+    /// the new payload replaced it.
+    Replaced,
+}
+
+/// The store. Cheap to share behind an `Arc`; every method takes `&self`.
+#[derive(Debug)]
+pub struct WeightStore {
+    dir: PathBuf,
+    keep: usize,
+    versions: RwLock<BTreeMap<u64, Arc<StoredVersion>>>,
+}
+
+fn payload_path(dir: &Path, version: u64) -> PathBuf {
+    dir.join(format!("v{version}.bin"))
+}
+
+fn manifest_path(dir: &Path, version: u64) -> PathBuf {
+    dir.join(format!("v{version}.json"))
+}
+
+fn parse_name(name: &str, ext: &str) -> Option<u64> {
+    let n = name.strip_prefix('v')?.strip_suffix(ext)?;
+    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
+}
+
+impl WeightStore {
+    /// Opens (creating it if needed) the store in `dir`, keeping the latest `keep` versions
+    /// (at least 1). Temporary files and payloads without a manifest are removed; a version
+    /// whose payload is missing or has the wrong size is dropped with a warning.
+    pub fn open(dir: impl Into<PathBuf>, keep: usize) -> Result<Self, WeightStoreError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir)
+            .map_err(WeightStoreError::io(format!("create {}", dir.display())))?;
+        let mut manifests = Vec::new();
+        let mut payloads = Vec::new();
+        let entries =
+            fs::read_dir(&dir).map_err(WeightStoreError::io(format!("list {}", dir.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(WeightStoreError::io(format!("list {}", dir.display())))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(TMP_SUFFIX) {
+                tracing::info!(file = %entry.path().display(), "removing an unfinished upload");
+                let _ = fs::remove_file(entry.path());
+            } else if let Some(v) = parse_name(&name, ".json") {
+                manifests.push(v);
+            } else if let Some(v) = parse_name(&name, ".bin") {
+                payloads.push(v);
+            }
+        }
+        let mut versions = BTreeMap::new();
+        for v in manifests {
+            match Self::load_version(&dir, v) {
+                Ok(stored) => {
+                    versions.insert(v, Arc::new(stored));
+                }
+                Err(e) => {
+                    tracing::warn!(version = v, error = %e, "dropping a stored weights version");
+                    let _ = fs::remove_file(manifest_path(&dir, v));
+                    let _ = fs::remove_file(payload_path(&dir, v));
+                }
+            }
+        }
+        for v in payloads {
+            if !versions.contains_key(&v) {
+                let _ = fs::remove_file(payload_path(&dir, v));
+            }
+        }
+        let store = Self {
+            dir,
+            keep: keep.max(1),
+            versions: RwLock::new(versions),
+        };
+        store.prune();
+        Ok(store)
+    }
+
+    fn load_version(dir: &Path, v: u64) -> Result<StoredVersion, String> {
+        let text = fs::read(manifest_path(dir, v)).map_err(|e| e.to_string())?;
+        let m: ManifestFile = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+        let manifest = WeightManifest::from(m);
+        if manifest.version != v {
+            return Err(format!("the manifest says version {}", manifest.version));
+        }
+        selfplay_proto::weights::validate_manifest(&manifest).map_err(|e| e.to_string())?;
+        let file = File::open(payload_path(dir, v)).map_err(|e| e.to_string())?;
+        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        if len != manifest.total_bytes {
+            return Err(format!(
+                "payload holds {len} bytes, the manifest {}",
+                manifest.total_bytes
+            ));
+        }
+        Ok(StoredVersion { manifest, file })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn keep(&self) -> usize {
+        self.keep
+    }
+
+    /// Stored versions, oldest first.
+    pub fn versions(&self) -> Vec<u64> {
+        self.versions.read().unwrap().keys().copied().collect()
+    }
+
+    /// The newest stored version, 0 when none.
+    pub fn latest_version(&self) -> u64 {
+        self.versions
+            .read()
+            .unwrap()
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// A stored version; 0 means the latest.
+    pub fn get(&self, version: u64) -> Result<Arc<StoredVersion>, WeightStoreError> {
+        let versions = self.versions.read().unwrap();
+        let found = if version == 0 {
+            versions.values().next_back()
+        } else {
+            versions.get(&version)
+        };
+        match found {
+            Some(v) => Ok(v.clone()),
+            None if version == 0 => Err(WeightStoreError::NoneYet),
+            None => Err(WeightStoreError::NotFound {
+                version,
+                kept: versions.keys().copied().collect(),
+            }),
+        }
+    }
+
+    fn check_not_too_old(&self, version: u64) -> Result<(), WeightStoreError> {
+        let versions = self.versions.read().unwrap();
+        if versions.len() >= self.keep && !versions.contains_key(&version) {
+            let oldest = versions.keys().next().copied().unwrap_or(0);
+            if version < oldest {
+                return Err(WeightStoreError::TooOld {
+                    version,
+                    oldest,
+                    keep: self.keep,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts receiving a version: checks the manifest and opens a temporary file.
+    pub fn begin(&self, manifest: WeightManifest) -> Result<Upload, WeightStoreError> {
+        let verifier = PayloadVerifier::new(&manifest)?;
+        self.check_not_too_old(manifest.version)?;
+        let tmp = persist::temp_path(&payload_path(&self.dir, manifest.version));
+        let file = File::create(&tmp)
+            .map_err(WeightStoreError::io(format!("create {}", tmp.display())))?;
+        Ok(Upload {
+            manifest,
+            verifier: Some(verifier),
+            file: Some(file),
+            tmp,
+        })
+    }
+
+    /// Receives a whole version at once (tests, in-process publishers).
+    pub fn publish(
+        &self,
+        manifest: WeightManifest,
+        payload: &[u8],
+    ) -> Result<PublishOutcome, WeightStoreError> {
+        let mut upload = self.begin(manifest)?;
+        for piece in payload.chunks(selfplay_proto::WEIGHT_CHUNK_BYTES) {
+            upload.write(piece)?;
+        }
+        upload.commit(self)
+    }
+
+    /// Drops the versions beyond the newest `keep`.
+    fn prune(&self) {
+        let removed: Vec<u64> = {
+            let mut versions = self.versions.write().unwrap();
+            let excess = versions.len().saturating_sub(self.keep);
+            let old: Vec<u64> = versions.keys().take(excess).copied().collect();
+            for v in &old {
+                versions.remove(v);
+            }
+            old
+        };
+        for v in removed {
+            // The manifest first: without it the version no longer exists.
+            let _ = fs::remove_file(manifest_path(&self.dir, v));
+            let _ = fs::remove_file(payload_path(&self.dir, v));
+            tracing::info!(version = v, "pruned weights version");
+        }
+    }
+}
+
+/// A version being received. Dropping it before [`commit`](Self::commit) removes its
+/// temporary file and stores nothing.
+pub struct Upload {
+    manifest: WeightManifest,
+    verifier: Option<PayloadVerifier>,
+    file: Option<File>,
+    tmp: PathBuf,
+}
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("version", &self.manifest.version)
+            .field("received", &self.received())
+            .field("tmp", &self.tmp)
+            .finish()
+    }
+}
+
+impl Upload {
+    pub fn manifest(&self) -> &WeightManifest {
+        &self.manifest
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.verifier.as_ref().map_or(0, |v| v.received())
+    }
+
+    /// Verifies and writes the next payload bytes (blocking I/O).
+    pub fn write(&mut self, data: &[u8]) -> Result<(), WeightStoreError> {
+        self.verifier
+            .as_mut()
+            .expect("upload already finished")
+            .update(data)?;
+        self.file
+            .as_mut()
+            .expect("upload already finished")
+            .write_all(data)
+            .map_err(WeightStoreError::io(format!(
+                "write {}",
+                self.tmp.display()
+            )))
+    }
+
+    /// Checks that the payload is complete and matches, makes it durable and stores the
+    /// version (blocking I/O). On error nothing is stored.
+    pub fn commit(mut self, store: &WeightStore) -> Result<PublishOutcome, WeightStoreError> {
+        self.verifier
+            .take()
+            .expect("upload already finished")
+            .finish()?;
+        let file = self.file.take().expect("upload already finished");
+        file.sync_all().map_err(WeightStoreError::io(format!(
+            "fsync {}",
+            self.tmp.display()
+        )))?;
+        drop(file);
+        let version = self.manifest.version;
+        store.check_not_too_old(version)?;
+        let previous = store.versions.read().unwrap().get(&version).cloned();
+        let outcome = match previous {
+            Some(p)
+                if p.manifest
+                    .sha256
+                    .eq_ignore_ascii_case(&self.manifest.sha256) =>
+            {
+                // Drop removes the temporary file.
+                return Ok(PublishOutcome::AlreadyStored);
+            }
+            Some(_) => PublishOutcome::Replaced,
+            None => PublishOutcome::Stored,
+        };
+        let dir = store.dir.clone();
+        let bin = payload_path(&dir, version);
+        if outcome == PublishOutcome::Replaced {
+            // Without its manifest the old version is gone from disk before its payload is
+            // overwritten, so a crash in between cannot pair the old manifest with new bytes.
+            fs::remove_file(manifest_path(&dir, version)).map_err(WeightStoreError::io(
+                format!("remove the manifest of version {version}"),
+            ))?;
+        }
+        fs::rename(&self.tmp, &bin)
+            .map_err(WeightStoreError::io(format!("rename to {}", bin.display())))?;
+        let json = serde_json::to_vec_pretty(&ManifestFile::from(&self.manifest))
+            .expect("a manifest serializes");
+        persist::write_atomic(&manifest_path(&dir, version), &json).map_err(
+            WeightStoreError::io(format!("write the manifest of version {version}")),
+        )?;
+        let file =
+            File::open(&bin).map_err(WeightStoreError::io(format!("open {}", bin.display())))?;
+        let stored = Arc::new(StoredVersion {
+            manifest: std::mem::take(&mut self.manifest),
+            file,
+        });
+        store.versions.write().unwrap().insert(version, stored);
+        store.prune();
+        if outcome == PublishOutcome::Replaced {
+            tracing::warn!(version, "weights version replaced by a different payload");
+        }
+        Ok(outcome)
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        // After a successful commit the temporary path no longer exists.
+        self.file.take();
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use selfplay_proto::weights::ManifestBuilder;
+
+    fn version(v: u64, fill: u8) -> (WeightManifest, Vec<u8>) {
+        let mut b = ManifestBuilder::new();
+        b.push("w", &[8, 4], "f32", &[fill; 128]);
+        b.push("b", &[4], "bf16", &[fill.wrapping_add(1); 8]);
+        b.finish(v, v * 10).unwrap()
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn keeps_the_latest_versions_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = WeightStore::open(dir.path(), 2).unwrap();
+        assert!(matches!(store.get(0), Err(WeightStoreError::NoneYet)));
+        for v in 1..=3 {
+            let (m, p) = version(v, v as u8);
+            assert_eq!(store.publish(m, &p).unwrap(), PublishOutcome::Stored);
+        }
+        assert_eq!(store.versions(), [2, 3]);
+        assert_eq!(
+            files(dir.path()),
+            ["v2.bin", "v2.json", "v3.bin", "v3.json"]
+        );
+        let latest = store.get(0).unwrap();
+        assert_eq!(latest.version(), 3);
+        assert_eq!(latest.read_at(0, 4).unwrap(), [3u8; 4]);
+        assert!(matches!(
+            store.get(1),
+            Err(WeightStoreError::NotFound { version: 1, .. })
+        ));
+        // Older than everything kept: refused.
+        let (m, p) = version(1, 1);
+        assert!(matches!(
+            store.publish(m, &p),
+            Err(WeightStoreError::TooOld { .. })
+        ));
+        // Same version, same payload: nothing changes.
+        let (m, p) = version(3, 3);
+        assert_eq!(store.publish(m, &p).unwrap(), PublishOutcome::AlreadyStored);
+        drop(store);
+        fs::write(dir.path().join("v9.bin.123-4.tmp"), b"debris").unwrap();
+        fs::write(dir.path().join("v7.bin"), b"orphan").unwrap();
+        let store = WeightStore::open(dir.path(), 2).unwrap();
+        assert_eq!(store.versions(), [2, 3]);
+        assert_eq!(store.get(2).unwrap().manifest(), &version(2, 2).0);
+        assert_eq!(
+            files(dir.path()),
+            ["v2.bin", "v2.json", "v3.bin", "v3.json"]
+        );
+    }
+
+    #[test]
+    fn a_bad_payload_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = WeightStore::open(dir.path(), 2).unwrap();
+        let (m, mut p) = version(1, 1);
+        p[130] ^= 0xff; // inside tensor "b"
+        let err = store.publish(m.clone(), &p).unwrap_err();
+        assert!(err.to_string().contains("\"b\""), "{err}");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::InvalidArgument
+        );
+        let mut wrong = m.clone();
+        wrong.sha256 = "0".repeat(64);
+        let (_, good) = version(1, 1);
+        assert!(matches!(
+            store.publish(wrong, &good),
+            Err(WeightStoreError::Invalid(
+                WeightError::PayloadChecksum { .. }
+            ))
+        ));
+        assert!(matches!(
+            store.publish(m, &good[..10]),
+            Err(WeightStoreError::Invalid(WeightError::Truncated { .. }))
+        ));
+        assert!(store.versions().is_empty());
+        assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
+    }
+
+    #[test]
+    fn replacing_keeps_open_readers_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = WeightStore::open(dir.path(), 1).unwrap();
+        let (m, p) = version(1, 1);
+        store.publish(m, &p).unwrap();
+        let reader = store.get(1).unwrap();
+        let (m, p) = version(1, 9);
+        assert_eq!(store.publish(m, &p).unwrap(), PublishOutcome::Replaced);
+        assert_eq!(reader.read_at(0, 2).unwrap(), [1, 1]);
+        assert_eq!(store.get(1).unwrap().read_at(0, 2).unwrap(), [9, 9]);
+        let (m, p) = version(2, 2);
+        store.publish(m, &p).unwrap();
+        assert_eq!(store.versions(), [2]);
+    }
+}

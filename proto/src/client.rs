@@ -1,0 +1,35 @@
+//! Clients with the bearer token and the message size limits already set.
+//!
+//! tonic's default decoding limit (4 MiB) is smaller than one full weight chunk plus its
+//! framing, so every client of this wire should be built here (or set
+//! [`MAX_MESSAGE_BYTES`] itself).
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::auth::{BearerToken, ClientAuth};
+use crate::v1::coordinator_client::CoordinatorClient;
+use crate::v1::learner_client::LearnerClient;
+use crate::v1::reward_client::RewardClient;
+use crate::MAX_MESSAGE_BYTES;
+
+/// A channel that adds `authorization: Bearer <token>` to every request.
+pub type AuthChannel = InterceptedService<Channel, ClientAuth>;
+
+pub fn coordinator_client(channel: Channel, token: &BearerToken) -> CoordinatorClient<AuthChannel> {
+    CoordinatorClient::with_interceptor(channel, ClientAuth::new(token))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+pub fn learner_client(channel: Channel, token: &BearerToken) -> LearnerClient<AuthChannel> {
+    LearnerClient::with_interceptor(channel, ClientAuth::new(token))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+pub fn reward_client(channel: Channel, token: &BearerToken) -> RewardClient<AuthChannel> {
+    RewardClient::with_interceptor(channel, ClientAuth::new(token))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}

@@ -1,0 +1,485 @@
+//! Weights on the wire: building a manifest, cutting a payload into [`WeightChunk`]s and
+//! verifying a received payload against its manifest, incrementally, tensor by tensor.
+//!
+//! A version travels as one manifest chunk followed by data chunks holding the concatenated
+//! payload in order. The manifest lists every tensor (name, shape, dtype, byte range, sha256)
+//! and the sha256 of the whole payload. The publisher (learner), the store (coordinator) and
+//! the fetcher (actor) all use the same checks from this module.
+
+use std::collections::HashSet;
+
+use sha2::{Digest, Sha256};
+
+use crate::v1::{weight_chunk, TensorInfo, WeightChunk, WeightManifest};
+use crate::WEIGHT_CHUNK_BYTES;
+
+/// Why a manifest or a payload was refused. Every variant about one tensor names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightError {
+    #[error("the weight stream must start with a manifest chunk")]
+    NoManifest,
+    #[error("the weight stream holds a second manifest chunk")]
+    DuplicateManifest,
+    #[error("weights version 0 is reserved (it means 'latest' in FetchWeights); publish from 1")]
+    VersionZero,
+    #[error("tensor {tensor:?}: {reason}")]
+    Tensor { tensor: String, reason: String },
+    #[error("manifest field {field}: {reason}")]
+    Manifest { field: &'static str, reason: String },
+    #[error("the payload is longer than the manifest's total_bytes ({total_bytes})")]
+    TooLong { total_bytes: u64 },
+    #[error("the payload ended after {received} of {total_bytes} bytes")]
+    Truncated { received: u64, total_bytes: u64 },
+    #[error("tensor {tensor:?}: sha256 mismatch (manifest {expected}, payload {actual})")]
+    TensorChecksum {
+        tensor: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("payload sha256 mismatch (manifest {expected}, payload {actual})")]
+    PayloadChecksum { expected: String, actual: String },
+}
+
+impl From<WeightError> for tonic::Status {
+    fn from(e: WeightError) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Bytes per element of a wire dtype name (case-insensitive), `None` when unknown.
+pub fn dtype_size(dtype: &str) -> Option<u64> {
+    Some(match dtype.to_ascii_lowercase().as_str() {
+        "f64" | "i64" | "u64" => 8,
+        "f32" | "i32" | "u32" => 4,
+        "f16" | "bf16" | "i16" | "u16" => 2,
+        "i8" | "u8" | "bool" => 1,
+        _ => return None,
+    })
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Checks a manifest's layout without any payload: version >= 1, sha256 strings well formed,
+/// every tensor named once with a known dtype, `nbytes` equal to its shape times the dtype
+/// size, and byte ranges inside `total_bytes` that do not overlap.
+pub fn validate_manifest(m: &WeightManifest) -> Result<(), WeightError> {
+    if m.version == 0 {
+        return Err(WeightError::VersionZero);
+    }
+    if !is_sha256_hex(&m.sha256) {
+        return Err(WeightError::Manifest {
+            field: "sha256",
+            reason: format!("{:?} is not 64 hex digits", m.sha256),
+        });
+    }
+    let mut names = HashSet::new();
+    for t in &m.tensors {
+        let bad = |reason: String| WeightError::Tensor {
+            tensor: t.name.clone(),
+            reason,
+        };
+        if t.name.is_empty() {
+            return Err(bad("empty name".into()));
+        }
+        if !names.insert(t.name.as_str()) {
+            return Err(bad("listed twice".into()));
+        }
+        let size =
+            dtype_size(&t.dtype).ok_or_else(|| bad(format!("unknown dtype {:?}", t.dtype)))?;
+        let mut numel: u64 = 1;
+        for &d in &t.shape {
+            let d = u64::try_from(d)
+                .map_err(|_| bad(format!("negative dimension in {:?}", t.shape)))?;
+            numel = numel
+                .checked_mul(d)
+                .ok_or_else(|| bad("shape overflows".into()))?;
+        }
+        let expect = numel
+            .checked_mul(size)
+            .ok_or_else(|| bad("shape overflows".into()))?;
+        if expect != t.nbytes {
+            return Err(bad(format!(
+                "nbytes {} but shape {:?} of {} needs {expect}",
+                t.nbytes, t.shape, t.dtype
+            )));
+        }
+        let end = t.offset.checked_add(t.nbytes);
+        if end.is_none_or(|e| e > m.total_bytes) {
+            return Err(bad(format!(
+                "bytes {}..+{} fall outside total_bytes {}",
+                t.offset, t.nbytes, m.total_bytes
+            )));
+        }
+        if !is_sha256_hex(&t.sha256) {
+            return Err(bad(format!("sha256 {:?} is not 64 hex digits", t.sha256)));
+        }
+    }
+    let mut order: Vec<&TensorInfo> = m.tensors.iter().collect();
+    order.sort_by_key(|t| (t.offset, t.nbytes));
+    for w in order.windows(2) {
+        if w[0].offset + w[0].nbytes > w[1].offset {
+            return Err(WeightError::Tensor {
+                tensor: w[1].name.clone(),
+                reason: format!("overlaps tensor {:?}", w[0].name),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Verifies a payload against its manifest as it streams in, without keeping it: feed the
+/// bytes in order with [`update`](Self::update), then call [`finish`](Self::finish). A
+/// tensor's checksum is compared as soon as its last byte arrives, so a bad tensor is refused
+/// before the rest of the payload is read.
+pub struct PayloadVerifier {
+    total_bytes: u64,
+    expected_sha256: String,
+    /// Tensors sorted by offset: (name, offset, nbytes, expected sha256).
+    tensors: Vec<(String, u64, u64, String)>,
+    next: usize,
+    current: Option<Sha256>,
+    whole: Sha256,
+    received: u64,
+}
+
+impl PayloadVerifier {
+    /// Validates the manifest ([`validate_manifest`]) and prepares the checks.
+    pub fn new(manifest: &WeightManifest) -> Result<Self, WeightError> {
+        validate_manifest(manifest)?;
+        let mut tensors: Vec<_> = manifest
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.offset,
+                    t.nbytes,
+                    t.sha256.to_ascii_lowercase(),
+                )
+            })
+            .collect();
+        tensors.sort_by_key(|t| (t.1, t.2));
+        let mut v = Self {
+            total_bytes: manifest.total_bytes,
+            expected_sha256: manifest.sha256.to_ascii_lowercase(),
+            tensors,
+            next: 0,
+            current: None,
+            whole: Sha256::new(),
+            received: 0,
+        };
+        v.settle()?;
+        Ok(v)
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Closes every tensor that ends at or before the current position and opens the one
+    /// that starts here.
+    fn settle(&mut self) -> Result<(), WeightError> {
+        while let Some((name, offset, nbytes, expected)) = self.tensors.get(self.next) {
+            if self.received < *offset {
+                return Ok(());
+            }
+            if self.received < offset + nbytes {
+                if self.current.is_none() {
+                    self.current = Some(Sha256::new());
+                }
+                return Ok(());
+            }
+            let actual = hex(&self.current.take().unwrap_or_default().finalize());
+            if &actual != expected {
+                return Err(WeightError::TensorChecksum {
+                    tensor: name.clone(),
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Feeds the next bytes of the payload.
+    pub fn update(&mut self, mut bytes: &[u8]) -> Result<(), WeightError> {
+        if self.received + bytes.len() as u64 > self.total_bytes {
+            return Err(WeightError::TooLong {
+                total_bytes: self.total_bytes,
+            });
+        }
+        self.whole.update(bytes);
+        while !bytes.is_empty() {
+            // How far the bytes at this position belong to one region (a tensor or a gap).
+            let region_end = match self.tensors.get(self.next) {
+                Some((_, offset, _, _)) if self.received < *offset => *offset,
+                Some((_, offset, nbytes, _)) => offset + nbytes,
+                None => self.total_bytes,
+            };
+            let take = ((region_end - self.received) as usize).min(bytes.len());
+            if let Some(h) = self.current.as_mut() {
+                h.update(&bytes[..take]);
+            }
+            self.received += take as u64;
+            bytes = &bytes[take..];
+            self.settle()?;
+        }
+        Ok(())
+    }
+
+    /// Checks that the whole payload arrived and that its sha256 matches.
+    pub fn finish(self) -> Result<(), WeightError> {
+        if self.received != self.total_bytes {
+            return Err(WeightError::Truncated {
+                received: self.received,
+                total_bytes: self.total_bytes,
+            });
+        }
+        let actual = hex(&self.whole.finalize());
+        if actual != self.expected_sha256 {
+            return Err(WeightError::PayloadChecksum {
+                expected: self.expected_sha256,
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Builds a version's manifest and payload from tensors appended in order.
+#[derive(Default)]
+pub struct ManifestBuilder {
+    tensors: Vec<TensorInfo>,
+    payload: Vec<u8>,
+}
+
+impl ManifestBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends one tensor's bytes (already in the wire dtype, little-endian).
+    pub fn push(&mut self, name: impl Into<String>, shape: &[i64], dtype: &str, bytes: &[u8]) {
+        self.tensors.push(TensorInfo {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype: dtype.to_string(),
+            offset: self.payload.len() as u64,
+            nbytes: bytes.len() as u64,
+            sha256: sha256_hex(bytes),
+        });
+        self.payload.extend_from_slice(bytes);
+    }
+
+    /// The manifest (checked with [`validate_manifest`]) and the concatenated payload.
+    pub fn finish(self, version: u64, step: u64) -> Result<(WeightManifest, Vec<u8>), WeightError> {
+        let manifest = WeightManifest {
+            version,
+            tensors: self.tensors,
+            total_bytes: self.payload.len() as u64,
+            sha256: sha256_hex(&self.payload),
+            step,
+        };
+        validate_manifest(&manifest)?;
+        Ok((manifest, self.payload))
+    }
+}
+
+/// The chunks of one version in wire order: the manifest, then the payload in pieces of at
+/// most [`WEIGHT_CHUNK_BYTES`]. Wrap it with `tokio_stream::iter` to publish.
+pub fn into_chunks(
+    manifest: WeightManifest,
+    payload: impl AsRef<[u8]> + Send + 'static,
+) -> impl Iterator<Item = WeightChunk> + Send + 'static {
+    let total = payload.as_ref().len();
+    let first = std::iter::once(WeightChunk {
+        part: Some(weight_chunk::Part::Manifest(manifest)),
+    });
+    let data = (0..total.div_ceil(WEIGHT_CHUNK_BYTES)).map(move |i| {
+        let bytes = payload.as_ref();
+        let end = ((i + 1) * WEIGHT_CHUNK_BYTES).min(total);
+        WeightChunk {
+            part: Some(weight_chunk::Part::Data(
+                bytes[i * WEIGHT_CHUNK_BYTES..end].to_vec(),
+            )),
+        }
+    });
+    first.chain(data)
+}
+
+/// Reassembles a fetched version from its chunks, verifying every checksum on the way.
+#[derive(Default)]
+pub struct WeightAssembler {
+    manifest: Option<WeightManifest>,
+    verifier: Option<PayloadVerifier>,
+    payload: Vec<u8>,
+}
+
+impl WeightAssembler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The manifest once the first chunk arrived.
+    pub fn manifest(&self) -> Option<&WeightManifest> {
+        self.manifest.as_ref()
+    }
+
+    /// Feeds one chunk (the manifest first).
+    pub fn push(&mut self, chunk: WeightChunk) -> Result<(), WeightError> {
+        match (chunk.part, self.verifier.as_mut()) {
+            (Some(weight_chunk::Part::Manifest(m)), None) => {
+                self.verifier = Some(PayloadVerifier::new(&m)?);
+                self.payload = Vec::with_capacity(usize::try_from(m.total_bytes).unwrap_or(0));
+                self.manifest = Some(m);
+                Ok(())
+            }
+            (Some(weight_chunk::Part::Manifest(_)), Some(_)) => Err(WeightError::DuplicateManifest),
+            (_, None) => Err(WeightError::NoManifest),
+            (Some(weight_chunk::Part::Data(d)), Some(v)) => {
+                v.update(&d)?;
+                self.payload.extend_from_slice(&d);
+                Ok(())
+            }
+            (None, Some(_)) => Ok(()),
+        }
+    }
+
+    /// The verified manifest and payload.
+    pub fn finish(self) -> Result<(WeightManifest, Vec<u8>), WeightError> {
+        let (Some(manifest), Some(verifier)) = (self.manifest, self.verifier) else {
+            return Err(WeightError::NoManifest);
+        };
+        verifier.finish()?;
+        Ok((manifest, self.payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (WeightManifest, Vec<u8>) {
+        let mut b = ManifestBuilder::new();
+        b.push("a", &[2, 3], "f32", &[1u8; 24]);
+        b.push("empty", &[0], "bf16", &[]);
+        b.push("b", &[5], "bf16", &[7u8; 10]);
+        b.finish(3, 9).unwrap()
+    }
+
+    #[test]
+    fn round_trip_in_odd_pieces() {
+        let (m, p) = sample();
+        let mut v = PayloadVerifier::new(&m).unwrap();
+        for piece in p.chunks(5) {
+            v.update(piece).unwrap();
+        }
+        v.finish().unwrap();
+        let mut a = WeightAssembler::new();
+        for c in into_chunks(m.clone(), p.clone()) {
+            a.push(c).unwrap();
+        }
+        assert_eq!(a.finish().unwrap(), (m, p));
+    }
+
+    #[test]
+    fn a_bad_tensor_is_named() {
+        let (m, mut p) = sample();
+        p[30] ^= 1; // inside "b"
+        let mut v = PayloadVerifier::new(&m).unwrap();
+        let err = v.update(&p).unwrap_err();
+        assert!(
+            matches!(&err, WeightError::TensorChecksum { tensor, .. } if tensor == "b"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn layout_errors() {
+        let (m, _) = sample();
+        let mut bad = m.clone();
+        bad.tensors[0].nbytes = 20;
+        assert!(
+            matches!(validate_manifest(&bad), Err(WeightError::Tensor { tensor, .. }) if tensor == "a")
+        );
+        let mut bad = m.clone();
+        bad.tensors[2].offset = 20;
+        assert!(matches!(
+            validate_manifest(&bad),
+            Err(WeightError::Tensor { .. })
+        ));
+        let mut bad = m.clone();
+        bad.tensors[2].dtype = "q4".into();
+        assert!(validate_manifest(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown dtype"));
+        let mut bad = m.clone();
+        bad.version = 0;
+        assert_eq!(validate_manifest(&bad), Err(WeightError::VersionZero));
+        let mut bad = m;
+        bad.sha256 = "xyz".into();
+        assert!(validate_manifest(&bad).is_err());
+    }
+
+    #[test]
+    fn truncation_and_overflow() {
+        let (m, p) = sample();
+        let mut v = PayloadVerifier::new(&m).unwrap();
+        v.update(&p[..10]).unwrap();
+        assert!(matches!(v.finish(), Err(WeightError::Truncated { .. })));
+        let mut v = PayloadVerifier::new(&m).unwrap();
+        let mut longer = p.clone();
+        longer.push(0);
+        assert!(matches!(
+            v.update(&longer),
+            Err(WeightError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn payload_checksum_covers_gaps() {
+        // A gap between tensors is covered only by the whole-payload checksum.
+        let data = vec![1u8; 8];
+        let m = WeightManifest {
+            version: 1,
+            tensors: vec![TensorInfo {
+                name: "t".into(),
+                shape: vec![4],
+                dtype: "u8".into(),
+                offset: 4,
+                nbytes: 4,
+                sha256: sha256_hex(&data[4..]),
+            }],
+            total_bytes: 8,
+            sha256: sha256_hex(&data),
+            step: 0,
+        };
+        let mut v = PayloadVerifier::new(&m).unwrap();
+        let mut other = data.clone();
+        other[0] = 9;
+        v.update(&other).unwrap();
+        assert!(matches!(
+            v.finish(),
+            Err(WeightError::PayloadChecksum { .. })
+        ));
+    }
+}
