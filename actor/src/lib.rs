@@ -1,1 +1,321 @@
-//! placeholder
+//! The actor role. [`run`] is a blocking loop for a dedicated thread: join the coordinator,
+//! lease a unit, make sure the weights are at least the unit's version (fetch, verify every
+//! checksum, load), play the group with [`selfplay_game::Player`], stream it to the learner,
+//! report the unit done. It reconnects with backoff, rejoins when the coordinator forgets it,
+//! and on stop finishes its unit (or hands it back) and leaves.
+pub mod reward_service;
+
+use selfplay_game::Player;
+use selfplay_proto::auth::BearerToken;
+use selfplay_proto::client::{coordinator_client, learner_client, AuthChannel};
+use selfplay_proto::v1::coordinator_client::CoordinatorClient;
+use selfplay_proto::v1::learner_client::LearnerClient;
+use selfplay_proto::v1::{
+    CompleteWorkRequest, FetchWeightsRequest, HeartbeatRequest, JoinRequest, LeaseWorkRequest, LeaveRequest,
+};
+use selfplay_proto::weights::WeightAssembler;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+use tokio_stream::StreamExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActorError {
+    #[error("{what}: {message}")]
+    Rpc { what: &'static str, message: String },
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error(transparent)]
+    Game(#[from] selfplay_game::GameError),
+    #[error(transparent)]
+    Policy(#[from] selfplay_policy::PolicyError),
+}
+
+#[derive(Debug, Clone)]
+pub struct ActorOptions {
+    pub coordinator: String,
+    pub learner: String,
+    pub token: BearerToken,
+    pub actor_id: String,
+    /// Give up when the coordinator stays unreachable this long.
+    pub patience: Duration,
+}
+
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("selfplay_actor_tokens_generated_total", "Tokens sampled (challenger and solver).");
+    describe_histogram!("selfplay_actor_generation_seconds", Unit::Seconds, "Time spent sampling one unit's query and answers.");
+    describe_histogram!("selfplay_actor_play_seconds", Unit::Seconds, "Time to play one whole unit (sampling, rewards, judge, reference).");
+    describe_counter!("selfplay_actor_units_done_total", "Units whose group the learner accepted.");
+    describe_counter!("selfplay_actor_units_failed_total", "Units that failed, by reason (rejected, play, submit).");
+    describe_gauge!("selfplay_actor_weights_version", "Weights version the actor samples with.");
+    describe_histogram!("selfplay_actor_weight_fetch_seconds", Unit::Seconds, "Time to fetch, verify and load one weights version.");
+    describe_counter!("selfplay_actor_weight_fetch_bytes_total", Unit::Bytes, "Weight payload bytes fetched from the coordinator.");
+    describe_histogram!("selfplay_actor_reward", "Reward R of each answer.");
+    describe_histogram!("selfplay_actor_self_reward", "Self-reward R_Q of each answer (LSP).");
+    describe_counter!("selfplay_actor_judge_parse_failures_total", "Self-reward judgements that could not be parsed.");
+}
+
+/// What a stopped actor reports.
+#[derive(Debug, Clone, Default)]
+pub struct ActorSummary {
+    pub units_done: u64,
+    pub units_failed: u64,
+    pub weights_version: u64,
+}
+
+async fn connect(address: &str, patience: Duration) -> Result<tonic::transport::Channel, ActorError> {
+    let t0 = Instant::now();
+    let mut wait = Duration::from_millis(50);
+    loop {
+        let ep = tonic::transport::Endpoint::from_shared(address.to_string())
+            .map_err(|e| ActorError::Rpc { what: "address", message: e.to_string() })?
+            .tcp_nodelay(true);
+        match ep.connect().await {
+            Ok(ch) => return Ok(ch),
+            Err(e) if t0.elapsed() < patience => {
+                tracing::debug!(%address, error = %e, "not reachable yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(ActorError::Rpc { what: "connect", message: format!("{address}: {e}") }),
+        }
+    }
+}
+
+/// Retries a call while the peer is unavailable (restarting), with backoff.
+async fn retry<T, F, Fut>(what: &'static str, patience: Duration, mut f: F) -> Result<T, ActorError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let t0 = Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(s)
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+                    && t0.elapsed() < patience =>
+            {
+                tracing::debug!(what, error = %s.message(), "peer unavailable, retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(s) => return Err(ActorError::Rpc { what, message: format!("{:?}: {}", s.code(), s.message()) }),
+        }
+    }
+}
+
+/// Decodes a verified weights payload into named tensors.
+pub fn decode_weights(
+    manifest: &selfplay_proto::v1::WeightManifest,
+    payload: &[u8],
+) -> Result<HashMap<String, Tensor>, ActorError> {
+    let mut out = HashMap::new();
+    for t in &manifest.tensors {
+        let kind = match t.dtype.as_str() {
+            "f32" => Kind::Float,
+            "bf16" => Kind::BFloat16,
+            "f16" => Kind::Half,
+            d => return Err(ActorError::Weights(format!("tensor {}: unsupported dtype {d}", t.name))),
+        };
+        let (a, b) = (t.offset as usize, (t.offset + t.nbytes) as usize);
+        let bytes = payload.get(a..b).ok_or_else(|| ActorError::Weights(format!("tensor {} outside the payload", t.name)))?;
+        let tensor = Tensor::f_from_data_size(bytes, &t.shape, kind).map_err(|e| ActorError::Weights(e.to_string()))?;
+        out.insert(t.name.clone(), tensor);
+    }
+    Ok(out)
+}
+
+struct Conn {
+    coord: CoordinatorClient<AuthChannel>,
+    learner: LearnerClient<AuthChannel>,
+}
+
+/// Runs the actor loop on the calling (non-async) thread until `stop` is set.
+pub fn run(
+    mut player: Player,
+    opts: ActorOptions,
+    rt: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+) -> Result<ActorSummary, ActorError> {
+    describe_metrics();
+    let patience = opts.patience;
+    let mut conn = rt.block_on(async {
+        let c = connect(&opts.coordinator, patience).await?;
+        let l = connect(&opts.learner, patience).await?;
+        Ok::<_, ActorError>(Conn { coord: coordinator_client(c, &opts.token), learner: learner_client(l, &opts.token) })
+    })?;
+    let device = format!("{:?}", player.policy.model.device());
+    let join = |conn: &mut Conn| -> Result<u64, ActorError> {
+        let req = JoinRequest { actor_id: opts.actor_id.clone(), device: device.clone() };
+        let r = rt.block_on(retry("Join", patience, || {
+            let mut c = conn.coord.clone();
+            let r = req.clone();
+            async move { c.join(r).await }
+        }))?;
+        Ok(r.into_inner().lease_ttl_ms)
+    };
+    let ttl_ms = join(&mut conn)?;
+    let version = Arc::new(AtomicU64::new(0));
+    let rejoin = Arc::new(AtomicBool::new(false));
+
+    // Heartbeats on the runtime, independent of how long a unit takes to play.
+    let hb = {
+        let (mut c, id, version, rejoin, stop) =
+            (conn.coord.clone(), opts.actor_id.clone(), version.clone(), rejoin.clone(), stop.clone());
+        rt.spawn(async move {
+            let every = Duration::from_millis((ttl_ms / 3).max(50));
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(every).await;
+                let req = HeartbeatRequest { actor_id: id.clone(), weights_version: version.load(Ordering::SeqCst) };
+                match c.heartbeat(req).await {
+                    Ok(r) if !r.get_ref().known => rejoin.store(true, Ordering::SeqCst),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e.message(), "heartbeat failed"),
+                }
+            }
+        })
+    };
+
+    let mut summary = ActorSummary::default();
+    while !stop.load(Ordering::SeqCst) {
+        if rejoin.swap(false, Ordering::SeqCst) {
+            tracing::info!(actor = %opts.actor_id, "the coordinator forgot this actor; joining again");
+            join(&mut conn)?;
+        }
+        let lease = rt.block_on(retry("LeaseWork", patience, || {
+            let mut c = conn.coord.clone();
+            let id = opts.actor_id.clone();
+            async move { c.lease_work(LeaseWorkRequest { actor_id: id }).await }
+        }));
+        let lease = match lease {
+            Ok(r) => r.into_inner(),
+            Err(ActorError::Rpc { message, .. }) if message.starts_with("FailedPrecondition") => {
+                rejoin.store(true, Ordering::SeqCst);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(unit) = lease.unit else {
+            std::thread::sleep(Duration::from_millis(lease.retry_after_ms.clamp(10, 1000)));
+            continue;
+        };
+
+        // Weights at least as new as the unit needs.
+        if unit.min_weights_version > version.load(Ordering::SeqCst) {
+            let t0 = Instant::now();
+            let (manifest, payload) = rt.block_on(async {
+                let mut c = conn.coord.clone();
+                let mut stream = retry("FetchWeights", patience, || {
+                    let mut c2 = c.clone();
+                    async move { c2.fetch_weights(FetchWeightsRequest { version: 0 }).await }
+                })
+                .await?
+                .into_inner();
+                let _ = &mut c;
+                let mut asm = WeightAssembler::new();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|s| ActorError::Rpc { what: "FetchWeights", message: s.message().to_string() })?;
+                    asm.push(chunk).map_err(|e| ActorError::Weights(e.to_string()))?;
+                }
+                asm.finish().map_err(|e| ActorError::Weights(e.to_string()))
+            })?;
+            if manifest.version < unit.min_weights_version {
+                // Not published yet: give the unit back and try again shortly.
+                let _ = complete(&rt, &conn, &opts, &unit.unit_id, false);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let tensors = decode_weights(&manifest, &payload)?;
+            player.policy.model.set_weights(&tensors)?;
+            version.store(manifest.version, Ordering::SeqCst);
+            metrics::histogram!("selfplay_actor_weight_fetch_seconds").record(t0.elapsed().as_secs_f64());
+            metrics::counter!("selfplay_actor_weight_fetch_bytes_total").increment(payload.len() as u64);
+            metrics::gauge!("selfplay_actor_weights_version").set(manifest.version as f64);
+            tracing::info!(actor = %opts.actor_id, version = manifest.version, bytes = payload.len(), secs = t0.elapsed().as_secs_f64(), "weights loaded");
+        }
+
+        let unit_id = unit.unit_id.clone();
+        let v = version.load(Ordering::SeqCst);
+        let played = player.play(&unit.into(), v, &opts.actor_id);
+        let (group, stats) = match played {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(unit = %unit_id, error = %e, "playing the unit failed; handing it back");
+                metrics::counter!("selfplay_actor_units_failed_total", "reason" => "play").increment(1);
+                summary.units_failed += 1;
+                let _ = complete(&rt, &conn, &opts, &unit_id, false);
+                continue;
+            }
+        };
+        metrics::counter!("selfplay_actor_tokens_generated_total").increment(stats.generated_tokens);
+        metrics::histogram!("selfplay_actor_generation_seconds").record(stats.generation_seconds);
+        metrics::histogram!("selfplay_actor_play_seconds").record(group.play_seconds);
+        metrics::counter!("selfplay_actor_judge_parse_failures_total").increment(stats.parse_failures);
+        for a in &group.answers {
+            metrics::histogram!("selfplay_actor_reward").record(a.reward as f64);
+            metrics::histogram!("selfplay_actor_self_reward").record(a.self_reward as f64);
+        }
+
+        let wire: selfplay_proto::v1::RolloutGroup = group.into();
+        let ack = rt.block_on(retry("SubmitRollouts", patience, || {
+            let mut l = conn.learner.clone();
+            let g = wire.clone();
+            async move {
+                let mut acks = l.submit_rollouts(tokio_stream::iter([g])).await?.into_inner();
+                match acks.next().await {
+                    Some(a) => a,
+                    None => Err(tonic::Status::unavailable("the learner closed the stream without an ack")),
+                }
+            }
+        }));
+        match ack {
+            Ok(a) if a.accepted || a.duplicate => {
+                complete(&rt, &conn, &opts, &unit_id, true)?;
+                metrics::counter!("selfplay_actor_units_done_total").increment(1);
+                summary.units_done += 1;
+            }
+            Ok(a) => {
+                tracing::warn!(unit = %unit_id, reason = %a.reason, "the learner rejected the group; handing the unit back");
+                metrics::counter!("selfplay_actor_units_failed_total", "reason" => "rejected").increment(1);
+                summary.units_failed += 1;
+                complete(&rt, &conn, &opts, &unit_id, false)?;
+            }
+            Err(e) => {
+                tracing::warn!(unit = %unit_id, error = %e, "submitting failed; handing the unit back");
+                metrics::counter!("selfplay_actor_units_failed_total", "reason" => "submit").increment(1);
+                summary.units_failed += 1;
+                let _ = complete(&rt, &conn, &opts, &unit_id, false);
+            }
+        }
+    }
+    hb.abort();
+    let mut c = conn.coord.clone();
+    let id = opts.actor_id.clone();
+    let _ = rt.block_on(async move {
+        tokio::time::timeout(Duration::from_secs(2), c.leave(LeaveRequest { actor_id: id })).await
+    });
+    summary.weights_version = version.load(Ordering::SeqCst);
+    Ok(summary)
+}
+
+fn complete(rt: &tokio::runtime::Handle, conn: &Conn, opts: &ActorOptions, unit_id: &str, done: bool) -> Result<(), ActorError> {
+    let req = CompleteWorkRequest { actor_id: opts.actor_id.clone(), unit_id: unit_id.to_string(), done };
+    rt.block_on(retry("CompleteWork", opts.patience, || {
+        let mut c = conn.coord.clone();
+        let r = req.clone();
+        async move { c.complete_work(r).await }
+    }))?;
+    Ok(())
+}
+
+/// Default actor name: host name and process id.
+pub fn default_actor_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "actor".into());
+    format!("{host}-{}", std::process::id())
+}
+

@@ -6,6 +6,7 @@
 //! [`rollout::RolloutGroup`]), [`trainer::Trainer::train_step`] the learner's (N groups into
 //! one step), and [`driver`] a small in-process loop over both for tests and examples.
 pub mod config;
+pub mod data;
 pub mod driver;
 pub mod error;
 pub mod judge;
@@ -16,6 +17,7 @@ pub mod reward;
 pub mod rewards;
 pub mod rollout;
 pub mod trainer;
+pub mod wire;
 
 pub use config::Config;
 pub use error::{GameError, Result};

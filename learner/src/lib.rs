@@ -1,1 +1,458 @@
-//! placeholder
+//! The learner role. Library first: [`run`] serves the `Learner` gRPC service, keeps the
+//! coordinator's steps open, trains on every N accepted groups with
+//! [`selfplay_game::Trainer`], publishes weights, checkpoints, and resumes.
+//!
+//! Versions: weights version v is the policy after v steps; version 0 is the initial model,
+//! which every actor loads from disk, so the first published version is 1.
+//! Synchronous mode (`max_policy_lag = 0`, the paper's): step s trains on the N units of step
+//! s, all sampled by version s. Asynchronous mode (lag k): steps up to k ahead stay open, any
+//! group at most k versions behind qualifies, oldest units first.
+pub mod inbox;
+pub mod metrics;
+pub mod service;
+
+use inbox::Inbox;
+use selfplay_game::driver::units_for_step;
+use selfplay_game::{Config, StepStats, Trainer};
+use selfplay_proto::auth::{BearerToken, ServerAuth};
+use selfplay_proto::client::{coordinator_client, AuthChannel};
+use selfplay_proto::v1::coordinator_client::CoordinatorClient;
+use selfplay_proto::v1::learner_server::LearnerServer;
+use selfplay_proto::v1::OpenStepRequest;
+use selfplay_proto::weights::{into_chunks, ManifestBuilder};
+use service::{LearnerService, Shared};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LearnerError {
+    #[error("learner options: {0}")]
+    Options(String),
+    #[error(transparent)]
+    Game(#[from] selfplay_game::GameError),
+    #[error(transparent)]
+    Policy(#[from] selfplay_policy::PolicyError),
+    #[error("coordinator at {address}: {message}")]
+    Coordinator { address: String, message: String },
+    #[error("gRPC server: {0}")]
+    Server(String),
+    #[error("training thread: {0}")]
+    Thread(String),
+}
+
+/// How the learner runs, beyond the game config.
+#[derive(Debug, Clone)]
+pub struct LearnerOptions {
+    /// Coordinator URL, e.g. http://127.0.0.1:50051.
+    pub coordinator: String,
+    pub token: BearerToken,
+    pub max_policy_lag: u64,
+    /// Publish weights every K steps (K <= lag + 1).
+    pub publish_every: u64,
+    /// Dtype of weights on the wire: "auto" (the model's), "f32" or "bf16".
+    pub wire_dtype: String,
+    pub device: Device,
+    /// Resume from the newest checkpoint in `<out_dir>/checkpoints` when there is one.
+    pub resume: bool,
+}
+
+impl LearnerOptions {
+    pub fn validate(&self) -> Result<(), LearnerError> {
+        if self.publish_every == 0 || self.publish_every > self.max_policy_lag + 1 {
+            return Err(LearnerError::Options(format!(
+                "publish_every must be in 1..=max_policy_lag+1 ({}), got {}: actors could never sample fresh enough weights",
+                self.max_policy_lag + 1,
+                self.publish_every
+            )));
+        }
+        if !matches!(self.wire_dtype.as_str(), "auto" | "f32" | "bf16") {
+            return Err(LearnerError::Options(format!("wire dtype must be auto, f32 or bf16, got {:?}", self.wire_dtype)));
+        }
+        Ok(())
+    }
+}
+
+/// The newest complete checkpoint under `<out_dir>/checkpoints`.
+pub fn latest_checkpoint(out_dir: &Path) -> Option<PathBuf> {
+    let dir = out_dir.join("checkpoints");
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(&dir).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(n) = name.strip_prefix("step-").and_then(|n| n.parse::<u64>().ok()) else { continue };
+        if e.path().join("trainer.json").exists() && best.as_ref().is_none_or(|(b, _)| n > *b) {
+            best = Some((n, e.path()));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+fn prune_checkpoints(out_dir: &Path, keep: usize) {
+    if keep == 0 {
+        return;
+    }
+    let dir = out_dir.join("checkpoints");
+    let mut all: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().strip_prefix("step-")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    all.sort();
+    while all.len() > keep {
+        let (_, p) = all.remove(0);
+        let _ = std::fs::remove_dir_all(p);
+    }
+}
+
+/// Serialises the policy's weights for the wire: manifest (names, shapes, dtype, sha256) and
+/// the concatenated payload.
+pub fn weights_payload(
+    model: &selfplay_policy::Llama,
+    wire_dtype: &str,
+    version: u64,
+    step: u64,
+) -> Result<(selfplay_proto::v1::WeightManifest, Vec<u8>), LearnerError> {
+    let (kind, name) = match (wire_dtype, model.kind()) {
+        ("bf16", _) | ("auto", Kind::BFloat16) => (Kind::BFloat16, "bf16"),
+        ("auto", Kind::Half) => (Kind::Half, "f16"),
+        _ => (Kind::Float, "f32"),
+    };
+    let mut b = ManifestBuilder::new();
+    for (n, p) in model.parameters() {
+        let t = p.detach().to_kind(kind).to_device(Device::Cpu).contiguous();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * kind.elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel).map_err(selfplay_policy::PolicyError::from)?;
+        b.push(n.clone(), &t.size(), name, &bytes);
+    }
+    b.finish(version, step).map_err(|e| LearnerError::Options(e.to_string()))
+}
+
+/// Connects to the coordinator, retrying with backoff for up to `patience`.
+pub async fn connect_coordinator(
+    address: &str,
+    token: &BearerToken,
+    patience: Duration,
+) -> Result<CoordinatorClient<AuthChannel>, LearnerError> {
+    let t0 = Instant::now();
+    let mut wait = Duration::from_millis(50);
+    loop {
+        let endpoint = tonic::transport::Endpoint::from_shared(address.to_string()).map_err(|e| {
+            LearnerError::Coordinator { address: address.into(), message: e.to_string() }
+        })?;
+        match endpoint.connect().await {
+            Ok(ch) => return Ok(coordinator_client(ch, token)),
+            Err(e) if t0.elapsed() < patience => {
+                tracing::debug!(%address, error = %e, "coordinator not reachable yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                return Err(LearnerError::Coordinator { address: address.into(), message: e.to_string() })
+            }
+        }
+    }
+}
+
+/// Calls `f` until it succeeds, reconnecting-by-retry while the coordinator restarts.
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut wait = Duration::from_millis(100);
+    let t0 = Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+                && t0.elapsed() < Duration::from_secs(300) =>
+            {
+                tracing::warn!(%what, error = %s.message(), "coordinator unavailable, retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(3));
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+/// What a finished learner reports.
+#[derive(Debug, Clone)]
+pub struct LearnerSummary {
+    pub steps: u64,
+    pub last: Option<StepStats>,
+    pub checkpoint: Option<PathBuf>,
+}
+
+struct Runner {
+    cfg: Config,
+    opts: LearnerOptions,
+    client: CoordinatorClient<AuthChannel>,
+    rt: tokio::runtime::Handle,
+    prompts: Vec<String>,
+    last_published: u64,
+    opened_upto: Option<u64>,
+}
+
+impl Runner {
+    fn coord_err(&self, s: tonic::Status) -> LearnerError {
+        LearnerError::Coordinator { address: self.opts.coordinator.clone(), message: s.to_string() }
+    }
+
+    fn publish(&mut self, trainer: &Trainer) -> Result<(), LearnerError> {
+        let t0 = Instant::now();
+        let (manifest, payload) = weights_payload(&trainer.policy.model, &self.opts.wire_dtype, trainer.step, trainer.step)?;
+        let bytes = payload.len() as u64;
+        let payload = Arc::new(payload);
+        let mut client = self.client.clone();
+        self.rt
+            .block_on(retry("PublishWeights", || {
+                let chunks = into_chunks(manifest.clone(), ArcBytes(payload.clone()));
+                let mut c = client.clone();
+                async move { c.publish_weights(tokio_stream::iter(chunks)).await }
+            }))
+            .map_err(|e| self.coord_err(e))?;
+        let _ = &mut client;
+        ::metrics::histogram!("selfplay_learner_weight_publish_seconds").record(t0.elapsed().as_secs_f64());
+        ::metrics::counter!("selfplay_learner_weight_publish_bytes_total").increment(bytes);
+        self.last_published = trainer.step;
+        tracing::info!(version = trainer.step, bytes, secs = t0.elapsed().as_secs_f64(), "weights published");
+        Ok(())
+    }
+
+    fn open_step(&mut self, step: u64, reopen: bool) -> Result<(), LearnerError> {
+        let units = units_for_step(&self.cfg, step, &self.prompts);
+        let sync = self.opts.max_policy_lag == 0;
+        let req = OpenStepRequest {
+            step,
+            units: units.len() as u32,
+            min_weights_version: self.last_published,
+            prompts: if self.prompts.is_empty() { vec![] } else { units.iter().map(|u| u.prompt.clone()).collect() },
+            tasks: if self.cfg.game.tasks.is_empty() { vec![] } else { units.iter().map(|u| u.task.clone()).collect() },
+            discard_older: sync,
+            reopen,
+        };
+        let client = self.client.clone();
+        self.rt
+            .block_on(retry("OpenStep", || {
+                let mut c = client.clone();
+                let r = req.clone();
+                async move { c.open_step(r).await }
+            }))
+            .map_err(|e| self.coord_err(e))?;
+        self.opened_upto = Some(self.opened_upto.map_or(step, |u| u.max(step)));
+        Ok(())
+    }
+
+    /// Opens every step the current version may sample for.
+    fn open_window(&mut self, version: u64, reopen: bool) -> Result<(), LearnerError> {
+        let last = version + self.opts.max_policy_lag;
+        let first = match self.opened_upto {
+            Some(u) if !reopen => u + 1,
+            _ => version,
+        };
+        for s in first..=last {
+            self.open_step(s, reopen)?;
+        }
+        Ok(())
+    }
+}
+
+/// `Arc<Vec<u8>>` as `AsRef<[u8]>` for the chunker.
+struct ArcBytes(Arc<Vec<u8>>);
+impl AsRef<[u8]> for ArcBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
+
+fn checkpoint(trainer: &Trainer, inbox: &Mutex<Inbox>, out_dir: &Path, keep: usize) -> Result<PathBuf, LearnerError> {
+    let t0 = Instant::now();
+    let extra = {
+        let b = inbox.lock().expect("inbox lock");
+        let mut consumed: Vec<&String> = b.consumed.iter().collect();
+        consumed.sort();
+        serde_json::json!({ "consumed": consumed, "consumed_floor": b.consumed_floor })
+    };
+    let dir = out_dir.join("checkpoints").join(format!("step-{:08}", trainer.step));
+    std::fs::create_dir_all(out_dir.join("checkpoints"))
+        .map_err(|e| LearnerError::Options(format!("{}: {e}", out_dir.display())))?;
+    trainer.save_checkpoint(&dir, extra)?;
+    prune_checkpoints(out_dir, keep);
+    ::metrics::histogram!("selfplay_learner_checkpoint_seconds").record(t0.elapsed().as_secs_f64());
+    tracing::info!(step = trainer.step, dir = %dir.display(), "checkpoint written");
+    Ok(dir)
+}
+
+/// Runs the learner until `cfg.run.steps` steps are done (0 = forever) or `shutdown`
+/// resolves; then writes a final checkpoint. `on_step` sees every step's statistics.
+pub async fn run(
+    cfg: Config,
+    opts: LearnerOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    on_step: impl FnMut(&StepStats) + Send + 'static,
+) -> Result<LearnerSummary, LearnerError> {
+    opts.validate()?;
+    metrics::describe_metrics();
+    let out_dir = cfg.run.out_dir.clone();
+    let prompts = if cfg.game.mode == selfplay_game::Mode::Grpo {
+        selfplay_game::data::load_prompts(&cfg.game.prompts_file)?
+    } else {
+        vec![]
+    };
+
+    // Load (or resume) off the reactor: this reads hundreds of megabytes.
+    let resume_from = if opts.resume { latest_checkpoint(&out_dir) } else { None };
+    let (cfg2, device, resume_from2) = (cfg.clone(), opts.device, resume_from.clone());
+    let (trainer, extra) = tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
+        match resume_from2 {
+            Some(dir) => {
+                tracing::info!(checkpoint = %dir.display(), "resuming");
+                Ok(Trainer::resume(&dir, Some(cfg2), device)?)
+            }
+            None => {
+                let kind = selfplay_policy::parse_kind(&cfg2.model.dtype)?;
+                let policy = selfplay_policy::Policy::load(&cfg2.model.path, device, kind)?;
+                Ok((Trainer::new(policy, cfg2)?, serde_json::Value::Null))
+            }
+        }
+    })
+    .await
+    .map_err(|e| LearnerError::Thread(e.to_string()))??;
+
+    let mut inbox = Inbox::new(trainer.step, opts.max_policy_lag, cfg.game.queries_per_step, trainer.limits());
+    if let Some(ids) = extra.get("consumed").and_then(|c| c.as_array()) {
+        inbox.consumed = ids.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    }
+    inbox.consumed_floor = extra.get("consumed_floor").and_then(|v| v.as_u64()).unwrap_or(0);
+    let shared = Arc::new(Shared { inbox: Mutex::new(inbox), ready: Condvar::new() });
+
+    // The gRPC server.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let svc = LearnerService { shared: shared.clone() };
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<LearnerServer<LearnerService>>().await;
+    let server = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            LearnerServer::new(svc)
+                .max_decoding_message_size(selfplay_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(selfplay_proto::MAX_MESSAGE_BYTES),
+            ServerAuth::new(opts.token.clone(), "learner"),
+        ))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        });
+    let server = tokio::spawn(server);
+
+    let client = connect_coordinator(&opts.coordinator, &opts.token, Duration::from_secs(60)).await?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    {
+        let (shared, stopping, stop_tx) = (shared.clone(), stopping.clone(), stop_tx.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = async { let mut rx = stop_tx.subscribe(); let _ = rx.wait_for(|s| *s).await; } => {}
+            }
+            stopping.store(true, Ordering::SeqCst);
+            shared.ready.notify_all();
+        });
+    }
+
+    let rt = tokio::runtime::Handle::current();
+    let max_steps = cfg.run.steps;
+    let mut runner = Runner { cfg: cfg.clone(), opts: opts.clone(), client, rt, prompts, last_published: 0, opened_upto: None };
+    let resumed = resume_from.is_some();
+    let thread_shared = shared.clone();
+    let thread_stopping = stopping.clone();
+    let mut on_step = on_step;
+    let handle = std::thread::Builder::new()
+        .name("learner-train".into())
+        .spawn(move || -> Result<LearnerSummary, LearnerError> {
+            let mut trainer = trainer;
+            let shared = thread_shared;
+            if trainer.step > 0 {
+                runner.publish(&trainer)?;
+            }
+            runner.last_published = trainer.step;
+            runner.open_window(trainer.step, resumed)?;
+            let mut last = None;
+            let mut last_ckpt = None;
+            let mut since = Instant::now();
+            while max_steps == 0 || trainer.step < max_steps {
+                // Wait for N groups (or a stop).
+                let wait0 = Instant::now();
+                let groups = {
+                    let mut b = shared.inbox.lock().expect("inbox lock");
+                    loop {
+                        if thread_stopping.load(Ordering::SeqCst) {
+                            break None;
+                        }
+                        if let Some(g) = b.take_step() {
+                            break Some(g);
+                        }
+                        b = shared.ready.wait_timeout(b, Duration::from_millis(200)).expect("inbox lock").0;
+                    }
+                };
+                let Some(groups) = groups else { break };
+                let waited = wait0.elapsed().as_secs_f64();
+                let version_before = trainer.step;
+                for g in &groups {
+                    ::metrics::histogram!("selfplay_learner_staleness_steps")
+                        .record(version_before.saturating_sub(g.weights_version) as f64);
+                }
+                let stats = trainer.train_step(&groups)?;
+                let stale_steps = {
+                    let mut b = shared.inbox.lock().expect("inbox lock");
+                    // Synchronous: every unit of an older step is consumed or discarded. Asynchronous:
+                    // old units can still arrive, so the consumed ids are all kept.
+                    b.commit(&groups, trainer.step, if opts.max_policy_lag == 0 { trainer.step } else { 0 });
+                    b.drop_stale()
+                };
+                ::metrics::gauge!("selfplay_learner_idle_fraction").set(waited / since.elapsed().as_secs_f64().max(1e-9));
+                since = Instant::now();
+                metrics::record_step(&stats);
+                on_step(&stats);
+                if trainer.step % opts.publish_every == 0 {
+                    runner.publish(&trainer)?;
+                }
+                if max_steps == 0 || trainer.step < max_steps {
+                    runner.open_window(trainer.step, false)?;
+                    for s in stale_steps {
+                        runner.open_step(s, true)?;
+                    }
+                }
+                let every = runner.cfg.run.checkpoint_every;
+                if every > 0 && trainer.step % every == 0 {
+                    last_ckpt = Some(checkpoint(&trainer, &shared.inbox, &runner.cfg.run.out_dir, runner.cfg.run.keep_checkpoints)?);
+                }
+                last = Some(stats);
+            }
+            // Final checkpoint (also on Ctrl-C), unless this step was just written.
+            let final_dir = runner.cfg.run.out_dir.join("checkpoints").join(format!("step-{:08}", trainer.step));
+            if trainer.step > 0 && last_ckpt.as_ref() != Some(&final_dir) {
+                last_ckpt = Some(checkpoint(&trainer, &shared.inbox, &runner.cfg.run.out_dir, runner.cfg.run.keep_checkpoints)?);
+            }
+            Ok(LearnerSummary { steps: trainer.step, last, checkpoint: last_ckpt })
+        })
+        .map_err(|e| LearnerError::Thread(e.to_string()))?;
+
+    let result = tokio::task::spawn_blocking(move || handle.join())
+        .await
+        .map_err(|e| LearnerError::Thread(e.to_string()))?
+        .map_err(|_| LearnerError::Thread("the training thread panicked".into()))?;
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    result
+}

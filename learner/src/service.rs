@@ -1,0 +1,110 @@
+//! The `Learner` gRPC service: a stream of rollout groups in, one ack per group out.
+use crate::inbox::{Inbox, Verdict};
+use selfplay_proto::v1::learner_server::Learner;
+use selfplay_proto::v1::{LearnerStatusRequest, LearnerStatusResponse, RolloutAck, RolloutGroup};
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+/// The inbox shared between the gRPC handlers and the training thread.
+pub struct Shared {
+    pub inbox: Mutex<Inbox>,
+    /// Signalled when a group is stored or the learner stops.
+    pub ready: Condvar,
+}
+
+#[derive(Clone)]
+pub struct LearnerService {
+    pub shared: Arc<Shared>,
+}
+
+impl LearnerService {
+    fn handle(&self, g: RolloutGroup) -> RolloutAck {
+        metrics::counter!("selfplay_learner_groups_received_total").increment(1);
+        let unit_id = g.unit_id.clone();
+        let group: selfplay_game::RolloutGroup = g.into();
+        let mut inbox = self.shared.inbox.lock().expect("inbox lock");
+        let verdict = inbox.offer(group);
+        let step = inbox.version;
+        drop(inbox);
+        let mut ack = RolloutAck { unit_id: unit_id.clone(), learner_step: step, ..Default::default() };
+        match verdict {
+            Verdict::Accepted => {
+                metrics::counter!("selfplay_learner_groups_accepted_total").increment(1);
+                self.shared.ready.notify_all();
+                ack.accepted = true;
+            }
+            Verdict::Duplicate => {
+                metrics::counter!("selfplay_learner_groups_rejected_total", "reason" => "duplicate").increment(1);
+                ack.duplicate = true;
+                ack.reason = format!("unit {unit_id} was already received");
+            }
+            Verdict::Rejected { reason, kind } => {
+                metrics::counter!("selfplay_learner_groups_rejected_total", "reason" => kind.as_str()).increment(1);
+                tracing::warn!(unit = %unit_id, %reason, "rollout group rejected");
+                ack.reason = reason;
+            }
+        }
+        ack
+    }
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<RolloutAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Learner for LearnerService {
+    type SubmitRolloutsStream = AckStream;
+
+    async fn submit_rollouts(
+        &self,
+        request: Request<Streaming<RolloutGroup>>,
+    ) -> Result<Response<Self::SubmitRolloutsStream>, Status> {
+        let mut inbound = request.into_inner();
+        let this = self.clone();
+        let out = async_stream_acks(move |tx| async move {
+            while let Some(item) = inbound.next().await {
+                let reply = match item {
+                    // Validation takes locks and walks token ids: keep it off the reactor.
+                    Ok(g) => {
+                        let svc = this.clone();
+                        tokio::task::spawn_blocking(move || svc.handle(g))
+                            .await
+                            .map_err(|e| Status::internal(e.to_string()))
+                    }
+                    Err(status) => Err(status),
+                };
+                let stop = reply.is_err();
+                if tx.send(reply).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(out))
+    }
+
+    async fn learner_status(
+        &self,
+        _request: Request<LearnerStatusRequest>,
+    ) -> Result<Response<LearnerStatusResponse>, Status> {
+        let inbox = self.shared.inbox.lock().expect("inbox lock");
+        Ok(Response::new(LearnerStatusResponse {
+            step: inbox.version,
+            weights_version: inbox.version,
+            groups_pending: inbox.pending_len() as u32,
+            groups_accepted: inbox.accepted_total,
+            groups_rejected: inbox.rejected_total,
+        }))
+    }
+}
+
+/// Runs `f` with a sender and returns the receiving side as a stream.
+fn async_stream_acks<F, Fut>(f: F) -> AckStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<RolloutAck, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
