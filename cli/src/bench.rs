@@ -62,7 +62,8 @@ fn report(name: &str, a: &BenchGenerateArgs, tokens: usize, secs: &[f64], extra:
         "{}",
         serde_json::json!({
             "bench": name, "impl": "selfplay", "batch": a.batch, "max_new_tokens": a.max_new_tokens,
-            "dtype": a.model.dtype, "threads": tch::get_num_threads(), "tokens": tokens,
+            "dtype": a.model.dtype, "device": a.model.device.as_deref().unwrap_or("default"),
+            "threads": tch::get_num_threads(), "tokens": tokens,
             "secs_mean": mean, "secs_best": best, "tokens_per_s": tokens as f64 / mean, "extra": extra,
         })
     );
@@ -124,6 +125,10 @@ fn bench_score(a: BenchGenerateArgs) -> Result<()> {
             if g.defined() {
                 let _ = g.zero_();
             }
+        }
+        // CUDA runs asynchronously: wait for the backward pass before reading the clock.
+        if let tch::Device::Cuda(d) = policy.model.device() {
+            tch::Cuda::synchronize(d as i64);
         }
         if i >= a.warmup {
             secs.push(t0.elapsed().as_secs_f64());

@@ -1,6 +1,9 @@
 //! `selfplay`: argument parsing and wiring only; the work lives in the library crates.
 mod bench;
 mod generate_cmd;
+mod progress;
+mod roles;
+mod telemetry;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,6 +27,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train by self-play on one machine: coordinator, learner and actors in one process.
+    Train(roles::TrainArgs),
+    /// Run the coordinator (membership, work units, weight store).
+    Coordinator(roles::CoordinatorArgs),
+    /// Run the learner (takes rollout groups, steps the policy, publishes weights).
+    Learner(roles::LearnerArgs),
+    /// Run one actor (plays work units with the current weights).
+    Actor(roles::ActorArgs),
+    /// Serve a reward model over gRPC.
+    RewardServer(roles::RewardServerArgs),
+    /// Show the coordinator's actors, units and throughput.
+    Status(roles::StatusArgs),
     /// Chat with a model: stream its answer to one prompt.
     Generate(generate_cmd::GenerateArgs),
     /// Convert a GGUF llama model into a Hugging Face directory (safetensors, config, tokenizer).
@@ -59,6 +74,12 @@ fn main() -> std::process::ExitCode {
         tch::set_num_threads(cli.threads);
     }
     let result = match cli.command {
+        Command::Train(args) => roles::train(args),
+        Command::Coordinator(args) => roles::coordinator(args),
+        Command::Learner(args) => roles::learner(args),
+        Command::Actor(args) => roles::actor(args),
+        Command::RewardServer(args) => roles::reward_server(args),
+        Command::Status(args) => roles::status(args),
         Command::Generate(args) => generate_cmd::run(args),
         Command::ImportGguf { file, out_dir } => import_gguf(&file, &out_dir),
         Command::Bench(cmd) => bench::run(cmd),

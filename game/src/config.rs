@@ -142,6 +142,10 @@ pub struct RewardConfig {
     pub address: String,
     /// Multiplies R (reward models have arbitrary scales; R and R_Q are added unscaled).
     pub scale: f64,
+    /// `judge`: how the judge model grades (generate or expected).
+    pub judge_mode: SelfRewardMode,
+    /// `judge`: a file replacing the built-in grading prompt (empty = built-in).
+    pub prompt_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,7 +232,14 @@ impl Default for SelfRewardConfig {
 }
 impl Default for RewardConfig {
     fn default() -> Self {
-        RewardConfig { kind: RewardKind::Judge, path: PathBuf::new(), address: String::new(), scale: 1.0 }
+        RewardConfig {
+            kind: RewardKind::Judge,
+            path: PathBuf::new(),
+            address: String::new(),
+            scale: 1.0,
+            judge_mode: SelfRewardMode::Expected,
+            prompt_file: PathBuf::new(),
+        }
     }
 }
 impl Default for LossConfig {
@@ -263,14 +274,21 @@ impl Default for Config {
 impl Config {
     /// Reads a TOML file (None = defaults) and applies `key=value` overrides in order.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let mut value = match path {
+        match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(io_err(p))?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| GameError::Config(format!("{}: {e}", p.display())))?
+                Self::from_toml_str(&text, overrides).map_err(|e| match e {
+                    GameError::Config(m) => GameError::Config(format!("{}: {m}", p.display())),
+                    e => e,
+                })
             }
-            None => toml::Table::new(),
-        };
+            None => Self::from_toml_str("", overrides),
+        }
+    }
+
+    /// Parses TOML text and applies `key=value` overrides in order.
+    pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut value = text.parse::<toml::Table>().map_err(|e| GameError::Config(e.to_string()))?;
         for o in overrides {
             apply_override(&mut value, o)?;
         }

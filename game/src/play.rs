@@ -4,7 +4,7 @@
 use crate::config::{Config, RewardKind};
 use crate::error::{io_err, GameError, Result};
 use crate::judge::Judge;
-use crate::prompts::{challenger_prompt, DEFAULT_CHALLENGER_PROMPT, DEFAULT_JUDGE_PROMPT};
+use crate::prompts::{challenger_prompt, DEFAULT_CHALLENGER_PROMPT, DEFAULT_JUDGE_PROMPT, DEFAULT_REWARD_PROMPT};
 use crate::reward::{JudgeReward, NoReward, RewardModel, RewardSource};
 use crate::rollout::{AnswerData, RolloutGroup, SequenceData};
 use selfplay_policy::{scoring, ChatMessage, Policy};
@@ -84,7 +84,8 @@ impl Player {
                 } else {
                     Some(Policy::load(&cfg.reward.path, policy.model.device(), policy.model.kind())?)
                 };
-                Box::new(JudgeReward::new(own, &reference, judge_prompt, cfg.self_reward.mode, cfg.self_reward.max_new_tokens)?)
+                let prompt = read_prompt(&cfg.reward.prompt_file, DEFAULT_REWARD_PROMPT)?;
+                Box::new(JudgeReward::new(own, &reference, prompt, cfg.reward.judge_mode, cfg.self_reward.max_new_tokens)?)
             }
             RewardKind::Remote => {
                 return Err(GameError::Config(

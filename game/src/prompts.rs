@@ -39,6 +39,22 @@ additive 7-point rubric. Award one point for each statement that is true:
 First justify your grade briefly (at most 100 words). Then write the sum of the points \
 inside <Calculation></Calculation> and the total score (0 to 7) as <Score>N</Score>.";
 
+/// The judge-model reward (`reward.kind = judge`), for when no reward model exists: one overall
+/// grade, deliberately unlike the self-reward rubric so that R and R_Q measure different things.
+pub const DEFAULT_REWARD_PROMPT: &str = "\
+How well does the response below answer the instruction? Consider correctness, helpfulness \
+and completeness. Grade it from 0 (useless or wrong) to 7 (excellent).
+
+<Instruction>
+{instruction}
+</Instruction>
+
+<Response>
+{response}
+</Response>
+
+Give the grade as <Score>N</Score>.";
+
 /// Fills the challenger prompt. Empty `task` and `template` leave the choice to the model.
 pub fn challenger_prompt(prompt: &str, task: &str, template: &str) -> String {
     let task_rule = if task.trim().is_empty() {

@@ -1,0 +1,489 @@
+//! The distributed roles as subcommands: `train` (all roles in one process on loopback, the
+//! embedded default), `coordinator`, `learner`, `actor`, `reward-server` and `status`.
+use crate::progress::Progress;
+use crate::{default_model, telemetry};
+use anyhow::{bail, Context, Result};
+use selfplay_game::{Config, Player};
+use selfplay_proto::auth::BearerToken;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The run's configuration: a TOML file plus `--set` overrides.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// TOML run configuration (every knob; see configs/).
+    #[arg(long, env = "SELFPLAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Override one config key, e.g. --set game.group_size=4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// The embedded default run (LSP on SmolLM2-135M-Instruct, sized for a CPU).
+pub const EMBEDDED_CONFIG: &str = include_str!("../../configs/smollm2-cpu.toml");
+
+impl ConfigArgs {
+    /// The file given, else the embedded default; then the overrides.
+    pub fn load(&self) -> Result<Config> {
+        let mut cfg = match &self.config {
+            Some(p) => Config::load(Some(p), &self.set)?,
+            None => Config::from_toml_str(EMBEDDED_CONFIG, &self.set)?,
+        };
+        if cfg.model.path.as_os_str().is_empty() {
+            cfg.model.path = default_model();
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuthArgs {
+    /// File holding the bearer token (else $SELFPLAY_TOKEN).
+    #[arg(long, env = "SELFPLAY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    pub fn token(&self) -> Result<BearerToken> {
+        Ok(BearerToken::load(self.token_file.as_deref())?)
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address of /metrics and /health.
+    #[arg(long, env = "SELFPLAY_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
+    /// Write {"grpc": ..., "metrics": ...} here once serving (for scripts and tests).
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+fn write_ready(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
+    if let Some(p) = path {
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, value.to_string())?;
+        std::fs::rename(&tmp, p)?;
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("stop requested");
+}
+
+fn device(cfg: &Config) -> Result<tch::Device> {
+    Ok(match cfg.model.device.as_str() {
+        "auto" => tch::Device::cuda_if_available(),
+        d => selfplay_policy::parse_device(d)?,
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Actors in this process (default: 1 on CPU, 1 per GPU otherwise).
+    #[arg(long)]
+    pub actors: Option<usize>,
+    /// Continue from the newest checkpoint in run.out_dir.
+    #[arg(long)]
+    pub resume: bool,
+    /// 0 = synchronous on-policy (the paper); k > 0 = asynchronous, groups up to k versions old.
+    #[arg(long, default_value_t = 0)]
+    pub max_policy_lag: u64,
+    /// Dtype of weights on the wire: auto (the model's), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    pub wire_dtype: String,
+}
+
+/// Everything in one process on 127.0.0.1: coordinator, learner and K actors.
+pub fn train(args: TrainArgs) -> Result<()> {
+    let cfg = args.config.load()?;
+    let dev = device(&cfg)?;
+    let rt = runtime()?;
+    let out_dir = cfg.run.out_dir.clone();
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    if !args.resume && selfplay_learner::latest_checkpoint(&out_dir).is_some() {
+        bail!("{} already holds checkpoints: pass --resume to continue, or choose another run.out_dir", out_dir.display());
+    }
+    std::fs::write(out_dir.join("config.toml"), cfg.to_toml())?;
+    let token = BearerToken::generate();
+    let n_actors = args.actors.unwrap_or(1).max(1);
+    let stop = Arc::new(AtomicBool::new(false));
+
+    rt.block_on(async {
+        let tele = telemetry::serve(&args.serve.metrics_addr).await?;
+        selfplay_coordinator::describe_metrics();
+        // Coordinator.
+        let coord_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let coord_addr = format!("http://{}", coord_listener.local_addr()?);
+        let ccfg = selfplay_coordinator::CoordinatorConfig {
+            state_dir: out_dir.join("coordinator"),
+            run_seed: cfg.run.seed,
+            token: Some(token.clone()),
+            ..Default::default()
+        };
+        if !args.resume {
+            let _ = std::fs::remove_dir_all(&ccfg.state_dir);
+        }
+        let (coord_stop_tx, coord_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let coordinator = tokio::spawn(selfplay_coordinator::serve(ccfg, coord_listener, async move {
+            let _ = coord_stop_rx.await;
+        }));
+
+        // Learner.
+        let learner_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let learner_addr = format!("http://{}", learner_listener.local_addr()?);
+        let opts = selfplay_learner::LearnerOptions {
+            coordinator: coord_addr.clone(),
+            token: token.clone(),
+            max_policy_lag: args.max_policy_lag,
+            publish_every: 1,
+            wire_dtype: args.wire_dtype.clone(),
+            device: dev,
+            resume: args.resume,
+        };
+        let progress = Progress::new(cfg.run.steps);
+        let (learner_stop_tx, learner_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let learner = tokio::spawn(selfplay_learner::run(
+            cfg.clone(),
+            opts,
+            learner_listener,
+            async move {
+                let _ = learner_stop_rx.await;
+            },
+            move |s| progress.step(s),
+        ));
+        write_ready(&args.serve.ready_file, serde_json::json!({
+            "coordinator": coord_addr, "learner": learner_addr, "metrics": tele.addr.to_string(),
+        }))?;
+
+        // Actors: each on its own thread with its own policy and reference model. The initial
+        // weights are the model on disk (version 0); a resumed run fetches the latest version.
+        let mut actors = vec![];
+        for i in 0..n_actors {
+            let (cfg, stop, token, rt) = (cfg.clone(), stop.clone(), token.clone(), tokio::runtime::Handle::current());
+            let opts = selfplay_actor::ActorOptions {
+                coordinator: coord_addr.clone(),
+                learner: learner_addr.clone(),
+                token,
+                actor_id: format!("local-{i}"),
+                patience: Duration::from_secs(120),
+            };
+            actors.push(std::thread::Builder::new().name(format!("actor-{i}")).spawn(move || -> Result<()> {
+                let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
+                let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
+                let player = Player::new(policy, None, cfg.clone())?;
+                selfplay_actor::run(player, opts, rt, stop)?;
+                Ok(())
+            })?);
+        }
+
+        let mut learner = learner;
+        let result = tokio::select! {
+            r = &mut learner => r,
+            _ = shutdown_signal() => {
+                tele.healthy.store(false, Ordering::SeqCst);
+                let _ = learner_stop_tx.send(());
+                learner.await
+            }
+        };
+        stop.store(true, Ordering::SeqCst);
+        let summary = result??;
+        for a in actors {
+            // Actors finish their unit and leave; a unit cut short is re-issued on resume.
+            let _ = tokio::task::spawn_blocking(move || a.join()).await;
+        }
+        let _ = coord_stop_tx.send(());
+        let _ = coordinator.await;
+        eprintln!(
+            "done: {} steps; checkpoint {}",
+            summary.steps,
+            summary.checkpoint.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_else(|| "-".into())
+        );
+        Ok(())
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    #[arg(long, env = "SELFPLAY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    #[arg(long, env = "SELFPLAY_STATE_DIR", default_value = "selfplay-coordinator")]
+    pub state_dir: PathBuf,
+    #[arg(long, default_value_t = 10_000)]
+    pub lease_ttl_ms: u64,
+    #[arg(long, default_value_t = 2)]
+    pub keep_versions: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let tele = telemetry::serve(&args.serve.metrics_addr).await?;
+        selfplay_coordinator::describe_metrics();
+        let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+        let addr = listener.local_addr()?;
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(c), Some(k)) => Some(selfplay_coordinator::config::TlsConfig { cert: c.clone(), key: k.clone() }),
+            (None, None) => None,
+            _ => bail!("--tls-cert and --tls-key go together"),
+        };
+        let cfg = selfplay_coordinator::CoordinatorConfig {
+            state_dir: args.state_dir.clone(),
+            lease_ttl_ms: args.lease_ttl_ms,
+            keep_versions: args.keep_versions,
+            run_seed: args.seed,
+            token: Some(args.auth.token()?),
+            tls,
+            ..Default::default()
+        };
+        write_ready(&args.serve.ready_file, serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}))?;
+        tracing::info!(%addr, "coordinator serving");
+        selfplay_coordinator::serve(cfg, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LearnerArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[arg(long, env = "SELFPLAY_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+    #[arg(long, env = "SELFPLAY_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: String,
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, default_value_t = 0)]
+    pub max_policy_lag: u64,
+    #[arg(long, default_value_t = 1)]
+    pub publish_every: u64,
+    #[arg(long, default_value = "auto")]
+    pub wire_dtype: String,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+pub fn learner(args: LearnerArgs) -> Result<()> {
+    let cfg = args.config.load()?;
+    let dev = device(&cfg)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let tele = telemetry::serve(&args.serve.metrics_addr).await?;
+        let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+        let addr = listener.local_addr()?;
+        std::fs::create_dir_all(&cfg.run.out_dir)?;
+        let opts = selfplay_learner::LearnerOptions {
+            coordinator: args.coordinator.clone(),
+            token: args.auth.token()?,
+            max_policy_lag: args.max_policy_lag,
+            publish_every: args.publish_every,
+            wire_dtype: args.wire_dtype.clone(),
+            device: dev,
+            resume: args.resume,
+        };
+        write_ready(&args.serve.ready_file, serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}))?;
+        let progress = Progress::new(cfg.run.steps);
+        let summary = selfplay_learner::run(cfg, opts, listener, shutdown_signal(), move |s| progress.step(s)).await?;
+        eprintln!("done: {} steps", summary.steps);
+        Ok(())
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ActorArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[arg(long, env = "SELFPLAY_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+    #[arg(long, env = "SELFPLAY_LEARNER", default_value = "http://127.0.0.1:50052")]
+    pub learner: String,
+    /// Remote reward server (reward.kind = remote).
+    #[arg(long, env = "SELFPLAY_REWARD")]
+    pub reward: Option<String>,
+    #[arg(long, env = "SELFPLAY_ACTOR_ID")]
+    pub actor_id: Option<String>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+pub fn actor(args: ActorArgs) -> Result<()> {
+    let cfg = args.config.load()?;
+    let dev = device(&cfg)?;
+    let rt = runtime()?;
+    let token = args.auth.token()?;
+    let tele = rt.block_on(telemetry::serve(&args.serve.metrics_addr))?;
+    write_ready(&args.serve.ready_file, serde_json::json!({"metrics": tele.addr.to_string()}))?;
+    let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
+    let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
+    let player = if cfg.reward.kind == selfplay_game::config::RewardKind::Remote {
+        let address = args.reward.clone().unwrap_or_else(|| cfg.reward.address.clone());
+        let channel = rt.block_on(tonic::transport::Endpoint::from_shared(address.clone())?.connect())
+            .with_context(|| format!("reward server {address}"))?;
+        let client = selfplay_proto::client::reward_client(channel, &token);
+        let reference = policy.frozen_copy()?;
+        let judge = if cfg.game.mode.uses_self_reward() {
+            Some(selfplay_game::judge::Judge::new(
+                &reference,
+                selfplay_game::prompts::DEFAULT_JUDGE_PROMPT.to_string(),
+                cfg.self_reward.mode,
+                cfg.self_reward.max_new_tokens,
+            )?)
+        } else {
+            None
+        };
+        let remote = selfplay_actor::reward_service::RemoteReward::new(client, rt.handle().clone());
+        Player::with_reward(policy, reference, Box::new(remote), judge, cfg.clone())?
+    } else {
+        Player::new(policy, None, cfg.clone())?
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            shutdown_signal().await;
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    let opts = selfplay_actor::ActorOptions {
+        coordinator: args.coordinator.clone(),
+        learner: args.learner.clone(),
+        token,
+        actor_id: args.actor_id.clone().unwrap_or_else(selfplay_actor::default_actor_id),
+        patience: Duration::from_secs(300),
+    };
+    let summary = selfplay_actor::run(player, opts, rt.handle().clone(), stop)?;
+    eprintln!("actor done: {} units, {} failed, weights v{}", summary.units_done, summary.units_failed, summary.weights_version);
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RewardServerArgs {
+    /// A LlamaForSequenceClassification directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    #[arg(long, env = "SELFPLAY_LISTEN", default_value = "127.0.0.1:50053")]
+    pub listen: String,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+pub fn reward_server(args: RewardServerArgs) -> Result<()> {
+    let dev = if args.device == "auto" { tch::Device::cuda_if_available() } else { selfplay_policy::parse_device(&args.device)? };
+    let kind = selfplay_policy::parse_kind(&args.dtype)?;
+    let model = selfplay_game::reward::RewardModel::load(&args.model, dev, kind)?;
+    let token = args.auth.token()?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let tele = telemetry::serve(&args.serve.metrics_addr).await?;
+        let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+        let addr = listener.local_addr()?;
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        let svc = selfplay_proto::v1::reward_server::RewardServer::new(selfplay_actor::reward_service::RewardService::new(model))
+            .max_decoding_message_size(selfplay_proto::MAX_MESSAGE_BYTES);
+        health.set_serving::<selfplay_proto::v1::reward_server::RewardServer<selfplay_actor::reward_service::RewardService>>().await;
+        write_ready(&args.serve.ready_file, serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}))?;
+        tracing::info!(%addr, "reward server serving");
+        tonic::transport::Server::builder()
+            .add_service(health_svc)
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                svc,
+                selfplay_proto::auth::ServerAuth::new(token, "reward"),
+            ))
+            .serve_with_incoming_shutdown(tokio_stream_listener(listener), shutdown_signal())
+            .await?;
+        Ok(())
+    })
+}
+
+fn tokio_stream_listener(l: tokio::net::TcpListener) -> tokio_stream::wrappers::TcpListenerStream {
+    tokio_stream::wrappers::TcpListenerStream::new(l)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, env = "SELFPLAY_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+    /// Print the raw status as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let rt = runtime()?;
+    let token = args.auth.token()?;
+    let s = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(args.coordinator.clone())?.connect().await
+            .with_context(|| format!("coordinator {}", args.coordinator))?;
+        let mut c = selfplay_proto::client::coordinator_client(ch, &token);
+        Ok::<_, anyhow::Error>(c.status(selfplay_proto::v1::StatusRequest {}).await?.into_inner())
+    })?;
+    if args.json {
+        println!("{}", serde_json::json!({
+            "open_step": s.open_step, "units_pending": s.units_pending, "units_leased": s.units_leased,
+            "units_issued_total": s.units_issued_total, "units_reissued_total": s.units_reissued_total,
+            "units_done_total": s.units_done_total, "weight_versions": s.weight_versions,
+            "units_per_second": s.units_per_second,
+            "actors": s.actors.iter().map(|a| serde_json::json!({
+                "actor_id": a.actor_id, "device": a.device, "weights_version": a.weights_version,
+                "units": a.units, "units_done": a.units_done, "last_heartbeat_age_s": a.last_heartbeat_age_s,
+            })).collect::<Vec<_>>(),
+        }));
+        return Ok(());
+    }
+    println!("step {}  units: {} pending, {} leased, {} done ({} issued, {} re-issued)  {:.2} units/s  weights {:?}",
+        s.open_step, s.units_pending, s.units_leased, s.units_done_total, s.units_issued_total, s.units_reissued_total, s.units_per_second, s.weight_versions);
+    println!("{:<24} {:<10} {:>8} {:>6} {:>10}  units", "actor", "device", "weights", "done", "heartbeat");
+    for a in &s.actors {
+        println!("{:<24} {:<10} {:>8} {:>6} {:>9.1}s  {}", a.actor_id, a.device, a.weights_version, a.units_done, a.last_heartbeat_age_s, a.units.join(","));
+    }
+    Ok(())
+}
