@@ -291,6 +291,43 @@ fn checkpoint(trainer: &Trainer, inbox: &Mutex<Inbox>, out_dir: &Path, keep: usi
     Ok(dir)
 }
 
+/// Appends one line per step to `<out_dir>/steps.jsonl`: the statistics and which units (from
+/// which actors, sampled by which version) went into it. Curves and audits read this file.
+fn log_step(out_dir: &Path, stats: &StepStats, groups: &[selfplay_game::RolloutGroup]) {
+    use std::io::Write;
+    let line = serde_json::json!({
+        "stats": stats,
+        "units": groups.iter().map(|g| serde_json::json!({
+            "unit_id": g.unit_id, "actor_id": g.actor_id, "weights_version": g.weights_version,
+        })).collect::<Vec<_>>(),
+    });
+    let path = out_dir.join("steps.jsonl");
+    let res = std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = res {
+        tracing::warn!(path = %path.display(), error = %e, "cannot append to the step log");
+    }
+}
+
+/// After a resume, drops the logged steps the checkpoint does not contain (they will run again).
+fn truncate_step_log(out_dir: &Path, step: u64) {
+    let path = out_dir.join("steps.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else { return };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["stats"]["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    let _ = std::fs::write(&path, out);
+}
+
 /// Runs the learner until `cfg.run.steps` steps are done (0 = forever) or `shutdown`
 /// resolves; then writes a final checkpoint. `on_step` sees every step's statistics.
 pub async fn run(
@@ -328,6 +365,7 @@ pub async fn run(
     .await
     .map_err(|e| LearnerError::Thread(e.to_string()))??;
 
+    truncate_step_log(&out_dir, trainer.step);
     let mut inbox = Inbox::new(trainer.step, opts.max_policy_lag, cfg.game.queries_per_step, trainer.limits());
     if let Some(ids) = extra.get("consumed").and_then(|c| c.as_array()) {
         inbox.consumed = ids.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
@@ -423,6 +461,7 @@ pub async fn run(
                 ::metrics::gauge!("selfplay_learner_idle_fraction").set(waited / since.elapsed().as_secs_f64().max(1e-9));
                 since = Instant::now();
                 metrics::record_step(&stats);
+                log_step(&runner.cfg.run.out_dir, &stats, &groups);
                 on_step(&stats);
                 if trainer.step % opts.publish_every == 0 {
                     runner.publish(&trainer)?;

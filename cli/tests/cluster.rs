@@ -1,0 +1,334 @@
+//! The distributed runtime as real processes on 127.0.0.1 with ports chosen by the OS:
+//! coordinator, learner and actors of the `selfplay` binary, on tiny random models.
+use selfplay_proto::auth::BearerToken;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+const N: usize = 3;
+
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Cluster {
+    dir: PathBuf,
+    config: PathBuf,
+    coordinator_addr: Option<String>,
+    learner_addr: Option<String>,
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_selfplay")
+}
+
+fn wait_ready(path: &Path, what: &str) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(v) = serde_json::from_str(&text) {
+                return v;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{what} never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Cluster {
+    fn new(extra: &[&str]) -> (tempfile::TempDir, Cluster) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let model = dir.join("model");
+        let rm = dir.join("rm");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::create_dir_all(&rm).unwrap();
+        selfplay_tests::tiny_model(&model, "gqa_tied", 7);
+        selfplay_tests::tiny_reward_model(&rm, "gqa_tied", 8);
+        let mut cfg = format!(
+            "[run]\nseed = 3\nsteps = 5\nout_dir = {:?}\ncheckpoint_every = 2\nkeep_checkpoints = 10\n\
+             [model]\npath = {:?}\ndevice = \"cpu\"\n\
+             [game]\nmode = \"lsp-zero\"\nqueries_per_step = {N}\ngroup_size = 2\n\
+             [challenger]\nmax_new_tokens = 6\n[solver]\nmax_new_tokens = 8\n\
+             [reward]\nkind = \"model\"\npath = {:?}\n[optim]\nlr = 1e-3\ngrad_accum = 1\n",
+            dir.join("run").to_str().unwrap(),
+            model.to_str().unwrap(),
+            rm.to_str().unwrap()
+        );
+        for e in extra {
+            cfg.push_str(e);
+            cfg.push('\n');
+        }
+        let config = dir.join("run.toml");
+        std::fs::write(&config, cfg).unwrap();
+        (tmp, Cluster { dir, config, coordinator_addr: None, learner_addr: None })
+    }
+
+    fn spawn(&self, name: &str, args: &[String]) -> Proc {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(bin())
+            .args(["--threads", "1", "--log", "info"])
+            .args(args)
+            .env("SELFPLAY_TOKEN", TOKEN)
+            .env_remove("SELFPLAY_TOKEN_FILE")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Proc { child, name: name.to_string() }
+    }
+
+    fn coordinator(&mut self, listen: &str) -> Proc {
+        let ready = self.dir.join("coordinator.ready");
+        let _ = std::fs::remove_file(&ready);
+        let p = self.spawn("coordinator", &[
+            "coordinator".into(), "--listen".into(), listen.into(),
+            "--state-dir".into(), self.dir.join("state").to_str().unwrap().into(),
+            "--lease-ttl-ms".into(), "1500".into(), "--seed".into(), "3".into(),
+            "--metrics-addr".into(), "127.0.0.1:0".into(), "--ready-file".into(), ready.to_str().unwrap().into(),
+        ]);
+        let r = wait_ready(&ready, "coordinator");
+        self.coordinator_addr = Some(format!("http://{}", r["grpc"].as_str().unwrap()));
+        p
+    }
+
+    fn learner(&mut self, extra: &[&str]) -> Proc {
+        let ready = self.dir.join("learner.ready");
+        let _ = std::fs::remove_file(&ready);
+        let mut args: Vec<String> = vec![
+            "learner".into(), "--config".into(), self.config.to_str().unwrap().into(),
+            "--coordinator".into(), self.coordinator_addr.clone().unwrap(),
+            "--listen".into(), self.learner_addr.clone().map(|a| a.trim_start_matches("http://").to_string()).unwrap_or("127.0.0.1:0".into()),
+            "--metrics-addr".into(), "127.0.0.1:0".into(), "--ready-file".into(), ready.to_str().unwrap().into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let p = self.spawn("learner", &args);
+        let r = wait_ready(&ready, "learner");
+        self.learner_addr = Some(format!("http://{}", r["grpc"].as_str().unwrap()));
+        p
+    }
+
+    fn actor(&self, id: &str) -> Proc {
+        self.spawn(id, &[
+            "actor".into(), "--config".into(), self.config.to_str().unwrap().into(),
+            "--coordinator".into(), self.coordinator_addr.clone().unwrap(),
+            "--learner".into(), self.learner_addr.clone().unwrap(),
+            "--actor-id".into(), id.into(), "--metrics-addr".into(), "127.0.0.1:0".into(),
+        ])
+    }
+
+    fn steps(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("run/steps.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn wait_steps(&self, n: usize, procs: &mut [&mut Proc]) {
+        let t0 = Instant::now();
+        while self.steps().len() < n {
+            for p in procs.iter_mut() {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    panic!("{} exited with {status} before step {n}:\n{}", p.name, self.log(&p.name));
+                }
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "no step {n} after 300 s:\n{}", self.log("learner"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_exit(&self, p: &mut Proc) {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = p.child.try_wait().unwrap() {
+                assert!(s.success(), "{} failed: {s}\n{}", p.name, self.log(&p.name));
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "{} did not finish:\n{}", p.name, self.log(&p.name));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Every step used exactly N distinct units of its own step; no unit twice in the run.
+    fn check_steps(&self, n_steps: usize) -> Vec<serde_json::Value> {
+        let steps = self.steps();
+        assert_eq!(steps.len(), n_steps, "steps logged");
+        let mut seen = HashSet::new();
+        for (i, s) in steps.iter().enumerate() {
+            assert_eq!(s["stats"]["step"].as_u64(), Some(i as u64 + 1));
+            let units = s["units"].as_array().unwrap();
+            assert_eq!(units.len(), N, "step {} has {} groups", i + 1, units.len());
+            for u in units {
+                let id = u["unit_id"].as_str().unwrap().to_string();
+                assert!(seen.insert(id.clone()), "unit {id} consumed twice");
+            }
+        }
+        steps
+    }
+
+    fn final_weights(&self) -> Vec<u8> {
+        let ckpt = selfplay_learner::latest_checkpoint(&self.dir.join("run")).expect("a checkpoint");
+        std::fs::read(ckpt.join("model.safetensors")).unwrap()
+    }
+}
+
+fn status(addr: &str) -> selfplay_proto::v1::StatusResponse {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(addr.to_string()).unwrap().connect().await.unwrap();
+        let mut c = selfplay_proto::client::coordinator_client(ch, &BearerToken::new(TOKEN).unwrap());
+        c.status(selfplay_proto::v1::StatusRequest {}).await.unwrap().into_inner()
+    })
+}
+
+#[test]
+fn two_actors_five_steps_each_with_n_distinct_units() {
+    let (_tmp, mut c) = Cluster::new(&[]);
+    let _coord = c.coordinator("127.0.0.1:0");
+    let mut learner = c.learner(&[]);
+    let a = c.actor("actor-a");
+    let b = c.actor("actor-b");
+    c.wait_exit(&mut learner);
+    let steps = c.check_steps(5);
+    let actors: HashSet<String> = steps
+        .iter()
+        .flat_map(|s| s["units"].as_array().unwrap().iter().map(|u| u["actor_id"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(actors, HashSet::from(["actor-a".to_string(), "actor-b".to_string()]), "both actors contributed");
+    // Synchronous mode: every group was sampled by the version it trained.
+    for (i, s) in steps.iter().enumerate() {
+        for u in s["units"].as_array().unwrap() {
+            assert_eq!(u["weights_version"].as_u64(), Some(i as u64));
+        }
+    }
+    drop((a, b));
+}
+
+#[test]
+fn killed_actor_unit_is_reissued_and_late_joiner_fetches_weights() {
+    let (_tmp, mut c) = Cluster::new(&[]);
+    let _coord = c.coordinator("127.0.0.1:0");
+    let mut learner = c.learner(&[]);
+    let mut a = c.actor("actor-a");
+    let mut b = c.actor("actor-b");
+    c.wait_steps(1, &mut [&mut learner]);
+    // kill -9 one actor while it holds a unit.
+    let addr = c.coordinator_addr.clone().unwrap();
+    let t0 = Instant::now();
+    while !status(&addr).actors.iter().any(|x| x.actor_id == "actor-a" && !x.units.is_empty()) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "actor-a never held a unit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    c.wait_steps(3, &mut [&mut learner]);
+    // A new actor joins at step 3 and the last old one dies: the late actor must fetch
+    // version >= 3 (checksums verified) and finish the run alone.
+    let late = c.actor("actor-late");
+    b.child.kill().unwrap();
+    let _ = b.child.wait();
+    c.wait_exit(&mut learner);
+    let steps = c.check_steps(5);
+    let late_units: Vec<&serde_json::Value> = steps
+        .iter()
+        .flat_map(|s| s["units"].as_array().unwrap().iter())
+        .filter(|u| u["actor_id"] == "actor-late")
+        .collect();
+    assert!(!late_units.is_empty(), "the late actor contributed");
+    assert!(late_units.iter().all(|u| u["weights_version"].as_u64().unwrap() >= 3));
+    let log = std::fs::read_to_string(c.dir.join("actor-late.log")).unwrap();
+    assert!(log.contains("weights loaded"), "late actor fetched weights:\n{log}");
+    let st = status(c.coordinator_addr.as_ref().unwrap());
+    assert!(st.units_reissued_total >= 1, "the killed actor's unit came back: {st:?}");
+    drop(late);
+}
+
+fn run_to_end(c: &mut Cluster, kill_learner_after: Option<usize>) -> Vec<u8> {
+    let _coord = c.coordinator("127.0.0.1:0");
+    let mut learner = c.learner(&[]);
+    let a = c.actor("actor-a");
+    if let Some(k) = kill_learner_after {
+        c.wait_steps(k, &mut [&mut learner]);
+        // Wait for the checkpoint of step k (checkpoint_every = 2) and kill -9.
+        let want = c.dir.join(format!("run/checkpoints/step-{k:08}/trainer.json"));
+        let t0 = Instant::now();
+        while !want.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(60));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        learner.child.kill().unwrap();
+        let _ = learner.child.wait();
+        learner = c.learner(&["--resume"]);
+    }
+    c.wait_exit(&mut learner);
+    c.check_steps(5);
+    drop(a);
+    c.final_weights()
+}
+
+#[test]
+fn learner_killed_after_checkpoint_resumes_to_the_same_weights() {
+    let (_t1, mut straight) = Cluster::new(&[]);
+    let want = run_to_end(&mut straight, None);
+    let (_t2, mut killed) = Cluster::new(&[]);
+    let got = run_to_end(&mut killed, Some(2));
+    let log = std::fs::read_to_string(killed.dir.join("learner.log")).unwrap();
+    assert!(log.contains("resuming"), "{log}");
+    assert!(got == want, "final weights differ from the uninterrupted run");
+}
+
+#[test]
+fn coordinator_restart_mid_run() {
+    let (_tmp, mut c) = Cluster::new(&[]);
+    let mut coord = c.coordinator("127.0.0.1:0");
+    let addr = c.coordinator_addr.clone().unwrap();
+    let mut learner = c.learner(&[]);
+    let a = c.actor("actor-a");
+    c.wait_steps(2, &mut [&mut learner]);
+    coord.child.kill().unwrap();
+    let _ = coord.child.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let _coord2 = c.coordinator(addr.trim_start_matches("http://"));
+    c.wait_exit(&mut learner);
+    c.check_steps(5);
+    drop(a);
+}
+
+#[test]
+fn asynchronous_mode_records_staleness() {
+    let (_tmp, mut c) = Cluster::new(&[]);
+    let _coord = c.coordinator("127.0.0.1:0");
+    let mut learner = c.learner(&["--max-policy-lag", "2"]);
+    let a = c.actor("actor-a");
+    let b = c.actor("actor-b");
+    c.wait_exit(&mut learner);
+    let steps = c.check_steps(5);
+    let mut stale = 0;
+    for s in &steps {
+        let v = s["stats"]["step"].as_u64().unwrap() - 1;
+        for u in s["units"].as_array().unwrap() {
+            let lag = v - u["weights_version"].as_u64().unwrap();
+            assert!(lag <= 2, "a group {lag} versions old trained with lag 2");
+            stale += lag;
+        }
+        assert!(s["stats"]["staleness"].as_f64().is_some());
+    }
+    assert!(stale > 0, "asynchronous mode never trained on an older version");
+    drop((a, b));
+}
