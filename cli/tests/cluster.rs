@@ -332,3 +332,113 @@ fn asynchronous_mode_records_staleness() {
     assert!(stale > 0, "asynchronous mode never trained on an older version");
     drop((a, b));
 }
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn valid_group(unit: &str) -> selfplay_proto::v1::RolloutGroup {
+    use selfplay_proto::v1::{Answer, RolloutGroup, Sequence};
+    let seq = || Sequence {
+        prompt_ids: vec![3, 10, 11, 4],
+        completion_ids: vec![12, 13, 2],
+        behaviour_logprobs: vec![-1.0, -2.0, -0.5],
+        ref_logprobs: vec![-1.1, -2.1, -0.4],
+        text: "t12 t13".into(),
+    };
+    RolloutGroup {
+        unit_id: unit.into(),
+        step: 0,
+        weights_version: 0,
+        actor_id: "test".into(),
+        challenger: Some(seq()),
+        answers: (0..2).map(|i| Answer { sequence: Some(seq()), reward: i as f32, self_reward: 0.0, self_reward_parsed: true }).collect(),
+        play_seconds: 0.0,
+    }
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_the_run_is_unaffected() {
+    use tokio_stream::StreamExt;
+    let (_tmp, mut c) = Cluster::new(&[]);
+    let _coord = c.coordinator("127.0.0.1:0");
+    let mut learner = c.learner(&[]);
+    let learner_addr = c.learner_addr.clone().unwrap();
+    let metrics_addr = wait_ready(&c.dir.join("learner.ready"), "learner")["metrics"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let submit = |token: &str, g: selfplay_proto::v1::RolloutGroup| {
+        let addr = learner_addr.clone();
+        let token = BearerToken::new(token).unwrap();
+        rt.block_on(async move {
+            let ch = tonic::transport::Endpoint::from_shared(addr).unwrap().connect().await.unwrap();
+            let mut l = selfplay_proto::client::learner_client(ch, &token);
+            let mut acks = l.submit_rollouts(tokio_stream::iter([g])).await?.into_inner();
+            acks.next().await.expect("one ack")
+        })
+    };
+
+    // Wrong token (and the coordinator refuses it too).
+    let e = submit("wrong-token-0123456789", valid_group("s0-u0")).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(c.coordinator_addr.clone().unwrap()).unwrap().connect().await.unwrap();
+        let mut cc = selfplay_proto::v1::coordinator_client::CoordinatorClient::new(ch);
+        cc.status(selfplay_proto::v1::StatusRequest {}).await.unwrap_err()
+    });
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "no token: {e:?}");
+
+    // Garbage bytes on the gRPC port: the connection is dropped, nothing else happens.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(learner_addr.trim_start_matches("http://")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(1000));
+        let mut buf = [0u8; 256];
+        let _ = s.read(&mut buf);
+    }
+
+    // Oversized message: refused by the size limit before decoding.
+    let mut big = valid_group("s0-u1");
+    big.answers[0].sequence.as_mut().unwrap().text = "x".repeat(selfplay_proto::MAX_MESSAGE_BYTES + 1024);
+    let e = submit(TOKEN, big).unwrap_err();
+    assert!(matches!(e.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal), "{e:?}");
+
+    // Semantically bad groups: an ack that names the field, nothing stored.
+    let cases: Vec<(&str, Box<dyn Fn(&mut selfplay_proto::v1::RolloutGroup)>)> = vec![
+        ("answers[1].reward", Box::new(|g| g.answers[1].reward = f32::NAN)),
+        ("outside the vocabulary", Box::new(|g| g.answers[0].sequence.as_mut().unwrap().completion_ids[1] = 50_000)),
+        ("expected G = 2", Box::new(|g| { g.answers.pop(); })),
+        ("log-probs must be finite and <= 0", Box::new(|g| g.challenger.as_mut().unwrap().ref_logprobs[0] = 3.0)),
+        ("not a unit id", Box::new(|g| g.unit_id = "../../etc".into())),
+    ];
+    for (want, mutate) in cases {
+        let mut g = valid_group("s0-u2");
+        mutate(&mut g);
+        let ack = submit(TOKEN, g).unwrap();
+        assert!(!ack.accepted && ack.reason.contains(want), "expected {want:?}: {ack:?}");
+    }
+
+    // A duplicate unit is acknowledged as such and stored once.
+    let first = submit(TOKEN, valid_group("s0-u2")).unwrap();
+    assert!(first.accepted, "{first:?}");
+    let second = submit(TOKEN, valid_group("s0-u2")).unwrap();
+    assert!(!second.accepted && second.duplicate, "{second:?}");
+
+    // Counted on /metrics.
+    let m = http_get(&metrics_addr, "/metrics");
+    assert!(m.contains("selfplay_learner_groups_rejected_total{reason=\"invalid\"} 5"), "{m}");
+    assert!(m.contains("selfplay_learner_groups_rejected_total{reason=\"duplicate\"} 1"), "{m}");
+    assert!(m.contains("selfplay_rpc_rejected_total{role=\"learner\",reason=\"unauthenticated\"} 1"), "{m}");
+    assert!(http_get(&metrics_addr, "/health").starts_with("HTTP/1.1 200"));
+
+    // The run is unaffected: an actor completes it, the duplicate unit consumed once.
+    let a = c.actor("actor-a");
+    c.wait_exit(&mut learner);
+    c.check_steps(5);
+    drop(a);
+}
