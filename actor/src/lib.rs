@@ -56,6 +56,18 @@ pub fn describe_metrics() {
     describe_histogram!("selfplay_actor_reward", "Reward R of each answer.");
     describe_histogram!("selfplay_actor_self_reward", "Self-reward R_Q of each answer (LSP).");
     describe_counter!("selfplay_actor_judge_parse_failures_total", "Self-reward judgements that could not be parsed.");
+    for name in [
+        "selfplay_actor_tokens_generated_total",
+        "selfplay_actor_units_done_total",
+        "selfplay_actor_weight_fetch_bytes_total",
+        "selfplay_actor_judge_parse_failures_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in ["play", "submit", "rejected"] {
+        metrics::counter!("selfplay_actor_units_failed_total", "reason" => reason).increment(0);
+    }
+    metrics::gauge!("selfplay_actor_weights_version").set(0.0);
 }
 
 /// What a stopped actor reports.

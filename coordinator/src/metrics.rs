@@ -65,4 +65,8 @@ pub fn describe_metrics() {
         "Time to handle one Coordinator RPC, by rpc (PublishWeights: the whole upload; FetchWeights: until the stream starts)"
     );
     selfplay_proto::auth::describe_metrics();
+    // Counters exist from the start (at 0), so dashboards and rate() see them before events.
+    for name in [LEASES_EXPIRED, UNITS_ISSUED, UNITS_REISSUED, UNITS_DONE, WEIGHT_BYTES_SERVED, WEIGHT_VERSIONS_PUBLISHED] {
+        metrics::counter!(name).increment(0);
+    }
 }

@@ -24,6 +24,19 @@ pub fn describe_metrics() {
     describe_gauge!("selfplay_learner_grad_norm", "Global gradient norm of the last step before clipping.");
     describe_gauge!("selfplay_learner_tokens_per_second", "Tokens through forward and backward per second in the last step.");
     describe_counter!("selfplay_learner_parse_failures_total", "Unparsable self-reward judgements in trained groups.");
+    // Counters exist from the start (at 0), so dashboards and rate() see them before events.
+    for name in [
+        "selfplay_learner_steps_total",
+        "selfplay_learner_groups_received_total",
+        "selfplay_learner_groups_accepted_total",
+        "selfplay_learner_weight_publish_bytes_total",
+        "selfplay_learner_parse_failures_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in ["invalid", "stale", "duplicate"] {
+        metrics::counter!("selfplay_learner_groups_rejected_total", "reason" => reason).increment(0);
+    }
 }
 
 pub fn record_step(s: &StepStats) {

@@ -191,6 +191,8 @@ impl ServerAuth {
     /// `role` names the server in logs and in the `role` label of the rejection counter
     /// (`coordinator`, `learner`, `reward`, ...).
     pub fn new(token: BearerToken, role: &'static str) -> Self {
+        // Start the counter at 0 so that it exists (and rate() works) before the first refusal.
+        metrics::counter!("selfplay_rpc_rejected_total", "role" => role, "reason" => "unauthenticated").increment(0);
         Self { token, role }
     }
 
