@@ -13,6 +13,8 @@ pub enum BenchCommand {
     Generate(BenchGenerateArgs),
     /// Training-side scoring: forward + backward of completion log-probs.
     Score(BenchGenerateArgs),
+    /// Self-reward modes compared on the same judgements: parse rate, agreement, speed.
+    Judge(crate::bench_judge::BenchJudgeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -38,6 +40,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(a) => bench_generate(a),
         BenchCommand::Score(a) => bench_score(a),
+        BenchCommand::Judge(a) => crate::bench_judge::run(a),
     }
 }
 

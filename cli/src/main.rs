@@ -1,5 +1,7 @@
 //! `selfplay`: argument parsing and wiring only; the work lives in the library crates.
 mod bench;
+mod bench_judge;
+mod eval_cmd;
 mod generate_cmd;
 mod progress;
 mod roles;
@@ -41,6 +43,8 @@ enum Command {
     Status(roles::StatusArgs),
     /// Chat with a model: stream its answer to one prompt.
     Generate(generate_cmd::GenerateArgs),
+    /// Win rate of a model against a baseline (AlpacaEval-style), judged by a reward model or a judge LM.
+    Eval(eval_cmd::EvalArgs),
     /// Convert a GGUF llama model into a Hugging Face directory (safetensors, config, tokenizer).
     ImportGguf {
         /// The .gguf file.
@@ -81,6 +85,7 @@ fn main() -> std::process::ExitCode {
         Command::RewardServer(args) => roles::reward_server(args),
         Command::Status(args) => roles::status(args),
         Command::Generate(args) => generate_cmd::run(args),
+        Command::Eval(args) => eval_cmd::run(args),
         Command::ImportGguf { file, out_dir } => import_gguf(&file, &out_dir),
         Command::Bench(cmd) => bench::run(cmd),
     };

@@ -1,0 +1,98 @@
+//! `selfplay eval`: win rate of a model against a baseline on a prompt set, judged by a reward
+//! model or a judge LM; prints the table and writes results.json and winrate.png.
+use anyhow::Result;
+use selfplay_eval::{CiMethod, EvalConfig, JudgeSpec, ProgressMode};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Model A: the model whose win rate is reported (a Hugging Face directory).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Model B: the baseline (for LSP, the base model).
+    #[arg(long)]
+    pub baseline: PathBuf,
+    /// Prompt file: AlpacaEval JSON (subsets from "dataset"), or JSON/JSONL questions (first turn).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// reward-model:DIR (higher score wins) or judge-lm:DIR (pairwise "A or B", both orders).
+    #[arg(long)]
+    pub judge: String,
+    /// Evaluate only N prompts: the first N, or with --stratified a fixed sample.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// With --limit: a seeded sample spread over the subsets in proportion (at least one each).
+    #[arg(long)]
+    pub stratified: bool,
+    /// Seeds the sample, the sampling and the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sampling temperature (0 = greedy; the paper evaluates at 0.01).
+    #[arg(long, default_value_t = 0.01)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: i64,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: i64,
+    /// Prompts per generation batch and pairs per judge batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Confidence intervals: wilson or bootstrap (both over prompts, ties count half).
+    #[arg(long, default_value = "wilson")]
+    pub ci: CiMethod,
+    /// Ask the judge about pairs whose answers are the same text too (default: a tie).
+    #[arg(long)]
+    pub judge_identical: bool,
+    /// Where results.json and winrate.png go.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Answer cache (default: ~/.cache/selfplay/eval-cache).
+    #[arg(long, env = "SELFPLAY_EVAL_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (default: cuda when available).
+    #[arg(long, env = "SELFPLAY_DEVICE")]
+    pub device: Option<String>,
+    /// f32, bf16 or f16 (models and judge).
+    #[arg(long, env = "SELFPLAY_DTYPE", default_value = "f32")]
+    pub dtype: String,
+}
+
+fn default_cache_dir() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".cache/selfplay/eval-cache")
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let judge: JudgeSpec = args.judge.parse()?;
+    let device = match &args.device {
+        Some(d) => selfplay_policy::parse_device(d)?,
+        None => tch::Device::cuda_if_available(),
+    };
+    let kind = selfplay_policy::parse_kind(&args.dtype)?;
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let mut cfg = EvalConfig::new(&args.model, &args.baseline, &args.prompts, judge, &args.out, &cache_dir);
+    cfg.limit = args.limit;
+    cfg.stratified = args.stratified;
+    cfg.seed = args.seed;
+    cfg.temperature = args.temperature;
+    cfg.top_p = args.top_p;
+    cfg.top_k = args.top_k;
+    cfg.max_new_tokens = args.max_new_tokens;
+    cfg.batch = args.batch;
+    cfg.ci = args.ci;
+    cfg.judge_identical = args.judge_identical;
+    cfg.device = device;
+    cfg.kind = kind;
+    cfg.progress = ProgressMode::Auto;
+    tracing::info!(?device, ?kind, cache = %cache_dir.display(), "eval");
+    let report = selfplay_eval::evaluate(&cfg)?;
+    print!("{}", selfplay_eval::format_table(&report));
+    println!(
+        "wrote {} and {}",
+        args.out.join(selfplay_eval::RESULTS_FILE).display(),
+        args.out.join(selfplay_eval::CHART_FILE).display()
+    );
+    Ok(())
+}
