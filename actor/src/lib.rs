@@ -41,6 +41,8 @@ pub struct ActorOptions {
     pub actor_id: String,
     /// Give up when the coordinator stays unreachable this long.
     pub patience: Duration,
+    /// CA that signed the coordinator's and learner's certificates (https addresses).
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 pub fn describe_metrics() {
@@ -78,13 +80,12 @@ pub struct ActorSummary {
     pub weights_version: u64,
 }
 
-async fn connect(address: &str, patience: Duration) -> Result<tonic::transport::Channel, ActorError> {
+async fn connect(address: &str, tls_ca: Option<&std::path::Path>, patience: Duration) -> Result<tonic::transport::Channel, ActorError> {
     let t0 = Instant::now();
     let mut wait = Duration::from_millis(50);
     loop {
-        let ep = tonic::transport::Endpoint::from_shared(address.to_string())
-            .map_err(|e| ActorError::Rpc { what: "address", message: e.to_string() })?
-            .tcp_nodelay(true);
+        let ep = selfplay_proto::client::endpoint(address, tls_ca)
+            .map_err(|message| ActorError::Rpc { what: "address", message })?;
         match ep.connect().await {
             Ok(ch) => return Ok(ch),
             Err(e) if t0.elapsed() < patience => {
@@ -157,8 +158,8 @@ pub fn run(
     describe_metrics();
     let patience = opts.patience;
     let mut conn = rt.block_on(async {
-        let c = connect(&opts.coordinator, patience).await?;
-        let l = connect(&opts.learner, patience).await?;
+        let c = connect(&opts.coordinator, opts.tls_ca.as_deref(), patience).await?;
+        let l = connect(&opts.learner, opts.tls_ca.as_deref(), patience).await?;
         Ok::<_, ActorError>(Conn { coord: coordinator_client(c, &opts.token), learner: learner_client(l, &opts.token) })
     })?;
     let device = format!("{:?}", player.policy.model.device());
@@ -177,11 +178,13 @@ pub fn run(
 
     // Heartbeats on the runtime, independent of how long a unit takes to play.
     let hb = {
-        let (mut c, id, version, rejoin, stop) =
-            (conn.coord.clone(), opts.actor_id.clone(), version.clone(), rejoin.clone(), stop.clone());
+        let (mut c, id, version, rejoin) =
+            (conn.coord.clone(), opts.actor_id.clone(), version.clone(), rejoin.clone());
         rt.spawn(async move {
             let every = Duration::from_millis((ttl_ms / 3).max(50));
-            while !stop.load(Ordering::SeqCst) {
+            // Beats until aborted at the end of run(), so a unit finished during a stop keeps
+            // its lease.
+            loop {
                 tokio::time::sleep(every).await;
                 let req = HeartbeatRequest { actor_id: id.clone(), weights_version: version.load(Ordering::SeqCst) };
                 match c.heartbeat(req).await {
@@ -274,7 +277,9 @@ pub fn run(
         }
 
         let wire: selfplay_proto::v1::RolloutGroup = group.into();
-        let ack = rt.block_on(retry("SubmitRollouts", patience, || {
+        // Stopping: one try only (the learner may already be gone); the unit is handed back.
+        let submit_patience = if stop.load(Ordering::SeqCst) { Duration::ZERO } else { patience };
+        let ack = rt.block_on(retry("SubmitRollouts", submit_patience, || {
             let mut l = conn.learner.clone();
             let g = wire.clone();
             async move {

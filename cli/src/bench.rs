@@ -1,5 +1,8 @@
 //! `selfplay bench`: generation and training-side scoring throughput, printed as JSON so that
 //! scripts/bench.sh can put them beside transformers' figures.
+#[path = "bench_runtime.rs"]
+mod bench_runtime;
+
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use selfplay_policy::{generate::generate, scoring::completion_logprobs, SamplingConfig};
@@ -15,6 +18,14 @@ pub enum BenchCommand {
     Score(BenchGenerateArgs),
     /// Self-reward modes compared on the same judgements: parse rate, agreement, speed.
     Judge(crate::bench_judge::BenchJudgeArgs),
+    /// Runtime (issue 4): publish a model's weights to a coordinator once and fetch them with
+    /// 1, 2, 4... concurrent light actors over loopback.
+    Weights(bench_runtime::WeightsArgs),
+    /// Runtime (issue 4): coordinator capacity with simulated light actors against a
+    /// coordinator child process (RPCs/s and its CPU use).
+    Coordinator(bench_runtime::CoordinatorArgs),
+    /// Runtime (issue 4): learner ingest of synthetic rollout groups (validation + dedup).
+    Ingest(bench_runtime::IngestArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -40,6 +51,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(a) => bench_generate(a),
         BenchCommand::Score(a) => bench_score(a),
+        BenchCommand::Weights(a) => bench_runtime::weights(a),
+        BenchCommand::Coordinator(a) => bench_runtime::coordinator(a),
+        BenchCommand::Ingest(a) => bench_runtime::ingest(a),
         BenchCommand::Judge(a) => crate::bench_judge::run(a),
     }
 }

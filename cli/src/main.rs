@@ -52,6 +52,14 @@ enum Command {
         /// The directory to write.
         out_dir: PathBuf,
     },
+    /// Plot reward, self-reward and KL curves of runs from their steps.jsonl.
+    PlotCurves {
+        /// LABEL=RUN_DIR (its steps.jsonl), repeatable.
+        #[arg(long = "run", required = true)]
+        runs: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -88,6 +96,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => eval_cmd::run(args),
         Command::ImportGguf { file, out_dir } => import_gguf(&file, &out_dir),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::PlotCurves { runs, out } => plot_curves(&runs, &out),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -101,6 +110,16 @@ fn main() -> std::process::ExitCode {
 fn import_gguf(file: &std::path::Path, out_dir: &std::path::Path) -> Result<()> {
     let summary = selfplay_policy::gguf::import_gguf(file, out_dir)?;
     tracing::info!(?summary, out = %out_dir.display(), "imported");
+    Ok(())
+}
+
+fn plot_curves(runs: &[String], out: &std::path::Path) -> Result<()> {
+    let mut data = vec![];
+    for r in runs {
+        let (label, dir) = r.split_once('=').ok_or_else(|| anyhow::anyhow!("--run {r:?}: expected LABEL=RUN_DIR"))?;
+        data.push((label.to_string(), selfplay_eval::curves::read_steps(&PathBuf::from(dir).join("steps.jsonl"))?));
+    }
+    selfplay_eval::curves::training_curves(&data, out)?;
     Ok(())
 }
 

@@ -167,6 +167,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
             wire_dtype: args.wire_dtype.clone(),
             device: dev,
             resume: args.resume,
+            tls: None,
+            tls_ca: None,
         };
         let progress = Progress::new(cfg.run.steps);
         let (learner_stop_tx, learner_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -194,6 +196,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 token,
                 actor_id: format!("local-{i}"),
                 patience: Duration::from_secs(120),
+                tls_ca: None,
             };
             actors.push(std::thread::Builder::new().name(format!("actor-{i}")).spawn(move || -> Result<()> {
                 let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
@@ -296,6 +299,14 @@ pub struct LearnerArgs {
     pub publish_every: u64,
     #[arg(long, default_value = "auto")]
     pub wire_dtype: String,
+    /// Serve TLS: certificate and key (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the coordinator's certificate.
+    #[arg(long, env = "SELFPLAY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     #[command(flatten)]
     pub auth: AuthArgs,
     #[command(flatten)]
@@ -319,6 +330,8 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
             wire_dtype: args.wire_dtype.clone(),
             device: dev,
             resume: args.resume,
+            tls: args.tls_cert.clone().zip(args.tls_key.clone()),
+            tls_ca: args.tls_ca.clone(),
         };
         write_ready(&args.serve.ready_file, serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}))?;
         let progress = Progress::new(cfg.run.steps);
@@ -341,6 +354,9 @@ pub struct ActorArgs {
     pub reward: Option<String>,
     #[arg(long, env = "SELFPLAY_ACTOR_ID")]
     pub actor_id: Option<String>,
+    /// CA certificate (PEM) that signed the coordinator's and learner's certificates.
+    #[arg(long, env = "SELFPLAY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     #[command(flatten)]
     pub auth: AuthArgs,
     #[command(flatten)]
@@ -358,7 +374,8 @@ pub fn actor(args: ActorArgs) -> Result<()> {
     let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
     let player = if cfg.reward.kind == selfplay_game::config::RewardKind::Remote {
         let address = args.reward.clone().unwrap_or_else(|| cfg.reward.address.clone());
-        let channel = rt.block_on(tonic::transport::Endpoint::from_shared(address.clone())?.connect())
+        let ep = selfplay_proto::client::endpoint(&address, args.tls_ca.as_deref()).map_err(anyhow::Error::msg)?;
+        let channel = rt.block_on(ep.connect())
             .with_context(|| format!("reward server {address}"))?;
         let client = selfplay_proto::client::reward_client(channel, &token);
         let reference = policy.frozen_copy()?;
@@ -391,6 +408,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
         token,
         actor_id: args.actor_id.clone().unwrap_or_else(selfplay_actor::default_actor_id),
         patience: Duration::from_secs(300),
+        tls_ca: args.tls_ca.clone(),
     };
     let summary = selfplay_actor::run(player, opts, rt.handle().clone(), stop)?;
     eprintln!("actor done: {} units, {} failed, weights v{}", summary.units_done, summary.units_failed, summary.weights_version);
@@ -453,6 +471,9 @@ pub struct StatusArgs {
     /// Print the raw status as JSON.
     #[arg(long)]
     pub json: bool,
+    /// CA certificate (PEM) of an https coordinator.
+    #[arg(long, env = "SELFPLAY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     #[command(flatten)]
     pub auth: AuthArgs,
 }
@@ -461,7 +482,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let rt = runtime()?;
     let token = args.auth.token()?;
     let s = rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(args.coordinator.clone())?.connect().await
+        let ch = selfplay_proto::client::endpoint(&args.coordinator, args.tls_ca.as_deref()).map_err(anyhow::Error::msg)?.connect().await
             .with_context(|| format!("coordinator {}", args.coordinator))?;
         let mut c = selfplay_proto::client::coordinator_client(ch, &token);
         Ok::<_, anyhow::Error>(c.status(selfplay_proto::v1::StatusRequest {}).await?.into_inner())

@@ -24,6 +24,8 @@ impl Drop for Proc {
 struct Cluster {
     dir: PathBuf,
     config: PathBuf,
+    /// Serve and connect with TLS (certificates in `dir`).
+    tls: bool,
     coordinator_addr: Option<String>,
     learner_addr: Option<String>,
 }
@@ -71,7 +73,26 @@ impl Cluster {
         }
         let config = dir.join("run.toml");
         std::fs::write(&config, cfg).unwrap();
-        (tmp, Cluster { dir, config, coordinator_addr: None, learner_addr: None })
+        (tmp, Cluster { dir, config, tls: false, coordinator_addr: None, learner_addr: None })
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
+    fn tls_server_args(&self) -> Vec<String> {
+        if !self.tls {
+            return vec![];
+        }
+        let p = |n: &str| self.dir.join(n).to_str().unwrap().to_string();
+        vec!["--tls-cert".into(), p("cert.pem"), "--tls-key".into(), p("key.pem")]
+    }
+
+    fn tls_client_args(&self) -> Vec<String> {
+        if !self.tls {
+            return vec![];
+        }
+        vec!["--tls-ca".into(), self.dir.join("ca.pem").to_str().unwrap().to_string()]
     }
 
     fn spawn(&self, name: &str, args: &[String]) -> Proc {
@@ -91,14 +112,16 @@ impl Cluster {
     fn coordinator(&mut self, listen: &str) -> Proc {
         let ready = self.dir.join("coordinator.ready");
         let _ = std::fs::remove_file(&ready);
-        let p = self.spawn("coordinator", &[
+        let mut args: Vec<String> = vec![
             "coordinator".into(), "--listen".into(), listen.into(),
             "--state-dir".into(), self.dir.join("state").to_str().unwrap().into(),
             "--lease-ttl-ms".into(), "1500".into(), "--seed".into(), "3".into(),
             "--metrics-addr".into(), "127.0.0.1:0".into(), "--ready-file".into(), ready.to_str().unwrap().into(),
-        ]);
+        ];
+        args.extend(self.tls_server_args());
+        let p = self.spawn("coordinator", &args);
         let r = wait_ready(&ready, "coordinator");
-        self.coordinator_addr = Some(format!("http://{}", r["grpc"].as_str().unwrap()));
+        self.coordinator_addr = Some(format!("{}://{}", self.scheme(), r["grpc"].as_str().unwrap()));
         p
     }
 
@@ -108,23 +131,27 @@ impl Cluster {
         let mut args: Vec<String> = vec![
             "learner".into(), "--config".into(), self.config.to_str().unwrap().into(),
             "--coordinator".into(), self.coordinator_addr.clone().unwrap(),
-            "--listen".into(), self.learner_addr.clone().map(|a| a.trim_start_matches("http://").to_string()).unwrap_or("127.0.0.1:0".into()),
+            "--listen".into(), self.learner_addr.clone().map(|a| a.split("://").nth(1).unwrap().to_string()).unwrap_or("127.0.0.1:0".into()),
             "--metrics-addr".into(), "127.0.0.1:0".into(), "--ready-file".into(), ready.to_str().unwrap().into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(self.tls_server_args());
+        args.extend(self.tls_client_args());
         let p = self.spawn("learner", &args);
         let r = wait_ready(&ready, "learner");
-        self.learner_addr = Some(format!("http://{}", r["grpc"].as_str().unwrap()));
+        self.learner_addr = Some(format!("{}://{}", self.scheme(), r["grpc"].as_str().unwrap()));
         p
     }
 
     fn actor(&self, id: &str) -> Proc {
-        self.spawn(id, &[
+        let mut args: Vec<String> = vec![
             "actor".into(), "--config".into(), self.config.to_str().unwrap().into(),
             "--coordinator".into(), self.coordinator_addr.clone().unwrap(),
             "--learner".into(), self.learner_addr.clone().unwrap(),
             "--actor-id".into(), id.into(), "--metrics-addr".into(), "127.0.0.1:0".into(),
-        ])
+        ];
+        args.extend(self.tls_client_args());
+        self.spawn(id, &args)
     }
 
     fn steps(&self) -> Vec<serde_json::Value> {
@@ -218,6 +245,29 @@ fn two_actors_five_steps_each_with_n_distinct_units() {
         }
     }
     drop((a, b));
+}
+
+#[test]
+fn every_role_over_tls() {
+    let (_tmp, mut c) = Cluster::new(&[]);
+    selfplay_tests::make_certificates(&c.dir);
+    c.tls = true;
+    let _coord = c.coordinator("127.0.0.1:0");
+    let mut learner = c.learner(&[]);
+    assert!(c.learner_addr.as_ref().unwrap().starts_with("https://"));
+    let a = c.actor("actor-a");
+    c.wait_exit(&mut learner);
+    c.check_steps(5);
+    // A plaintext client cannot talk to the TLS coordinator.
+    let plain = c.coordinator_addr.clone().unwrap().replace("https://", "http://");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let r: Result<(), String> = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(plain).unwrap().connect().await.map_err(|e| e.to_string())?;
+        let mut cc = selfplay_proto::client::coordinator_client(ch, &BearerToken::new(TOKEN).unwrap());
+        cc.status(selfplay_proto::v1::StatusRequest {}).await.map(|_| ()).map_err(|s| s.to_string())
+    });
+    assert!(r.is_err(), "plaintext reached the TLS coordinator");
+    drop(a);
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! `--limit` and `--stratified` with a seed ([`sample::select`]).
 pub mod cache;
 pub mod checksum;
+pub mod curves;
 pub mod error;
 pub mod judge;
 pub mod plot;

@@ -57,6 +57,10 @@ pub struct LearnerOptions {
     pub device: Device,
     /// Resume from the newest checkpoint in `<out_dir>/checkpoints` when there is one.
     pub resume: bool,
+    /// Serve TLS with this (certificate, key) PEM pair.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// CA that signed the coordinator's certificate (https coordinator address).
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl LearnerOptions {
@@ -138,14 +142,14 @@ pub fn weights_payload(
 pub async fn connect_coordinator(
     address: &str,
     token: &BearerToken,
+    tls_ca: Option<&Path>,
     patience: Duration,
 ) -> Result<CoordinatorClient<AuthChannel>, LearnerError> {
     let t0 = Instant::now();
     let mut wait = Duration::from_millis(50);
     loop {
-        let endpoint = tonic::transport::Endpoint::from_shared(address.to_string()).map_err(|e| {
-            LearnerError::Coordinator { address: address.into(), message: e.to_string() }
-        })?;
+        let endpoint = selfplay_proto::client::endpoint(address, tls_ca)
+            .map_err(|message| LearnerError::Coordinator { address: address.into(), message })?;
         match endpoint.connect().await {
             Ok(ch) => return Ok(coordinator_client(ch, token)),
             Err(e) if t0.elapsed() < patience => {
@@ -378,7 +382,15 @@ pub async fn run(
     let svc = LearnerService { shared: shared.clone() };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<LearnerServer<LearnerService>>().await;
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &opts.tls {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| LearnerError::Options(format!("TLS {}: {e}", p.display())));
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| LearnerError::Server(e.to_string()))?;
+    }
+    let server = builder
         .add_service(health_svc)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             LearnerServer::new(svc)
@@ -394,7 +406,7 @@ pub async fn run(
         });
     let server = tokio::spawn(server);
 
-    let client = connect_coordinator(&opts.coordinator, &opts.token, Duration::from_secs(60)).await?;
+    let client = connect_coordinator(&opts.coordinator, &opts.token, opts.tls_ca.as_deref(), Duration::from_secs(60)).await?;
     let stopping = Arc::new(AtomicBool::new(false));
     {
         let (shared, stopping, stop_tx) = (shared.clone(), stopping.clone(), stop_tx.clone());

@@ -33,3 +33,26 @@ pub fn reward_client(channel: Channel, token: &BearerToken) -> RewardClient<Auth
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
+
+/// An endpoint for `address` (http:// or https://). With `tls_ca`, the server's certificate
+/// must be signed by that CA (PEM); an https address without one uses the system roots.
+pub fn endpoint(
+    address: &str,
+    tls_ca: Option<&std::path::Path>,
+) -> Result<tonic::transport::Endpoint, String> {
+    let ep = tonic::transport::Endpoint::from_shared(address.to_string())
+        .map_err(|e| format!("{address}: {e}"))?
+        .tcp_nodelay(true);
+    let tls = match tls_ca {
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|e| format!("TLS CA {}: {e}", ca.display()))?;
+            Some(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)))
+        }
+        None if address.starts_with("https://") => Some(tonic::transport::ClientTlsConfig::new().with_enabled_roots()),
+        None => None,
+    };
+    match tls {
+        Some(t) => ep.tls_config(t).map_err(|e| format!("{address}: TLS: {e}")),
+        None => Ok(ep),
+    }
+}

@@ -77,3 +77,36 @@ pub fn shared_data() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
 }
+
+/// A test CA (`ca.pem`) and a server certificate it signed for localhost and 127.0.0.1
+/// (`cert.pem`, `key.pem`) in `dir`, made with the openssl command.
+pub fn make_certificates(dir: &Path) {
+    let ext = dir.join("leaf.ext");
+    std::fs::write(&ext, "basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let runs: Vec<Vec<String>> = vec![
+        [&["req", "-x509"][..], &ec, &["-days", "1", "-subj", "/CN=selfplay-test-ca", "-keyout"]]
+            .concat()
+            .into_iter()
+            .map(String::from)
+            .chain([p("ca.key"), "-out".into(), p("ca.pem")])
+            .collect(),
+        [&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout"]]
+            .concat()
+            .into_iter()
+            .map(String::from)
+            .chain([p("key.pem"), "-out".into(), p("leaf.csr")])
+            .collect(),
+        ["x509", "-req", "-days", "1", "-in"]
+            .into_iter()
+            .map(String::from)
+            .chain([p("leaf.csr"), "-CA".into(), p("ca.pem"), "-CAkey".into(), p("ca.key"), "-CAcreateserial".into()])
+            .chain(["-extfile".into(), p("leaf.ext"), "-out".into(), p("cert.pem")])
+            .collect(),
+    ];
+    for args in runs {
+        let out = Command::new("openssl").args(&args).output().expect("openssl is installed");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
