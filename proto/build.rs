@@ -3,8 +3,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
-    let files = ["common", "coordinator", "learner", "reward"]
-        .map(|f| format!("selfplay/v1/{f}.proto"));
+    let files = ["common", "coordinator", "learner", "reward"].map(|f| format!("selfplay/v1/{f}.proto"));
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

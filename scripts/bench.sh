@@ -9,7 +9,10 @@
 #
 # Usage: scripts/bench.sh [--threads N] [--device cpu|cuda|cuda:N] [--dtype f32|bf16|f16]
 #          [--out FILE] [--only generate|score] [--batch 8] [--max-new-tokens 128]
-#          [--warmup 1] [--repeats 3] [--wait-quiet SECS] [--with-full-logits]
+#          [--warmup 1] [--repeats 3] [--rounds 1] [--wait-quiet SECS] [--with-full-logits]
+#   --rounds R         run the pair (selfplay, transformers) R times, alternating, so that both
+#                      see the same machine; the table pools the rounds (mean of the means,
+#                      best of the bests)
 #   --wait-quiet SECS  first wait (up to SECS) until the 1-minute load average is below 0.8
 #   --with-full-logits also time transformers' score with logits at every position (info only)
 set -euo pipefail
@@ -24,7 +27,7 @@ if [ -n "$user_python" ]; then PY="$user_python"
 elif [ -x "${SELFPLAY_PYTHON:-}" ]; then PY="$SELFPLAY_PYTHON"
 else PY=python3; fi
 
-threads=2 device=cpu dtype=f32 out="" only="" batch=8 max_new=128 warmup=1 repeats=3 wait_quiet=0 full_logits=0
+threads=2 device=cpu dtype=f32 out="" only="" batch=8 max_new=128 warmup=1 repeats=3 rounds=1 wait_quiet=0 full_logits=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads="$2"; shift 2 ;;
@@ -36,9 +39,10 @@ while [ $# -gt 0 ]; do
     --max-new-tokens) max_new="$2"; shift 2 ;;
     --warmup) warmup="$2"; shift 2 ;;
     --repeats) repeats="$2"; shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
     --wait-quiet) wait_quiet="$2"; shift 2 ;;
     --with-full-logits) full_logits=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -73,49 +77,73 @@ fi
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
 common=(--batch "$batch" --max-new-tokens "$max_new" --warmup "$warmup" --repeats "$repeats")
-run_ours() { # bench
-  log "selfplay bench $1 ($device, $dtype, $threads threads)"
-  "$BIN" --log warn --threads "$threads" bench "$1" --model "$SELFPLAY_MODEL" --device "$device" \
-    --dtype "$dtype" --prompts "$SELFPLAY_BENCH_PROMPTS" "${common[@]}" | tee -a "$out"
+# Appends one JSON result line to $out with the round and the 1-minute load before and after.
+record() { # round load_before
+  "$PY" -c 'import json, sys
+r = json.loads(sys.stdin.read().strip().splitlines()[-1])
+r["round"] = int(sys.argv[1]); r["load1_before"] = float(sys.argv[2])
+r["load1_after"] = float(open("/proc/loadavg").read().split()[0])
+print(json.dumps(r))' "$1" "$2" | tee -a "$out"
 }
-run_hf() { # bench [extra args]
-  local b="$1"; shift
-  log "transformers $b $* ($device, $dtype, $threads threads)"
+run_ours() { # bench round
+  local l0; l0=$(cut -d' ' -f1 /proc/loadavg)
+  log "selfplay bench $1 ($device, $dtype, $threads threads), round $2, load $l0"
+  "$BIN" --log warn --threads "$threads" bench "$1" --model "$SELFPLAY_MODEL" --device "$device" \
+    --dtype "$dtype" --prompts "$SELFPLAY_BENCH_PROMPTS" "${common[@]}" | record "$2" "$l0"
+}
+run_hf() { # bench round [extra args]
+  local b="$1" r="$2" l0; shift 2; l0=$(cut -d' ' -f1 /proc/loadavg)
+  log "transformers $b $* ($device, $dtype, $threads threads), round $r, load $l0"
   "$PY" "$root/tests/python/bench_hf.py" "$b" --model "$SELFPLAY_MODEL" --device "$device" \
     --dtype "$dtype" --threads "$threads" --prompts "$SELFPLAY_BENCH_PROMPTS" "${common[@]}" "$@" \
-    2> >(grep -v -e '^Loading weights' -e 'it/s]' >&2) | tee -a "$out"
+    2> >(grep -v -e '^Loading weights' -e 'it/s]' >&2) | record "$r" "$l0"
 }
 
 for b in generate score; do
   [ -z "$only" ] || [ "$only" = "$b" ] || continue
-  run_ours "$b"
-  run_hf "$b"
-  if [ "$b" = score ] && [ "$full_logits" = 1 ]; then run_hf score --full-logits; fi
+  for r in $(seq 1 "$rounds"); do
+    run_ours "$b" "$r"
+    run_hf "$b" "$r"
+    if [ "$b" = score ] && [ "$full_logits" = 1 ]; then run_hf score "$r" --full-logits; fi
+  done
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 "$PY" - "$out" "$load_before" "$load_after" <<'PY'
-import json, sys
+import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 targets = {"generate": 1.5, "score_fwd_bwd": 1.0}
+def key(r):
+    return r["impl"] + (" (full logits)" if r.get("extra", {}).get("full_logits") else "")
 print()
-print("| bench | impl | tokens | secs (mean / best) | tokens/s | vs transformers | target |")
-print("|---|---|---:|---:|---:|---:|---:|")
+print("| bench | impl | tokens | runs | secs mean / best | tokens/s (mean) | tokens/s (best) "
+      "| vs transformers (mean) | vs transformers (best) | target |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
 for bench in ["generate", "score_fwd_bwd"]:
     rs = [r for r in rows if r["bench"] == bench]
-    base = next((r for r in rs if r["impl"] == "transformers" and not r.get("extra", {}).get("full_logits")), None)
+    agg = {}
     for r in rs:
-        name = r["impl"] + (" (full logits)" if r.get("extra", {}).get("full_logits") else "")
-        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        tgt = f">= {targets[bench]}x" if r["impl"] == "selfplay" else ""
-        ok = "" if r["impl"] != "selfplay" else (" (met)" if ratio >= targets[bench] else " (missed)")
-        print(f"| {bench} | {name} | {r['tokens']} | {r['secs_mean']:.2f} / {r['secs_best']:.2f} "
-              f"| {r['tokens_per_s']:.1f} | {ratio:.2f}x | {tgt}{ok} |")
-    ours = [r for r in rs if r["impl"] == "selfplay"]
-    pt = lambda r: r.get("extra", {}).get("prompt_tokens")
-    if base and ours and pt(ours[0]) is not None and pt(ours[0]) != pt(base):
-        print(f"\nWARNING: {bench}: prompt token counts differ (selfplay "
-              f"{ours[0]['extra'].get('prompt_tokens')}, transformers {base['extra'].get('prompt_tokens')})")
+        a = agg.setdefault(key(r), {"tokens": r["tokens"], "means": [], "bests": [], "prompt_tokens": r.get("extra", {}).get("prompt_tokens")})
+        a["means"].append(r["secs_mean"]); a["bests"].append(r["secs_best"])
+    base = agg.get("transformers")
+    for name, a in agg.items():
+        mean, best = statistics.fmean(a["means"]), min(a["bests"])
+        tm, tb = a["tokens"] / mean, a["tokens"] / best
+        rm = tm / (base["tokens"] / statistics.fmean(base["means"])) if base else float("nan")
+        rb = tb / (base["tokens"] / min(base["bests"])) if base else float("nan")
+        tgt = ""
+        if name == "selfplay":
+            tgt = f">= {targets[bench]}x: " + ("met" if rm >= targets[bench] else "missed")
+        print(f"| {bench} | {name} | {a['tokens']} | {len(a['means'])} | {mean:.2f} / {best:.2f} | {tm:.1f} | {tb:.1f} "
+              f"| {rm:.2f}x | {rb:.2f}x | {tgt} |")
+    ours = agg.get("selfplay")
+    if base and ours and ours["prompt_tokens"] is not None and ours["prompt_tokens"] != base["prompt_tokens"]:
+        print(f"\nWARNING: {bench}: prompt token counts differ (selfplay {ours['prompt_tokens']}, "
+              f"transformers {base['prompt_tokens']})")
 print(f"\nload average before: {sys.argv[2]}, after: {sys.argv[3]}")
+busy = [r for r in rows if max(r.get("load1_before", 0), r.get("load1_after", 0)) >= 2.5]
+if busy:
+    print("WARNING: the machine was busy during " + ", ".join(f"{r['impl']} {r['bench']} round {r['round']}" for r in busy)
+          + " (1-minute load >= 2.5): those figures are not reliable")
 PY
 log "raw results: $out"

@@ -48,13 +48,29 @@ pub struct ActorOptions {
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!("selfplay_actor_tokens_generated_total", "Tokens sampled (challenger and solver).");
-    describe_histogram!("selfplay_actor_generation_seconds", Unit::Seconds, "Time spent sampling one unit's query and answers.");
-    describe_histogram!("selfplay_actor_play_seconds", Unit::Seconds, "Time to play one whole unit (sampling, rewards, judge, reference).");
+    describe_histogram!(
+        "selfplay_actor_generation_seconds",
+        Unit::Seconds,
+        "Time spent sampling one unit's query and answers."
+    );
+    describe_histogram!(
+        "selfplay_actor_play_seconds",
+        Unit::Seconds,
+        "Time to play one whole unit (sampling, rewards, judge, reference)."
+    );
     describe_counter!("selfplay_actor_units_done_total", "Units whose group the learner accepted.");
     describe_counter!("selfplay_actor_units_failed_total", "Units that failed, by reason (rejected, play, submit).");
     describe_gauge!("selfplay_actor_weights_version", "Weights version the actor samples with.");
-    describe_histogram!("selfplay_actor_weight_fetch_seconds", Unit::Seconds, "Time to fetch, verify and load one weights version.");
-    describe_counter!("selfplay_actor_weight_fetch_bytes_total", Unit::Bytes, "Weight payload bytes fetched from the coordinator.");
+    describe_histogram!(
+        "selfplay_actor_weight_fetch_seconds",
+        Unit::Seconds,
+        "Time to fetch, verify and load one weights version."
+    );
+    describe_counter!(
+        "selfplay_actor_weight_fetch_bytes_total",
+        Unit::Bytes,
+        "Weight payload bytes fetched from the coordinator."
+    );
     describe_histogram!("selfplay_actor_reward", "Reward R of each answer.");
     describe_histogram!("selfplay_actor_self_reward", "Self-reward R_Q of each answer (LSP).");
     describe_counter!("selfplay_actor_judge_parse_failures_total", "Self-reward judgements that could not be parsed.");
@@ -80,7 +96,11 @@ pub struct ActorSummary {
     pub weights_version: u64,
 }
 
-async fn connect(address: &str, tls_ca: Option<&std::path::Path>, patience: Duration) -> Result<tonic::transport::Channel, ActorError> {
+async fn connect(
+    address: &str,
+    tls_ca: Option<&std::path::Path>,
+    patience: Duration,
+) -> Result<tonic::transport::Channel, ActorError> {
     let t0 = Instant::now();
     let mut wait = Duration::from_millis(50);
     loop {
@@ -136,7 +156,8 @@ pub fn decode_weights(
             d => return Err(ActorError::Weights(format!("tensor {}: unsupported dtype {d}", t.name))),
         };
         let (a, b) = (t.offset as usize, (t.offset + t.nbytes) as usize);
-        let bytes = payload.get(a..b).ok_or_else(|| ActorError::Weights(format!("tensor {} outside the payload", t.name)))?;
+        let bytes =
+            payload.get(a..b).ok_or_else(|| ActorError::Weights(format!("tensor {} outside the payload", t.name)))?;
         let tensor = Tensor::f_from_data_size(bytes, &t.shape, kind).map_err(|e| ActorError::Weights(e.to_string()))?;
         out.insert(t.name.clone(), tensor);
     }
@@ -178,8 +199,7 @@ pub fn run(
 
     // Heartbeats on the runtime, independent of how long a unit takes to play.
     let hb = {
-        let (mut c, id, version, rejoin) =
-            (conn.coord.clone(), opts.actor_id.clone(), version.clone(), rejoin.clone());
+        let (mut c, id, version, rejoin) = (conn.coord.clone(), opts.actor_id.clone(), version.clone(), rejoin.clone());
         rt.spawn(async move {
             let every = Duration::from_millis((ttl_ms / 3).max(50));
             // Beats until aborted at the end of run(), so a unit finished during a stop keeps
@@ -234,7 +254,8 @@ pub fn run(
                 let _ = &mut c;
                 let mut asm = WeightAssembler::new();
                 while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|s| ActorError::Rpc { what: "FetchWeights", message: s.message().to_string() })?;
+                    let chunk = chunk
+                        .map_err(|s| ActorError::Rpc { what: "FetchWeights", message: s.message().to_string() })?;
                     asm.push(chunk).map_err(|e| ActorError::Weights(e.to_string()))?;
                 }
                 asm.finish().map_err(|e| ActorError::Weights(e.to_string()))
@@ -320,7 +341,13 @@ pub fn run(
     Ok(summary)
 }
 
-fn complete(rt: &tokio::runtime::Handle, conn: &Conn, opts: &ActorOptions, unit_id: &str, done: bool) -> Result<(), ActorError> {
+fn complete(
+    rt: &tokio::runtime::Handle,
+    conn: &Conn,
+    opts: &ActorOptions,
+    unit_id: &str,
+    done: bool,
+) -> Result<(), ActorError> {
     let req = CompleteWorkRequest { actor_id: opts.actor_id.clone(), unit_id: unit_id.to_string(), done };
     rt.block_on(retry("CompleteWork", opts.patience, || {
         let mut c = conn.coord.clone();
@@ -332,7 +359,8 @@ fn complete(rt: &tokio::runtime::Handle, conn: &Conn, opts: &ActorOptions, unit_
 
 /// Default actor name: host name and process id.
 pub fn default_actor_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "actor".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "actor".into());
     format!("{host}-{}", std::process::id())
 }
-

@@ -37,7 +37,11 @@ impl RewardSource for RemoteReward {
             .map_err(|s| GameError::Reward(format!("reward server: {}", s.message())))?
             .into_inner();
         if resp.scores.len() != pairs.len() {
-            return Err(GameError::Reward(format!("reward server returned {} scores for {} pairs", resp.scores.len(), pairs.len())));
+            return Err(GameError::Reward(format!(
+                "reward server returned {} scores for {} pairs",
+                resp.scores.len(),
+                pairs.len()
+            )));
         }
         if let Some(s) = resp.scores.iter().find(|s| !s.is_finite()) {
             return Err(GameError::Reward(format!("reward server returned a non-finite score {s}")));
@@ -64,7 +68,11 @@ impl Reward for RewardService {
         let pairs: Vec<(String, String)> =
             request.into_inner().pairs.into_iter().map(|p| (p.query, p.answer)).collect();
         if pairs.len() > self.max_pairs {
-            return Err(Status::invalid_argument(format!("pairs: {} pairs, at most {} per request", pairs.len(), self.max_pairs)));
+            return Err(Status::invalid_argument(format!(
+                "pairs: {} pairs, at most {} per request",
+                pairs.len(),
+                self.max_pairs
+            )));
         }
         let scores = tokio::task::block_in_place(|| self.model.lock().expect("model lock").score_pairs(&pairs))
             .map_err(|e| Status::internal(e.to_string()))?;

@@ -60,12 +60,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 
 fn load_prompts(path: &PathBuf, n: usize) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let out: Vec<String> = rows
-        .iter()
-        .filter_map(|r| r.get("instruction").and_then(|i| i.as_str()).map(str::to_string))
-        .take(n)
-        .collect();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let out: Vec<String> =
+        rows.iter().filter_map(|r| r.get("instruction").and_then(|i| i.as_str()).map(str::to_string)).take(n).collect();
     if out.len() < n {
         bail!("{} has {} prompts, need {n}", path.display(), out.len());
     }
@@ -88,10 +86,8 @@ fn report(name: &str, a: &BenchGenerateArgs, tokens: usize, secs: &[f64], extra:
 
 fn bench_generate(a: BenchGenerateArgs) -> Result<()> {
     let policy = a.model.load()?;
-    let prompts: Vec<Vec<i64>> = load_prompts(&a.prompts, a.batch)?
-        .iter()
-        .map(|p| policy.user_prompt(p))
-        .collect::<Result<_, _>>()?;
+    let prompts: Vec<Vec<i64>> =
+        load_prompts(&a.prompts, a.batch)?.iter().map(|p| policy.user_prompt(p)).collect::<Result<_, _>>()?;
     let mut secs = vec![];
     let mut tokens = 0;
     for i in 0..a.warmup + a.repeats {
@@ -115,10 +111,8 @@ fn bench_generate(a: BenchGenerateArgs) -> Result<()> {
 
 fn bench_score(a: BenchGenerateArgs) -> Result<()> {
     let mut policy = a.model.load()?;
-    let prompts: Vec<Vec<i64>> = load_prompts(&a.prompts, a.batch)?
-        .iter()
-        .map(|p| policy.user_prompt(p))
-        .collect::<Result<_, _>>()?;
+    let prompts: Vec<Vec<i64>> =
+        load_prompts(&a.prompts, a.batch)?.iter().map(|p| policy.user_prompt(p)).collect::<Result<_, _>>()?;
     // Fixed pseudo-random completions: the work depends on lengths, not on which tokens.
     let vocab = policy.model.config().vocab_size;
     let mut rng = selfplay_policy::generate::SplitMix64::new(7);

@@ -28,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::Endpoint;
 
 const GB: f64 = 1e9;
 
@@ -67,7 +66,12 @@ fn loadavg() -> String {
 fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
         .unwrap_or_default();
     json!({
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -97,8 +101,8 @@ fn max(xs: &[f64]) -> f64 {
     xs.iter().cloned().fold(0.0, f64::max)
 }
 
-/// HTTP/2 settings of a client connection: `None` keeps tonic's (hyper's) defaults, which is
-/// what the actor and the learner use.
+/// HTTP/2 settings of a client connection: `None` keeps what
+/// `selfplay_proto::client::endpoint` (every actor's and learner's) sets.
 #[derive(Debug, Clone, Copy, Default)]
 struct H2 {
     window_mib: Option<u32>,
@@ -106,7 +110,7 @@ struct H2 {
 }
 
 async fn connect(address: &str, h2: H2) -> Result<tonic::transport::Channel> {
-    let mut ep = Endpoint::from_shared(address.to_string())?.tcp_nodelay(true);
+    let mut ep = selfplay_proto::client::endpoint(address, None).map_err(anyhow::Error::msg)?;
     if let Some(w) = h2.window_mib {
         ep = ep.initial_stream_window_size(w * 1024 * 1024).initial_connection_window_size(4 * w * 1024 * 1024);
     }
@@ -152,14 +156,15 @@ pub struct WeightsArgs {
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,
     /// Client HTTP/2 stream window in MiB (the connection window is 4x); unset = tonic's
-    /// defaults (2 MiB / 5 MiB), which the actor and the learner use.
+    /// defaults (2 MiB / 5 MiB), which `selfplay_proto::client::endpoint` keeps.
     #[arg(long)]
     pub client_window_mib: Option<u32>,
     /// Serve the coordinator with this HTTP/2 stream window in MiB (connection window 4x)
-    /// instead of through `selfplay_coordinator::serve` (8 MiB / 32 MiB).
+    /// instead of through `selfplay_coordinator::serve` (8 MiB / 32 MiB, 1 MiB frames).
     #[arg(long)]
     pub server_window_mib: Option<u32>,
-    /// HTTP/2 SETTINGS_MAX_FRAME_SIZE in KiB on both sides (default 16).
+    /// HTTP/2 SETTINGS_MAX_FRAME_SIZE in KiB on both sides, instead of the wire's 1024
+    /// (hyper's default is 16).
     #[arg(long)]
     pub max_frame_kib: Option<u32>,
     /// Also time the pieces in memory and on disk: hashing, verifying, chunking, assembling,
@@ -199,7 +204,10 @@ async fn publish(
         }
     });
     let t0 = Instant::now();
-    let r = client.publish_weights(tokio_stream::iter(chunks)).await.map_err(|s| anyhow!("PublishWeights: {}", s.message()))?;
+    let r = client
+        .publish_weights(tokio_stream::iter(chunks))
+        .await
+        .map_err(|s| anyhow!("PublishWeights: {}", s.message()))?;
     let secs = t0.elapsed().as_secs_f64();
     ensure!(r.into_inner().version == version, "the coordinator stored another version");
     Ok((secs, sent.load(Relaxed)))
@@ -230,7 +238,10 @@ async fn fetch(
         asm.push(chunk)?;
     }
     let (m, p) = asm.finish()?;
-    ensure!(m.version == version && m.sha256 == expect.sha256 && p.len() as u64 == expect.total_bytes, "fetched the wrong version");
+    ensure!(
+        m.version == version && m.sha256 == expect.sha256 && p.len() as u64 == expect.total_bytes,
+        "fetched the wrong version"
+    );
     Ok((bytes, p))
 }
 
@@ -248,7 +259,9 @@ async fn start_coordinator(
         let _ = rx.await;
     };
     let task = if server_window_mib.is_none() && max_frame_kib.is_none() {
-        tokio::spawn(async move { selfplay_coordinator::serve(cfg, listener, shutdown).await.map_err(anyhow::Error::from) })
+        tokio::spawn(
+            async move { selfplay_coordinator::serve(cfg, listener, shutdown).await.map_err(anyhow::Error::from) },
+        )
     } else {
         let token = cfg.resolve_token()?;
         let service = CoordinatorService::open(&cfg)?;
@@ -256,13 +269,13 @@ async fn start_coordinator(
         let mut builder = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(w))
             .initial_connection_window_size(Some(4 * w))
-            .http2_keepalive_interval(Some(Duration::from_secs(30)));
-        if let Some(f) = max_frame_kib {
-            builder = builder.max_frame_size(Some(f * 1024));
-        }
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .max_frame_size(Some(max_frame_kib.map_or(selfplay_proto::client::HTTP2_MAX_FRAME_BYTES, |f| f * 1024)));
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let router = builder.add_service(service.into_server(ServerAuth::new(token, "coordinator")));
-        tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(anyhow::Error::from) })
+        tokio::spawn(async move {
+            router.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(anyhow::Error::from)
+        })
     };
     Ok((addr, tx, task))
 }
@@ -301,12 +314,14 @@ pub fn weights(a: WeightsArgs) -> Result<()> {
     };
     let (addr, stop, server) = rt.block_on(start_coordinator(cfg, a.server_window_mib, a.max_frame_kib))?;
     let client_h2 = H2 { window_mib: a.client_window_mib, max_frame_kib: a.max_frame_kib };
-    // The learner's connection: a plain endpoint as the learner's (tonic's HTTP/2 defaults)
-    // unless told otherwise.
-    let mut learner = rt.block_on(async { Ok::<_, anyhow::Error>(coordinator_client(connect(&addr, client_h2).await?, &token)) })?;
+    // The learner's connection, from `selfplay_proto::client::endpoint` as the learner's.
+    let mut learner =
+        rt.block_on(async { Ok::<_, anyhow::Error>(coordinator_client(connect(&addr, client_h2).await?, &token)) })?;
     // Warm-up: one publish and one fetch, not reported (first allocations, page cache).
     rt.block_on(publish(&mut learner, &manifest, &payload, 1))?;
-    let (_, first) = rt.block_on(async { fetch(coordinator_client(connect(&addr, client_h2).await?, &token), 1, &manifest, None).await })?;
+    let (_, first) = rt.block_on(async {
+        fetch(coordinator_client(connect(&addr, client_h2).await?, &token), 1, &manifest, None).await
+    })?;
     let mut pool: Vec<Vec<u8>> = if a.reuse_buffers { vec![first] } else { vec![] };
 
     let tick = clock_tick();
@@ -362,7 +377,8 @@ pub fn weights(a: WeightsArgs) -> Result<()> {
             let wall = (last - first).as_secs_f64();
             let per: Vec<f64> = got.iter().map(|f| (f.end - f.start).as_secs_f64()).collect();
             let bytes_served: u64 = got.iter().map(|f| f.bytes).sum();
-            let per_gbps: Vec<f64> = got.iter().map(|f| f.bytes as f64 / GB / (f.end - f.start).as_secs_f64()).collect();
+            let per_gbps: Vec<f64> =
+                got.iter().map(|f| f.bytes as f64 / GB / (f.end - f.start).as_secs_f64()).collect();
             emit(json!({
                 "bench": "weights", "dtype": a.dtype, "actors": k, "repeat": rep, "version": version,
                 "bytes": total, "publish_s": p_s, "publish_gbps": total as f64 / GB / p_s,
@@ -406,7 +422,10 @@ fn profile(manifest: &WeightManifest, payload: &Arc<Vec<u8>>, dir: &Path) -> Res
     let total = payload.len() as f64;
     let mut rows = serde_json::Map::new();
     // Best of three: the machine is shared.
-    let time = |rows: &mut serde_json::Map<String, serde_json::Value>, name: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+    let time = |rows: &mut serde_json::Map<String, serde_json::Value>,
+                name: &str,
+                f: &mut dyn FnMut() -> Result<()>|
+     -> Result<f64> {
         let mut best = f64::INFINITY;
         for _ in 0..3 {
             let t0 = Instant::now();
@@ -550,7 +569,7 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value_t = 10_000)]
     pub lease_ttl_ms: u64,
     /// Units (N) of each step the driver opens.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1000)]
     pub units_per_step: u32,
     /// Simulated seconds an actor spends on a unit before completing it, in ms (0 = at once:
     /// the coordinator is then saturated).
@@ -751,7 +770,10 @@ impl Drop for ChildGuard {
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
-    ensure!(a.actors > 0 && a.channels > 0 && a.units_per_step > 0, "--actors, --channels and --units-per-step must be positive");
+    ensure!(
+        a.actors > 0 && a.channels > 0 && a.units_per_step > 0,
+        "--actors, --channels and --units-per-step must be positive"
+    );
     let tmp = TempDir::new(a.dir.as_deref(), "coordinator")?;
     let token = BearerToken::generate();
     let token_file = tmp.path().join("token");
@@ -815,7 +837,9 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
             let mut c = client(0);
             let (counts, stop) = (counts.clone(), stop.clone());
             let n = a.units_per_step as u64;
-            let want = a.actors as u64 + n;
+            // Every actor may hold a unit, and two steps' worth stay pending beyond that: an
+            // OpenStep waits for the snapshot's fsync, so the driver keeps well ahead.
+            let want = a.actors as u64 + 2 * n;
             tokio::spawn(async move {
                 let (mut step, mut opened) = (0u64, 0u64);
                 while !stop.load(Relaxed) {
@@ -886,7 +910,8 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let row = match result {
         Ok(r) => r,
         Err(e) => {
-            let tail: String = std::fs::read_to_string(&log).unwrap_or_default().lines().rev().take(20).collect::<Vec<_>>().join("\n");
+            let tail: String =
+                std::fs::read_to_string(&log).unwrap_or_default().lines().rev().take(20).collect::<Vec<_>>().join("\n");
             return Err(e.context(format!("coordinator log (last lines, newest first):\n{tail}")));
         }
     };
@@ -917,6 +942,12 @@ pub struct IngestArgs {
     /// Vocabulary size for the token ids (SmolLM2's by default).
     #[arg(long, default_value_t = 49152)]
     pub vocab: i64,
+    /// Set TCP_NODELAY on the server's accepted connections (the learner does not today).
+    #[arg(long)]
+    pub server_nodelay: bool,
+    /// Measure only the one-call-per-group (actor) mode, or only the long streams.
+    #[arg(long, value_parser = ["both", "stream", "per-group"], default_value = "both")]
+    pub modes: String,
 }
 
 fn synthetic_sequence(rng: &mut selfplay_policy::generate::SplitMix64, a: &IngestArgs) -> v1::Sequence {
@@ -1094,38 +1125,59 @@ pub fn ingest(a: IngestArgs) -> Result<()> {
         let addr = format!("http://{}", listener.local_addr()?);
         let svc = LearnerService { shared: shared.clone() };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let router = tonic::transport::Server::builder().add_service(tonic::service::interceptor::InterceptedService::new(
-            selfplay_proto::v1::learner_server::LearnerServer::new(svc)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            ServerAuth::new(token.clone(), "learner"),
-        ));
-        let server = tokio::spawn(router.serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                let _ = rx.await;
-            },
-        ));
+        let router =
+            tonic::transport::Server::builder().add_service(tonic::service::interceptor::InterceptedService::new(
+                selfplay_proto::v1::learner_server::LearnerServer::new(svc)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                ServerAuth::new(token.clone(), "learner"),
+            ));
+        let shutdown = async move {
+            let _ = rx.await;
+        };
+        let server = if a.server_nodelay {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        } else {
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown),
+            )
+        };
         Ok::<_, anyhow::Error>((addr, tx, server))
     })?;
     // Warm-up (connections, allocations), not reported.
     rt.block_on(submit_all(&addr, &token, groups[..a.groups.min(100)].to_vec(), 1, false))?;
 
+    let modes: &[bool] = match a.modes.as_str() {
+        "stream" => &[false],
+        "per-group" => &[true],
+        _ => &[false, true],
+    };
     for &c in &a.concurrency {
-        for per_group in [false, true] {
+        for &per_group in modes {
             *shared.inbox.lock().expect("inbox lock") = fresh();
             let load = loadavg();
             let (secs, acks) = rt.block_on(submit_all(&addr, &token, groups.clone(), c, per_group))?;
-            ensure!(acks.accepted == a.groups as u64, "only {} of {} groups accepted: {acks:?}", acks.accepted, a.groups);
+            ensure!(
+                acks.accepted == a.groups as u64,
+                "only {} of {} groups accepted: {acks:?}",
+                acks.accepted,
+                a.groups
+            );
             // The same groups again: every one is a duplicate.
             let (dup_secs, dups) = rt.block_on(submit_all(&addr, &token, groups.clone(), c, per_group))?;
-            ensure!(dups.duplicate == a.groups as u64, "only {} of {} duplicates detected: {dups:?}", dups.duplicate, a.groups);
+            ensure!(
+                dups.duplicate == a.groups as u64,
+                "only {} of {} duplicates detected: {dups:?}",
+                dups.duplicate,
+                a.groups
+            );
             emit(json!({
                 "bench": "ingest", "mode": if per_group { "one call per group (actor)" } else { "one stream per client" },
                 "clients": c, "groups": a.groups, "group_size": a.group_size, "tokens_per_group": tokens_per_group,
                 "seconds": secs, "groups_per_s": a.groups as f64 / secs,
                 "mb_per_s_approx": (a.groups * group_bytes) as f64 / 1e6 / secs,
-                "duplicates_per_s": a.groups as f64 / dup_secs, "loadavg": load,
+                "duplicates_per_s": a.groups as f64 / dup_secs, "server_nodelay": a.server_nodelay, "loadavg": load,
             }));
         }
     }

@@ -54,27 +54,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     let stream = !args.json;
     let t0 = std::time::Instant::now();
-    let out = generate_with(
-        &policy.model,
-        &policy.tokenizer,
-        &[prompt],
-        &cfg,
-        &policy.eos_ids,
-        |_, id| {
-            if !stream {
-                return;
+    let out = generate_with(&policy.model, &policy.tokenizer, &[prompt], &cfg, &policy.eos_ids, |_, id| {
+        if !stream {
+            return;
+        }
+        ids.push(id);
+        // Print only complete characters: wait while the tail is a partial UTF-8 sequence.
+        if let Ok(text) = policy.tokenizer.decode(&ids, true) {
+            if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
+                let _ = write!(stdout, "{}", &text[printed..]);
+                let _ = stdout.flush();
+                printed = text.len();
             }
-            ids.push(id);
-            // Print only complete characters: wait while the tail is a partial UTF-8 sequence.
-            if let Ok(text) = policy.tokenizer.decode(&ids, true) {
-                if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
-                    let _ = write!(stdout, "{}", &text[printed..]);
-                    let _ = stdout.flush();
-                    printed = text.len();
-                }
-            }
-        },
-    )?;
+        }
+    })?;
     let c = &out[0];
     if args.json {
         println!("{}", serde_json::to_string_pretty(c)?);

@@ -129,7 +129,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let out_dir = cfg.run.out_dir.clone();
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     if !args.resume && selfplay_learner::latest_checkpoint(&out_dir).is_some() {
-        bail!("{} already holds checkpoints: pass --resume to continue, or choose another run.out_dir", out_dir.display());
+        bail!(
+            "{} already holds checkpoints: pass --resume to continue, or choose another run.out_dir",
+            out_dir.display()
+        );
     }
     std::fs::write(out_dir.join("config.toml"), cfg.to_toml())?;
     let token = BearerToken::generate();
@@ -181,9 +184,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
             },
             move |s| progress.step(s),
         ));
-        write_ready(&args.serve.ready_file, serde_json::json!({
-            "coordinator": coord_addr, "learner": learner_addr, "metrics": tele.addr.to_string(),
-        }))?;
+        write_ready(
+            &args.serve.ready_file,
+            serde_json::json!({
+                "coordinator": coord_addr, "learner": learner_addr, "metrics": tele.addr.to_string(),
+            }),
+        )?;
 
         // Actors: each on its own thread with its own policy and reference model. The initial
         // weights are the model on disk (version 0); a resumed run fetches the latest version.
@@ -276,7 +282,10 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             tls,
             ..Default::default()
         };
-        write_ready(&args.serve.ready_file, serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}))?;
+        write_ready(
+            &args.serve.ready_file,
+            serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}),
+        )?;
         tracing::info!(%addr, "coordinator serving");
         selfplay_coordinator::serve(cfg, listener, shutdown_signal()).await?;
         Ok(())
@@ -333,7 +342,10 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
             tls: args.tls_cert.clone().zip(args.tls_key.clone()),
             tls_ca: args.tls_ca.clone(),
         };
-        write_ready(&args.serve.ready_file, serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}))?;
+        write_ready(
+            &args.serve.ready_file,
+            serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}),
+        )?;
         let progress = Progress::new(cfg.run.steps);
         let summary = selfplay_learner::run(cfg, opts, listener, shutdown_signal(), move |s| progress.step(s)).await?;
         eprintln!("done: {} steps", summary.steps);
@@ -375,8 +387,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
     let player = if cfg.reward.kind == selfplay_game::config::RewardKind::Remote {
         let address = args.reward.clone().unwrap_or_else(|| cfg.reward.address.clone());
         let ep = selfplay_proto::client::endpoint(&address, args.tls_ca.as_deref()).map_err(anyhow::Error::msg)?;
-        let channel = rt.block_on(ep.connect())
-            .with_context(|| format!("reward server {address}"))?;
+        let channel = rt.block_on(ep.connect()).with_context(|| format!("reward server {address}"))?;
         let client = selfplay_proto::client::reward_client(channel, &token);
         let reference = policy.frozen_copy()?;
         let judge = if cfg.game.mode.uses_self_reward() {
@@ -411,7 +422,10 @@ pub fn actor(args: ActorArgs) -> Result<()> {
         tls_ca: args.tls_ca.clone(),
     };
     let summary = selfplay_actor::run(player, opts, rt.handle().clone(), stop)?;
-    eprintln!("actor done: {} units, {} failed, weights v{}", summary.units_done, summary.units_failed, summary.weights_version);
+    eprintln!(
+        "actor done: {} units, {} failed, weights v{}",
+        summary.units_done, summary.units_failed, summary.weights_version
+    );
     Ok(())
 }
 
@@ -433,7 +447,11 @@ pub struct RewardServerArgs {
 }
 
 pub fn reward_server(args: RewardServerArgs) -> Result<()> {
-    let dev = if args.device == "auto" { tch::Device::cuda_if_available() } else { selfplay_policy::parse_device(&args.device)? };
+    let dev = if args.device == "auto" {
+        tch::Device::cuda_if_available()
+    } else {
+        selfplay_policy::parse_device(&args.device)?
+    };
     let kind = selfplay_policy::parse_kind(&args.dtype)?;
     let model = selfplay_game::reward::RewardModel::load(&args.model, dev, kind)?;
     let token = args.auth.token()?;
@@ -482,29 +500,52 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let rt = runtime()?;
     let token = args.auth.token()?;
     let s = rt.block_on(async {
-        let ch = selfplay_proto::client::endpoint(&args.coordinator, args.tls_ca.as_deref()).map_err(anyhow::Error::msg)?.connect().await
+        let ch = selfplay_proto::client::endpoint(&args.coordinator, args.tls_ca.as_deref())
+            .map_err(anyhow::Error::msg)?
+            .connect()
+            .await
             .with_context(|| format!("coordinator {}", args.coordinator))?;
         let mut c = selfplay_proto::client::coordinator_client(ch, &token);
         Ok::<_, anyhow::Error>(c.status(selfplay_proto::v1::StatusRequest {}).await?.into_inner())
     })?;
     if args.json {
-        println!("{}", serde_json::json!({
-            "open_step": s.open_step, "units_pending": s.units_pending, "units_leased": s.units_leased,
-            "units_issued_total": s.units_issued_total, "units_reissued_total": s.units_reissued_total,
-            "units_done_total": s.units_done_total, "weight_versions": s.weight_versions,
-            "units_per_second": s.units_per_second,
-            "actors": s.actors.iter().map(|a| serde_json::json!({
-                "actor_id": a.actor_id, "device": a.device, "weights_version": a.weights_version,
-                "units": a.units, "units_done": a.units_done, "last_heartbeat_age_s": a.last_heartbeat_age_s,
-            })).collect::<Vec<_>>(),
-        }));
+        println!(
+            "{}",
+            serde_json::json!({
+                "open_step": s.open_step, "units_pending": s.units_pending, "units_leased": s.units_leased,
+                "units_issued_total": s.units_issued_total, "units_reissued_total": s.units_reissued_total,
+                "units_done_total": s.units_done_total, "weight_versions": s.weight_versions,
+                "units_per_second": s.units_per_second,
+                "actors": s.actors.iter().map(|a| serde_json::json!({
+                    "actor_id": a.actor_id, "device": a.device, "weights_version": a.weights_version,
+                    "units": a.units, "units_done": a.units_done, "last_heartbeat_age_s": a.last_heartbeat_age_s,
+                })).collect::<Vec<_>>(),
+            })
+        );
         return Ok(());
     }
-    println!("step {}  units: {} pending, {} leased, {} done ({} issued, {} re-issued)  {:.2} units/s  weights {:?}",
-        s.open_step, s.units_pending, s.units_leased, s.units_done_total, s.units_issued_total, s.units_reissued_total, s.units_per_second, s.weight_versions);
+    println!(
+        "step {}  units: {} pending, {} leased, {} done ({} issued, {} re-issued)  {:.2} units/s  weights {:?}",
+        s.open_step,
+        s.units_pending,
+        s.units_leased,
+        s.units_done_total,
+        s.units_issued_total,
+        s.units_reissued_total,
+        s.units_per_second,
+        s.weight_versions
+    );
     println!("{:<24} {:<10} {:>8} {:>6} {:>10}  units", "actor", "device", "weights", "done", "heartbeat");
     for a in &s.actors {
-        println!("{:<24} {:<10} {:>8} {:>6} {:>9.1}s  {}", a.actor_id, a.device, a.weights_version, a.units_done, a.last_heartbeat_age_s, a.units.join(","));
+        println!(
+            "{:<24} {:<10} {:>8} {:>6} {:>9.1}s  {}",
+            a.actor_id,
+            a.device,
+            a.weights_version,
+            a.units_done,
+            a.last_heartbeat_age_s,
+            a.units.join(",")
+        );
     }
     Ok(())
 }

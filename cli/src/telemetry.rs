@@ -12,7 +12,8 @@ pub struct Telemetry {
 }
 
 const SECONDS_BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
-const VALUE_BUCKETS: [f64; 16] = [-10.0, -5.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 20.0, 50.0];
+const VALUE_BUCKETS: [f64; 16] =
+    [-10.0, -5.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 20.0, 50.0];
 
 pub async fn serve(addr: &str) -> Result<Telemetry> {
     let handle: PrometheusHandle = PrometheusBuilder::new()
@@ -33,20 +34,26 @@ pub async fn serve(addr: &str) -> Result<Telemetry> {
         }
     });
     let app = axum::Router::new()
-        .route("/metrics", axum::routing::get(move || {
-            let h = handle.clone();
-            async move { h.render() }
-        }))
-        .route("/health", axum::routing::get(move || {
-            let ok = h2.load(Ordering::SeqCst);
-            async move {
-                if ok {
-                    (axum::http::StatusCode::OK, "ok\n")
-                } else {
-                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let h = handle.clone();
+                async move { h.render() }
+            }),
+        )
+        .route(
+            "/health",
+            axum::routing::get(move || {
+                let ok = h2.load(Ordering::SeqCst);
+                async move {
+                    if ok {
+                        (axum::http::StatusCode::OK, "ok\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
+                    }
                 }
-            }
-        }));
+            }),
+        );
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");

@@ -77,7 +77,11 @@ impl Cluster {
     }
 
     fn scheme(&self) -> &'static str {
-        if self.tls { "https" } else { "http" }
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     fn tls_server_args(&self) -> Vec<String> {
@@ -113,10 +117,19 @@ impl Cluster {
         let ready = self.dir.join("coordinator.ready");
         let _ = std::fs::remove_file(&ready);
         let mut args: Vec<String> = vec![
-            "coordinator".into(), "--listen".into(), listen.into(),
-            "--state-dir".into(), self.dir.join("state").to_str().unwrap().into(),
-            "--lease-ttl-ms".into(), "1500".into(), "--seed".into(), "3".into(),
-            "--metrics-addr".into(), "127.0.0.1:0".into(), "--ready-file".into(), ready.to_str().unwrap().into(),
+            "coordinator".into(),
+            "--listen".into(),
+            listen.into(),
+            "--state-dir".into(),
+            self.dir.join("state").to_str().unwrap().into(),
+            "--lease-ttl-ms".into(),
+            "1500".into(),
+            "--seed".into(),
+            "3".into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--ready-file".into(),
+            ready.to_str().unwrap().into(),
         ];
         args.extend(self.tls_server_args());
         let p = self.spawn("coordinator", &args);
@@ -129,10 +142,20 @@ impl Cluster {
         let ready = self.dir.join("learner.ready");
         let _ = std::fs::remove_file(&ready);
         let mut args: Vec<String> = vec![
-            "learner".into(), "--config".into(), self.config.to_str().unwrap().into(),
-            "--coordinator".into(), self.coordinator_addr.clone().unwrap(),
-            "--listen".into(), self.learner_addr.clone().map(|a| a.split("://").nth(1).unwrap().to_string()).unwrap_or("127.0.0.1:0".into()),
-            "--metrics-addr".into(), "127.0.0.1:0".into(), "--ready-file".into(), ready.to_str().unwrap().into(),
+            "learner".into(),
+            "--config".into(),
+            self.config.to_str().unwrap().into(),
+            "--coordinator".into(),
+            self.coordinator_addr.clone().unwrap(),
+            "--listen".into(),
+            self.learner_addr
+                .clone()
+                .map(|a| a.split("://").nth(1).unwrap().to_string())
+                .unwrap_or("127.0.0.1:0".into()),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--ready-file".into(),
+            ready.to_str().unwrap().into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(self.tls_server_args());
@@ -145,10 +168,17 @@ impl Cluster {
 
     fn actor(&self, id: &str) -> Proc {
         let mut args: Vec<String> = vec![
-            "actor".into(), "--config".into(), self.config.to_str().unwrap().into(),
-            "--coordinator".into(), self.coordinator_addr.clone().unwrap(),
-            "--learner".into(), self.learner_addr.clone().unwrap(),
-            "--actor-id".into(), id.into(), "--metrics-addr".into(), "127.0.0.1:0".into(),
+            "actor".into(),
+            "--config".into(),
+            self.config.to_str().unwrap().into(),
+            "--coordinator".into(),
+            self.coordinator_addr.clone().unwrap(),
+            "--learner".into(),
+            self.learner_addr.clone().unwrap(),
+            "--actor-id".into(),
+            id.into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
         ];
         args.extend(self.tls_client_args());
         self.spawn(id, &args)
@@ -407,7 +437,9 @@ fn valid_group(unit: &str) -> selfplay_proto::v1::RolloutGroup {
         weights_version: 0,
         actor_id: "test".into(),
         challenger: Some(seq()),
-        answers: (0..2).map(|i| Answer { sequence: Some(seq()), reward: i as f32, self_reward: 0.0, self_reward_parsed: true }).collect(),
+        answers: (0..2)
+            .map(|i| Answer { sequence: Some(seq()), reward: i as f32, self_reward: 0.0, self_reward_parsed: true })
+            .collect(),
         play_seconds: 0.0,
     }
 }
@@ -436,7 +468,11 @@ fn bad_input_gets_clear_errors_and_the_run_is_unaffected() {
     let e = submit("wrong-token-0123456789", valid_group("s0-u0")).unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let e = rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(c.coordinator_addr.clone().unwrap()).unwrap().connect().await.unwrap();
+        let ch = tonic::transport::Endpoint::from_shared(c.coordinator_addr.clone().unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let mut cc = selfplay_proto::v1::coordinator_client::CoordinatorClient::new(ch);
         cc.status(selfplay_proto::v1::StatusRequest {}).await.unwrap_err()
     });
@@ -456,13 +492,21 @@ fn bad_input_gets_clear_errors_and_the_run_is_unaffected() {
     let mut big = valid_group("s0-u1");
     big.answers[0].sequence.as_mut().unwrap().text = "x".repeat(selfplay_proto::MAX_MESSAGE_BYTES + 1024);
     let e = submit(TOKEN, big).unwrap_err();
-    assert!(matches!(e.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal), "{e:?}");
+    assert!(
+        matches!(e.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal),
+        "{e:?}"
+    );
 
     // Semantically bad groups: an ack that names the field, nothing stored.
     let cases: Vec<(&str, Box<dyn Fn(&mut selfplay_proto::v1::RolloutGroup)>)> = vec![
         ("answers[1].reward", Box::new(|g| g.answers[1].reward = f32::NAN)),
         ("outside the vocabulary", Box::new(|g| g.answers[0].sequence.as_mut().unwrap().completion_ids[1] = 50_000)),
-        ("expected G = 2", Box::new(|g| { g.answers.pop(); })),
+        (
+            "expected G = 2",
+            Box::new(|g| {
+                g.answers.pop();
+            }),
+        ),
         ("log-probs must be finite and <= 0", Box::new(|g| g.challenger.as_mut().unwrap().ref_logprobs[0] = 3.0)),
         ("not a unit id", Box::new(|g| g.unit_id = "../../etc".into())),
     ];

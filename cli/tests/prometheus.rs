@@ -75,7 +75,8 @@ fn prometheus_scrapes_a_live_train_run() {
     );
     std::fs::write(dir.join("run.toml"), cfg).unwrap();
     // The tiny tokenizer has no single-token digits: expected-mode self-reward needs them.
-    let mut tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer_config.json")).unwrap()).unwrap();
+    let mut tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer_config.json")).unwrap()).unwrap();
     tc["chat_template"] = serde_json::json!("{% for m in messages %}t3 {{ m['content'] }} t4 {% endfor %}t3 ");
     std::fs::write(model.join("tokenizer_config.json"), tc.to_string()).unwrap();
     let tok = dir.join("model/tokenizer.json");
@@ -98,7 +99,9 @@ fn prometheus_scrapes_a_live_train_run() {
     );
     let t0 = Instant::now();
     let metrics_addr = loop {
-        if let Some(v) = std::fs::read_to_string(&ready).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+        if let Some(v) =
+            std::fs::read_to_string(&ready).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        {
             break v["metrics"].as_str().unwrap().to_string();
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "train never became ready");
@@ -165,7 +168,10 @@ fn prometheus_scrapes_a_live_train_run() {
         if missing.is_empty() {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "used by the dashboard or alerts but not on a live /metrics: {missing:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "used by the dashboard or alerts but not on a live /metrics: {missing:?}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -60,9 +60,7 @@ impl CoordinatorConfig {
 
     /// Checks the values; every error names the field.
     pub fn validate(&self) -> Result<(), CoordinatorError> {
-        let bad = |field: &'static str, reason: &str| {
-            Err(CoordinatorError::Config(format!("{field}: {reason}")))
-        };
+        let bad = |field: &'static str, reason: &str| Err(CoordinatorError::Config(format!("{field}: {reason}")));
         if self.lease_ttl_ms < 50 {
             return bad("lease_ttl_ms", "must be at least 50");
         }
@@ -95,14 +93,7 @@ mod tests {
         assert_eq!(c.keep_versions, 2);
         c.validate().unwrap();
         assert!(serde_json::from_str::<CoordinatorConfig>(r#"{"lease_ttl": 300}"#).is_err());
-        let c = CoordinatorConfig {
-            keep_versions: 0,
-            ..CoordinatorConfig::default()
-        };
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("keep_versions"));
+        let c = CoordinatorConfig { keep_versions: 0, ..CoordinatorConfig::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("keep_versions"));
     }
 }

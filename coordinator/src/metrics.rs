@@ -19,46 +19,22 @@ pub const RPC_SECONDS: &str = "selfplay_coordinator_rpc_seconds";
 /// the shared `selfplay_rpc_rejected_total`). Call once after installing the exporter.
 pub fn describe_metrics() {
     describe_gauge!(ACTORS_ALIVE, Unit::Count, "Actors holding a live lease");
-    describe_counter!(
-        LEASES_EXPIRED,
-        Unit::Count,
-        "Actors dropped because their lease expired without a heartbeat"
-    );
-    describe_counter!(
-        UNITS_ISSUED,
-        Unit::Count,
-        "Work units handed to actors, re-issues included"
-    );
+    describe_counter!(LEASES_EXPIRED, Unit::Count, "Actors dropped because their lease expired without a heartbeat");
+    describe_counter!(UNITS_ISSUED, Unit::Count, "Work units handed to actors, re-issues included");
     describe_counter!(
         UNITS_REISSUED,
         Unit::Count,
         "Work units handed out again after an expired lease, a give-back or a restart"
     );
-    describe_counter!(
-        UNITS_DONE,
-        Unit::Count,
-        "Work units reported done (group accepted by the learner)"
-    );
-    describe_gauge!(
-        UNITS_PENDING,
-        Unit::Count,
-        "Work units waiting for an actor"
-    );
-    describe_counter!(
-        WEIGHT_BYTES_SERVED,
-        Unit::Bytes,
-        "Weight payload bytes sent to actors by FetchWeights"
-    );
+    describe_counter!(UNITS_DONE, Unit::Count, "Work units reported done (group accepted by the learner)");
+    describe_gauge!(UNITS_PENDING, Unit::Count, "Work units waiting for an actor");
+    describe_counter!(WEIGHT_BYTES_SERVED, Unit::Bytes, "Weight payload bytes sent to actors by FetchWeights");
     describe_counter!(
         WEIGHT_VERSIONS_PUBLISHED,
         Unit::Count,
         "Weight versions accepted from the learner (verified and stored)"
     );
-    describe_gauge!(
-        WEIGHTS_VERSION,
-        Unit::Count,
-        "Newest stored weights version (0 = none)"
-    );
+    describe_gauge!(WEIGHTS_VERSION, Unit::Count, "Newest stored weights version (0 = none)");
     describe_histogram!(
         RPC_SECONDS,
         Unit::Seconds,
@@ -66,7 +42,9 @@ pub fn describe_metrics() {
     );
     selfplay_proto::auth::describe_metrics();
     // Counters exist from the start (at 0), so dashboards and rate() see them before events.
-    for name in [LEASES_EXPIRED, UNITS_ISSUED, UNITS_REISSUED, UNITS_DONE, WEIGHT_BYTES_SERVED, WEIGHT_VERSIONS_PUBLISHED] {
+    for name in
+        [LEASES_EXPIRED, UNITS_ISSUED, UNITS_REISSUED, UNITS_DONE, WEIGHT_BYTES_SERVED, WEIGHT_VERSIONS_PUBLISHED]
+    {
         metrics::counter!(name).increment(0);
     }
 }

@@ -15,10 +15,7 @@ pub const TMP_SUFFIX: &str = ".tmp";
 /// A fresh temporary path beside `target` (unique within the process).
 pub fn temp_path(target: &Path) -> PathBuf {
     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut name = target
-        .file_name()
-        .map(|s| s.to_os_string())
-        .unwrap_or_default();
+    let mut name = target.file_name().map(|s| s.to_os_string()).unwrap_or_default();
     name.push(format!(".{}-{n}{TMP_SUFFIX}", std::process::id()));
     target.with_file_name(name)
 }
@@ -62,10 +59,7 @@ mod tests {
         write_atomic(&target, b"one").unwrap();
         write_atomic(&target, b"two").unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"two");
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["state.json"]);
     }
 }

@@ -10,10 +10,9 @@ use metrics::{counter, gauge, histogram};
 use selfplay_proto::auth::ServerAuth;
 use selfplay_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use selfplay_proto::v1::{
-    weight_chunk, ActorStatus, CompleteWorkRequest, CompleteWorkResponse, FetchWeightsRequest,
-    HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, LeaseWorkRequest,
-    LeaseWorkResponse, LeaveRequest, LeaveResponse, OpenStepRequest, OpenStepResponse,
-    PublishWeightsResponse, StatusRequest, StatusResponse, WeightChunk, WorkUnit,
+    weight_chunk, ActorStatus, CompleteWorkRequest, CompleteWorkResponse, FetchWeightsRequest, HeartbeatRequest,
+    HeartbeatResponse, JoinRequest, JoinResponse, LeaseWorkRequest, LeaseWorkResponse, LeaveRequest, LeaveResponse,
+    OpenStepRequest, OpenStepResponse, PublishWeightsResponse, StatusRequest, StatusResponse, WeightChunk, WorkUnit,
 };
 use selfplay_proto::weights::WeightError;
 use selfplay_proto::{MAX_MESSAGE_BYTES, WEIGHT_CHUNK_BYTES};
@@ -47,12 +46,12 @@ impl From<StateError> for Status {
     fn from(e: StateError) -> Self {
         let msg = e.to_string();
         match e {
-            StateError::UnknownActor(_)
-            | StateError::UnitCountMismatch { .. }
-            | StateError::ReopenNeeds { .. } => Status::failed_precondition(msg),
-            StateError::EmptyActorId
-            | StateError::NoUnits { .. }
-            | StateError::PerUnitCount { .. } => Status::invalid_argument(msg),
+            StateError::UnknownActor(_) | StateError::UnitCountMismatch { .. } | StateError::ReopenNeeds { .. } => {
+                Status::failed_precondition(msg)
+            }
+            StateError::EmptyActorId | StateError::NoUnits { .. } | StateError::PerUnitCount { .. } => {
+                Status::invalid_argument(msg)
+            }
         }
     }
 }
@@ -65,10 +64,7 @@ struct RpcTimer {
 
 impl RpcTimer {
     fn new(rpc: &'static str) -> Self {
-        Self {
-            rpc,
-            start: Instant::now(),
-        }
+        Self { rpc, start: Instant::now() }
     }
 }
 
@@ -102,9 +98,7 @@ pub struct CoordinatorService {
 
 impl std::fmt::Debug for CoordinatorService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CoordinatorService")
-            .field("snapshot", &self.inner.snapshot_path)
-            .finish_non_exhaustive()
+        f.debug_struct("CoordinatorService").field("snapshot", &self.inner.snapshot_path).finish_non_exhaustive()
     }
 }
 
@@ -133,11 +127,8 @@ impl CoordinatorService {
         let now = Instant::now();
         let state = match std::fs::read(&snapshot_path) {
             Ok(bytes) => {
-                let snap: Snapshot =
-                    serde_json::from_slice(&bytes).map_err(|e| CoordinatorError::Snapshot {
-                        path: snapshot_path.clone(),
-                        reason: e.to_string(),
-                    })?;
+                let snap: Snapshot = serde_json::from_slice(&bytes)
+                    .map_err(|e| CoordinatorError::Snapshot { path: snapshot_path.clone(), reason: e.to_string() })?;
                 if snap.format != 1 {
                     return Err(CoordinatorError::Snapshot {
                         path: snapshot_path,
@@ -160,14 +151,9 @@ impl CoordinatorService {
                 );
                 state
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                State::new(config.run_seed, ttl, now)
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::new(config.run_seed, ttl, now),
             Err(source) => {
-                return Err(CoordinatorError::Io {
-                    context: format!("read {}", snapshot_path.display()),
-                    source,
-                })
+                return Err(CoordinatorError::Io { context: format!("read {}", snapshot_path.display()), source })
             }
         };
         let weights = WeightStore::open(dir.join(WEIGHTS_DIR), config.keep_versions)?;
@@ -205,10 +191,7 @@ impl CoordinatorService {
         }
         let (current, bytes) = {
             let s = self.state();
-            (
-                s.generation(),
-                serde_json::to_vec(&s.snapshot()).expect("a snapshot serializes"),
-            )
+            (s.generation(), serde_json::to_vec(&s.snapshot()).expect("a snapshot serializes"))
         };
         let path = self.inner.snapshot_path.clone();
         let written = tokio::task::spawn_blocking(move || persist::write_atomic(&path, &bytes))
@@ -216,9 +199,7 @@ impl CoordinatorService {
             .map_err(|e| Status::internal(format!("snapshot writer failed: {e}")))?;
         if let Err(e) = written {
             tracing::error!(path = %self.inner.snapshot_path.display(), error = %e, "cannot save the coordinator state");
-            return Err(Status::internal(format!(
-                "cannot save the coordinator state: {e}"
-            )));
+            return Err(Status::internal(format!("cannot save the coordinator state: {e}")));
         }
         *persisted = current;
         Ok(())
@@ -335,28 +316,17 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn heartbeat(
-        &self,
-        request: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let _t = RpcTimer::new("Heartbeat");
         let req = request.into_inner();
-        let known = self
-            .state()
-            .heartbeat(&req.actor_id, req.weights_version, Instant::now());
+        let known = self.state().heartbeat(&req.actor_id, req.weights_version, Instant::now());
         if !known {
             tracing::debug!(actor = %req.actor_id, "heartbeat from an unknown actor; it must join again");
         }
-        Ok(Response::new(HeartbeatResponse {
-            latest_weights_version: self.inner.weights.latest_version(),
-            known,
-        }))
+        Ok(Response::new(HeartbeatResponse { latest_weights_version: self.inner.weights.latest_version(), known }))
     }
 
-    async fn leave(
-        &self,
-        request: Request<LeaveRequest>,
-    ) -> Result<Response<LeaveResponse>, Status> {
+    async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
         let _t = RpcTimer::new("Leave");
         let req = request.into_inner();
         let requeued = {
@@ -369,10 +339,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(LeaveResponse {}))
     }
 
-    async fn lease_work(
-        &self,
-        request: Request<LeaseWorkRequest>,
-    ) -> Result<Response<LeaseWorkResponse>, Status> {
+    async fn lease_work(&self, request: Request<LeaseWorkRequest>) -> Result<Response<LeaseWorkResponse>, Status> {
         let _t = RpcTimer::new("LeaseWork");
         let req = request.into_inner();
         let unit = {
@@ -382,10 +349,7 @@ impl Coordinator for CoordinatorService {
             u
         };
         let Some(u) = unit else {
-            return Ok(Response::new(LeaseWorkResponse {
-                unit: None,
-                retry_after_ms: self.inner.retry_after_ms,
-            }));
+            return Ok(Response::new(LeaseWorkResponse { unit: None, retry_after_ms: self.inner.retry_after_ms }));
         };
         counter!(UNITS_ISSUED).increment(1);
         if u.reissue {
@@ -434,10 +398,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(CompleteWorkResponse {}))
     }
 
-    async fn open_step(
-        &self,
-        request: Request<OpenStepRequest>,
-    ) -> Result<Response<OpenStepResponse>, Status> {
+    async fn open_step(&self, request: Request<OpenStepRequest>) -> Result<Response<OpenStepResponse>, Status> {
         let _t = RpcTimer::new("OpenStep");
         let req = request.into_inner();
         let spec = StepSpec {
@@ -479,9 +440,7 @@ impl Coordinator for CoordinatorService {
         let start = Instant::now();
         let mut stream = request.into_inner();
         let manifest = match stream.message().await? {
-            Some(WeightChunk {
-                part: Some(weight_chunk::Part::Manifest(m)),
-            }) => m,
+            Some(WeightChunk { part: Some(weight_chunk::Part::Manifest(m)) }) => m,
             _ => return Err(WeightError::NoManifest.into()),
         };
         let version = manifest.version;
@@ -489,17 +448,12 @@ impl Coordinator for CoordinatorService {
         while let Some(chunk) = stream.message().await? {
             match chunk.part {
                 Some(weight_chunk::Part::Data(data)) => {
-                    upload =
-                        tokio::task::spawn_blocking(move || upload.write(&data).map(|()| upload))
-                            .await
-                            .map_err(join_error)?
-                            .inspect_err(
-                                |e| tracing::warn!(version, error = %e, "weights refused"),
-                            )?;
+                    upload = tokio::task::spawn_blocking(move || upload.write(&data).map(|()| upload))
+                        .await
+                        .map_err(join_error)?
+                        .inspect_err(|e| tracing::warn!(version, error = %e, "weights refused"))?;
                 }
-                Some(weight_chunk::Part::Manifest(_)) => {
-                    return Err(WeightError::DuplicateManifest.into())
-                }
+                Some(weight_chunk::Part::Manifest(_)) => return Err(WeightError::DuplicateManifest.into()),
                 None => {}
             }
         }
@@ -513,13 +467,7 @@ impl Coordinator for CoordinatorService {
             counter!(WEIGHT_VERSIONS_PUBLISHED).increment(1);
         }
         gauge!(WEIGHTS_VERSION).set(self.inner.weights.latest_version() as f64);
-        tracing::info!(
-            version,
-            bytes,
-            seconds = start.elapsed().as_secs_f64(),
-            ?outcome,
-            "weights published"
-        );
+        tracing::info!(version, bytes, seconds = start.elapsed().as_secs_f64(), ?outcome, "weights published");
         Ok(Response::new(PublishWeightsResponse { version }))
     }
 
@@ -533,9 +481,7 @@ impl Coordinator for CoordinatorService {
         let version = self.inner.weights.get(request.into_inner().version)?;
         let (tx, rx) = mpsc::channel(FETCH_READ_AHEAD);
         tokio::spawn(async move {
-            let first = WeightChunk {
-                part: Some(weight_chunk::Part::Manifest(version.manifest().clone())),
-            };
+            let first = WeightChunk { part: Some(weight_chunk::Part::Manifest(version.manifest().clone())) };
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
@@ -548,11 +494,7 @@ impl Coordinator for CoordinatorService {
                     Ok(Ok(d)) => d,
                     Ok(Err(e)) => {
                         tracing::error!(version = version.version(), error = %e, "cannot read stored weights");
-                        let _ = tx
-                            .send(Err(Status::internal(format!(
-                                "cannot read stored weights: {e}"
-                            ))))
-                            .await;
+                        let _ = tx.send(Err(Status::internal(format!("cannot read stored weights: {e}")))).await;
                         return;
                     }
                     Err(e) => {
@@ -560,15 +502,9 @@ impl Coordinator for CoordinatorService {
                         return;
                     }
                 };
-                let chunk = WeightChunk {
-                    part: Some(weight_chunk::Part::Data(data)),
-                };
+                let chunk = WeightChunk { part: Some(weight_chunk::Part::Data(data)) };
                 if tx.send(Ok(chunk)).await.is_err() {
-                    tracing::debug!(
-                        version = version.version(),
-                        offset,
-                        "fetch cancelled by the client"
-                    );
+                    tracing::debug!(version = version.version(), offset, "fetch cancelled by the client");
                     return;
                 }
                 counter!(WEIGHT_BYTES_SERVED).increment(len as u64);
@@ -578,10 +514,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn status(
-        &self,
-        _request: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let _t = RpcTimer::new("Status");
         Ok(Response::new(CoordinatorService::status(self)))
     }
@@ -602,9 +535,7 @@ pub async fn serve(
     let expiry = service.spawn_expiry();
 
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving)
-        .await;
+    reporter.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(selfplay_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -614,39 +545,28 @@ pub async fn serve(
         // Room for a whole weight chunk in flight per stream on uploads.
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(32 * 1024 * 1024))
+        // Uploads arrive in 1 MiB HTTP/2 frames rather than 16 KiB ones.
+        .max_frame_size(Some(selfplay_proto::client::HTTP2_MAX_FRAME_BYTES))
         .http2_keepalive_interval(Some(Duration::from_secs(30)));
     let tls = config.tls.is_some();
     if let Some(t) = &config.tls {
         let read = |field: &str, path: &Path| {
-            std::fs::read(path).map_err(|e| {
-                CoordinatorError::Config(format!(
-                    "tls.{field}: cannot read {}: {e}",
-                    path.display()
-                ))
-            })
+            std::fs::read(path)
+                .map_err(|e| CoordinatorError::Config(format!("tls.{field}: cannot read {}: {e}", path.display())))
         };
         let identity = Identity::from_pem(read("cert", &t.cert)?, read("key", &t.key)?);
-        builder = builder
-            .tls_config(ServerTlsConfig::new().identity(identity))
-            .map_err(CoordinatorError::Tls)?;
+        builder = builder.tls_config(ServerTlsConfig::new().identity(identity)).map_err(CoordinatorError::Tls)?;
     }
     let addr = listener
         .local_addr()
-        .map_err(|source| CoordinatorError::Io {
-            context: "read the listener's address".into(),
-            source,
-        })?;
+        .map_err(|source| CoordinatorError::Io { context: "read the listener's address".into(), source })?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(%addr, tls, state_dir = %config.state_dir.display(), "coordinator serving");
 
     let result = builder
         .add_service(health)
         .add_service(reflection)
-        .add_service(
-            service
-                .clone()
-                .into_server(ServerAuth::new(token, "coordinator")),
-        )
+        .add_service(service.clone().into_server(ServerAuth::new(token, "coordinator")))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     expiry.abort();

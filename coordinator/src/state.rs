@@ -58,23 +58,14 @@ pub fn unit_seed(run_seed: u64, step: u64, index: u32) -> u64 {
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
-    #[error(
-        "actor {0:?} is not a member (its lease expired or the coordinator restarted): Join first"
-    )]
+    #[error("actor {0:?} is not a member (its lease expired or the coordinator restarted): Join first")]
     UnknownActor(String),
     #[error("actor_id must not be empty")]
     EmptyActorId,
     #[error("step {step}: units must be at least 1")]
     NoUnits { step: u64 },
-    #[error(
-        "step {step}: {field} holds {got} entries for {units} units (give none or one per unit)"
-    )]
-    PerUnitCount {
-        step: u64,
-        field: &'static str,
-        units: u32,
-        got: usize,
-    },
+    #[error("step {step}: {field} holds {got} entries for {units} units (give none or one per unit)")]
+    PerUnitCount { step: u64, field: &'static str, units: u32, got: usize },
     #[error("step {step} is already open with {open} units, not {asked}")]
     UnitCountMismatch { step: u64, open: u32, asked: u32 },
     #[error("step {step} completed and its {field} were released: reopening it needs them again")]
@@ -270,13 +261,7 @@ impl State {
         let mut s = Self::new(snapshot.run_seed, ttl, now);
         s.counters = snapshot.counters;
         for st in snapshot.steps {
-            let mut slots = vec![
-                Slot {
-                    state: UnitState::Pending,
-                    issues: 0,
-                };
-                st.units as usize
-            ];
+            let mut slots = vec![Slot { state: UnitState::Pending, issues: 0 }; st.units as usize];
             let mut done = 0;
             for i in st.done {
                 if let Some(slot) = slots.get_mut(i as usize) {
@@ -320,9 +305,7 @@ impl State {
         }
         let mut seen = BTreeSet::new();
         for key in snapshot.pending {
-            let pending = s
-                .slot(key)
-                .is_some_and(|slot| slot.state == UnitState::Pending);
+            let pending = s.slot(key).is_some_and(|slot| slot.state == UnitState::Pending);
             if pending && seen.insert(key) {
                 s.queue.push_back(key);
             }
@@ -401,10 +384,7 @@ impl State {
 
     /// Steps known, with (units, done).
     pub fn steps(&self) -> Vec<(u64, u32, u32)> {
-        self.steps
-            .iter()
-            .map(|(&k, s)| (k, s.slots.len() as u32, s.done))
-            .collect()
+        self.steps.iter().map(|(&k, s)| (k, s.slots.len() as u32, s.done)).collect()
     }
 
     /// Pending unit ids in queue order.
@@ -502,55 +482,28 @@ impl State {
     /// for a step that exists changes nothing (unless `reopen`); `discard_older` drops the
     /// pending and leased units of every older step.
     pub fn open_step(&mut self, spec: StepSpec) -> Result<OpenOutcome, StateError> {
-        let StepSpec {
-            step,
-            units,
-            min_weights_version,
-            prompts,
-            tasks,
-            discard_older,
-            reopen,
-        } = spec;
+        let StepSpec { step, units, min_weights_version, prompts, tasks, discard_older, reopen } = spec;
         if units == 0 {
             return Err(StateError::NoUnits { step });
         }
         for (field, got) in [("prompts", prompts.len()), ("tasks", tasks.len())] {
             if got != 0 && got != units as usize {
-                return Err(StateError::PerUnitCount {
-                    step,
-                    field,
-                    units,
-                    got,
-                });
+                return Err(StateError::PerUnitCount { step, field, units, got });
             }
         }
         if let Some(existing) = self.steps.get(&step) {
             let open = existing.slots.len() as u32;
             if open != units {
-                return Err(StateError::UnitCountMismatch {
-                    step,
-                    open,
-                    asked: units,
-                });
+                return Err(StateError::UnitCountMismatch { step, open, asked: units });
             }
             if reopen && existing.needs_prompts && prompts.is_empty() {
-                return Err(StateError::ReopenNeeds {
-                    step,
-                    field: "prompts",
-                });
+                return Err(StateError::ReopenNeeds { step, field: "prompts" });
             }
             if reopen && existing.needs_tasks && tasks.is_empty() {
-                return Err(StateError::ReopenNeeds {
-                    step,
-                    field: "tasks",
-                });
+                return Err(StateError::ReopenNeeds { step, field: "tasks" });
             }
         }
-        let mut out = OpenOutcome {
-            queued: 0,
-            existed: false,
-            discarded: 0,
-        };
+        let mut out = OpenOutcome { queued: 0, existed: false, discarded: 0 };
         if discard_older {
             let older: Vec<u64> = self.steps.range(..step).map(|(&k, _)| k).collect();
             if !older.is_empty() {
@@ -602,13 +555,7 @@ impl State {
                 tasks,
                 needs_prompts: false,
                 needs_tasks: false,
-                slots: vec![
-                    Slot {
-                        state: UnitState::Pending,
-                        issues: 0,
-                    };
-                    units as usize
-                ],
+                slots: vec![Slot { state: UnitState::Pending, issues: 0 }; units as usize],
                 done: 0,
             },
         );
@@ -662,13 +609,7 @@ impl State {
     /// unit back. A `done` report counts whoever sends it (a late report from an actor whose
     /// lease expired still means the learner has the group); a give-back counts only from the
     /// holder. Unknown units are ignored.
-    pub fn complete(
-        &mut self,
-        actor: &str,
-        unit: &str,
-        done: bool,
-        now: Instant,
-    ) -> CompleteOutcome {
+    pub fn complete(&mut self, actor: &str, unit: &str, done: bool, now: Instant) -> CompleteOutcome {
         if let Some(m) = self.members.get_mut(actor) {
             m.last_seen = now;
         }
@@ -730,12 +671,7 @@ impl State {
         self.prune_completions(now);
         self.generation += 1;
         if step_complete {
-            let complete: Vec<u64> = self
-                .steps
-                .iter()
-                .filter(|(_, s)| s.complete())
-                .map(|(&k, _)| k)
-                .collect();
+            let complete: Vec<u64> = self.steps.iter().filter(|(_, s)| s.complete()).map(|(&k, _)| k).collect();
             if complete.len() > KEEP_COMPLETED_STEPS {
                 for k in &complete[..complete.len() - KEEP_COMPLETED_STEPS] {
                     self.steps.remove(k);
@@ -758,9 +694,7 @@ impl State {
     /// when that is shorter; at least one second).
     pub fn throughput(&mut self, now: Instant) -> f64 {
         self.prune_completions(now);
-        let window = now
-            .saturating_duration_since(self.started)
-            .clamp(Duration::from_secs(1), THROUGHPUT_WINDOW);
+        let window = now.saturating_duration_since(self.started).clamp(Duration::from_secs(1), THROUGHPUT_WINDOW);
         self.completions.len() as f64 / window.as_secs_f64()
     }
 
@@ -784,27 +718,15 @@ impl State {
         let mut queued = BTreeSet::new();
         for &key in &self.queue {
             assert!(queued.insert(key), "{key:?} queued twice");
-            let slot = self
-                .slot(key)
-                .unwrap_or_else(|| panic!("{key:?} queued but unknown"));
-            assert_eq!(
-                slot.state,
-                UnitState::Pending,
-                "{key:?} queued but not pending"
-            );
+            let slot = self.slot(key).unwrap_or_else(|| panic!("{key:?} queued but unknown"));
+            assert_eq!(slot.state, UnitState::Pending, "{key:?} queued but not pending");
         }
         let mut held = BTreeSet::new();
         for (id, m) in &self.members {
             for &key in &m.units {
                 assert!(held.insert(key), "{key:?} held by two members");
-                let slot = self
-                    .slot(key)
-                    .unwrap_or_else(|| panic!("{key:?} held but unknown"));
-                assert_eq!(
-                    slot.state,
-                    UnitState::Leased(id.clone()),
-                    "{key:?} held by {id}"
-                );
+                let slot = self.slot(key).unwrap_or_else(|| panic!("{key:?} held but unknown"));
+                assert_eq!(slot.state, UnitState::Leased(id.clone()), "{key:?} held by {id}");
             }
         }
         for (&step, st) in &self.steps {
@@ -833,11 +755,7 @@ mod tests {
     const TTL: Duration = Duration::from_millis(1000);
 
     fn spec(step: u64, units: u32) -> StepSpec {
-        StepSpec {
-            step,
-            units,
-            ..StepSpec::default()
-        }
+        StepSpec { step, units, ..StepSpec::default() }
     }
 
     fn ms(t0: Instant, ms: u64) -> Instant {
@@ -854,9 +772,7 @@ mod tests {
     fn unit_ids_round_trip_and_reject_garbage() {
         assert_eq!(unit_id(12, 3), "s12-u3");
         assert_eq!(parse_unit_id("s12-u3"), Some((12, 3)));
-        for bad in [
-            "", "s", "s1-u", "s-u1", "x1-u2", "s01-u2", "s1-u+2", "s1-u2-", "s1u2",
-        ] {
+        for bad in ["", "s", "s1-u", "s-u1", "x1-u2", "s01-u2", "s1-u+2", "s1-u2-", "s1u2"] {
             assert_eq!(parse_unit_id(bad), None, "{bad}");
         }
     }
@@ -913,25 +829,10 @@ mod tests {
     #[test]
     fn per_unit_lists_must_match() {
         let mut s = State::new(0, TTL, Instant::now());
-        let err = s
-            .open_step(StepSpec {
-                step: 1,
-                units: 3,
-                prompts: vec!["x".into()],
-                ..StepSpec::default()
-            })
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            StateError::PerUnitCount {
-                field: "prompts",
-                ..
-            }
-        ));
-        assert_eq!(
-            s.open_step(spec(1, 0)).unwrap_err(),
-            StateError::NoUnits { step: 1 }
-        );
+        let err =
+            s.open_step(StepSpec { step: 1, units: 3, prompts: vec!["x".into()], ..StepSpec::default() }).unwrap_err();
+        assert!(matches!(err, StateError::PerUnitCount { field: "prompts", .. }));
+        assert_eq!(s.open_step(spec(1, 0)).unwrap_err(), StateError::NoUnits { step: 1 });
         assert_eq!(s.units_pending(), 0);
     }
 
@@ -940,10 +841,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
         s.open_step(spec(1, 1)).unwrap();
-        assert_eq!(
-            s.lease("ghost", t0).unwrap_err(),
-            StateError::UnknownActor("ghost".into())
-        );
+        assert_eq!(s.lease("ghost", t0).unwrap_err(), StateError::UnknownActor("ghost".into()));
         assert!(!s.heartbeat("ghost", 1, t0));
         assert_eq!(s.join("", "cpu", t0).unwrap_err(), StateError::EmptyActorId);
     }
@@ -962,13 +860,7 @@ mod tests {
         assert!(s.heartbeat("b", 0, ms(t0, 900)));
         assert_eq!(s.expire(ms(t0, 999)), Expired::default());
         let e = s.expire(ms(t0, 1000));
-        assert_eq!(
-            e,
-            Expired {
-                actors: vec!["a".into()],
-                requeued: 2
-            }
-        );
+        assert_eq!(e, Expired { actors: vec!["a".into()], requeued: 2 });
         s.check_invariants();
         assert_eq!(s.pending_ids(), ["s1-u0", "s1-u1", "s1-u3"]);
         let u = s.lease("b", ms(t0, 1001)).unwrap().unwrap();
@@ -1053,14 +945,8 @@ mod tests {
         s.open_step(spec(1, 2)).unwrap();
         assert_eq!(lease_id(&mut s, "a", t0).unwrap(), "s1-u0");
         assert_eq!(s.complete("a", "s1-u0", true, t0), CompleteOutcome::Done);
-        assert_eq!(
-            s.complete("a", "s1-u0", true, t0),
-            CompleteOutcome::AlreadyDone
-        );
-        assert_eq!(
-            s.complete("a", "s1-u0", false, t0),
-            CompleteOutcome::AlreadyDone
-        );
+        assert_eq!(s.complete("a", "s1-u0", true, t0), CompleteOutcome::AlreadyDone);
+        assert_eq!(s.complete("a", "s1-u0", false, t0), CompleteOutcome::AlreadyDone);
         // a expires: it holds nothing, so nothing comes back.
         assert_eq!(s.expire(ms(t0, 1000)).requeued, 0);
         assert_eq!(s.pending_ids(), ["s1-u1"]);
@@ -1069,10 +955,7 @@ mod tests {
         assert_eq!(lease_id(&mut s, "c", ms(t0, 1000)).unwrap(), "s1-u1");
         s.leave("c");
         assert_eq!(s.pending_ids(), ["s1-u1"]);
-        assert_eq!(
-            s.complete("c", "s1-u1", true, ms(t0, 1001)),
-            CompleteOutcome::Done
-        );
+        assert_eq!(s.complete("c", "s1-u1", true, ms(t0, 1001)), CompleteOutcome::Done);
         assert_eq!(s.pending_ids(), Vec::<String>::new());
         s.join("b", "", ms(t0, 1002)).unwrap();
         assert_eq!(s.lease("b", ms(t0, 1002)).unwrap(), None);
@@ -1094,16 +977,10 @@ mod tests {
         s.expire(ms(t0, 1000));
         assert_eq!(lease_id(&mut s, "b", ms(t0, 1000)).unwrap(), "s1-u0");
         // a was only slow: its group reached the learner.
-        assert_eq!(
-            s.complete("a", "s1-u0", true, ms(t0, 1001)),
-            CompleteOutcome::Done
-        );
+        assert_eq!(s.complete("a", "s1-u0", true, ms(t0, 1001)), CompleteOutcome::Done);
         assert_eq!(s.units_leased(), 0);
         s.check_invariants();
-        assert_eq!(
-            s.complete("b", "s1-u0", true, ms(t0, 1002)),
-            CompleteOutcome::AlreadyDone
-        );
+        assert_eq!(s.complete("b", "s1-u0", true, ms(t0, 1002)), CompleteOutcome::AlreadyDone);
         assert_eq!(s.counters().units_done, 1);
     }
 
@@ -1115,21 +992,12 @@ mod tests {
         s.join("b", "", t0).unwrap();
         s.open_step(spec(1, 3)).unwrap();
         lease_id(&mut s, "a", t0);
-        assert_eq!(
-            s.complete("b", "s1-u0", false, t0),
-            CompleteOutcome::NotHolder
-        );
-        assert_eq!(
-            s.complete("a", "s1-u0", false, t0),
-            CompleteOutcome::GivenBack
-        );
+        assert_eq!(s.complete("b", "s1-u0", false, t0), CompleteOutcome::NotHolder);
+        assert_eq!(s.complete("a", "s1-u0", false, t0), CompleteOutcome::GivenBack);
         assert_eq!(s.pending_ids(), ["s1-u0", "s1-u1", "s1-u2"]);
         assert_eq!(s.complete("a", "s9-u0", true, t0), CompleteOutcome::Unknown);
         assert_eq!(s.complete("a", "s1-u7", true, t0), CompleteOutcome::Unknown);
-        assert_eq!(
-            s.complete("a", "garbage", true, t0),
-            CompleteOutcome::Unknown
-        );
+        assert_eq!(s.complete("a", "garbage", true, t0), CompleteOutcome::Unknown);
         s.check_invariants();
     }
 
@@ -1146,14 +1014,7 @@ mod tests {
         assert_eq!((again.queued, again.existed), (0, true));
         assert_eq!(s.generation(), g);
         assert_eq!(s.units_pending(), 3);
-        assert_eq!(
-            s.open_step(spec(3, 5)).unwrap_err(),
-            StateError::UnitCountMismatch {
-                step: 3,
-                open: 4,
-                asked: 5
-            }
-        );
+        assert_eq!(s.open_step(spec(3, 5)).unwrap_err(), StateError::UnitCountMismatch { step: 3, open: 4, asked: 5 });
         s.check_invariants();
     }
 
@@ -1168,12 +1029,7 @@ mod tests {
         s.open_step(spec(2, 2)).unwrap();
         assert_eq!(s.pending_ids(), ["s1-u1", "s2-u0", "s2-u1"]);
         // Synchronous mode: step 3 drops what is left of the older steps.
-        let out = s
-            .open_step(StepSpec {
-                discard_older: true,
-                ..spec(3, 1)
-            })
-            .unwrap();
+        let out = s.open_step(StepSpec { discard_older: true, ..spec(3, 1) }).unwrap();
         assert_eq!(out.discarded, 4); // s1-u0 leased, s1-u1, s2-u0, s2-u1 pending
         assert_eq!(s.pending_ids(), ["s3-u0"]);
         assert_eq!(s.units_leased(), 0);
@@ -1190,12 +1046,7 @@ mod tests {
         let u0 = lease_id(&mut s, "a", t0).unwrap();
         lease_id(&mut s, "a", t0);
         s.complete("a", &u0, true, t0);
-        let out = s
-            .open_step(StepSpec {
-                reopen: true,
-                ..spec(1, 3)
-            })
-            .unwrap();
+        let out = s.open_step(StepSpec { reopen: true, ..spec(1, 3) }).unwrap();
         assert_eq!((out.queued, out.existed), (1, true));
         assert_eq!(s.pending_ids(), ["s1-u2", "s1-u0"]);
         assert_eq!(s.units_leased(), 1);
@@ -1208,11 +1059,7 @@ mod tests {
         let mut s = State::new(0, TTL, t0);
         s.join("a", "", t0).unwrap();
         let prompts = || vec!["p0".to_string(), "p1".to_string()];
-        s.open_step(StepSpec {
-            prompts: prompts(),
-            ..spec(1, 2)
-        })
-        .unwrap();
+        s.open_step(StepSpec { prompts: prompts(), ..spec(1, 2) }).unwrap();
         for _ in 0..2 {
             let u = s.lease("a", t0).unwrap().unwrap();
             s.complete("a", &u.unit_id, true, t0);
@@ -1220,18 +1067,8 @@ mod tests {
         assert!(s.snapshot().steps[0].prompts.is_empty());
         // A repeat is still a no-op; a reopen without the prompts is refused.
         assert!(s.open_step(spec(1, 2)).unwrap().existed);
-        let reopen = |prompts| StepSpec {
-            reopen: true,
-            prompts,
-            ..spec(1, 2)
-        };
-        assert_eq!(
-            s.open_step(reopen(Vec::new())).unwrap_err(),
-            StateError::ReopenNeeds {
-                step: 1,
-                field: "prompts"
-            }
-        );
+        let reopen = |prompts| StepSpec { reopen: true, prompts, ..spec(1, 2) };
+        assert_eq!(s.open_step(reopen(Vec::new())).unwrap_err(), StateError::ReopenNeeds { step: 1, field: "prompts" });
         assert_eq!(s.open_step(reopen(prompts())).unwrap().queued, 2);
         let u = s.lease("a", t0).unwrap().unwrap();
         assert_eq!((u.unit_id.as_str(), u.prompt.as_str()), ("s1-u0", "p0"));
@@ -1257,11 +1094,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(77, TTL, t0);
         s.join("a", "", t0).unwrap();
-        s.open_step(StepSpec {
-            prompts: (0..4).map(|i| format!("p{i}")).collect(),
-            ..spec(1, 4)
-        })
-        .unwrap();
+        s.open_step(StepSpec { prompts: (0..4).map(|i| format!("p{i}")).collect(), ..spec(1, 4) }).unwrap();
         s.open_step(spec(2, 2)).unwrap();
         let u0 = lease_id(&mut s, "a", t0).unwrap();
         lease_id(&mut s, "a", t0);
@@ -1274,17 +1107,11 @@ mod tests {
         r.check_invariants();
         assert_eq!(r.run_seed(), 77);
         assert_eq!(r.members_alive(), 0);
-        assert_eq!(
-            r.pending_ids(),
-            ["s1-u1", "s1-u2", "s1-u3", "s2-u0", "s2-u1"]
-        );
+        assert_eq!(r.pending_ids(), ["s1-u1", "s1-u2", "s1-u3", "s2-u0", "s2-u1"]);
         assert_eq!(r.counters(), s.counters());
         r.join("b", "", t0).unwrap();
         let u = r.lease("b", t0).unwrap().unwrap();
-        assert_eq!(
-            (u.unit_id.as_str(), u.prompt.as_str(), u.seed),
-            ("s1-u1", "p1", unit_seed(77, 1, 1))
-        );
+        assert_eq!((u.unit_id.as_str(), u.prompt.as_str(), u.seed), ("s1-u1", "p1", unit_seed(77, 1, 1)));
         // The done unit stays done.
         assert_eq!(r.complete("b", &u0, true, t0), CompleteOutcome::AlreadyDone);
     }

@@ -29,11 +29,7 @@ pub enum WeightStoreError {
         "weights version {version} is older than every kept version (oldest kept {oldest}, \
          keeping {keep})"
     )]
-    TooOld {
-        version: u64,
-        oldest: u64,
-        keep: usize,
-    },
+    TooOld { version: u64, oldest: u64, keep: usize },
     #[error("no weights version has been published yet")]
     NoneYet,
     #[error("weights version {version} is not stored (kept: {kept:?})")]
@@ -59,9 +55,7 @@ impl From<WeightStoreError> for tonic::Status {
         match e {
             WeightStoreError::Invalid(_) => tonic::Status::invalid_argument(msg),
             WeightStoreError::TooOld { .. } => tonic::Status::failed_precondition(msg),
-            WeightStoreError::NoneYet | WeightStoreError::NotFound { .. } => {
-                tonic::Status::not_found(msg)
-            }
+            WeightStoreError::NoneYet | WeightStoreError::NotFound { .. } => tonic::Status::not_found(msg),
             WeightStoreError::Io { .. } => tonic::Status::internal(msg),
         }
     }
@@ -207,9 +201,7 @@ fn manifest_path(dir: &Path, version: u64) -> PathBuf {
 
 fn parse_name(name: &str, ext: &str) -> Option<u64> {
     let n = name.strip_prefix('v')?.strip_suffix(ext)?;
-    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| n.parse().ok())
-        .flatten()
+    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then(|| n.parse().ok()).flatten()
 }
 
 impl WeightStore {
@@ -218,12 +210,10 @@ impl WeightStore {
     /// whose payload is missing or has the wrong size is dropped with a warning.
     pub fn open(dir: impl Into<PathBuf>, keep: usize) -> Result<Self, WeightStoreError> {
         let dir = dir.into();
-        fs::create_dir_all(&dir)
-            .map_err(WeightStoreError::io(format!("create {}", dir.display())))?;
+        fs::create_dir_all(&dir).map_err(WeightStoreError::io(format!("create {}", dir.display())))?;
         let mut manifests = Vec::new();
         let mut payloads = Vec::new();
-        let entries =
-            fs::read_dir(&dir).map_err(WeightStoreError::io(format!("list {}", dir.display())))?;
+        let entries = fs::read_dir(&dir).map_err(WeightStoreError::io(format!("list {}", dir.display())))?;
         for entry in entries {
             let entry = entry.map_err(WeightStoreError::io(format!("list {}", dir.display())))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -254,11 +244,7 @@ impl WeightStore {
                 let _ = fs::remove_file(payload_path(&dir, v));
             }
         }
-        let store = Self {
-            dir,
-            keep: keep.max(1),
-            versions: RwLock::new(versions),
-        };
+        let store = Self { dir, keep: keep.max(1), versions: RwLock::new(versions) };
         store.prune();
         Ok(store)
     }
@@ -274,10 +260,7 @@ impl WeightStore {
         let file = File::open(payload_path(dir, v)).map_err(|e| e.to_string())?;
         let len = file.metadata().map_err(|e| e.to_string())?.len();
         if len != manifest.total_bytes {
-            return Err(format!(
-                "payload holds {len} bytes, the manifest {}",
-                manifest.total_bytes
-            ));
+            return Err(format!("payload holds {len} bytes, the manifest {}", manifest.total_bytes));
         }
         Ok(StoredVersion { manifest, file })
     }
@@ -297,30 +280,17 @@ impl WeightStore {
 
     /// The newest stored version, 0 when none.
     pub fn latest_version(&self) -> u64 {
-        self.versions
-            .read()
-            .unwrap()
-            .keys()
-            .next_back()
-            .copied()
-            .unwrap_or(0)
+        self.versions.read().unwrap().keys().next_back().copied().unwrap_or(0)
     }
 
     /// A stored version; 0 means the latest.
     pub fn get(&self, version: u64) -> Result<Arc<StoredVersion>, WeightStoreError> {
         let versions = self.versions.read().unwrap();
-        let found = if version == 0 {
-            versions.values().next_back()
-        } else {
-            versions.get(&version)
-        };
+        let found = if version == 0 { versions.values().next_back() } else { versions.get(&version) };
         match found {
             Some(v) => Ok(v.clone()),
             None if version == 0 => Err(WeightStoreError::NoneYet),
-            None => Err(WeightStoreError::NotFound {
-                version,
-                kept: versions.keys().copied().collect(),
-            }),
+            None => Err(WeightStoreError::NotFound { version, kept: versions.keys().copied().collect() }),
         }
     }
 
@@ -329,11 +299,7 @@ impl WeightStore {
         if versions.len() >= self.keep && !versions.contains_key(&version) {
             let oldest = versions.keys().next().copied().unwrap_or(0);
             if version < oldest {
-                return Err(WeightStoreError::TooOld {
-                    version,
-                    oldest,
-                    keep: self.keep,
-                });
+                return Err(WeightStoreError::TooOld { version, oldest, keep: self.keep });
             }
         }
         Ok(())
@@ -344,22 +310,12 @@ impl WeightStore {
         let verifier = PayloadVerifier::new(&manifest)?;
         self.check_not_too_old(manifest.version)?;
         let tmp = persist::temp_path(&payload_path(&self.dir, manifest.version));
-        let file = File::create(&tmp)
-            .map_err(WeightStoreError::io(format!("create {}", tmp.display())))?;
-        Ok(Upload {
-            manifest,
-            verifier: Some(verifier),
-            file: Some(file),
-            tmp,
-        })
+        let file = File::create(&tmp).map_err(WeightStoreError::io(format!("create {}", tmp.display())))?;
+        Ok(Upload { manifest, verifier: Some(verifier), file: Some(file), tmp })
     }
 
     /// Receives a whole version at once (tests, in-process publishers).
-    pub fn publish(
-        &self,
-        manifest: WeightManifest,
-        payload: &[u8],
-    ) -> Result<PublishOutcome, WeightStoreError> {
+    pub fn publish(&self, manifest: WeightManifest, payload: &[u8]) -> Result<PublishOutcome, WeightStoreError> {
         let mut upload = self.begin(manifest)?;
         for piece in payload.chunks(selfplay_proto::WEIGHT_CHUNK_BYTES) {
             upload.write(piece)?;
@@ -435,25 +391,15 @@ impl Upload {
     /// Checks that the payload is complete and matches, makes it durable and stores the
     /// version (blocking I/O). On error nothing is stored.
     pub fn commit(mut self, store: &WeightStore) -> Result<PublishOutcome, WeightStoreError> {
-        self.verifier
-            .take()
-            .expect("upload already finished")
-            .finish()?;
+        self.verifier.take().expect("upload already finished").finish()?;
         let file = self.file.take().expect("upload already finished");
-        file.sync_all().map_err(WeightStoreError::io(format!(
-            "fsync {}",
-            self.tmp.display()
-        )))?;
+        file.sync_all().map_err(WeightStoreError::io(format!("fsync {}", self.tmp.display())))?;
         drop(file);
         let version = self.manifest.version;
         store.check_not_too_old(version)?;
         let previous = store.versions.read().unwrap().get(&version).cloned();
         let outcome = match previous {
-            Some(p)
-                if p.manifest
-                    .sha256
-                    .eq_ignore_ascii_case(&self.manifest.sha256) =>
-            {
+            Some(p) if p.manifest.sha256.eq_ignore_ascii_case(&self.manifest.sha256) => {
                 // Drop removes the temporary file.
                 return Ok(PublishOutcome::AlreadyStored);
             }
@@ -465,23 +411,15 @@ impl Upload {
         if outcome == PublishOutcome::Replaced {
             // Without its manifest the old version is gone from disk before its payload is
             // overwritten, so a crash in between cannot pair the old manifest with new bytes.
-            fs::remove_file(manifest_path(&dir, version)).map_err(WeightStoreError::io(
-                format!("remove the manifest of version {version}"),
-            ))?;
+            fs::remove_file(manifest_path(&dir, version))
+                .map_err(WeightStoreError::io(format!("remove the manifest of version {version}")))?;
         }
-        fs::rename(&self.tmp, &bin)
-            .map_err(WeightStoreError::io(format!("rename to {}", bin.display())))?;
-        let json = serde_json::to_vec_pretty(&ManifestFile::from(&self.manifest))
-            .expect("a manifest serializes");
-        persist::write_atomic(&manifest_path(&dir, version), &json).map_err(
-            WeightStoreError::io(format!("write the manifest of version {version}")),
-        )?;
-        let file =
-            File::open(&bin).map_err(WeightStoreError::io(format!("open {}", bin.display())))?;
-        let stored = Arc::new(StoredVersion {
-            manifest: std::mem::take(&mut self.manifest),
-            file,
-        });
+        fs::rename(&self.tmp, &bin).map_err(WeightStoreError::io(format!("rename to {}", bin.display())))?;
+        let json = serde_json::to_vec_pretty(&ManifestFile::from(&self.manifest)).expect("a manifest serializes");
+        persist::write_atomic(&manifest_path(&dir, version), &json)
+            .map_err(WeightStoreError::io(format!("write the manifest of version {version}")))?;
+        let file = File::open(&bin).map_err(WeightStoreError::io(format!("open {}", bin.display())))?;
+        let stored = Arc::new(StoredVersion { manifest: std::mem::take(&mut self.manifest), file });
         store.versions.write().unwrap().insert(version, stored);
         store.prune();
         if outcome == PublishOutcome::Replaced {
@@ -512,10 +450,8 @@ mod tests {
     }
 
     fn files(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut v: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         v.sort();
         v
     }
@@ -530,23 +466,14 @@ mod tests {
             assert_eq!(store.publish(m, &p).unwrap(), PublishOutcome::Stored);
         }
         assert_eq!(store.versions(), [2, 3]);
-        assert_eq!(
-            files(dir.path()),
-            ["v2.bin", "v2.json", "v3.bin", "v3.json"]
-        );
+        assert_eq!(files(dir.path()), ["v2.bin", "v2.json", "v3.bin", "v3.json"]);
         let latest = store.get(0).unwrap();
         assert_eq!(latest.version(), 3);
         assert_eq!(latest.read_at(0, 4).unwrap(), [3u8; 4]);
-        assert!(matches!(
-            store.get(1),
-            Err(WeightStoreError::NotFound { version: 1, .. })
-        ));
+        assert!(matches!(store.get(1), Err(WeightStoreError::NotFound { version: 1, .. })));
         // Older than everything kept: refused.
         let (m, p) = version(1, 1);
-        assert!(matches!(
-            store.publish(m, &p),
-            Err(WeightStoreError::TooOld { .. })
-        ));
+        assert!(matches!(store.publish(m, &p), Err(WeightStoreError::TooOld { .. })));
         // Same version, same payload: nothing changes.
         let (m, p) = version(3, 3);
         assert_eq!(store.publish(m, &p).unwrap(), PublishOutcome::AlreadyStored);
@@ -556,10 +483,7 @@ mod tests {
         let store = WeightStore::open(dir.path(), 2).unwrap();
         assert_eq!(store.versions(), [2, 3]);
         assert_eq!(store.get(2).unwrap().manifest(), &version(2, 2).0);
-        assert_eq!(
-            files(dir.path()),
-            ["v2.bin", "v2.json", "v3.bin", "v3.json"]
-        );
+        assert_eq!(files(dir.path()), ["v2.bin", "v2.json", "v3.bin", "v3.json"]);
     }
 
     #[test]
@@ -570,25 +494,37 @@ mod tests {
         p[130] ^= 0xff; // inside tensor "b"
         let err = store.publish(m.clone(), &p).unwrap_err();
         assert!(err.to_string().contains("\"b\""), "{err}");
-        assert_eq!(
-            tonic::Status::from(err).code(),
-            tonic::Code::InvalidArgument
-        );
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::InvalidArgument);
         let mut wrong = m.clone();
         wrong.sha256 = "0".repeat(64);
         let (_, good) = version(1, 1);
         assert!(matches!(
             store.publish(wrong, &good),
-            Err(WeightStoreError::Invalid(
-                WeightError::PayloadChecksum { .. }
-            ))
+            Err(WeightStoreError::Invalid(WeightError::PayloadChecksum { .. }))
         ));
-        assert!(matches!(
-            store.publish(m, &good[..10]),
-            Err(WeightStoreError::Invalid(WeightError::Truncated { .. }))
-        ));
+        assert!(matches!(store.publish(m, &good[..10]), Err(WeightStoreError::Invalid(WeightError::Truncated { .. }))));
         assert!(store.versions().is_empty());
         assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
+    }
+
+    #[test]
+    fn a_bad_large_payload_stores_nothing() {
+        // Pieces above PARALLEL_HASH_BYTES are verified on two threads.
+        let dir = tempfile::tempdir().unwrap();
+        let store = WeightStore::open(dir.path(), 2).unwrap();
+        let n = 2 * selfplay_proto::WEIGHT_CHUNK_BYTES + 100;
+        let big: Vec<u8> = (0..n).map(|i| (i % 253) as u8).collect();
+        let mut b = ManifestBuilder::new();
+        b.push("big", &[n as i64], "u8", &big);
+        let (m, p) = b.finish(1, 1).unwrap();
+        let mut bad = p.clone();
+        bad[n / 2] ^= 1;
+        assert!(store.publish(m.clone(), &bad).is_err());
+        assert!(store.versions().is_empty());
+        assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
+        assert_eq!(store.publish(m, &p).unwrap(), PublishOutcome::Stored);
+        let stored = store.get(1).unwrap();
+        assert_eq!(stored.read_at(0, n).unwrap(), p);
     }
 
     #[test]

@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use selfplay_coordinator::{
-    serve, unit_seed, CoordinatorConfig, CoordinatorError, TlsConfig, SERVICE_NAME,
-};
+use selfplay_coordinator::{serve, unit_seed, CoordinatorConfig, CoordinatorError, TlsConfig, SERVICE_NAME};
 use selfplay_proto::auth::BearerToken;
 use selfplay_proto::client::{coordinator_client, AuthChannel};
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
@@ -73,33 +71,15 @@ async fn client(addr: SocketAddr, token: &BearerToken) -> CoordinatorClient<Auth
 }
 
 async fn join(c: &mut CoordinatorClient<AuthChannel>, actor: &str) -> JoinResponse {
-    c.join(JoinRequest {
-        actor_id: actor.into(),
-        device: "cpu".into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    c.join(JoinRequest { actor_id: actor.into(), device: "cpu".into() }).await.unwrap().into_inner()
 }
 
 async fn lease(c: &mut CoordinatorClient<AuthChannel>, actor: &str) -> Option<WorkUnit> {
-    c.lease_work(LeaseWorkRequest {
-        actor_id: actor.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .unit
+    c.lease_work(LeaseWorkRequest { actor_id: actor.into() }).await.unwrap().into_inner().unit
 }
 
 async fn complete(c: &mut CoordinatorClient<AuthChannel>, actor: &str, unit: &str) {
-    c.complete_work(CompleteWorkRequest {
-        actor_id: actor.into(),
-        unit_id: unit.into(),
-        done: true,
-    })
-    .await
-    .unwrap();
+    c.complete_work(CompleteWorkRequest { actor_id: actor.into(), unit_id: unit.into(), done: true }).await.unwrap();
 }
 
 async fn status(c: &mut CoordinatorClient<AuthChannel>) -> StatusResponse {
@@ -121,25 +101,10 @@ fn random_bytes(n: usize, mut seed: u64) -> Vec<u8> {
 /// About 20 MB in a few tensors of odd sizes, so chunks straddle tensor boundaries.
 fn weights(version: u64, seed: u64) -> (WeightManifest, Vec<u8>) {
     let mut b = ManifestBuilder::new();
-    b.push(
-        "embed",
-        &[1000, 4999],
-        "bf16",
-        &random_bytes(1000 * 4999 * 2, seed),
-    );
+    b.push("embed", &[1000, 4999], "bf16", &random_bytes(1000 * 4999 * 2, seed));
     b.push("norm", &[4999], "f32", &random_bytes(4999 * 4, seed + 1));
-    b.push(
-        "layers.0.mlp",
-        &[2500, 1000],
-        "f32",
-        &random_bytes(2500 * 1000 * 4, seed + 2),
-    );
-    b.push(
-        "head",
-        &[3, 333],
-        "f16",
-        &random_bytes(3 * 333 * 2, seed + 3),
-    );
+    b.push("layers.0.mlp", &[2500, 1000], "f32", &random_bytes(2500 * 1000 * 4, seed + 2));
+    b.push("head", &[3, 333], "f16", &random_bytes(3 * 333 * 2, seed + 3));
     b.finish(version, version * 10).unwrap()
 }
 
@@ -148,19 +113,14 @@ async fn publish(
     manifest: WeightManifest,
     payload: Vec<u8>,
 ) -> Result<PublishWeightsResponse, tonic::Status> {
-    c.publish_weights(tokio_stream::iter(into_chunks(manifest, payload)))
-        .await
-        .map(|r| r.into_inner())
+    c.publish_weights(tokio_stream::iter(into_chunks(manifest, payload))).await.map(|r| r.into_inner())
 }
 
 async fn fetch(
     c: &mut CoordinatorClient<AuthChannel>,
     version: u64,
 ) -> Result<(WeightManifest, Vec<u8>), tonic::Status> {
-    let mut stream = c
-        .fetch_weights(FetchWeightsRequest { version })
-        .await?
-        .into_inner();
+    let mut stream = c.fetch_weights(FetchWeightsRequest { version }).await?.into_inner();
     let mut asm = WeightAssembler::new();
     while let Some(chunk) = stream.message().await? {
         asm.push(chunk).map_err(tonic::Status::from)?;
@@ -178,13 +138,7 @@ async fn expired_lease_moves_the_unit_to_the_other_actor() {
     assert_eq!(join(&mut a, "actor-a").await.lease_ttl_ms, 300);
     join(&mut b, "actor-b").await;
     // Nothing to do yet: the answer says when to ask again.
-    let empty = a
-        .lease_work(LeaseWorkRequest {
-            actor_id: "actor-a".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let empty = a.lease_work(LeaseWorkRequest { actor_id: "actor-a".into() }).await.unwrap().into_inner();
     assert!(empty.unit.is_none() && empty.retry_after_ms > 0);
 
     b.open_step(OpenStepRequest {
@@ -197,10 +151,7 @@ async fn expired_lease_moves_the_unit_to_the_other_actor() {
     .await
     .unwrap();
     let ua = lease(&mut a, "actor-a").await.unwrap();
-    assert_eq!(
-        (ua.unit_id.as_str(), ua.step, ua.prompt.as_str()),
-        ("s1-u0", 1, "prompt 0")
-    );
+    assert_eq!((ua.unit_id.as_str(), ua.step, ua.prompt.as_str()), ("s1-u0", 1, "prompt 0"));
     assert_eq!(ua.seed, unit_seed(1234, 1, 0));
     let ub = lease(&mut b, "actor-b").await.unwrap();
     assert_eq!(ub.unit_id, "s1-u1");
@@ -210,10 +161,7 @@ async fn expired_lease_moves_the_unit_to_the_other_actor() {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_millis(700) {
         let hb = b
-            .heartbeat(HeartbeatRequest {
-                actor_id: "actor-b".into(),
-                weights_version: 0,
-            })
+            .heartbeat(HeartbeatRequest { actor_id: "actor-b".into(), weights_version: 0 })
             .await
             .unwrap()
             .into_inner();
@@ -232,21 +180,10 @@ async fn expired_lease_moves_the_unit_to_the_other_actor() {
     assert_eq!(again.prompt, "prompt 0");
 
     // actor-a is unknown now: its heartbeat says so and it cannot lease until it joins.
-    let hb = a
-        .heartbeat(HeartbeatRequest {
-            actor_id: "actor-a".into(),
-            weights_version: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let hb =
+        a.heartbeat(HeartbeatRequest { actor_id: "actor-a".into(), weights_version: 0 }).await.unwrap().into_inner();
     assert!(!hb.known);
-    let err = a
-        .lease_work(LeaseWorkRequest {
-            actor_id: "actor-a".into(),
-        })
-        .await
-        .unwrap_err();
+    let err = a.lease_work(LeaseWorkRequest { actor_id: "actor-a".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
     // Finish the step: every unit done once.
@@ -260,14 +197,7 @@ async fn expired_lease_moves_the_unit_to_the_other_actor() {
     seen.sort();
     assert_eq!(seen, ["s1-u0", "s1-u1", "s1-u2", "s1-u3"]);
     let st = status(&mut b).await;
-    assert_eq!(
-        (
-            st.units_done_total,
-            st.units_issued_total,
-            st.units_reissued_total
-        ),
-        (4, 5, 1)
-    );
+    assert_eq!((st.units_done_total, st.units_issued_total, st.units_reissued_total), (4, 5, 1));
     assert_eq!((st.units_pending, st.units_leased, st.open_step), (0, 0, 1));
     assert_eq!(st.actors[0].units_done, 4);
     assert!(st.units_per_second > 0.0);
@@ -291,14 +221,8 @@ async fn weights_publish_once_fetch_concurrently_and_reject_bad_checksums() {
     let (manifest, payload) = weights(1, 7);
     assert!(payload.len() > 19_000_000, "{}", payload.len());
     let t = Instant::now();
-    let resp = publish(&mut learner, manifest.clone(), payload.clone())
-        .await
-        .unwrap();
-    eprintln!(
-        "publish {} MB: {:.3} s",
-        payload.len() / 1_000_000,
-        t.elapsed().as_secs_f64()
-    );
+    let resp = publish(&mut learner, manifest.clone(), payload.clone()).await.unwrap();
+    eprintln!("publish {} MB: {:.3} s", payload.len() / 1_000_000, t.elapsed().as_secs_f64());
     assert_eq!(resp.version, 1);
 
     // Three actors fetch at once, each on its own connection.
@@ -317,23 +241,14 @@ async fn weights_publish_once_fetch_concurrently_and_reject_bad_checksums() {
         assert_eq!(sha256_hex(&p), manifest.sha256);
         assert!(p == payload);
     }
-    eprintln!(
-        "3 concurrent fetches of {} MB: {:.3} s",
-        payload.len() / 1_000_000,
-        t.elapsed().as_secs_f64()
-    );
-    assert_eq!(
-        fetch(&mut learner, 5).await.unwrap_err().code(),
-        Code::NotFound
-    );
+    eprintln!("3 concurrent fetches of {} MB: {:.3} s", payload.len() / 1_000_000, t.elapsed().as_secs_f64());
+    assert_eq!(fetch(&mut learner, 5).await.unwrap_err().code(), Code::NotFound);
 
     // A tensor whose checksum does not match: refused, named, nothing stored.
     let before_files = list(&dir.path().join("weights"));
     let (mut bad, bad_payload) = weights(2, 99);
     bad.tensors[2].sha256 = sha256_hex(b"something else");
-    let err = publish(&mut learner, bad, bad_payload.clone())
-        .await
-        .unwrap_err();
+    let err = publish(&mut learner, bad, bad_payload.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("layers.0.mlp"), "{}", err.message());
     // The whole payload's checksum wrong.
@@ -341,30 +256,16 @@ async fn weights_publish_once_fetch_concurrently_and_reject_bad_checksums() {
     bad.sha256 = sha256_hex(b"not the payload");
     let err = publish(&mut learner, bad, bad_payload).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("payload sha256"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("payload sha256"), "{}", err.message());
     // Data before the manifest.
     let err = learner
-        .publish_weights(tokio_stream::iter(vec![WeightChunk {
-            part: Some(weight_chunk::Part::Data(vec![1, 2, 3])),
-        }]))
+        .publish_weights(tokio_stream::iter(vec![WeightChunk { part: Some(weight_chunk::Part::Data(vec![1, 2, 3])) }]))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(status(&mut learner).await.weight_versions, [1]);
     assert_eq!(list(&dir.path().join("weights")), before_files);
-    assert_eq!(
-        learner
-            .heartbeat(HeartbeatRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .latest_weights_version,
-        1
-    );
+    assert_eq!(learner.heartbeat(HeartbeatRequest::default()).await.unwrap().into_inner().latest_weights_version, 1);
 
     // Versions beyond keep_versions (2) are pruned.
     for v in [2, 3] {
@@ -372,19 +273,14 @@ async fn weights_publish_once_fetch_concurrently_and_reject_bad_checksums() {
         publish(&mut learner, m, p).await.unwrap();
     }
     assert_eq!(status(&mut learner).await.weight_versions, [2, 3]);
-    assert_eq!(
-        fetch(&mut learner, 1).await.unwrap_err().code(),
-        Code::NotFound
-    );
+    assert_eq!(fetch(&mut learner, 1).await.unwrap_err().code(), Code::NotFound);
     drop(learner);
     server.stop().await;
 }
 
 fn list(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }
@@ -399,13 +295,7 @@ async fn missing_or_wrong_token_is_unauthenticated_and_health_is_open() {
     let mut anonymous = CoordinatorClient::new(ch.clone());
     let err = anonymous.status(StatusRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let err = anonymous
-        .join(JoinRequest {
-            actor_id: "x".into(),
-            device: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let err = anonymous.join(JoinRequest { actor_id: "x".into(), device: String::new() }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
     let mut wrong = coordinator_client(ch.clone(), &BearerToken::new("not-the-token").unwrap());
@@ -423,25 +313,15 @@ async fn missing_or_wrong_token_is_unauthenticated_and_health_is_open() {
     // Health needs no token and says SERVING, overall and for the Coordinator.
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     for service in ["", SERVICE_NAME] {
-        let r = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            r.status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-            "{service:?}"
-        );
+        let r =
+            health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
     }
 
     // Reflection lists the services.
     use tonic_reflection::pb::v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-        ServerReflectionRequest,
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse, ServerReflectionRequest,
     };
     let mut refl = ServerReflectionClient::new(ch);
     let mut responses = refl
@@ -458,10 +338,7 @@ async fn missing_or_wrong_token_is_unauthenticated_and_health_is_open() {
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.iter().any(|n| n == SERVICE_NAME), "{names:?}");
-    assert!(
-        names.iter().any(|n| n == "grpc.health.v1.Health"),
-        "{names:?}"
-    );
+    assert!(names.iter().any(|n| n == "grpc.health.v1.Health"), "{names:?}");
     drop((anonymous, wrong, right, health, responses));
     server.stop().await;
 }
@@ -482,9 +359,7 @@ async fn open_steps_and_weights_survive_a_restart() {
     };
     c.open_step(open.clone()).await.unwrap();
     let (manifest, payload) = weights(1, 3);
-    publish(&mut c, manifest.clone(), payload.clone())
-        .await
-        .unwrap();
+    publish(&mut c, manifest.clone(), payload.clone()).await.unwrap();
     let u0 = lease(&mut c, "actor-a").await.unwrap();
     let u1 = lease(&mut c, "actor-a").await.unwrap();
     complete(&mut c, "actor-a", &u0.unit_id).await;
@@ -501,14 +376,8 @@ async fn open_steps_and_weights_survive_a_restart() {
     assert_eq!(st.weight_versions, [1]);
     assert_eq!(st.units_done_total, 1);
     // The actor learns it must join again.
-    let hb = c
-        .heartbeat(HeartbeatRequest {
-            actor_id: "actor-a".into(),
-            weights_version: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let hb =
+        c.heartbeat(HeartbeatRequest { actor_id: "actor-a".into(), weights_version: 1 }).await.unwrap().into_inner();
     assert!(!hb.known);
     assert_eq!(hb.latest_weights_version, 1);
     assert_eq!(join(&mut c, "actor-a").await.latest_weights_version, 1);
@@ -542,19 +411,13 @@ async fn tls_serves_and_refuses_plaintext() {
     make_certificates(dir.path()).expect("openssl makes the test certificates");
     let token = BearerToken::generate();
     let mut cfg = config(&dir.path().join("state"), 10_000, &token);
-    cfg.tls = Some(TlsConfig {
-        cert: cert.clone(),
-        key,
-    });
+    cfg.tls = Some(TlsConfig { cert: cert.clone(), key });
     let server = start(cfg).await;
 
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(&ca).unwrap()))
         .domain_name("localhost");
-    let endpoint = Endpoint::from_shared(format!("https://{}", server.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap();
+    let endpoint = Endpoint::from_shared(format!("https://{}", server.addr)).unwrap().tls_config(tls).unwrap();
     let mut ch = Err(None);
     for _ in 0..100 {
         match endpoint.connect().await {
@@ -579,10 +442,7 @@ async fn tls_serves_and_refuses_plaintext() {
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(2));
     let result = match plain.connect().await {
-        Ok(ch) => coordinator_client(ch, &token)
-            .status(StatusRequest {})
-            .await
-            .map(|_| ()),
+        Ok(ch) => coordinator_client(ch, &token).status(StatusRequest {}).await.map(|_| ()),
         Err(e) => Err(tonic::Status::unavailable(e.to_string())),
     };
     assert!(result.is_err());
@@ -593,26 +453,12 @@ async fn tls_serves_and_refuses_plaintext() {
 /// A test CA (`ca.pem`) and a server certificate it signed for localhost and 127.0.0.1
 /// (`cert.pem`, `key.pem`), made with the openssl command.
 fn make_certificates(dir: &Path) -> Result<(), String> {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
     let ext = dir.join("leaf.ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .map_err(|e| e.to_string())?;
+    std::fs::write(&ext, "basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        .map_err(|e| e.to_string())?;
     let steps: Vec<Vec<String>> = vec![
-        [
-            &["req", "-x509"][..],
-            &ec,
-            &["-days", "1", "-subj", "/CN=selfplay-test-ca"],
-        ]
-        .concat(),
+        [&["req", "-x509"][..], &ec, &["-days", "1", "-subj", "/CN=selfplay-test-ca"]].concat(),
         [&["req"][..], &ec, &["-subj", "/CN=localhost"]].concat(),
         vec!["x509", "-req", "-days", "1", "-CAcreateserial"],
     ]
@@ -637,11 +483,7 @@ fn make_certificates(dir: &Path) -> Result<(), String> {
         ],
     ];
     for (args, files) in steps.iter().zip(files.iter()) {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .args(files)
-            .output()
-            .map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("openssl").args(args).args(files).output().map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }

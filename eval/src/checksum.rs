@@ -45,8 +45,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| EvalError::Input(format!("{}: {e}", index.display())))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| EvalError::Input(format!("{}: {e}", index.display())))?;
         let shards: BTreeSet<String> = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -73,10 +73,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// The checksum of a model directory. `memo` is a JSON file remembering weight-file hashes.
 pub fn model_checksum(dir: &Path, memo: &Path) -> Result<ModelChecksum> {
     let files = weight_files(dir)?;
-    let mut remembered: BTreeMap<String, Remembered> = std::fs::read_to_string(memo)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let mut remembered: BTreeMap<String, Remembered> =
+        std::fs::read_to_string(memo).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
     let mut changed = false;
     let mut weights = BTreeMap::new();
     for f in &files {

@@ -13,7 +13,13 @@ pub fn read_steps(path: &Path) -> Result<Vec<[f64; 5]>> {
             .map_err(|e| EvalError::Plot(format!("{} line {}: {e}", path.display(), i + 1)))?;
         let s = &v["stats"];
         let f = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN);
-        out.push([f(&s["step"]), f(&s["reward"]["mean"]), f(&s["self_reward"]["mean"]), f(&s["kl_solver"]), f(&s["kl_challenger"])]);
+        out.push([
+            f(&s["step"]),
+            f(&s["reward"]["mean"]),
+            f(&s["self_reward"]["mean"]),
+            f(&s["kl_solver"]),
+            f(&s["kl_challenger"]),
+        ]);
     }
     if out.is_empty() {
         return Err(EvalError::Plot(format!("{} has no steps", path.display())));
@@ -31,10 +37,16 @@ fn draw(runs: &[(String, Vec<[f64; 5]>)], out: &Path) -> std::result::Result<(),
     let root = BitMapBackend::new(out, (1100, 760)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((2, 2));
-    let titles = ["reward R (mean)", "self-reward R_Q (mean)", "KL solver (k3, per sequence)", "KL challenger (k3, per sequence)"];
+    let titles = [
+        "reward R (mean)",
+        "self-reward R_Q (mean)",
+        "KL solver (k3, per sequence)",
+        "KL challenger (k3, per sequence)",
+    ];
     let max_step = runs.iter().flat_map(|(_, r)| r.iter().map(|x| x[0])).fold(1.0, f64::max);
     for (k, panel) in panels.iter().enumerate() {
-        let vals: Vec<f64> = runs.iter().flat_map(|(_, r)| r.iter().map(|x| x[k + 1])).filter(|v| v.is_finite()).collect();
+        let vals: Vec<f64> =
+            runs.iter().flat_map(|(_, r)| r.iter().map(|x| x[k + 1])).filter(|v| v.is_finite()).collect();
         let (lo, hi) = vals.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(*v), b.max(*v)));
         let (lo, hi) = if lo.is_finite() && hi > lo { (lo, hi) } else { (lo.min(0.0) - 1.0, hi.max(0.0) + 1.0) };
         let pad = (hi - lo) * 0.08;
@@ -52,7 +64,12 @@ fn draw(runs: &[(String, Vec<[f64; 5]>)], out: &Path) -> std::result::Result<(),
                 .label(label.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
         }
-        chart.configure_series_labels().label_font((crate::plot::FONT, 12)).border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
+        chart
+            .configure_series_labels()
+            .label_font((crate::plot::FONT, 12))
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
     }
     root.present()?;
     Ok(())

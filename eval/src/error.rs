@@ -7,11 +7,7 @@ pub enum EvalError {
     Input(String),
     /// The cause is part of the message (and not a `source`), so that it is printed once.
     #[error("cannot load {role} from {path}: {cause}")]
-    Load {
-        role: &'static str,
-        path: PathBuf,
-        cause: Box<dyn std::error::Error + Send + Sync>,
-    },
+    Load { role: &'static str, path: PathBuf, cause: Box<dyn std::error::Error + Send + Sync> },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

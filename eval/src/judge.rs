@@ -110,10 +110,16 @@ impl std::fmt::Display for JudgeSpec {
 pub enum Detail {
     /// The two answers are the same text: a tie without asking the judge.
     Identical,
-    RewardModel { model_score: f64, baseline_score: f64 },
+    RewardModel {
+        model_score: f64,
+        baseline_score: f64,
+    },
     /// The judge's probability of preferring the model's answer (of "A" vs "B",
     /// renormalised over the two letters) when it is shown first and when it is shown second.
-    JudgeLm { p_model_first: f64, p_model_second: f64 },
+    JudgeLm {
+        p_model_first: f64,
+        p_model_second: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -164,7 +170,10 @@ impl Judge {
                 let qa: Vec<(String, String)> = pairs
                     .iter()
                     .flat_map(|p| {
-                        [(p.instruction.to_string(), p.model.to_string()), (p.instruction.to_string(), p.baseline.to_string())]
+                        [
+                            (p.instruction.to_string(), p.model.to_string()),
+                            (p.instruction.to_string(), p.baseline.to_string()),
+                        ]
                     })
                     .collect();
                 let s = rm.score_pairs(&qa)?;

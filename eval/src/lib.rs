@@ -69,7 +69,14 @@ pub struct EvalConfig {
 impl EvalConfig {
     /// The defaults of `selfplay eval`: every prompt, temperature 0.01, 256 new tokens, batch
     /// 8, Wilson intervals, f32 on the CPU.
-    pub fn new(model: &Path, baseline: &Path, prompts: &Path, judge: JudgeSpec, out_dir: &Path, cache_dir: &Path) -> Self {
+    pub fn new(
+        model: &Path,
+        baseline: &Path,
+        prompts: &Path,
+        judge: JudgeSpec,
+        out_dir: &Path,
+        cache_dir: &Path,
+    ) -> Self {
         EvalConfig {
             model: model.into(),
             baseline: baseline.into(),
@@ -260,7 +267,8 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalReport> {
     let (answers_a, gen_a, hit_a) = answers(cfg, "the model", &cfg.model, &sum_a, &prompts, &settings, &cache)?;
     let (answers_b, gen_b, hit_b) = answers(cfg, "the baseline", &cfg.baseline, &sum_b, &prompts, &settings, &cache)?;
     stats.generation_seconds = t0.elapsed().as_secs_f64();
-    (stats.model_generated, stats.model_cached, stats.baseline_generated, stats.baseline_cached) = (gen_a, hit_a, gen_b, hit_b);
+    (stats.model_generated, stats.model_cached, stats.baseline_generated, stats.baseline_cached) =
+        (gen_a, hit_a, gen_b, hit_b);
 
     // Judge the pairs whose answers differ (or all, with judge_identical).
     let t1 = Instant::now();
@@ -306,7 +314,9 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalReport> {
             verdicts
                 .iter()
                 .filter(|v| match v.detail {
-                    Detail::JudgeLm { p_model_first, p_model_second } => (p_model_first > 0.5) != (p_model_second > 0.5),
+                    Detail::JudgeLm { p_model_first, p_model_second } => {
+                        (p_model_first > 0.5) != (p_model_second > 0.5)
+                    }
                     _ => false,
                 })
                 .count(),
@@ -388,8 +398,11 @@ fn check_model_dir(role: &'static str, dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Err(EvalError::Input(format!("{role}: model directory {} not found", dir.display())));
     }
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))
-        .map_err(|e| EvalError::Load { role, path: dir.into(), cause: Box::new(e) })?;
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).map_err(|e| EvalError::Load {
+        role,
+        path: dir.into(),
+        cause: Box::new(e),
+    })?;
     if cfg.architecture != selfplay_policy::Architecture::LlamaForCausalLM {
         return Err(EvalError::Input(format!(
             "{role}: {} is a {:?}, not a language model that can answer",
@@ -412,7 +425,8 @@ fn answers(
     settings: &GenSettings,
     cache: &AnswerCache,
 ) -> Result<(Vec<String>, usize, usize)> {
-    let mut out: Vec<Option<String>> = prompts.iter().map(|p| cache.get(checksum, p, settings).map(|a| a.text)).collect();
+    let mut out: Vec<Option<String>> =
+        prompts.iter().map(|p| cache.get(checksum, p, settings).map(|a| a.text)).collect();
     let cached = out.iter().filter(|a| a.is_some()).count();
     // Each distinct missing prompt once.
     let mut missing: Vec<&str> = out.iter().zip(prompts).filter(|(a, _)| a.is_none()).map(|(_, p)| *p).collect();
@@ -421,8 +435,11 @@ fn answers(
     let mut generated = 0;
     if !missing.is_empty() {
         let t0 = Instant::now();
-        let policy = Policy::load(dir, cfg.device, cfg.kind)
-            .map_err(|e| EvalError::Load { role, path: dir.into(), cause: Box::new(e) })?;
+        let policy = Policy::load(dir, cfg.device, cfg.kind).map_err(|e| EvalError::Load {
+            role,
+            path: dir.into(),
+            cause: Box::new(e),
+        })?;
         tracing::info!(model = %dir.display(), secs = t0.elapsed().as_secs_f64(), missing = missing.len(), cached, "generating");
         let encoded = missing.iter().map(|p| policy.user_prompt(p)).collect::<std::result::Result<Vec<_>, _>>()?;
         // Similar lengths in one batch: less padding.
@@ -476,8 +493,7 @@ pub fn write_outputs(report: &EvalReport, out_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(out_dir).map_err(error::io_err(out_dir))?;
     let results = out_dir.join(RESULTS_FILE);
     std::fs::write(&results, serde_json::to_string_pretty(report)?).map_err(error::io_err(&results))?;
-    let mut groups: Vec<(String, Tally)> =
-        report.subsets.iter().map(|s| (s.subset.clone(), s.tally.clone())).collect();
+    let mut groups: Vec<(String, Tally)> = report.subsets.iter().map(|s| (s.subset.clone(), s.tally.clone())).collect();
     groups.push(("overall".into(), report.overall.clone()));
     let title = format!(
         "{} vs {} (judge: {})",

@@ -23,9 +23,11 @@ impl Progress {
         let bar = (mode == ProgressMode::Auto && tty).then(|| {
             let b = ProgressBar::new(total);
             b.set_style(
-                ProgressStyle::with_template("{spinner} {prefix:<18} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{spinner} {prefix:<18} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             b.set_prefix(label.to_string());
             b

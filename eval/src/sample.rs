@@ -60,9 +60,8 @@ pub fn allocate(sizes: &[usize], total: usize) -> Option<Vec<usize>> {
         sum += 1;
     }
     while sum > total {
-        let i = (0..k)
-            .filter(|&i| alloc[i] > 1)
-            .min_by(|&a, &b| key(a, &alloc).partial_cmp(&key(b, &alloc)).unwrap())?;
+        let i =
+            (0..k).filter(|&i| alloc[i] > 1).min_by(|&a, &b| key(a, &alloc).partial_cmp(&key(b, &alloc)).unwrap())?;
         alloc[i] -= 1;
         sum -= 1;
     }

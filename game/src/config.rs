@@ -197,7 +197,13 @@ pub struct OptimConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { seed: 0, steps: 100, out_dir: PathBuf::from("runs/selfplay"), checkpoint_every: 50, keep_checkpoints: 3 }
+        RunConfig {
+            seed: 0,
+            steps: 100,
+            out_dir: PathBuf::from("runs/selfplay"),
+            checkpoint_every: 50,
+            keep_checkpoints: 3,
+        }
     }
 }
 impl Default for ModelConfig {
@@ -244,12 +250,26 @@ impl Default for RewardConfig {
 }
 impl Default for LossConfig {
     fn default() -> Self {
-        LossConfig { beta: 0.05, kl: KlMode::K3, aggregation: Aggregation::SequenceSum, grpo_eps: 1e-4, importance_cap: 0.0 }
+        LossConfig {
+            beta: 0.05,
+            kl: KlMode::K3,
+            aggregation: Aggregation::SequenceSum,
+            grpo_eps: 1e-4,
+            importance_cap: 0.0,
+        }
     }
 }
 impl Default for OptimConfig {
     fn default() -> Self {
-        OptimConfig { lr: 0.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, grad_accum: 2, max_grad_norm: 1.0 }
+        OptimConfig {
+            lr: 0.0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_accum: 2,
+            max_grad_norm: 1.0,
+        }
     }
 }
 
@@ -292,9 +312,8 @@ impl Config {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let cfg: Config = toml::Value::Table(value)
-            .try_into()
-            .map_err(|e: toml::de::Error| GameError::Config(e.to_string()))?;
+        let cfg: Config =
+            toml::Value::Table(value).try_into().map_err(|e: toml::de::Error| GameError::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -321,12 +340,20 @@ impl Config {
         };
         let g = &self.game;
         need(g.queries_per_step >= 1, format!("game.queries_per_step must be >= 1, got {}", g.queries_per_step));
-        need(g.group_size >= 2 || g.mode == Mode::LspZero && g.group_size >= 1,
-            format!("game.group_size must be >= 2 (a baseline needs two answers), got {}", g.group_size));
+        need(
+            g.group_size >= 2 || g.mode == Mode::LspZero && g.group_size >= 1,
+            format!("game.group_size must be >= 2 (a baseline needs two answers), got {}", g.group_size),
+        );
         need(g.alpha_ch.is_finite() && g.alpha_ch >= 0.0, format!("game.alpha_ch must be >= 0, got {}", g.alpha_ch));
-        need(g.mode != Mode::Grpo || !g.prompts_file.as_os_str().is_empty(), "game.prompts_file is required in grpo mode".into());
+        need(
+            g.mode != Mode::Grpo || !g.prompts_file.as_os_str().is_empty(),
+            "game.prompts_file is required in grpo mode".into(),
+        );
         for (name, s) in [("challenger", &self.challenger), ("solver", &self.solver)] {
-            need(s.temperature.is_finite() && s.temperature >= 0.0, format!("{name}.temperature must be >= 0, got {}", s.temperature));
+            need(
+                s.temperature.is_finite() && s.temperature >= 0.0,
+                format!("{name}.temperature must be >= 0, got {}", s.temperature),
+            );
             need(s.top_p > 0.0 && s.top_p <= 1.0, format!("{name}.top_p must be in (0, 1], got {}", s.top_p));
             need(s.top_k >= 0, format!("{name}.top_k must be >= 0, got {}", s.top_k));
             need(s.max_new_tokens >= 1, format!("{name}.max_new_tokens must be >= 1, got {}", s.max_new_tokens));
@@ -335,19 +362,39 @@ impl Config {
         let l = &self.loss;
         need(l.beta.is_finite() && l.beta >= 0.0, format!("loss.beta must be >= 0, got {}", l.beta));
         need(l.grpo_eps.is_finite() && l.grpo_eps >= 0.0, format!("loss.grpo_eps must be >= 0, got {}", l.grpo_eps));
-        need(l.importance_cap.is_finite() && l.importance_cap >= 0.0, format!("loss.importance_cap must be >= 0, got {}", l.importance_cap));
+        need(
+            l.importance_cap.is_finite() && l.importance_cap >= 0.0,
+            format!("loss.importance_cap must be >= 0, got {}", l.importance_cap),
+        );
         let o = &self.optim;
         need(o.lr.is_finite() && o.lr >= 0.0, format!("optim.lr must be >= 0, got {}", o.lr));
-        need(o.weight_decay.is_finite() && o.weight_decay >= 0.0, format!("optim.weight_decay must be >= 0, got {}", o.weight_decay));
-        need((0.0..1.0).contains(&o.beta1) && (0.0..1.0).contains(&o.beta2), "optim.beta1 and beta2 must be in [0, 1)".into());
+        need(
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+            format!("optim.weight_decay must be >= 0, got {}", o.weight_decay),
+        );
+        need(
+            (0.0..1.0).contains(&o.beta1) && (0.0..1.0).contains(&o.beta2),
+            "optim.beta1 and beta2 must be in [0, 1)".into(),
+        );
         need(o.eps > 0.0, format!("optim.eps must be > 0, got {}", o.eps));
-        need(o.grad_accum >= 1 && o.grad_accum <= g.queries_per_step,
-            format!("optim.grad_accum must be in 1..=queries_per_step ({}), got {}", g.queries_per_step, o.grad_accum));
+        need(
+            o.grad_accum >= 1 && o.grad_accum <= g.queries_per_step,
+            format!("optim.grad_accum must be in 1..=queries_per_step ({}), got {}", g.queries_per_step, o.grad_accum),
+        );
         need(o.max_grad_norm.is_finite() && o.max_grad_norm >= 0.0, "optim.max_grad_norm must be >= 0".into());
-        need(matches!(self.model.dtype.as_str(), "f32" | "bf16"), format!("model.dtype must be f32 or bf16, got {:?}", self.model.dtype));
+        need(
+            matches!(self.model.dtype.as_str(), "f32" | "bf16"),
+            format!("model.dtype must be f32 or bf16, got {:?}", self.model.dtype),
+        );
         need(self.reward.scale.is_finite(), "reward.scale must be finite".into());
-        need(self.reward.kind != RewardKind::Model || !self.reward.path.as_os_str().is_empty(), "reward.path is required for reward.kind = \"model\"".into());
-        need(self.reward.kind != RewardKind::Remote || !self.reward.address.is_empty(), "reward.address is required for reward.kind = \"remote\"".into());
+        need(
+            self.reward.kind != RewardKind::Model || !self.reward.path.as_os_str().is_empty(),
+            "reward.path is required for reward.kind = \"model\"".into(),
+        );
+        need(
+            self.reward.kind != RewardKind::Remote || !self.reward.address.is_empty(),
+            "reward.address is required for reward.kind = \"remote\"".into(),
+        );
         if errs.is_empty() {
             Ok(())
         } else {
@@ -359,9 +406,8 @@ impl Config {
 /// `a.b.c=value`: value parsed as TOML (numbers, booleans, arrays, quoted strings), else taken
 /// as a bare string.
 fn apply_override(root: &mut toml::Table, spec: &str) -> Result<()> {
-    let (key, raw) = spec
-        .split_once('=')
-        .ok_or_else(|| GameError::Config(format!("override {spec:?} is not key=value")))?;
+    let (key, raw) =
+        spec.split_once('=').ok_or_else(|| GameError::Config(format!("override {spec:?} is not key=value")))?;
     let value = format!("v = {raw}")
         .parse::<toml::Table>()
         .ok()
@@ -397,7 +443,9 @@ mod tests {
 
     #[test]
     fn overrides_and_round_trip() {
-        let c = Config::load(None, &["game.group_size=6".into(), "loss.kl=paper".into(), "game.tasks=[\"math\"]".into()]).unwrap();
+        let c =
+            Config::load(None, &["game.group_size=6".into(), "loss.kl=paper".into(), "game.tasks=[\"math\"]".into()])
+                .unwrap();
         assert_eq!(c.game.group_size, 6);
         assert_eq!(c.loss.kl, KlMode::Paper);
         assert_eq!(c.game.tasks, vec!["math".to_string()]);

@@ -20,11 +20,8 @@ fn row_of(v: &serde_json::Value, where_: &str) -> Result<PromptRow> {
         .find_map(|k| v.get(*k).and_then(|x| x.as_str()))
         .or_else(|| v.get("turns").and_then(|t| t.get(0)).and_then(|x| x.as_str()))
         .ok_or_else(|| GameError::Config(format!("{where_}: no instruction, prompt, question, text or turns field")))?;
-    let subset = ["dataset", "category"]
-        .iter()
-        .find_map(|k| v.get(*k).and_then(|x| x.as_str()))
-        .unwrap_or("")
-        .to_string();
+    let subset =
+        ["dataset", "category"].iter().find_map(|k| v.get(*k).and_then(|x| x.as_str())).unwrap_or("").to_string();
     Ok(PromptRow { prompt: text.to_string(), subset })
 }
 
@@ -32,8 +29,8 @@ pub fn load_prompt_rows(path: &Path) -> Result<Vec<PromptRow>> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let trimmed = text.trim_start();
     let rows: Vec<PromptRow> = if trimmed.starts_with('[') {
-        let list: Vec<serde_json::Value> = serde_json::from_str(trimmed)
-            .map_err(|e| GameError::Config(format!("{}: {e}", path.display())))?;
+        let list: Vec<serde_json::Value> =
+            serde_json::from_str(trimmed).map_err(|e| GameError::Config(format!("{}: {e}", path.display())))?;
         list.iter()
             .enumerate()
             .map(|(i, v)| row_of(v, &format!("{} row {i}", path.display())))

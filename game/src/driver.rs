@@ -12,7 +12,11 @@ pub fn units_for_step(trainer_cfg: &crate::Config, step: u64, prompts: &[String]
             unit_id: format!("s{step}-u{i}"),
             step,
             seed: unit_seed(trainer_cfg.run.seed, step, i),
-            task: if g.tasks.is_empty() { String::new() } else { g.tasks[((step * g.queries_per_step as u64 + i) as usize) % g.tasks.len()].clone() },
+            task: if g.tasks.is_empty() {
+                String::new()
+            } else {
+                g.tasks[((step * g.queries_per_step as u64 + i) as usize) % g.tasks.len()].clone()
+            },
             template: g.template.clone(),
             prompt: if prompts.is_empty() {
                 String::new()

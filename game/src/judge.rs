@@ -59,10 +59,7 @@ impl Judge {
     }
 
     fn judge_generate(&self, judge: &Policy, pairs: &[(String, String)]) -> Result<Vec<Judgement>> {
-        let prompts = pairs
-            .iter()
-            .map(|(q, a)| self.prompt_ids(judge, q, a))
-            .collect::<Result<Vec<_>>>()?;
+        let prompts = pairs.iter().map(|(q, a)| self.prompt_ids(judge, q, a)).collect::<Result<Vec<_>>>()?;
         let cfg = SamplingConfig { stop: vec!["</Score>".into()], ..SamplingConfig::greedy(self.max_new_tokens) };
         let out = judge.generate(&prompts, &cfg)?;
         Ok(out

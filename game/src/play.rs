@@ -26,7 +26,9 @@ pub struct Unit {
 
 /// Seed of unit `index` of `step`, from the run seed alone (a re-issued unit replays exactly).
 pub fn unit_seed(run_seed: u64, step: u64, index: u64) -> u64 {
-    let mut r = selfplay_policy::generate::SplitMix64::new(run_seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.rotate_left(32));
+    let mut r = selfplay_policy::generate::SplitMix64::new(
+        run_seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.rotate_left(32),
+    );
     r.next_u64()
 }
 
@@ -85,7 +87,13 @@ impl Player {
                     Some(Policy::load(&cfg.reward.path, policy.model.device(), policy.model.kind())?)
                 };
                 let prompt = read_prompt(&cfg.reward.prompt_file, DEFAULT_REWARD_PROMPT)?;
-                Box::new(JudgeReward::new(own, &reference, prompt, cfg.reward.judge_mode, cfg.self_reward.max_new_tokens)?)
+                Box::new(JudgeReward::new(
+                    own,
+                    &reference,
+                    prompt,
+                    cfg.reward.judge_mode,
+                    cfg.self_reward.max_new_tokens,
+                )?)
             }
             RewardKind::Remote => {
                 return Err(GameError::Config(
@@ -110,10 +118,14 @@ impl Player {
     fn reference_logprobs(&self, seqs: &[(Vec<i64>, Vec<i64>)]) -> Result<Vec<Vec<f32>>> {
         let lp = tch::no_grad(|| scoring::completion_logprobs(&self.reference.model, seqs, false))?;
         let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(lp.logprobs.to_device(tch::Device::Cpu))?;
-        Ok(rows.into_iter().zip(seqs).map(|(mut r, (_, c))| {
-            r.truncate(c.len());
-            r
-        }).collect())
+        Ok(rows
+            .into_iter()
+            .zip(seqs)
+            .map(|(mut r, (_, c))| {
+                r.truncate(c.len());
+                r
+            })
+            .collect())
     }
 
     /// Plays one unit with the current policy weights (`weights_version`).

@@ -53,7 +53,8 @@ impl RewardModel {
             let seqs = chunk
                 .iter()
                 .map(|(q, a)| {
-                    self.tokenizer.encode_chat(&[ChatMessage::user(q.clone()), ChatMessage::assistant(a.clone())], false)
+                    self.tokenizer
+                        .encode_chat(&[ChatMessage::user(q.clone()), ChatMessage::assistant(a.clone())], false)
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             out.extend(scoring::sequence_scores(&self.model, &seqs)?.into_iter().map(f64::from));
@@ -80,7 +81,13 @@ pub struct JudgeReward {
 }
 
 impl JudgeReward {
-    pub fn new(model: Option<Policy>, reference: &Policy, prompt: String, mode: SelfRewardMode, max_new_tokens: i64) -> Result<Self> {
+    pub fn new(
+        model: Option<Policy>,
+        reference: &Policy,
+        prompt: String,
+        mode: SelfRewardMode,
+        max_new_tokens: i64,
+    ) -> Result<Self> {
         let judge = Judge::new(model.as_ref().unwrap_or(reference), prompt, mode, max_new_tokens)?;
         Ok(JudgeReward { model, judge })
     }

@@ -59,11 +59,7 @@ pub struct Advantages {
 }
 
 fn mean_kept(x: &[f64], keep: &[bool]) -> Option<f64> {
-    let (s, n) = x
-        .iter()
-        .zip(keep)
-        .filter(|(_, &k)| k)
-        .fold((0.0, 0usize), |(s, n), (v, _)| (s + v, n + 1));
+    let (s, n) = x.iter().zip(keep).filter(|(_, &k)| k).fold((0.0, 0usize), |(s, n), (v, _)| (s + v, n + 1));
     (n > 0).then(|| s / n as f64)
 }
 
@@ -99,11 +95,13 @@ pub fn advantages(mode: Mode, groups: &[GroupRewards], grpo_eps: f64) -> Advanta
         };
         let v = mean_kept(&g.reward, &g.keep).unwrap_or(0.0);
         let vq = mean_kept(&g.self_reward, &g.keep).unwrap_or(0.0);
-        challenger_reward.push(match mode {
-            Mode::LspZero => -v,
-            Mode::Lsp => -v + vq,
-            Mode::Grpo => 0.0,
-        } - g.challenger_penalty);
+        challenger_reward.push(
+            match mode {
+                Mode::LspZero => -v,
+                Mode::Lsp => -v + vq,
+                Mode::Grpo => 0.0,
+            } - g.challenger_penalty,
+        );
         solver.push(adv);
         solver_reward.push(r);
     }

@@ -108,12 +108,8 @@ impl Trainer {
             group_size: self.cfg.game.group_size,
             vocab_size: self.policy.model.config().vocab_size,
             max_prompt_tokens: longest_prompt,
-            max_completion_tokens: self
-                .cfg
-                .solver
-                .max_new_tokens
-                .max(self.cfg.challenger.max_new_tokens)
-                .max(1) as usize,
+            max_completion_tokens: self.cfg.solver.max_new_tokens.max(self.cfg.challenger.max_new_tokens).max(1)
+                as usize,
             needs_challenger: self.cfg.game.mode.has_challenger(),
         }
     }
@@ -201,7 +197,12 @@ impl Trainer {
         for (i, g) in groups.iter().enumerate() {
             let mut items = vec![];
             if let (true, Some(c)) = (has_ch, &g.challenger) {
-                items.push(LossItem { seq: c, advantage: adv.challenger[i], weight: alpha / n as f64, challenger: true });
+                items.push(LossItem {
+                    seq: c,
+                    advantage: adv.challenger[i],
+                    weight: alpha / n as f64,
+                    challenger: true,
+                });
             }
             for (j, a) in g.answers.iter().enumerate() {
                 if self.cfg.game.mode.uses_self_reward()
@@ -276,7 +277,8 @@ impl Trainer {
             parse_failures,
             dropped_answers: dropped,
             grad_norm,
-            staleness: Moments::of(groups.iter().map(|g| (self.step - 1).saturating_sub(g.weights_version) as f64)).mean,
+            staleness: Moments::of(groups.iter().map(|g| (self.step - 1).saturating_sub(g.weights_version) as f64))
+                .mean,
             step_seconds: secs,
             tokens_per_second: tokens as f64 / secs,
         })
@@ -352,8 +354,11 @@ impl Trainer {
         let loss = per_seq.sum(Kind::Float);
 
         // Statistics, detached.
-        let k3_seq: Vec<f64> = Vec::<f64>::try_from(self.agg(&k3.detach(), &mask, &ntok).to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
-        let per_seq_v: Vec<f64> = Vec::<f64>::try_from(per_seq.detach().to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+        let k3_seq: Vec<f64> = Vec::<f64>::try_from(
+            self.agg(&k3.detach(), &mask, &ntok).to_kind(Kind::Double).to_device(tch::Device::Cpu),
+        )?;
+        let per_seq_v: Vec<f64> =
+            Vec::<f64>::try_from(per_seq.detach().to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
         let ent = scored.entropy.as_ref().expect("requested").sum_dim_intlist(1, false, Kind::Float);
         let ent_v: Vec<f64> = Vec::<f64>::try_from(ent.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
         for (i, it) in items.iter().enumerate() {
@@ -384,7 +389,14 @@ impl Trainer {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         self.policy.model.save_safetensors(&tmp.join("model.safetensors"))?;
-        for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja", "special_tokens_map.json"] {
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "chat_template.jinja",
+            "special_tokens_map.json",
+        ] {
             let src = self.policy.dir.join(f);
             if src.exists() {
                 std::fs::copy(&src, tmp.join(f)).map_err(io_err(&src))?;

@@ -32,7 +32,8 @@ fn three_lsp_steps_on_smollm2() {
     let mut trainer = Trainer::new(load(), cfg.clone()).unwrap();
     let before: Vec<tch::Tensor> = trainer.policy.model.parameters().iter().map(|(_, p)| p.detach().copy()).collect();
     let mut player = Player::new(load(), None, cfg).unwrap();
-    let stats = run_local(&mut player, &mut trainer, 3, &[], |s| eprintln!("{}", serde_json::to_string(s).unwrap())).unwrap();
+    let stats =
+        run_local(&mut player, &mut trainer, 3, &[], |s| eprintln!("{}", serde_json::to_string(s).unwrap())).unwrap();
 
     for s in &stats {
         assert!(s.loss.is_finite() && s.grad_norm.is_finite(), "step {}: {s:?}", s.step);
@@ -42,7 +43,12 @@ fn three_lsp_steps_on_smollm2() {
     }
     // Step 1 samples from the reference itself: KL 0 (up to float noise); then it grows.
     assert!(stats[0].kl_solver.abs() < 1e-3 && stats[0].kl_challenger.abs() < 1e-3, "{:?}", stats[0]);
-    assert!(stats[2].kl_solver > stats[0].kl_solver + 1e-5, "KL did not rise: {} -> {}", stats[0].kl_solver, stats[2].kl_solver);
+    assert!(
+        stats[2].kl_solver > stats[0].kl_solver + 1e-5,
+        "KL did not rise: {} -> {}",
+        stats[0].kl_solver,
+        stats[2].kl_solver
+    );
     let moved = trainer
         .policy
         .model

@@ -89,7 +89,10 @@ fn reference_step(dir: &Path, cfg: &Config, groups: &[RolloutGroup]) -> (HashMap
     let spec_path = dir.join("spec.json");
     std::fs::write(&spec_path, spec.to_string()).unwrap();
     let out = dir.join("after.safetensors");
-    selfplay_tests::run_python("step_reference.py", &[dir.to_str().unwrap(), spec_path.to_str().unwrap(), out.to_str().unwrap()]);
+    selfplay_tests::run_python(
+        "step_reference.py",
+        &[dir.to_str().unwrap(), spec_path.to_str().unwrap(), out.to_str().unwrap()],
+    );
     let params = selfplay_policy::weights::load_tensors(&[out.clone()], Kind::Float, Device::Cpu, |_| true).unwrap();
     let info: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.with_extension("safetensors.json")).unwrap()).unwrap();
@@ -117,7 +120,11 @@ fn check(mode: Mode, kl: KlMode, agg: Aggregation, extra: &[&str]) {
     eprintln!("{label}: loss {} vs {want_loss}; diff {worst:e}", stats.loss);
     assert!(moved > 1e-4, "{label}: the step did not move the weights ({moved:e})");
     assert!(worst < 2e-6, "{label}: max |param diff| vs PyTorch = {worst:e} (step moved {moved:e})");
-    assert!((stats.loss - want_loss).abs() < 1e-4 * (1.0 + want_loss.abs()), "{label}: loss {} vs {want_loss}", stats.loss);
+    assert!(
+        (stats.loss - want_loss).abs() < 1e-4 * (1.0 + want_loss.abs()),
+        "{label}: loss {} vs {want_loss}",
+        stats.loss
+    );
     eprintln!("{label}: max |param diff| {worst:e}, loss {} vs {want_loss}", stats.loss);
 }
 

@@ -10,7 +10,10 @@ pub enum Verdict {
     Accepted,
     /// Already pending or consumed: the unit was re-issued; not an error.
     Duplicate,
-    Rejected { reason: String, kind: RejectKind },
+    Rejected {
+        reason: String,
+        kind: RejectKind,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +171,13 @@ mod tests {
     use selfplay_game::rollout::{AnswerData, SequenceData};
 
     fn lim() -> GroupLimits {
-        GroupLimits { group_size: 2, vocab_size: 100, max_prompt_tokens: 50, max_completion_tokens: 10, needs_challenger: true }
+        GroupLimits {
+            group_size: 2,
+            vocab_size: 100,
+            max_prompt_tokens: 50,
+            max_completion_tokens: 10,
+            needs_challenger: true,
+        }
     }
     fn seq() -> SequenceData {
         SequenceData {

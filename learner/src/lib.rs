@@ -73,7 +73,10 @@ impl LearnerOptions {
             )));
         }
         if !matches!(self.wire_dtype.as_str(), "auto" | "f32" | "bf16") {
-            return Err(LearnerError::Options(format!("wire dtype must be auto, f32 or bf16, got {:?}", self.wire_dtype)));
+            return Err(LearnerError::Options(format!(
+                "wire dtype must be auto, f32 or bf16, got {:?}",
+                self.wire_dtype
+            )));
         }
         Ok(())
     }
@@ -157,9 +160,7 @@ pub async fn connect_coordinator(
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
-            Err(e) => {
-                return Err(LearnerError::Coordinator { address: address.into(), message: e.to_string() })
-            }
+            Err(e) => return Err(LearnerError::Coordinator { address: address.into(), message: e.to_string() }),
         }
     }
 }
@@ -175,8 +176,9 @@ where
     loop {
         match f().await {
             Ok(v) => return Ok(v),
-            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
-                && t0.elapsed() < Duration::from_secs(300) =>
+            Err(s)
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+                    && t0.elapsed() < Duration::from_secs(300) =>
             {
                 tracing::warn!(%what, error = %s.message(), "coordinator unavailable, retrying");
                 tokio::time::sleep(wait).await;
@@ -212,7 +214,8 @@ impl Runner {
 
     fn publish(&mut self, trainer: &Trainer) -> Result<(), LearnerError> {
         let t0 = Instant::now();
-        let (manifest, payload) = weights_payload(&trainer.policy.model, &self.opts.wire_dtype, trainer.step, trainer.step)?;
+        let (manifest, payload) =
+            weights_payload(&trainer.policy.model, &self.opts.wire_dtype, trainer.step, trainer.step)?;
         let bytes = payload.len() as u64;
         let payload = Arc::new(payload);
         let mut client = self.client.clone();
@@ -384,7 +387,8 @@ pub async fn run(
     health.set_serving::<LearnerServer<LearnerService>>().await;
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = &opts.tls {
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| LearnerError::Options(format!("TLS {}: {e}", p.display())));
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| LearnerError::Options(format!("TLS {}: {e}", p.display())));
         let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
@@ -406,7 +410,8 @@ pub async fn run(
         });
     let server = tokio::spawn(server);
 
-    let client = connect_coordinator(&opts.coordinator, &opts.token, opts.tls_ca.as_deref(), Duration::from_secs(60)).await?;
+    let client =
+        connect_coordinator(&opts.coordinator, &opts.token, opts.tls_ca.as_deref(), Duration::from_secs(60)).await?;
     let stopping = Arc::new(AtomicBool::new(false));
     {
         let (shared, stopping, stop_tx) = (shared.clone(), stopping.clone(), stop_tx.clone());
@@ -422,7 +427,8 @@ pub async fn run(
 
     let rt = tokio::runtime::Handle::current();
     let max_steps = cfg.run.steps;
-    let mut runner = Runner { cfg: cfg.clone(), opts: opts.clone(), client, rt, prompts, last_published: 0, opened_upto: None };
+    let mut runner =
+        Runner { cfg: cfg.clone(), opts: opts.clone(), client, rt, prompts, last_published: 0, opened_upto: None };
     let resumed = resume_from.is_some();
     let thread_shared = shared.clone();
     let thread_stopping = stopping.clone();
@@ -470,7 +476,8 @@ pub async fn run(
                     b.commit(&groups, trainer.step, if opts.max_policy_lag == 0 { trainer.step } else { 0 });
                     b.drop_stale()
                 };
-                ::metrics::gauge!("selfplay_learner_idle_fraction").set(waited / since.elapsed().as_secs_f64().max(1e-9));
+                ::metrics::gauge!("selfplay_learner_idle_fraction")
+                    .set(waited / since.elapsed().as_secs_f64().max(1e-9));
                 since = Instant::now();
                 metrics::record_step(&stats);
                 log_step(&runner.cfg.run.out_dir, &stats, &groups);
@@ -486,14 +493,24 @@ pub async fn run(
                 }
                 let every = runner.cfg.run.checkpoint_every;
                 if every > 0 && trainer.step % every == 0 {
-                    last_ckpt = Some(checkpoint(&trainer, &shared.inbox, &runner.cfg.run.out_dir, runner.cfg.run.keep_checkpoints)?);
+                    last_ckpt = Some(checkpoint(
+                        &trainer,
+                        &shared.inbox,
+                        &runner.cfg.run.out_dir,
+                        runner.cfg.run.keep_checkpoints,
+                    )?);
                 }
                 last = Some(stats);
             }
             // Final checkpoint (also on Ctrl-C), unless this step was just written.
             let final_dir = runner.cfg.run.out_dir.join("checkpoints").join(format!("step-{:08}", trainer.step));
             if trainer.step > 0 && last_ckpt.as_ref() != Some(&final_dir) {
-                last_ckpt = Some(checkpoint(&trainer, &shared.inbox, &runner.cfg.run.out_dir, runner.cfg.run.keep_checkpoints)?);
+                last_ckpt = Some(checkpoint(
+                    &trainer,
+                    &shared.inbox,
+                    &runner.cfg.run.out_dir,
+                    runner.cfg.run.keep_checkpoints,
+                )?);
             }
             Ok(LearnerSummary { steps: trainer.step, last, checkpoint: last_ckpt })
         })

@@ -4,25 +4,55 @@ use selfplay_game::StepStats;
 
 pub fn describe_metrics() {
     describe_counter!("selfplay_learner_steps_total", "Optimizer steps taken.");
-    describe_histogram!("selfplay_learner_step_seconds", Unit::Seconds, "Time of one optimizer step (forward, backward, update).");
+    describe_histogram!(
+        "selfplay_learner_step_seconds",
+        Unit::Seconds,
+        "Time of one optimizer step (forward, backward, update)."
+    );
     describe_gauge!("selfplay_learner_loss", "Loss of the last step, per role (solver, challenger, total).");
     describe_gauge!("selfplay_learner_kl", "Mean per-sequence k3 KL to the reference model, per role.");
     describe_gauge!("selfplay_learner_entropy", "Mean per-token policy entropy on the sampled positions, per role.");
     describe_gauge!("selfplay_learner_advantage_mean", "Mean advantage of the last step, per role.");
-    describe_gauge!("selfplay_learner_advantage_std", "Standard deviation of the advantages of the last step, per role.");
-    describe_gauge!("selfplay_learner_reward_mean", "Mean reward of the last step, per kind (reward, self_reward, solver, challenger).");
+    describe_gauge!(
+        "selfplay_learner_advantage_std",
+        "Standard deviation of the advantages of the last step, per role."
+    );
+    describe_gauge!(
+        "selfplay_learner_reward_mean",
+        "Mean reward of the last step, per kind (reward, self_reward, solver, challenger)."
+    );
     describe_gauge!("selfplay_learner_reward_std", "Standard deviation of the rewards of the last step, per kind.");
     describe_counter!("selfplay_learner_groups_received_total", "Rollout groups received.");
     describe_counter!("selfplay_learner_groups_accepted_total", "Rollout groups stored for a step.");
-    describe_counter!("selfplay_learner_groups_rejected_total", "Rollout groups refused, by reason (invalid, stale, duplicate).");
-    describe_histogram!("selfplay_learner_staleness_steps", "Learner version minus the version that sampled each trained group.");
+    describe_counter!(
+        "selfplay_learner_groups_rejected_total",
+        "Rollout groups refused, by reason (invalid, stale, duplicate)."
+    );
+    describe_histogram!(
+        "selfplay_learner_staleness_steps",
+        "Learner version minus the version that sampled each trained group."
+    );
     describe_histogram!("selfplay_learner_checkpoint_seconds", Unit::Seconds, "Time to write one checkpoint.");
-    describe_histogram!("selfplay_learner_weight_publish_seconds", Unit::Seconds, "Time to publish one weights version to the coordinator.");
-    describe_counter!("selfplay_learner_weight_publish_bytes_total", Unit::Bytes, "Weight payload bytes uploaded to the coordinator.");
-    describe_gauge!("selfplay_learner_idle_fraction", "Share of the wall time since the previous step spent waiting for groups.");
+    describe_histogram!(
+        "selfplay_learner_weight_publish_seconds",
+        Unit::Seconds,
+        "Time to publish one weights version to the coordinator."
+    );
+    describe_counter!(
+        "selfplay_learner_weight_publish_bytes_total",
+        Unit::Bytes,
+        "Weight payload bytes uploaded to the coordinator."
+    );
+    describe_gauge!(
+        "selfplay_learner_idle_fraction",
+        "Share of the wall time since the previous step spent waiting for groups."
+    );
     describe_gauge!("selfplay_learner_weights_version", "Weights version the learner holds (completed steps).");
     describe_gauge!("selfplay_learner_grad_norm", "Global gradient norm of the last step before clipping.");
-    describe_gauge!("selfplay_learner_tokens_per_second", "Tokens through forward and backward per second in the last step.");
+    describe_gauge!(
+        "selfplay_learner_tokens_per_second",
+        "Tokens through forward and backward per second in the last step."
+    );
     describe_counter!("selfplay_learner_parse_failures_total", "Unparsable self-reward judgements in trained groups.");
     // Counters exist from the start (at 0), so dashboards and rate() see them before events.
     for name in [

@@ -96,17 +96,12 @@ fn default_max_pos() -> i64 {
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        Self::from_json(&text).map_err(|message| PolicyError::Config {
-            path: path.to_path_buf(),
-            message,
-        })
-        .and_then(|c| match c {
-            Ok(c) => Ok(c),
-            Err(found) => Err(PolicyError::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                found,
-            }),
-        })
+        Self::from_json(&text).map_err(|message| PolicyError::Config { path: path.to_path_buf(), message }).and_then(
+            |c| match c {
+                Ok(c) => Ok(c),
+                Err(found) => Err(PolicyError::UnsupportedArchitecture { path: path.to_path_buf(), found }),
+            },
+        )
     }
 
     /// Outer error: malformed config; inner error: a well-formed config of an architecture we
@@ -144,9 +139,7 @@ impl ModelConfig {
         let hidden = positive("hidden_size", raw.hidden_size)?;
         let kv_heads = positive("num_key_value_heads", raw.num_key_value_heads.unwrap_or(heads))?;
         if heads % kv_heads != 0 {
-            return Err(format!(
-                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
-            ));
+            return Err(format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"));
         }
         let head_dim = match raw.head_dim {
             Some(d) => positive("head_dim", d)?,
@@ -201,27 +194,16 @@ fn parse_rope(
         (_, Some(s)) if s.is_object() => Some(s),
         _ => None,
     };
-    let theta = spec
-        .and_then(|s| s.get("rope_theta"))
-        .and_then(|v| v.as_f64())
-        .or(theta)
-        .unwrap_or(10000.0);
+    let theta = spec.and_then(|s| s.get("rope_theta")).and_then(|v| v.as_f64()).or(theta).unwrap_or(10000.0);
     let Some(spec) = spec else {
         return Ok(Rope { theta, scaling: None });
     };
-    let kind = spec
-        .get("rope_type")
-        .or_else(|| spec.get("type"))
-        .and_then(|v| v.as_str())
-        .unwrap_or("default");
+    let kind = spec.get("rope_type").or_else(|| spec.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
     match kind {
         "default" => Ok(Rope { theta, scaling: None }),
         "llama3" => {
-            let num = |k: &str| {
-                spec.get(k)
-                    .and_then(|v| v.as_f64())
-                    .ok_or_else(|| format!("rope_scaling llama3 needs {k}"))
-            };
+            let num =
+                |k: &str| spec.get(k).and_then(|v| v.as_f64()).ok_or_else(|| format!("rope_scaling llama3 needs {k}"));
             Ok(Rope {
                 theta,
                 scaling: Some(Llama3Scaling {

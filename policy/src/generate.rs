@@ -229,8 +229,7 @@ pub fn generate_with(
                 break;
             }
             // Feed the sampled tokens (finished rows feed EOS; their outputs are ignored).
-            let feed: Vec<i64> =
-                next_v.iter().enumerate().map(|(r, &id)| if done[r] { pad } else { id }).collect();
+            let feed: Vec<i64> = next_v.iter().enumerate().map(|(r, &id)| if done[r] { pad } else { id }).collect();
             let feed = Tensor::from_slice(&feed).view([b, 1]).to_device(dev);
             let p = Tensor::from_slice(&next_pos).view([b, 1]).to_device(dev);
             for np in next_pos.iter_mut() {

@@ -61,11 +61,7 @@ pub enum GgufError {
     BadMagic { path: PathBuf, found: [u8; 4] },
     /// A GGUF version other than 2 or 3.
     #[error("{}: unsupported GGUF version {version} (supported: 2 and 3){hint}", .path.display())]
-    UnsupportedVersion {
-        path: PathBuf,
-        version: u32,
-        hint: String,
-    },
+    UnsupportedVersion { path: PathBuf, version: u32, hint: String },
     /// The file ends before the header does, or before some tensor's data does.
     #[error("{}: truncated file: {what}", .path.display())]
     Truncated { path: PathBuf, what: String },
@@ -78,11 +74,7 @@ pub enum GgufError {
         .path.display(),
         GgmlType::supported_names()
     )]
-    UnsupportedTensorType {
-        path: PathBuf,
-        tensor: String,
-        ty: GgmlType,
-    },
+    UnsupportedTensorType { path: PathBuf, tensor: String, ty: GgmlType },
     /// `general.architecture` is not `llama`.
     #[error("{}: unsupported architecture '{found}' (only 'llama' is supported)", .path.display())]
     UnsupportedArchitecture { path: PathBuf, found: String },
@@ -91,12 +83,7 @@ pub enum GgufError {
     MissingKey { path: PathBuf, key: String },
     /// A metadata key has a value of the wrong type.
     #[error("{}: metadata key '{key}' is {found}, expected {expected}", .path.display())]
-    WrongType {
-        path: PathBuf,
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongType { path: PathBuf, key: String, expected: &'static str, found: String },
     /// A tensor the model needs is absent.
     #[error("{}: missing tensor '{name}'", .path.display())]
     MissingTensor { path: PathBuf, name: String },
@@ -107,18 +94,11 @@ pub enum GgufError {
     #[error("{}: unsupported model: {what}", .path.display())]
     Unsupported { path: PathBuf, what: String },
     /// [`dequantize`] was asked for a type it does not implement.
-    #[error(
-        "cannot dequantize tensor type {ty} (supported: {})",
-        GgmlType::supported_names()
-    )]
+    #[error("cannot dequantize tensor type {ty} (supported: {})", GgmlType::supported_names())]
     UnsupportedType { ty: GgmlType },
     /// [`dequantize`] was given a buffer whose size does not match the element count.
     #[error("cannot dequantize {n_elements} elements of type {ty}: {what}")]
-    BadTensorData {
-        ty: GgmlType,
-        n_elements: usize,
-        what: String,
-    },
+    BadTensorData { ty: GgmlType, n_elements: usize, what: String },
     /// JSON serialization of an output file failed.
     #[error("{}: cannot write JSON: {source}", .path.display())]
     Json {
@@ -232,22 +212,14 @@ pub const SUPPORTED_TYPES: &[GgmlType] = &[
 impl GgmlType {
     /// The type with this GGUF id ([`GgmlType::Unknown`] for ids not in ggml's table).
     pub fn from_id(id: u32) -> Self {
-        TYPE_TABLE
-            .iter()
-            .find(|(i, ..)| *i == id)
-            .map(|(_, t, ..)| *t)
-            .unwrap_or(GgmlType::Unknown(id))
+        TYPE_TABLE.iter().find(|(i, ..)| *i == id).map(|(_, t, ..)| *t).unwrap_or(GgmlType::Unknown(id))
     }
 
     /// The GGUF id of this type.
     pub fn id(self) -> u32 {
         match self {
             GgmlType::Unknown(id) => id,
-            t => TYPE_TABLE
-                .iter()
-                .find(|(_, tt, ..)| *tt == t)
-                .map(|(i, ..)| *i)
-                .unwrap_or(u32::MAX),
+            t => TYPE_TABLE.iter().find(|(_, tt, ..)| *tt == t).map(|(i, ..)| *i).unwrap_or(u32::MAX),
         }
     }
 
@@ -261,10 +233,7 @@ impl GgmlType {
 
     /// `(elements per block, bytes per block)`, or `None` for an unknown type.
     pub fn block_layout(self) -> Option<(usize, usize)> {
-        TYPE_TABLE
-            .iter()
-            .find(|(_, t, ..)| *t == self)
-            .map(|(_, _, b, s)| (*b, *s))
+        TYPE_TABLE.iter().find(|(_, t, ..)| *t == self).map(|(_, _, b, s)| (*b, *s))
     }
 
     /// Whether [`dequantize`] implements this type.
@@ -283,11 +252,7 @@ impl GgmlType {
     }
 
     fn supported_names() -> String {
-        SUPPORTED_TYPES
-            .iter()
-            .map(|t| t.name())
-            .collect::<Vec<_>>()
-            .join(", ")
+        SUPPORTED_TYPES.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -314,26 +279,15 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n_elements: usize) -> Result<Vec<f3
     if !ty.is_supported() {
         return Err(GgufError::UnsupportedType { ty });
     }
-    let bad = |what: String| GgufError::BadTensorData {
-        ty,
-        n_elements,
-        what,
-    };
+    let bad = |what: String| GgufError::BadTensorData { ty, n_elements, what };
     let (block, size) = ty.block_layout().ok_or(GgufError::UnsupportedType { ty })?;
     if n_elements % block != 0 {
-        return Err(bad(format!(
-            "the element count is not a multiple of the block size {block}"
-        )));
+        return Err(bad(format!("the element count is not a multiple of the block size {block}")));
     }
     let n_blocks = n_elements / block;
-    let expected = n_blocks
-        .checked_mul(size)
-        .ok_or_else(|| bad("the byte size overflows".to_string()))?;
+    let expected = n_blocks.checked_mul(size).ok_or_else(|| bad("the byte size overflows".to_string()))?;
     if data.len() != expected {
-        return Err(bad(format!(
-            "expected {expected} bytes of data, got {}",
-            data.len()
-        )));
+        return Err(bad(format!("expected {expected} bytes of data, got {}", data.len())));
     }
     let mut out = vec![0f32; n_elements];
     if n_elements == 0 {
@@ -441,10 +395,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -548,8 +499,7 @@ pub fn unpermute_qk(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Op
             for j in 0..2 {
                 let src = h * head_dim + 2 * i + j;
                 let dst = h * head_dim + j * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -791,12 +741,9 @@ impl<'a> Cursor<'a> {
                 let elem_ty = self.u32(&|| format!("the element type of {}", what()))?;
                 let count = self.u64(&|| format!("the length of {}", what()))?;
                 // Every element takes at least one byte: never reserve more than the file holds.
-                let mut items =
-                    Vec::with_capacity((count as usize).min(self.remaining()).min(MAX_RESERVE));
+                let mut items = Vec::with_capacity((count as usize).min(self.remaining()).min(MAX_RESERVE));
                 for i in 0..count {
-                    items.push(
-                        self.value(elem_ty, depth + 1, &|| format!("element {i} of {}", what()))?,
-                    );
+                    items.push(self.value(elem_ty, depth + 1, &|| format!("element {i} of {}", what()))?);
                 }
                 GgufValue::Array(elem_ty, items)
             }
@@ -845,10 +792,7 @@ impl fmt::Debug for GgufFile {
 
 #[allow(unsafe_code)]
 fn map_file(path: &Path) -> Result<Mmap> {
-    let io = |source| GgufError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| GgufError::Io { path: path.to_path_buf(), source };
     let file = File::open(path).map_err(io)?;
     // SAFETY: the map is read-only and private to this process. Like every memory-mapped
     // reader, we rely on the file not being truncated by someone else while it is mapped.
@@ -861,21 +805,8 @@ impl GgufFile {
         let path = path.as_ref();
         let mmap = map_file(path)?;
         let (version, metadata, tensors, alignment, data_offset) = parse(path, &mmap)?;
-        let index = metadata
-            .iter()
-            .enumerate()
-            .map(|(i, (k, _))| (k.clone(), i))
-            .collect();
-        Ok(GgufFile {
-            path: path.to_path_buf(),
-            mmap,
-            version,
-            metadata,
-            index,
-            tensors,
-            alignment,
-            data_offset,
-        })
+        let index = metadata.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
+        Ok(GgufFile { path: path.to_path_buf(), mmap, version, metadata, index, tensors, alignment, data_offset })
     }
 
     pub fn path(&self) -> &Path {
@@ -899,26 +830,19 @@ impl GgufFile {
 
     /// The raw bytes of a tensor.
     pub fn tensor_data(&self, info: &TensorInfo) -> Result<&[u8]> {
-        let size = info
-            .byte_size
-            .ok_or_else(|| GgufError::UnsupportedTensorType {
-                path: self.path.clone(),
-                tensor: info.name.clone(),
-                ty: info.ty,
-            })?;
+        let size = info.byte_size.ok_or_else(|| GgufError::UnsupportedTensorType {
+            path: self.path.clone(),
+            tensor: info.name.clone(),
+            ty: info.ty,
+        })?;
         // Bounds were checked in `open`; check again rather than trust a hand-made TensorInfo.
         let start = self.data_offset.checked_add(info.offset);
         let end = start.and_then(|s| s.checked_add(size));
         match (start, end) {
-            (Some(s), Some(e)) if e <= self.mmap.len() as u64 => {
-                Ok(&self.mmap[s as usize..e as usize])
-            }
+            (Some(s), Some(e)) if e <= self.mmap.len() as u64 => Ok(&self.mmap[s as usize..e as usize]),
             _ => Err(GgufError::Truncated {
                 path: self.path.clone(),
-                what: format!(
-                    "tensor '{}' data extends past the end of the file",
-                    info.name
-                ),
+                what: format!("tensor '{}' data extends past the end of the file", info.name),
             }),
         }
     }
@@ -938,32 +862,19 @@ impl GgufFile {
             what: format!("tensor '{}' is too large for this machine", info.name),
         })?;
         dequantize(info.ty, data, n).map_err(|e| match e {
-            GgufError::UnsupportedType { ty } => GgufError::UnsupportedTensorType {
-                path: self.path.clone(),
-                tensor: info.name.clone(),
-                ty,
-            },
-            other => GgufError::Malformed {
-                path: self.path.clone(),
-                what: format!("tensor '{}': {other}", info.name),
-            },
+            GgufError::UnsupportedType { ty } => {
+                GgufError::UnsupportedTensorType { path: self.path.clone(), tensor: info.name.clone(), ty }
+            }
+            other => GgufError::Malformed { path: self.path.clone(), what: format!("tensor '{}': {other}", info.name) },
         })
     }
 
     fn req(&self, key: &str) -> Result<&GgufValue> {
-        self.get(key).ok_or_else(|| GgufError::MissingKey {
-            path: self.path.clone(),
-            key: key.to_string(),
-        })
+        self.get(key).ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.to_string() })
     }
 
     fn wrong(&self, key: &str, expected: &'static str, v: &GgufValue) -> GgufError {
-        GgufError::WrongType {
-            path: self.path.clone(),
-            key: key.to_string(),
-            expected,
-            found: v.type_name(),
-        }
+        GgufError::WrongType { path: self.path.clone(), key: key.to_string(), expected, found: v.type_name() }
     }
 
     /// A required string value.
@@ -975,18 +886,14 @@ impl GgufFile {
     /// A required non-negative integer value.
     pub fn req_u64(&self, key: &str) -> Result<u64> {
         let v = self.req(key)?;
-        v.as_u64()
-            .ok_or_else(|| self.wrong(key, "a non-negative integer", v))
+        v.as_u64().ok_or_else(|| self.wrong(key, "a non-negative integer", v))
     }
 
     /// An optional non-negative integer value (an error if present with another type).
     pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "a non-negative integer", v)),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| self.wrong(key, "a non-negative integer", v)),
         }
     }
 
@@ -994,10 +901,7 @@ impl GgufFile {
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "a number", v)),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.wrong(key, "a number", v)),
         }
     }
 
@@ -1005,10 +909,7 @@ impl GgufFile {
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "a bool", v)),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.wrong(key, "a bool", v)),
         }
     }
 
@@ -1016,26 +917,15 @@ impl GgufFile {
     pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "a string", v)),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.wrong(key, "a string", v)),
         }
     }
 
     /// A required array of strings.
     pub fn req_str_array(&self, key: &str) -> Result<Vec<&str>> {
         let v = self.req(key)?;
-        let items = v
-            .as_array()
-            .ok_or_else(|| self.wrong(key, "an array of strings", v))?;
-        items
-            .iter()
-            .map(|x| {
-                x.as_str()
-                    .ok_or_else(|| self.wrong(key, "an array of strings", v))
-            })
-            .collect()
+        let items = v.as_array().ok_or_else(|| self.wrong(key, "an array of strings", v))?;
+        items.iter().map(|x| x.as_str().ok_or_else(|| self.wrong(key, "an array of strings", v))).collect()
     }
 
     /// An optional array of integers.
@@ -1043,15 +933,10 @@ impl GgufFile {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let items = v
-            .as_array()
-            .ok_or_else(|| self.wrong(key, "an array of integers", v))?;
+        let items = v.as_array().ok_or_else(|| self.wrong(key, "an array of integers", v))?;
         items
             .iter()
-            .map(|x| {
-                x.as_i128()
-                    .ok_or_else(|| self.wrong(key, "an array of integers", v))
-            })
+            .map(|x| x.as_i128().ok_or_else(|| self.wrong(key, "an array of integers", v)))
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
@@ -1060,32 +945,20 @@ impl GgufFile {
 type Parsed = (u32, Vec<(String, GgufValue)>, Vec<TensorInfo>, u64, u64);
 
 fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
-    let malformed = |what: String| GgufError::Malformed {
-        path: path.to_path_buf(),
-        what,
-    };
+    let malformed = |what: String| GgufError::Malformed { path: path.to_path_buf(), what };
     let mut c = Cursor { buf, pos: 0, path };
     let magic: [u8; 4] = c.array(&|| "the magic".to_string())?;
     if magic != GGUF_MAGIC {
-        return Err(GgufError::BadMagic {
-            path: path.to_path_buf(),
-            found: magic,
-        });
+        return Err(GgufError::BadMagic { path: path.to_path_buf(), found: magic });
     }
     let version = c.u32(&|| "the version".to_string())?;
     if version != 2 && version != 3 {
         let hint = match version.swap_bytes() {
             2 | 3 => " (this looks like a big-endian GGUF, which is not supported)".to_string(),
-            _ if version == 1 => {
-                " (version 1 files predate 64-bit sizes; reconvert the model)".to_string()
-            }
+            _ if version == 1 => " (version 1 files predate 64-bit sizes; reconvert the model)".to_string(),
             _ => String::new(),
         };
-        return Err(GgufError::UnsupportedVersion {
-            path: path.to_path_buf(),
-            version,
-            hint,
-        });
+        return Err(GgufError::UnsupportedVersion { path: path.to_path_buf(), version, hint });
     }
     let n_tensors = c.u64(&|| "the tensor count".to_string())?;
     let n_kv = c.u64(&|| "the metadata count".to_string())?;
@@ -1102,26 +975,17 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
     if let Some((_, v)) = metadata.iter().find(|(k, _)| k == "general.alignment") {
         alignment = match v.as_u64() {
             Some(a) if a > 0 => a,
-            _ => {
-                return Err(malformed(format!(
-                    "general.alignment must be a positive integer, found {v:?}"
-                )))
-            }
+            _ => return Err(malformed(format!("general.alignment must be a positive integer, found {v:?}"))),
         };
     }
 
-    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(
-        (n_tensors as usize)
-            .min(c.remaining() / 24)
-            .min(MAX_RESERVE),
-    );
+    let mut tensors: Vec<TensorInfo> =
+        Vec::with_capacity((n_tensors as usize).min(c.remaining() / 24).min(MAX_RESERVE));
     for i in 0..n_tensors {
         let name = c.string(&|| format!("the name of tensor {i}"))?;
         let n_dims = c.u32(&|| format!("the dimension count of tensor '{name}'"))?;
         if n_dims > MAX_DIMS {
-            return Err(malformed(format!(
-                "tensor '{name}' has {n_dims} dimensions (at most {MAX_DIMS} allowed)"
-            )));
+            return Err(malformed(format!("tensor '{name}' has {n_dims} dimensions (at most {MAX_DIMS} allowed)")));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for d in 0..n_dims {
@@ -1143,9 +1007,8 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
                     )));
                 }
                 Some(
-                    ty.byte_size(n_elements).ok_or_else(|| {
-                        malformed(format!("tensor '{name}' is too large: {dims:?}"))
-                    })?,
+                    ty.byte_size(n_elements)
+                        .ok_or_else(|| malformed(format!("tensor '{name}' is too large: {dims:?}")))?,
                 )
             }
         };
@@ -1154,13 +1017,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
                 "tensor '{name}' data offset {offset} is not a multiple of the alignment {alignment}"
             )));
         }
-        tensors.push(TensorInfo {
-            name,
-            dims,
-            ty,
-            offset,
-            byte_size,
-        });
+        tensors.push(TensorInfo { name, dims, ty, offset, byte_size });
     }
 
     let end_of_header = c.pos as u64;
@@ -1176,16 +1033,14 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         let end = start.and_then(|s| s.checked_add(size));
         match end {
             Some(e) if e <= file_len => {}
-            _ => {
-                return Err(GgufError::Truncated {
-                    path: path.to_path_buf(),
-                    what: format!(
-                        "tensor '{}' data ({size} bytes at offset {}) extends past the end of the file ({file_len} bytes)",
-                        t.name,
-                        start.map(|s| s.to_string()).unwrap_or_else(|| "overflow".into()),
-                    ),
-                })
-            }
+            _ => return Err(GgufError::Truncated {
+                path: path.to_path_buf(),
+                what: format!(
+                    "tensor '{}' data ({size} bytes at offset {}) extends past the end of the file ({file_len} bytes)",
+                    t.name,
+                    start.map(|s| s.to_string()).unwrap_or_else(|| "overflow".into()),
+                ),
+            }),
         }
     }
     Ok((version, metadata, tensors, alignment, data_offset))
@@ -1252,10 +1107,7 @@ impl LlamaParams {
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch = g.architecture()?;
         if arch != "llama" {
-            return Err(GgufError::UnsupportedArchitecture {
-                path: g.path.clone(),
-                found: arch.to_string(),
-            });
+            return Err(GgufError::UnsupportedArchitecture { path: g.path.clone(), found: arch.to_string() });
         }
         let req = |k: &str| -> Result<usize> {
             let key = format!("llama.{k}");
@@ -1274,9 +1126,7 @@ impl LlamaParams {
         if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(GgufError::Malformed {
                 path: g.path.clone(),
-                what: format!(
-                    "head counts {n_head} (query) and {n_head_kv} (key/value) do not fit"
-                ),
+                what: format!("head counts {n_head} (query) and {n_head_kv} (key/value) do not fit"),
             });
         }
         let head_dim = match opt("attention.key_length")? {
@@ -1323,21 +1173,16 @@ impl LlamaParams {
                 });
             }
         }
-        let rms_norm_eps = g
-            .opt_f64("llama.attention.layer_norm_rms_epsilon")?
-            .ok_or_else(|| GgufError::MissingKey {
-                path: g.path.clone(),
-                key: "llama.attention.layer_norm_rms_epsilon".into(),
-            })?;
+        let rms_norm_eps = g.opt_f64("llama.attention.layer_norm_rms_epsilon")?.ok_or_else(|| {
+            GgufError::MissingKey { path: g.path.clone(), key: "llama.attention.layer_norm_rms_epsilon".into() }
+        })?;
         let rope_theta = g.opt_f64("llama.rope.freq_base")?.unwrap_or(10000.0);
         let rope_scaling = match g.opt_str("llama.rope.scaling.type")? {
             None | Some("none") => Value::Null,
             Some(kind @ ("linear" | "yarn")) => {
-                let factor = g.opt_f64("llama.rope.scaling.factor")?.ok_or_else(|| {
-                    GgufError::MissingKey {
-                        path: g.path.clone(),
-                        key: "llama.rope.scaling.factor".into(),
-                    }
+                let factor = g.opt_f64("llama.rope.scaling.factor")?.ok_or_else(|| GgufError::MissingKey {
+                    path: g.path.clone(),
+                    key: "llama.rope.scaling.factor".into(),
                 })?;
                 let mut m = Map::new();
                 m.insert("rope_type".into(), json!(kind));
@@ -1358,19 +1203,13 @@ impl LlamaParams {
         };
         let embd = g
             .tensor("token_embd.weight")
-            .ok_or_else(|| GgufError::MissingTensor {
-                path: g.path.clone(),
-                name: "token_embd.weight".into(),
-            })?;
+            .ok_or_else(|| GgufError::MissingTensor { path: g.path.clone(), name: "token_embd.weight".into() })?;
         let vocab_size = match embd.dims.as_slice() {
             [cols, rows] if *cols as usize == n_embd => *rows as usize,
             _ => {
                 return Err(GgufError::Malformed {
                     path: g.path.clone(),
-                    what: format!(
-                        "token_embd.weight has GGUF dims {:?}, expected [{n_embd}, vocab]",
-                        embd.dims
-                    ),
+                    what: format!("token_embd.weight has GGUF dims {:?}, expected [{n_embd}, vocab]", embd.dims),
                 })
             }
         };
@@ -1431,9 +1270,7 @@ fn hf_name(name: &str, p: &LlamaParams) -> Option<(String, Fix)> {
 fn expected_shape(hf: &str, p: &LlamaParams) -> Option<Vec<usize>> {
     let q = p.n_head.saturating_mul(p.head_dim);
     let kv = p.n_head_kv.saturating_mul(p.head_dim);
-    let suffix = hf
-        .rsplit_once("layers.")
-        .map(|(_, s)| s.split_once('.').map(|x| x.1).unwrap_or(""));
+    let suffix = hf.rsplit_once("layers.").map(|(_, s)| s.split_once('.').map(|x| x.1).unwrap_or(""));
     Some(match (hf, suffix) {
         ("model.embed_tokens.weight", _) | ("lm_head.weight", _) => vec![p.vocab_size, p.n_embd],
         ("model.norm.weight", _) => vec![p.n_embd],
@@ -1454,17 +1291,12 @@ fn expected_shape(hf: &str, p: &LlamaParams) -> Option<Vec<usize>> {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> GgufError + '_ {
-    move |source| GgufError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| GgufError::Io { path: path.to_path_buf(), source }
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|source| GgufError::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|source| GgufError::Json { path: path.to_path_buf(), source })?;
     text.push('\n');
     std::fs::write(path, text).map_err(io_err(path))
 }
@@ -1485,11 +1317,7 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
     let mut types = BTreeMap::new();
     for t in &g.tensors {
         if !t.ty.is_supported() {
-            return Err(GgufError::UnsupportedTensorType {
-                path: g.path.clone(),
-                tensor: t.name.clone(),
-                ty: t.ty,
-            });
+            return Err(GgufError::UnsupportedTensorType { path: g.path.clone(), tensor: t.name.clone(), ty: t.ty });
         }
         let (hf, fix) = hf_name(&t.name, &p).ok_or_else(|| GgufError::Unsupported {
             path: g.path.clone(),
@@ -1513,38 +1341,19 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
             });
         }
         *types.entry(t.ty).or_insert(0) += 1;
-        plan.push(Planned {
-            hf,
-            info: t,
-            shape,
-            fix,
-        });
+        plan.push(Planned { hf, info: t, shape, fix });
     }
-    let mut required = vec![
-        "token_embd.weight".to_string(),
-        "output_norm.weight".to_string(),
-    ];
+    let mut required = vec!["token_embd.weight".to_string(), "output_norm.weight".to_string()];
     for l in 0..p.n_layer {
-        for part in [
-            "attn_norm",
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_norm",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        ] {
+        for part in
+            ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+        {
             required.push(format!("blk.{l}.{part}.weight"));
         }
     }
     for name in required {
         if g.tensor(&name).is_none() {
-            return Err(GgufError::MissingTensor {
-                path: g.path.clone(),
-                name,
-            });
+            return Err(GgufError::MissingTensor { path: g.path.clone(), name });
         }
     }
     let tied = g.tensor("output.weight").is_none();
@@ -1566,17 +1375,12 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
     let mut offset = 0u64;
     for t in &plan {
         let bytes = t.info.n_elements() * 4;
-        header.insert(
-            t.hf.clone(),
-            json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, offset + bytes]}),
-        );
+        header
+            .insert(t.hf.clone(), json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, offset + bytes]}));
         offset += bytes;
     }
-    let mut header_text =
-        serde_json::to_string(&Value::Object(header)).map_err(|source| GgufError::Json {
-            path: st_path.clone(),
-            source,
-        })?;
+    let mut header_text = serde_json::to_string(&Value::Object(header))
+        .map_err(|source| GgufError::Json { path: st_path.clone(), source })?;
     while header_text.len() % 8 != 0 {
         header_text.push(' ');
     }
@@ -1585,22 +1389,19 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
         let file = File::create(&tmp_path).map_err(io_err(&tmp_path))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         let werr = io_err(&tmp_path);
-        w.write_all(&(header_text.len() as u64).to_le_bytes())
-            .map_err(&werr)?;
+        w.write_all(&(header_text.len() as u64).to_le_bytes()).map_err(&werr)?;
         w.write_all(header_text.as_bytes()).map_err(&werr)?;
         let mut bytes = Vec::new();
         for t in &plan {
             let mut values = g.dequantize_tensor(t.info)?;
             if let Fix::Unpermute(n_head) = t.fix {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
-                values = unpermute_qk(&values, rows, cols, n_head).ok_or_else(|| {
-                    GgufError::Malformed {
-                        path: g.path.clone(),
-                        what: format!(
+                values = unpermute_qk(&values, rows, cols, n_head).ok_or_else(|| GgufError::Malformed {
+                    path: g.path.clone(),
+                    what: format!(
                         "tensor '{}' with {rows} rows cannot be split into {n_head} rotary heads",
                         t.info.name
                     ),
-                    }
                 })?;
             }
             n_parameters += values.len() as u64;
@@ -1714,43 +1515,28 @@ fn byte_level(add_prefix_space: bool, trim_offsets: bool, use_regex: bool) -> Va
     })
 }
 
-fn token_text<'a>(
-    g: &GgufFile,
-    tokens: &[&'a str],
-    id: Option<u64>,
-    key: &str,
-) -> Result<Option<&'a str>> {
+fn token_text<'a>(g: &GgufFile, tokens: &[&'a str], id: Option<u64>, key: &str) -> Result<Option<&'a str>> {
     match id {
         None => Ok(None),
-        Some(i) => tokens
-            .get(i as usize)
-            .copied()
-            .map(Some)
-            .ok_or_else(|| GgufError::Malformed {
-                path: g.path.clone(),
-                what: format!(
-                    "tokenizer.ggml.{key}_token_id {i} is outside the vocabulary of {} tokens",
-                    tokens.len()
-                ),
-            }),
+        Some(i) => tokens.get(i as usize).copied().map(Some).ok_or_else(|| GgufError::Malformed {
+            path: g.path.clone(),
+            what: format!("tokenizer.ggml.{key}_token_id {i} is outside the vocabulary of {} tokens", tokens.len()),
+        }),
     }
 }
 
 /// `tokenizer.json` rebuilt from the GGUF vocabulary (byte-level BPE only).
 pub fn build_tokenizer_json(g: &GgufFile) -> Result<Value> {
-    let unsupported = |what: String| GgufError::UnsupportedTokenizer {
-        path: g.path.clone(),
-        what,
-    };
+    let unsupported = |what: String| GgufError::UnsupportedTokenizer { path: g.path.clone(), what };
     let model = g.req_str("tokenizer.ggml.model")?;
     if model != "gpt2" {
         return Err(unsupported(format!(
             "tokenizer.ggml.model is '{model}'; only 'gpt2' (byte-level BPE) is supported"
         )));
     }
-    let pre = g.opt_str("tokenizer.ggml.pre")?.ok_or_else(|| {
-        unsupported("tokenizer.ggml.pre is missing, so the pre-tokenizer is unknown".into())
-    })?;
+    let pre = g
+        .opt_str("tokenizer.ggml.pre")?
+        .ok_or_else(|| unsupported("tokenizer.ggml.pre is missing, so the pre-tokenizer is unknown".into()))?;
     let pre_tokenizer = match pre {
         "smollm" => json!({
             "type": "Sequence",
@@ -1785,11 +1571,7 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<Value> {
         if t.len() != tokens.len() {
             return Err(GgufError::Malformed {
                 path: g.path.clone(),
-                what: format!(
-                    "tokenizer.ggml.token_type has {} entries for {} tokens",
-                    t.len(),
-                    tokens.len()
-                ),
+                what: format!("tokenizer.ggml.token_type has {} entries for {} tokens", t.len(), tokens.len()),
             });
         }
     }
@@ -1802,9 +1584,7 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<Value> {
     for m in &merges {
         let (a, b) = m.split_once(' ').ok_or_else(|| GgufError::Malformed {
             path: g.path.clone(),
-            what: format!(
-                "merge '{m}' in tokenizer.ggml.merges is not two tokens separated by a space"
-            ),
+            what: format!("merge '{m}' in tokenizer.ggml.merges is not two tokens separated by a space"),
         })?;
         merge_list.push(json!([a, b]));
     }
@@ -1839,21 +1619,10 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<Value> {
                 path: g.path.clone(),
                 key: format!("tokenizer.ggml.{name}_token_id"),
             })?;
-            Ok((
-                json!({"SpecialToken": {"id": tok, "type_id": 0}}),
-                json!({"id": tok, "ids": [id], "tokens": [tok]}),
-            ))
+            Ok((json!({"SpecialToken": {"id": tok, "type_id": 0}}), json!({"id": tok, "ids": [id], "tokens": [tok]})))
         };
-        let bos_parts = if add_bos {
-            Some(special("bos", bos, special_id(g, "bos")?)?)
-        } else {
-            None
-        };
-        let eos_parts = if add_eos {
-            Some(special("eos", eos, special_id(g, "eos")?)?)
-        } else {
-            None
-        };
+        let bos_parts = if add_bos { Some(special("bos", bos, special_id(g, "bos")?)?) } else { None };
+        let eos_parts = if add_eos { Some(special("eos", eos, special_id(g, "eos")?)?) } else { None };
         for (seq, type_id) in [("A", 0), ("B", 1)] {
             let target = if seq == "A" { &mut single } else { &mut pair };
             if let Some((piece, def)) = &bos_parts {
@@ -1909,14 +1678,8 @@ pub fn build_tokenizer_config(g: &GgufFile, p: &LlamaParams) -> Result<Value> {
     let tokens = g.req_str_array("tokenizer.ggml.tokens")?;
     let types = g.opt_int_array("tokenizer.ggml.token_type")?;
     let mut c = Map::new();
-    c.insert(
-        "add_bos_token".into(),
-        json!(g.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false)),
-    );
-    c.insert(
-        "add_eos_token".into(),
-        json!(g.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false)),
-    );
+    c.insert("add_bos_token".into(), json!(g.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false)));
+    c.insert("add_eos_token".into(), json!(g.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false)));
     let mut decoder = Map::new();
     if let Some(types) = &types {
         for (id, (&tok, &ty)) in tokens.iter().zip(types.iter()).enumerate() {
@@ -1963,14 +1726,8 @@ mod tests {
 
     #[test]
     fn f32_f16_bf16() {
-        let data: Vec<u8> = [1.5f32, -2.25, 0.0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        assert_eq!(
-            dequantize(GgmlType::F32, &data, 3).unwrap(),
-            vec![1.5, -2.25, 0.0]
-        );
+        let data: Vec<u8> = [1.5f32, -2.25, 0.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(dequantize(GgmlType::F32, &data, 3).unwrap(), vec![1.5, -2.25, 0.0]);
 
         let data: Vec<u8> = [h(1.5), h(-0.125), [0x00, 0x7c], [0x01, 0x00]].concat();
         let y = dequantize(GgmlType::F16, &data, 4).unwrap();
@@ -2022,11 +1779,7 @@ mod tests {
         let qh: u32 = 0xAAAA_AAAA;
         let qs: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
         let expect_q = |j: usize| -> u32 {
-            let low = if j < 16 {
-                j as u32
-            } else {
-                15 - (j as u32 - 16)
-            };
+            let low = if j < 16 { j as u32 } else { 15 - (j as u32 - 16) };
             low | if j % 2 == 1 { 16 } else { 0 }
         };
         let mut b = h(0.5).to_vec();
@@ -2088,11 +1841,7 @@ mod tests {
         let y = dequantize(GgmlType::Q4_K, &b, 256).unwrap();
         for k in 0..8 {
             for l in 0..32 {
-                assert_eq!(
-                    y[k * 32 + l],
-                    elem(k, l, false),
-                    "Q4_K sub-block {k} element {l}"
-                );
+                assert_eq!(y[k * 32 + l], elem(k, l, false), "Q4_K sub-block {k} element {l}");
             }
         }
         let mut b = [h(d), h(dmin)].concat();
@@ -2102,11 +1851,7 @@ mod tests {
         let y = dequantize(GgmlType::Q5_K, &b, 256).unwrap();
         for k in 0..8 {
             for l in 0..32 {
-                assert_eq!(
-                    y[k * 32 + l],
-                    elem(k, l, true),
-                    "Q5_K sub-block {k} element {l}"
-                );
+                assert_eq!(y[k * 32 + l], elem(k, l, true), "Q5_K sub-block {k} element {l}");
             }
         }
     }
@@ -2122,12 +1867,7 @@ mod tests {
         for half in 0..2 {
             for l in 0..32 {
                 let base = half * 128;
-                let (a, b2, c, e) = (
-                    q[base + l],
-                    q[base + l + 32],
-                    q[base + l + 64],
-                    q[base + l + 96],
-                );
+                let (a, b2, c, e) = (q[base + l], q[base + l + 32], q[base + l + 64], q[base + l + 96]);
                 ql[half * 64 + l] = (a & 0x0f) | ((c & 0x0f) << 4);
                 ql[half * 64 + l + 32] = (b2 & 0x0f) | ((e & 0x0f) << 4);
                 qh[half * 32 + l] = (a >> 4) | ((b2 >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6);
@@ -2146,21 +1886,10 @@ mod tests {
 
     #[test]
     fn dequantize_rejects_bad_sizes_and_types() {
-        assert!(matches!(
-            dequantize(GgmlType::Q4_0, &[0u8; 17], 32),
-            Err(GgufError::BadTensorData { .. })
-        ));
-        assert!(matches!(
-            dequantize(GgmlType::Q4_0, &[0u8; 18], 31),
-            Err(GgufError::BadTensorData { .. })
-        ));
+        assert!(matches!(dequantize(GgmlType::Q4_0, &[0u8; 17], 32), Err(GgufError::BadTensorData { .. })));
+        assert!(matches!(dequantize(GgmlType::Q4_0, &[0u8; 18], 31), Err(GgufError::BadTensorData { .. })));
         let e = dequantize(GgmlType::IQ2_XXS, &[0u8; 66], 256).unwrap_err();
-        assert!(matches!(
-            e,
-            GgufError::UnsupportedType {
-                ty: GgmlType::IQ2_XXS
-            }
-        ));
+        assert!(matches!(e, GgufError::UnsupportedType { ty: GgmlType::IQ2_XXS }));
         assert!(e.to_string().contains("IQ2_XXS"), "{e}");
         let e = dequantize(GgmlType::from_id(99), &[], 0).unwrap_err();
         assert!(e.to_string().contains("99"), "{e}");
@@ -2187,8 +1916,7 @@ mod tests {
                     // permuted index (h, i, j) takes original index (h, j, i)
                     let dst = h * hd + i * 2 + j;
                     let src = h * hd + j * half + i;
-                    out[dst * cols..(dst + 1) * cols]
-                        .copy_from_slice(&w[src * cols..(src + 1) * cols]);
+                    out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
                 }
             }
         }
@@ -2198,10 +1926,7 @@ mod tests {
     #[test]
     fn unpermute_small_example() {
         // one head of 4 rows: HF rows [0,1,2,3] are stored as [0,2,1,3]
-        assert_eq!(
-            unpermute_qk(&[0., 2., 1., 3.], 4, 1, 1).unwrap(),
-            vec![0., 1., 2., 3.]
-        );
+        assert_eq!(unpermute_qk(&[0., 2., 1., 3.], 4, 1, 1).unwrap(), vec![0., 1., 2., 3.]);
         // two heads of 6 rows, 2 columns
         let rows = 12;
         let cols = 2;
@@ -2279,10 +2004,7 @@ mod tests {
         assert_eq!(get("a.f32"), GgufValue::F32(1.5));
         assert_eq!(get("a.bool"), GgufValue::Bool(true));
         assert_eq!(get("a.str"), GgufValue::String("héllo".into()));
-        assert_eq!(
-            get("a.arr"),
-            GgufValue::Array(4, vec![GgufValue::U32(7), GgufValue::U32(9)])
-        );
+        assert_eq!(get("a.arr"), GgufValue::Array(4, vec![GgufValue::U32(7), GgufValue::U32(9)]));
         assert_eq!(get("a.u64"), GgufValue::U64(1));
         assert_eq!(get("a.i64"), GgufValue::I64(-1));
         assert_eq!(get("a.f64"), GgufValue::F64(2.5));
@@ -2293,15 +2015,9 @@ mod tests {
     fn parse_errors() {
         let p = Path::new("bad.gguf");
         assert!(matches!(parse(p, b"GGU"), Err(GgufError::Truncated { .. })));
-        assert!(matches!(
-            parse(p, b"GGML\x03\0\0\0"),
-            Err(GgufError::BadMagic { .. })
-        ));
+        assert!(matches!(parse(p, b"GGML\x03\0\0\0"), Err(GgufError::BadMagic { .. })));
         let e = parse(p, &gguf_bytes(1, &[])).unwrap_err();
-        assert!(
-            matches!(e, GgufError::UnsupportedVersion { version: 1, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, GgufError::UnsupportedVersion { version: 1, .. }), "{e}");
         let mut big = b"GGUF".to_vec();
         big.extend(3u32.to_be_bytes());
         let e = parse(p, &big).unwrap_err();
@@ -2372,29 +2088,17 @@ mod tests {
         };
         assert_eq!(
             hf_name("blk.1.attn_k.weight", &p),
-            Some((
-                "model.layers.1.self_attn.k_proj.weight".into(),
-                Fix::Unpermute(1)
-            ))
+            Some(("model.layers.1.self_attn.k_proj.weight".into(), Fix::Unpermute(1)))
         );
         assert_eq!(
             hf_name("blk.0.attn_q.weight", &p),
-            Some((
-                "model.layers.0.self_attn.q_proj.weight".into(),
-                Fix::Unpermute(2)
-            ))
+            Some(("model.layers.0.self_attn.q_proj.weight".into(), Fix::Unpermute(2)))
         );
         assert_eq!(hf_name("blk.2.attn_q.weight", &p), None);
         assert_eq!(hf_name("blk.01.attn_q.weight", &p), None);
         assert_eq!(hf_name("blk.0.ffn_gate_exps.weight", &p), None);
-        assert_eq!(
-            expected_shape("model.layers.0.self_attn.k_proj.weight", &p),
-            Some(vec![4, 8])
-        );
-        assert_eq!(
-            expected_shape("model.layers.1.mlp.down_proj.weight", &p),
-            Some(vec![8, 16])
-        );
+        assert_eq!(expected_shape("model.layers.0.self_attn.k_proj.weight", &p), Some(vec![4, 8]));
+        assert_eq!(expected_shape("model.layers.1.mlp.down_proj.weight", &p), Some(vec![8, 16]));
         assert_eq!(f32_decimal(9.999999747378752e-06), 1e-5);
     }
 }

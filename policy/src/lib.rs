@@ -26,17 +26,14 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cuda" => Device::Cuda(0),
         other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
             Some(n) => Device::Cuda(n),
-            None => {
-                return Err(PolicyError::Device(s.into(), "expected cpu, cuda or cuda:N".into()))
-            }
+            None => return Err(PolicyError::Device(s.into(), "expected cpu, cuda or cuda:N".into())),
         },
     };
     let n = tch::Cuda::device_count() as usize;
     match dev {
-        Device::Cuda(i) if i >= n => Err(PolicyError::Device(
-            s.into(),
-            format!("{n} CUDA device(s) visible to libtorch"),
-        )),
+        Device::Cuda(i) if i >= n => {
+            Err(PolicyError::Device(s.into(), format!("{n} CUDA device(s) visible to libtorch")))
+        }
         d => Ok(d),
     }
 }
@@ -76,7 +73,12 @@ impl Policy {
     /// A frozen deep copy (the reference model): same weights, no gradients.
     pub fn frozen_copy(&self) -> Result<Self> {
         let model = self.model.deep_clone()?;
-        Ok(Policy { model, tokenizer: Tokenizer::load(&self.dir)?, eos_ids: self.eos_ids.clone(), dir: self.dir.clone() })
+        Ok(Policy {
+            model,
+            tokenizer: Tokenizer::load(&self.dir)?,
+            eos_ids: self.eos_ids.clone(),
+            dir: self.dir.clone(),
+        })
     }
 
     /// Chat-renders one user turn and returns its token ids (generation prompt appended).

@@ -99,9 +99,7 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<i64>)> {
             out.push(("lm_head.weight".to_string(), vec![v, h]))
         }
         Architecture::LlamaForCausalLM => {}
-        Architecture::LlamaForSequenceClassification => {
-            out.push(("score.weight".to_string(), vec![cfg.num_labels, h]))
-        }
+        Architecture::LlamaForSequenceClassification => out.push(("score.weight".to_string(), vec![cfg.num_labels, h])),
     }
     out
 }
@@ -110,8 +108,7 @@ fn inv_freq(cfg: &ModelConfig) -> Tensor {
     let dim = cfg.head_dim;
     let base = cfg.rope.theta;
     // Same arithmetic as transformers: base ** (arange(0, dim, 2) / dim) in f32.
-    let exps = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float)
-        / (dim as f64);
+    let exps = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / (dim as f64);
     let inv = Tensor::from(base as f32).to_kind(Kind::Float).pow(&exps).reciprocal();
     match &cfg.rope.scaling {
         None => inv,
@@ -120,8 +117,7 @@ fn inv_freq(cfg: &ModelConfig) -> Tensor {
             let high_wl = s.original_max_position_embeddings / s.high_freq_factor;
             let wavelen = inv.reciprocal() * (2.0 * std::f64::consts::PI);
             let scaled = inv.where_self(&wavelen.le(low_wl), &(&inv / s.factor));
-            let smooth = (wavelen.reciprocal() * s.original_max_position_embeddings
-                - s.low_freq_factor)
+            let smooth = (wavelen.reciprocal() * s.original_max_position_embeddings - s.low_freq_factor)
                 / (s.high_freq_factor - s.low_freq_factor);
             let smoothed = (smooth.ones_like() - &smooth) * &scaled / s.factor + &smooth * &scaled;
             let medium = wavelen.ge(high_wl).logical_and(&wavelen.le(low_wl));
@@ -160,10 +156,9 @@ impl Llama {
     ) -> Result<Self> {
         let mut params = Vec::new();
         for (name, shape) in expected_tensors(&cfg) {
-            let t = tensors.remove(&name).ok_or_else(|| PolicyError::MissingTensor {
-                name: name.clone(),
-                path: source.to_path_buf(),
-            })?;
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| PolicyError::MissingTensor { name: name.clone(), path: source.to_path_buf() })?;
             if t.size() != shape {
                 return Err(PolicyError::WeightMismatch {
                     message: format!("config implies shape {shape:?}, file has {:?}", t.size()),
@@ -173,11 +168,7 @@ impl Llama {
             params.push((name, t.to_device(device).to_kind(kind)));
         }
         let get = |n: &str| -> Tensor {
-            params
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, t)| t.shallow_clone())
-                .expect("checked above")
+            params.iter().find(|(k, _)| k == n).map(|(_, t)| t.shallow_clone()).expect("checked above")
         };
         let opt = |n: String, on: bool| on.then(|| get(&n));
         let layers = (0..cfg.num_hidden_layers)
@@ -244,11 +235,8 @@ impl Llama {
 
     /// A deep copy on the same device: used for the frozen reference model.
     pub fn deep_clone(&self) -> Result<Self> {
-        let mut tensors: HashMap<String, Tensor> = self
-            .params
-            .iter()
-            .map(|(n, t)| (n.clone(), t.detach().copy()))
-            .collect();
+        let mut tensors: HashMap<String, Tensor> =
+            self.params.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
         Self::from_tensors(self.cfg.clone(), &mut tensors, self.device, self.kind, Path::new("<copy>"))
     }
 
@@ -260,7 +248,10 @@ impl Llama {
         tch::no_grad(|| {
             for ((n, dst), (m, src)) in self.params.iter().zip(&other.params) {
                 if n != m || dst.size() != src.size() {
-                    return Err(PolicyError::WeightMismatch { name: n.clone(), message: format!("cannot copy from {m} {:?}", src.size()) });
+                    return Err(PolicyError::WeightMismatch {
+                        name: n.clone(),
+                        message: format!("cannot copy from {m} {:?}", src.size()),
+                    });
                 }
                 let mut d = dst.shallow_clone();
                 d.copy_(src);
@@ -273,9 +264,14 @@ impl Llama {
     pub fn set_weights(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
         tch::no_grad(|| {
             for (n, dst) in &self.params {
-                let src = tensors.get(n).ok_or_else(|| PolicyError::MissingTensor { name: n.clone(), path: "<weights update>".into() })?;
+                let src = tensors
+                    .get(n)
+                    .ok_or_else(|| PolicyError::MissingTensor { name: n.clone(), path: "<weights update>".into() })?;
                 if src.size() != dst.size() {
-                    return Err(PolicyError::WeightMismatch { name: n.clone(), message: format!("update has shape {:?}, model {:?}", src.size(), dst.size()) });
+                    return Err(PolicyError::WeightMismatch {
+                        name: n.clone(),
+                        message: format!("update has shape {:?}, model {:?}", src.size(), dst.size()),
+                    });
                 }
                 let mut d = dst.shallow_clone();
                 d.copy_(src);
@@ -293,12 +289,7 @@ impl Llama {
         let shape = [batch, self.cfg.num_key_value_heads, capacity, self.cfg.head_dim];
         let mk = || Tensor::zeros(shape, (self.kind, self.device));
         let n = self.cfg.num_hidden_layers as usize;
-        KvCache {
-            keys: (0..n).map(|_| mk()).collect(),
-            values: (0..n).map(|_| mk()).collect(),
-            len: 0,
-            capacity,
-        }
+        KvCache { keys: (0..n).map(|_| mk()).collect(), values: (0..n).map(|_| mk()).collect(), len: 0, capacity }
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Tensor {
@@ -327,11 +318,7 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.size2()?;
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         if let Some(c) = cache.as_deref() {
             if c.len + t > c.capacity {
                 return Err(PolicyError::InvalidInput(format!(
@@ -386,9 +373,7 @@ impl Llama {
             (Some(w), _) => w,
             (None, None) => &self.embed,
             (None, Some(_)) => {
-                return Err(PolicyError::InvalidInput(
-                    "a sequence classifier has no language-model head".into(),
-                ))
+                return Err(PolicyError::InvalidInput("a sequence classifier has no language-model head".into()))
             }
         };
         Ok(hidden.linear(w, None::<Tensor>).to_kind(Kind::Float))
@@ -396,9 +381,10 @@ impl Llama {
 
     /// Sequence-classifier scores in f32 for hidden states [.., H]: [.., num_labels].
     pub fn scores(&self, hidden: &Tensor) -> Result<Tensor> {
-        let w = self.score.as_ref().ok_or_else(|| {
-            PolicyError::InvalidInput("this model has no score head (not a reward model)".into())
-        })?;
+        let w = self
+            .score
+            .as_ref()
+            .ok_or_else(|| PolicyError::InvalidInput("this model has no score head (not a reward model)".into()))?;
         Ok(hidden.linear(w, None::<Tensor>).to_kind(Kind::Float))
     }
 
@@ -411,10 +397,7 @@ impl Llama {
         let hi = ids.max().int64_value(&[]);
         for id in [lo, hi] {
             if id < 0 || id >= self.cfg.vocab_size {
-                return Err(PolicyError::TokenOutOfRange {
-                    id,
-                    vocab_size: self.cfg.vocab_size,
-                });
+                return Err(PolicyError::TokenOutOfRange { id, vocab_size: self.cfg.vocab_size });
             }
         }
         Ok(())

@@ -17,11 +17,7 @@ pub struct TokenLogprobs {
 /// Log-probs of every completion token. Gradients flow when the model's parameters require
 /// them. Only completion positions go through the output head, which saves most of the
 /// vocabulary-sized work on long prompts.
-pub fn completion_logprobs(
-    model: &Llama,
-    pairs: &[(Vec<i64>, Vec<i64>)],
-    with_entropy: bool,
-) -> Result<TokenLogprobs> {
+pub fn completion_logprobs(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)], with_entropy: bool) -> Result<TokenLogprobs> {
     if pairs.is_empty() {
         return Err(PolicyError::InvalidInput("no sequences to score".into()));
     }

@@ -53,17 +53,13 @@ impl Tokenizer {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| PolicyError::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| PolicyError::Tokenizer { path: path.clone(), message: e.to_string() })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
-            serde_json::from_str(&text).map_err(|e| PolicyError::Tokenizer {
-                path: cfg_path.clone(),
-                message: e.to_string(),
-            })?
+            serde_json::from_str(&text)
+                .map_err(|e| PolicyError::Tokenizer { path: cfg_path.clone(), message: e.to_string() })?
         } else {
             serde_json::Value::Null
         };
@@ -77,9 +73,7 @@ impl Tokenizer {
                 .and_then(|t| t.get("template"))
                 .and_then(|t| t.as_str())
                 .map(str::to_string),
-            _ if jinja_path.exists() => {
-                Some(std::fs::read_to_string(&jinja_path).map_err(io_err(&jinja_path))?)
-            }
+            _ if jinja_path.exists() => Some(std::fs::read_to_string(&jinja_path).map_err(io_err(&jinja_path))?),
             _ => None,
         };
         let mut tok = Tokenizer {
@@ -132,10 +126,8 @@ impl Tokenizer {
         let ids: Vec<u32> = ids
             .iter()
             .map(|&i| {
-                u32::try_from(i).map_err(|_| PolicyError::TokenOutOfRange {
-                    id: i,
-                    vocab_size: self.vocab_size() as i64,
-                })
+                u32::try_from(i)
+                    .map_err(|_| PolicyError::TokenOutOfRange { id: i, vocab_size: self.vocab_size() as i64 })
             })
             .collect::<Result<_>>()?;
         self.inner.decode(&ids, skip_special_tokens).map_err(|e| self.err(e))
@@ -149,10 +141,7 @@ impl Tokenizer {
     /// tokenize=False, add_generation_prompt=...)` does.
     pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         if !self.has_template {
-            return Err(PolicyError::ChatTemplate(format!(
-                "{} has no chat_template",
-                self.path.display()
-            )));
+            return Err(PolicyError::ChatTemplate(format!("{} has no chat_template", self.path.display())));
         }
         let tmpl = self.env.get_template("chat").expect("added in set_chat_template");
         tmpl.render(minijinja::context! {
@@ -188,8 +177,7 @@ fn new_environment() -> Environment<'static> {
 /// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=...)`, not HTML-escaped.
 fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, JinjaError> {
     let indent: Option<usize> = kwargs.get("indent")?;
-    let json = serde_json::to_value(&value)
-        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let json = serde_json::to_value(&value).map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut out = String::new();
     write_py_json(&json, indent, 0, &mut out);
     Ok(Value::from_safe_string(out))
@@ -238,16 +226,23 @@ fn write_py_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out
 
 /// The few strftime codes chat templates use (Llama 3's "%d %b %Y"), in UTC.
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    const MONTHS: [&str; 12] =
-        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     const FULL: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let mut out = String::new();
     let mut chars = fmt.chars();

@@ -10,23 +10,13 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| PolicyError::Safetensors {
-                path: index.clone(),
-                message: format!("bad index json: {e}"),
-            })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| PolicyError::Safetensors { path: index.clone(), message: format!("bad index json: {e}") })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| PolicyError::Safetensors {
-                path: index.clone(),
-                message: "no weight_map object".into(),
-            })?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(|v| v.as_str())
-            .map(|f| dir.join(f))
-            .collect();
+            .ok_or_else(|| PolicyError::Safetensors { path: index.clone(), message: "no weight_map object".into() })?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
         return Ok(files);
@@ -96,10 +86,8 @@ pub fn load_tensors(
         let file = std::fs::File::open(path).map_err(io_err(path))?;
         // Safety: the file is opened read-only and not modified while mapped by this process.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| PolicyError::Safetensors {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let st = SafeTensors::deserialize(&mmap)
+            .map_err(|e| PolicyError::Safetensors { path: path.clone(), message: e.to_string() })?;
         for (name, view) in st.tensors() {
             if !keep(&name) {
                 continue;
@@ -114,10 +102,7 @@ pub fn load_tensors(
 
 /// Writes tensors as one safetensors file with `{"format": "pt"}` metadata, the layout
 /// transformers expects. Tensors are copied to the CPU first.
-pub fn save_tensors<'a>(
-    path: &Path,
-    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
-) -> Result<()> {
+pub fn save_tensors<'a>(path: &Path, tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>) -> Result<()> {
     let mut owned: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for (name, t) in tensors {
         let t = t.detach().to_device(Device::Cpu).contiguous();
@@ -134,20 +119,13 @@ pub fn save_tensors<'a>(
         .map(|(n, (d, s, b))| {
             TensorView::new(*d, s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| PolicyError::Safetensors {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                })
+                .map_err(|e| PolicyError::Safetensors { path: path.to_path_buf(), message: e.to_string() })
         })
         .collect::<Result<_>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
-        PolicyError::Safetensors {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }
-    })?;
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| PolicyError::Safetensors { path: path.to_path_buf(), message: e.to_string() })?;
     // Rename last so that a crash never leaves a half-written checkpoint under the real name.
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }

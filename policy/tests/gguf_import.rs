@@ -36,11 +36,7 @@ fn reference_script() -> PathBuf {
 }
 
 fn run_reference(args: &[&str]) {
-    let out = Command::new(python())
-        .arg(reference_script())
-        .args(args)
-        .output()
-        .expect("cannot run SELFPLAY_PYTHON");
+    let out = Command::new(python()).arg(reference_script()).args(args).output().expect("cannot run SELFPLAY_PYTHON");
     assert!(
         out.status.success(),
         "gguf_reference.py {args:?} failed ({}):\n{}",
@@ -62,23 +58,11 @@ fn dequantization_matches_gguf_python_bit_for_bit() {
     for t in &file.tensors {
         let ours = file.dequantize_tensor(t).unwrap();
         let bytes = std::fs::read(dir.path().join(format!("{}.f32", t.name))).unwrap();
-        let theirs: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let theirs: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         assert_eq!(ours.len(), theirs.len(), "{}: element count", t.name);
-        let mismatches: Vec<_> = ours
-            .iter()
-            .zip(&theirs)
-            .enumerate()
-            .filter(|(_, (a, b))| a.to_bits() != b.to_bits())
-            .take(5)
-            .collect();
-        assert!(
-            mismatches.is_empty(),
-            "{} differs from gguf.quants.dequantize: {mismatches:?}",
-            t.name
-        );
+        let mismatches: Vec<_> =
+            ours.iter().zip(&theirs).enumerate().filter(|(_, (a, b))| a.to_bits() != b.to_bits()).take(5).collect();
+        assert!(mismatches.is_empty(), "{} differs from gguf.quants.dequantize: {mismatches:?}", t.name);
         assert_eq!(t.ty.name(), t.name);
         println!("{}: {} values bit-identical", t.name, ours.len());
         seen.insert(t.ty);
@@ -89,8 +73,7 @@ fn dequantization_matches_gguf_python_bit_for_bit() {
 }
 
 fn f32s(data: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    data.chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 #[test]
@@ -113,13 +96,7 @@ fn smollm_import_matches_transformers() {
     let ours_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let theirs_bytes = std::fs::read(dir.path().join("reference.safetensors")).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&ours_bytes).unwrap();
-    assert_eq!(
-        meta.metadata()
-            .as_ref()
-            .and_then(|m| m.get("format"))
-            .map(String::as_str),
-        Some("pt")
-    );
+    assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
     let ours = SafeTensors::deserialize(&ours_bytes).unwrap();
     let theirs = SafeTensors::deserialize(&theirs_bytes).unwrap();
     let our_names: BTreeSet<&str> = ours.names().into_iter().collect();
@@ -156,9 +133,8 @@ fn smollm_import_matches_transformers() {
     assert!(max_diff <= 1e-6, "max abs diff {max_diff:e} in {worst}");
 
     // config.json agrees with the config transformers derived from the same file.
-    let read = |p: PathBuf| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-    };
+    let read =
+        |p: PathBuf| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap() };
     let ours = read(out.join("config.json"));
     let theirs = read(dir.path().join("reference_config.json"));
     for key in [
@@ -181,10 +157,7 @@ fn smollm_import_matches_transformers() {
     }
     let eps = ours["rms_norm_eps"].as_f64().unwrap();
     assert_eq!(eps as f32, theirs["rms_norm_eps"].as_f64().unwrap() as f32);
-    let theta = theirs["rope_theta"]
-        .as_f64()
-        .or_else(|| theirs["rope_parameters"]["rope_theta"].as_f64())
-        .unwrap();
+    let theta = theirs["rope_theta"].as_f64().or_else(|| theirs["rope_parameters"]["rope_theta"].as_f64()).unwrap();
     assert_eq!(ours["rope_theta"].as_f64().unwrap(), theta);
     assert_eq!(ours["rope_scaling"], serde_json::Value::Null);
     assert_eq!(ours["torch_dtype"], "float32");
@@ -195,10 +168,7 @@ fn smollm_import_matches_transformers() {
     assert_eq!(tc["unk_token"], "<|endoftext|>");
     assert_eq!(tc["pad_token"], "<|im_end|>");
     assert_eq!(tc["add_bos_token"], false);
-    assert!(tc["chat_template"]
-        .as_str()
-        .unwrap()
-        .contains("<|im_start|>"));
+    assert!(tc["chat_template"].as_str().unwrap().contains("<|im_start|>"));
     let gc = read(out.join("generation_config.json"));
     assert_eq!(gc["bos_token_id"], 1);
     assert_eq!(gc["eos_token_id"], 2);
@@ -212,14 +182,8 @@ fn smollm_import_matches_transformers() {
         check["max_abs_logit_diff"], check["completion"]
     );
     assert_eq!(check["max_abs_logit_diff"].as_f64(), Some(0.0));
-    assert!(check["text"]
-        .as_str()
-        .unwrap()
-        .starts_with("<|im_start|>system\n"));
-    assert_eq!(
-        check["ids"][0], 1,
-        "the chat prompt starts with <|im_start|>"
-    );
+    assert!(check["text"].as_str().unwrap().starts_with("<|im_start|>system\n"));
+    assert_eq!(check["ids"][0], 1, "the chat prompt starts with <|im_start|>");
 }
 
 /// ~300 strings covering ASCII, unicode, digit runs, whitespace, code and special tokens.
@@ -304,9 +268,7 @@ fn tokenizer_strings() -> Vec<String> {
     // Deterministic combinations of the base strings.
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = |n: usize| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((state >> 33) as usize) % n
     };
     while out.len() < 300 {
@@ -338,8 +300,7 @@ fn smollm_tokenizer_matches_transformers() {
     std::fs::write(&strings_path, serde_json::to_string(&strings).unwrap()).unwrap();
     let ids_path = dir.path().join("ids.json");
     run_reference(&["tokenize", s(&gguf_path), s(&strings_path), s(&ids_path)]);
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&ids_path).unwrap()).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ids_path).unwrap()).unwrap();
     assert_eq!(reference["pre"], "smollm");
     let ids_of = |key: &str| -> Vec<Vec<u32>> {
         let v: Vec<Vec<u32>> = serde_json::from_value(reference[key].clone()).unwrap();
@@ -358,17 +319,12 @@ fn smollm_tokenizer_matches_transformers() {
     for ((text, want), loaded) in strings.iter().zip(&reference).zip(&as_loaded) {
         let got = tokenizer.encode(text.as_str(), false).unwrap();
         if got.get_ids() != want.as_slice() {
-            failures.push(format!(
-                "{text:?}:\n  ours   {:?}\n  theirs {want:?}",
-                got.get_ids()
-            ));
+            failures.push(format!("{text:?}:\n  ours   {:?}\n  theirs {want:?}", got.get_ids()));
         }
         if got.get_ids() != loaded.as_slice() {
             differ_from_as_loaded += 1;
-            let ws_before_digit = text
-                .chars()
-                .zip(text.chars().skip(1))
-                .any(|(a, b)| a.is_whitespace() && b.is_numeric());
+            let ws_before_digit =
+                text.chars().zip(text.chars().skip(1)).any(|(a, b)| a.is_whitespace() && b.is_numeric());
             assert!(
                 ws_before_digit,
                 "{text:?} differs from transformers' GGUF tokenizer without whitespace before a digit:\n  ours   {:?}\n  theirs {loaded:?}",
@@ -386,18 +342,11 @@ fn smollm_tokenizer_matches_transformers() {
         failures.is_empty(),
         "{} strings differ:\n{}",
         failures.len(),
-        failures
-            .iter()
-            .take(10)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        failures.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
     );
 
     // Special tokens are single tokens, and decoding round-trips.
-    let enc = tokenizer
-        .encode("<|im_start|>user\nhi<|im_end|>", false)
-        .unwrap();
+    let enc = tokenizer.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
     assert_eq!(enc.get_ids()[0], 1);
     assert_eq!(*enc.get_ids().last().unwrap(), 2);
     for text in strings.iter().take(60) {
@@ -420,13 +369,7 @@ struct MiniGguf {
 
 impl MiniGguf {
     fn new() -> Self {
-        MiniGguf {
-            kv: vec![],
-            n_kv: 0,
-            infos: vec![],
-            n_tensors: 0,
-            data: vec![],
-        }
+        MiniGguf { kv: vec![], n_kv: 0, infos: vec![], n_tensors: 0, data: vec![] }
     }
     fn string(buf: &mut Vec<u8>, s: &str) {
         buf.extend((s.len() as u64).to_le_bytes());
@@ -502,10 +445,7 @@ fn bad_input_gives_typed_errors() {
     let missing = dir.path().join("does-not-exist.gguf");
     let e = gguf::import_gguf(&missing, &out).unwrap_err();
     println!("missing file: {e}");
-    assert!(
-        matches!(&e, GgufError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound), "{e:?}");
     assert!(e.to_string().contains("does-not-exist.gguf"), "{e}");
 
     // bad magic
@@ -514,10 +454,7 @@ fn bad_input_gives_typed_errors() {
     let e = gguf::import_gguf(&bad_magic, &out).unwrap_err();
     println!("bad magic: {e}");
     assert!(matches!(e, GgufError::BadMagic { .. }), "{e:?}");
-    assert!(
-        e.to_string().contains("bad magic") && e.to_string().contains("bad-magic.gguf"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("bad magic") && e.to_string().contains("bad-magic.gguf"), "{e}");
 
     // truncated: the real file cut in half (tensor data missing)
     let real = std::fs::read(smollm_gguf()).unwrap();
@@ -526,10 +463,7 @@ fn bad_input_gives_typed_errors() {
     let e = gguf::import_gguf(&half, &out).unwrap_err();
     println!("cut in half: {e}");
     assert!(matches!(e, GgufError::Truncated { .. }), "{e:?}");
-    assert!(
-        e.to_string().contains("truncated") && e.to_string().contains("extends past the end"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("truncated") && e.to_string().contains("extends past the end"), "{e}");
 
     // truncated inside the header (in the vocabulary)
     let short = dir.path().join("short.gguf");
@@ -541,76 +475,44 @@ fn bad_input_gives_typed_errors() {
 
     // not llama
     let gpt2 = dir.path().join("gpt2.gguf");
-    MiniGguf::new()
-        .str("general.architecture", "gpt2")
-        .write(&gpt2);
+    MiniGguf::new().str("general.architecture", "gpt2").write(&gpt2);
     let e = gguf::import_gguf(&gpt2, &out).unwrap_err();
     println!("architecture: {e}");
-    assert!(
-        matches!(&e, GgufError::UnsupportedArchitecture { found, .. } if found == "gpt2"),
-        "{e:?}"
-    );
-    assert!(
-        e.to_string().contains("'gpt2'") && e.to_string().contains("llama"),
-        "{e}"
-    );
+    assert!(matches!(&e, GgufError::UnsupportedArchitecture { found, .. } if found == "gpt2"), "{e:?}");
+    assert!(e.to_string().contains("'gpt2'") && e.to_string().contains("llama"), "{e}");
 
     // no architecture at all
     let none = dir.path().join("none.gguf");
     MiniGguf::new().u32("general.alignment", 32).write(&none);
     let e = gguf::import_gguf(&none, &out).unwrap_err();
     println!("no architecture: {e}");
-    assert!(
-        matches!(&e, GgufError::MissingKey { key, .. } if key == "general.architecture"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::MissingKey { key, .. } if key == "general.architecture"), "{e:?}");
 
     // a missing hyper-parameter
     let no_layers = dir.path().join("no-layers.gguf");
-    MiniGguf::new()
-        .str("general.architecture", "llama")
-        .write(&no_layers);
+    MiniGguf::new().str("general.architecture", "llama").write(&no_layers);
     let e = gguf::import_gguf(&no_layers, &out).unwrap_err();
     println!("missing key: {e}");
-    assert!(
-        matches!(&e, GgufError::MissingKey { key, .. } if key == "llama.block_count"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::MissingKey { key, .. } if key == "llama.block_count"), "{e:?}");
     assert!(e.to_string().contains("llama.block_count"), "{e}");
 
     // an unsupported tensor type (IQ2_XXS = 16, 66 bytes per 256 values)
     let iq = dir.path().join("iq2.gguf");
-    llama_header()
-        .tensor("token_embd.weight", &[256, 8], 16, 8 * 66)
-        .write(&iq);
+    llama_header().tensor("token_embd.weight", &[256, 8], 16, 8 * 66).write(&iq);
     let e = gguf::import_gguf(&iq, &out).unwrap_err();
     println!("tensor type: {e}");
     assert!(
         matches!(&e, GgufError::UnsupportedTensorType { tensor, ty: GgmlType::IQ2_XXS, .. } if tensor == "token_embd.weight"),
         "{e:?}"
     );
-    assert!(
-        e.to_string().contains("IQ2_XXS") && e.to_string().contains("token_embd.weight"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("IQ2_XXS") && e.to_string().contains("token_embd.weight"), "{e}");
 
     // an unknown tensor type id
     let unknown = dir.path().join("unknown.gguf");
-    llama_header()
-        .tensor("token_embd.weight", &[256, 8], 200, 0)
-        .write(&unknown);
+    llama_header().tensor("token_embd.weight", &[256, 8], 200, 0).write(&unknown);
     let e = gguf::import_gguf(&unknown, &out).unwrap_err();
     println!("unknown type: {e}");
-    assert!(
-        matches!(
-            &e,
-            GgufError::UnsupportedTensorType {
-                ty: GgmlType::Unknown(200),
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(&e, GgufError::UnsupportedTensorType { ty: GgmlType::Unknown(200), .. }), "{e:?}");
     assert!(e.to_string().contains("200"), "{e}");
 
     // nothing was written for any of them

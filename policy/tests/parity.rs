@@ -41,8 +41,7 @@ fn logits_and_greedy_match_transformers() {
             "hf_reference.py",
             &["logits", tmp.path().to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()],
         );
-        let reference: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&outp).unwrap()).unwrap();
+        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&outp).unwrap()).unwrap();
 
         // One right-padded batch of all prompts against per-prompt unpadded references.
         let batch = PaddedBatch::right_padded(&prompts, 0, Device::Cpu).unwrap();
@@ -75,16 +74,16 @@ fn logits_and_greedy_match_transformers() {
 fn reward_model_scores_match_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    selfplay_tests::run_python(
-        "hf_reference.py",
-        &["make-tiny-classifier", dir.to_str().unwrap(), "llama3_rope", "5"],
-    );
+    selfplay_tests::run_python("hf_reference.py", &["make-tiny-classifier", dir.to_str().unwrap(), "llama3_rope", "5"]);
     let model = Llama::load(dir, Device::Cpu, Kind::Float).unwrap();
     let seqs = prompts();
     let inp = dir.join("in.json");
     let outp = dir.join("out.json");
     std::fs::write(&inp, serde_json::json!({"sequences": seqs}).to_string()).unwrap();
-    selfplay_tests::run_python("hf_reference.py", &["scores", dir.to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()]);
+    selfplay_tests::run_python(
+        "hf_reference.py",
+        &["scores", dir.to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()],
+    );
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&outp).unwrap()).unwrap();
     let got = scoring::sequence_scores(&model, &seqs).unwrap();
     for (i, g) in got.iter().enumerate() {

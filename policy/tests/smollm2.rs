@@ -37,7 +37,10 @@ fn chat_template_renders_like_transformers() {
     let outp = tmp.path().join("out.json");
     std::fs::write(&inp, serde_json::json!({"conversations": conversations()}).to_string()).unwrap();
     let dir = selfplay_tests::smollm2_dir();
-    selfplay_tests::run_python("hf_reference.py", &["chat", dir.to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()]);
+    selfplay_tests::run_python(
+        "hf_reference.py",
+        &["chat", dir.to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()],
+    );
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&outp).unwrap()).unwrap();
     let mut k = 0;
     for c in conversations() {
@@ -78,7 +81,10 @@ fn template_engine_matches_transformers_features() {
     let inp = dir.join("in.json");
     let outp = dir.join("out.json");
     std::fs::write(&inp, serde_json::json!({"conversations": conversations()}).to_string()).unwrap();
-    selfplay_tests::run_python("hf_reference.py", &["chat", dir.to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()]);
+    selfplay_tests::run_python(
+        "hf_reference.py",
+        &["chat", dir.to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()],
+    );
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&outp).unwrap()).unwrap();
     let mut k = 0;
     for c in conversations() {
@@ -106,9 +112,13 @@ fn batched_greedy_equals_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let inp = tmp.path().join("in.json");
     let outp = tmp.path().join("out.json");
-    std::fs::write(&inp, serde_json::json!({"prompts": prompts, "max_new_tokens": 24, "eos": p.eos_ids}).to_string()).unwrap();
+    std::fs::write(&inp, serde_json::json!({"prompts": prompts, "max_new_tokens": 24, "eos": p.eos_ids}).to_string())
+        .unwrap();
     let dir = selfplay_tests::smollm2_dir();
-    selfplay_tests::run_python("hf_reference.py", &["greedy", dir.to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()]);
+    selfplay_tests::run_python(
+        "hf_reference.py",
+        &["greedy", dir.to_str().unwrap(), inp.to_str().unwrap(), outp.to_str().unwrap()],
+    );
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&outp).unwrap()).unwrap();
     for (i, c) in got.iter().enumerate() {
         let w: Vec<i64> = serde_json::from_value(want["greedy"][i].clone()).unwrap();

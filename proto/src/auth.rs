@@ -79,25 +79,14 @@ impl BearerToken {
     fn parse(raw: &str, origin: &str) -> Result<Self, AuthError> {
         let secret = raw.trim();
         if secret.is_empty() {
-            return Err(AuthError::Empty {
-                origin: origin.to_string(),
-            });
+            return Err(AuthError::Empty { origin: origin.to_string() });
         }
         if !secret.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(AuthError::Invalid {
-                origin: origin.to_string(),
-            });
+            return Err(AuthError::Invalid { origin: origin.to_string() });
         }
-        let header = MetadataValue::try_from(format!("Bearer {secret}")).map_err(|_| {
-            AuthError::Invalid {
-                origin: origin.to_string(),
-            }
-        })?;
-        Ok(Self {
-            digest: Sha256::digest(secret.as_bytes()).into(),
-            secret: secret.into(),
-            header,
-        })
+        let header = MetadataValue::try_from(format!("Bearer {secret}"))
+            .map_err(|_| AuthError::Invalid { origin: origin.to_string() })?;
+        Ok(Self { digest: Sha256::digest(secret.as_bytes()).into(), secret: secret.into(), header })
     }
 
     /// The token in [`TOKEN_ENV`], `None` when the variable is unset.
@@ -105,19 +94,15 @@ impl BearerToken {
         match std::env::var(TOKEN_ENV) {
             Ok(value) => Self::parse(&value, TOKEN_ENV).map(Some),
             Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => Err(AuthError::Invalid {
-                origin: TOKEN_ENV.to_string(),
-            }),
+            Err(std::env::VarError::NotUnicode(_)) => Err(AuthError::Invalid { origin: TOKEN_ENV.to_string() }),
         }
     }
 
     /// The token stored in a file (a trailing newline is fine).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, AuthError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -202,9 +187,7 @@ impl ServerAuth {
             return Err("missing authorization header");
         };
         let bytes = value.as_bytes();
-        if bytes.len() < SCHEME.len()
-            || !bytes[..SCHEME.len()].eq_ignore_ascii_case(SCHEME.as_bytes())
-        {
+        if bytes.len() < SCHEME.len() || !bytes[..SCHEME.len()].eq_ignore_ascii_case(SCHEME.as_bytes()) {
             return Err("authorization is not a bearer token");
         }
         if self.token.matches(&bytes[SCHEME.len()..]) {
@@ -220,16 +203,10 @@ impl Interceptor for ServerAuth {
         match self.check(&request) {
             Ok(()) => Ok(request),
             Err(why) => {
-                let peer = request
-                    .remote_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| "unknown".to_string());
+                let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".to_string());
                 tracing::warn!(role = self.role, %peer, reason = why, "rejected an unauthenticated RPC");
-                metrics::counter!(REJECTED_METRIC, "role" => self.role, "reason" => "unauthenticated")
-                    .increment(1);
-                Err(Status::unauthenticated(
-                    "a valid bearer token is required (authorization: Bearer <token>)",
-                ))
+                metrics::counter!(REJECTED_METRIC, "role" => self.role, "reason" => "unauthenticated").increment(1);
+                Err(Status::unauthenticated("a valid bearer token is required (authorization: Bearer <token>)"))
             }
         }
     }
@@ -243,17 +220,13 @@ pub struct ClientAuth {
 
 impl ClientAuth {
     pub fn new(token: &BearerToken) -> Self {
-        Self {
-            header: token.header_value(),
-        }
+        Self { header: token.header_value() }
     }
 }
 
 impl Interceptor for ClientAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert(AUTHORIZATION, self.header.clone());
+        request.metadata_mut().insert(AUTHORIZATION, self.header.clone());
         Ok(request)
     }
 }
@@ -265,8 +238,7 @@ mod tests {
     fn request_with(header: Option<&str>) -> Request<()> {
         let mut r = Request::new(());
         if let Some(h) = header {
-            r.metadata_mut()
-                .insert(AUTHORIZATION, MetadataValue::try_from(h).unwrap());
+            r.metadata_mut().insert(AUTHORIZATION, MetadataValue::try_from(h).unwrap());
         }
         r
     }
@@ -304,47 +276,18 @@ mod tests {
     }
 
     impl metrics::Recorder for Capture {
-        fn describe_counter(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn describe_gauge(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn describe_histogram(
-            &self,
-            _: metrics::KeyName,
-            _: Option<metrics::Unit>,
-            _: metrics::SharedString,
-        ) {
-        }
-        fn register_counter(
-            &self,
-            key: &metrics::Key,
-            _: &metrics::Metadata<'_>,
-        ) -> metrics::Counter {
-            let labels: Vec<String> = key
-                .labels()
-                .map(|l| format!("{}={}", l.key(), l.value()))
-                .collect();
+        fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+            let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
             let name = format!("{}{{{}}}", key.name(), labels.join(","));
             metrics::Counter::from_arc(Arc::new(CaptureCounter(name, self.clone())))
         }
         fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
             metrics::Gauge::noop()
         }
-        fn register_histogram(
-            &self,
-            _: &metrics::Key,
-            _: &metrics::Metadata<'_>,
-        ) -> metrics::Histogram {
+        fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
             metrics::Histogram::noop()
         }
     }
@@ -386,19 +329,10 @@ mod tests {
         std::fs::write(&path, "abc123\n").unwrap();
         assert_eq!(BearerToken::from_file(&path).unwrap().secret(), "abc123");
         std::fs::write(&path, "\n").unwrap();
-        assert!(matches!(
-            BearerToken::from_file(&path),
-            Err(AuthError::Empty { .. })
-        ));
+        assert!(matches!(BearerToken::from_file(&path), Err(AuthError::Empty { .. })));
         std::fs::write(&path, "has space").unwrap();
-        assert!(matches!(
-            BearerToken::from_file(&path),
-            Err(AuthError::Invalid { .. })
-        ));
-        assert!(matches!(
-            BearerToken::from_file(dir.path().join("absent")),
-            Err(AuthError::Read { .. })
-        ));
+        assert!(matches!(BearerToken::from_file(&path), Err(AuthError::Invalid { .. })));
+        assert!(matches!(BearerToken::from_file(dir.path().join("absent")), Err(AuthError::Read { .. })));
         assert!(format!("{:?}", BearerToken::new("abc").unwrap()).contains("redacted"));
     }
 }

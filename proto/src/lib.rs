@@ -10,8 +10,7 @@ pub mod v1 {
     tonic::include_proto!("selfplay.v1");
 
     /// Encoded file descriptors, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("selfplay_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("selfplay_descriptor");
 }
 
 /// Upper bound on one gRPC message, both directions. Weights and rollouts are streamed in

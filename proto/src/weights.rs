@@ -35,11 +35,7 @@ pub enum WeightError {
     #[error("the payload ended after {received} of {total_bytes} bytes")]
     Truncated { received: u64, total_bytes: u64 },
     #[error("tensor {tensor:?}: sha256 mismatch (manifest {expected}, payload {actual})")]
-    TensorChecksum {
-        tensor: String,
-        expected: String,
-        actual: String,
-    },
+    TensorChecksum { tensor: String, expected: String, actual: String },
     #[error("payload sha256 mismatch (manifest {expected}, payload {actual})")]
     PayloadChecksum { expected: String, actual: String },
 }
@@ -87,48 +83,30 @@ pub fn validate_manifest(m: &WeightManifest) -> Result<(), WeightError> {
         return Err(WeightError::VersionZero);
     }
     if !is_sha256_hex(&m.sha256) {
-        return Err(WeightError::Manifest {
-            field: "sha256",
-            reason: format!("{:?} is not 64 hex digits", m.sha256),
-        });
+        return Err(WeightError::Manifest { field: "sha256", reason: format!("{:?} is not 64 hex digits", m.sha256) });
     }
     let mut names = HashSet::new();
     for t in &m.tensors {
-        let bad = |reason: String| WeightError::Tensor {
-            tensor: t.name.clone(),
-            reason,
-        };
+        let bad = |reason: String| WeightError::Tensor { tensor: t.name.clone(), reason };
         if t.name.is_empty() {
             return Err(bad("empty name".into()));
         }
         if !names.insert(t.name.as_str()) {
             return Err(bad("listed twice".into()));
         }
-        let size =
-            dtype_size(&t.dtype).ok_or_else(|| bad(format!("unknown dtype {:?}", t.dtype)))?;
+        let size = dtype_size(&t.dtype).ok_or_else(|| bad(format!("unknown dtype {:?}", t.dtype)))?;
         let mut numel: u64 = 1;
         for &d in &t.shape {
-            let d = u64::try_from(d)
-                .map_err(|_| bad(format!("negative dimension in {:?}", t.shape)))?;
-            numel = numel
-                .checked_mul(d)
-                .ok_or_else(|| bad("shape overflows".into()))?;
+            let d = u64::try_from(d).map_err(|_| bad(format!("negative dimension in {:?}", t.shape)))?;
+            numel = numel.checked_mul(d).ok_or_else(|| bad("shape overflows".into()))?;
         }
-        let expect = numel
-            .checked_mul(size)
-            .ok_or_else(|| bad("shape overflows".into()))?;
+        let expect = numel.checked_mul(size).ok_or_else(|| bad("shape overflows".into()))?;
         if expect != t.nbytes {
-            return Err(bad(format!(
-                "nbytes {} but shape {:?} of {} needs {expect}",
-                t.nbytes, t.shape, t.dtype
-            )));
+            return Err(bad(format!("nbytes {} but shape {:?} of {} needs {expect}", t.nbytes, t.shape, t.dtype)));
         }
         let end = t.offset.checked_add(t.nbytes);
         if end.is_none_or(|e| e > m.total_bytes) {
-            return Err(bad(format!(
-                "bytes {}..+{} fall outside total_bytes {}",
-                t.offset, t.nbytes, m.total_bytes
-            )));
+            return Err(bad(format!("bytes {}..+{} fall outside total_bytes {}", t.offset, t.nbytes, m.total_bytes)));
         }
         if !is_sha256_hex(&t.sha256) {
             return Err(bad(format!("sha256 {:?} is not 64 hex digits", t.sha256)));
@@ -169,14 +147,7 @@ impl PayloadVerifier {
         let mut tensors: Vec<_> = manifest
             .tensors
             .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    t.offset,
-                    t.nbytes,
-                    t.sha256.to_ascii_lowercase(),
-                )
-            })
+            .map(|t| (t.name.clone(), t.offset, t.nbytes, t.sha256.to_ascii_lowercase()))
             .collect();
         tensors.sort_by_key(|t| (t.1, t.2));
         let mut v = Self {
@@ -212,11 +183,7 @@ impl PayloadVerifier {
             }
             let actual = hex(&self.current.take().unwrap_or_default().finalize());
             if &actual != expected {
-                return Err(WeightError::TensorChecksum {
-                    tensor: name.clone(),
-                    expected: expected.clone(),
-                    actual,
-                });
+                return Err(WeightError::TensorChecksum { tensor: name.clone(), expected: expected.clone(), actual });
             }
             self.next += 1;
         }
@@ -228,9 +195,7 @@ impl PayloadVerifier {
     /// verified stream runs at the speed of one sha256 pass instead of two.
     pub fn update(&mut self, bytes: &[u8]) -> Result<(), WeightError> {
         if self.received + bytes.len() as u64 > self.total_bytes {
-            return Err(WeightError::TooLong {
-                total_bytes: self.total_bytes,
-            });
+            return Err(WeightError::TooLong { total_bytes: self.total_bytes });
         }
         if bytes.len() < PARALLEL_HASH_BYTES {
             self.whole.update(bytes);
@@ -282,17 +247,11 @@ impl PayloadVerifier {
     /// Checks that the whole payload arrived and that its sha256 matches.
     pub fn finish(self) -> Result<(), WeightError> {
         if self.received != self.total_bytes {
-            return Err(WeightError::Truncated {
-                received: self.received,
-                total_bytes: self.total_bytes,
-            });
+            return Err(WeightError::Truncated { received: self.received, total_bytes: self.total_bytes });
         }
         let actual = hex(&self.whole.finalize());
         if actual != self.expected_sha256 {
-            return Err(WeightError::PayloadChecksum {
-                expected: self.expected_sha256,
-                actual,
-            });
+            return Err(WeightError::PayloadChecksum { expected: self.expected_sha256, actual });
         }
         Ok(())
     }
@@ -313,10 +272,7 @@ impl ManifestBuilder {
     /// A builder whose payload buffer holds `bytes` without growing (growing a buffer of
     /// hundreds of megabytes copies it and touches twice the memory).
     pub fn with_capacity(bytes: usize) -> Self {
-        Self {
-            tensors: Vec::new(),
-            payload: Vec::with_capacity(bytes),
-        }
+        Self { tensors: Vec::new(), payload: Vec::with_capacity(bytes) }
     }
 
     /// Appends one tensor's bytes (already in the wire dtype, little-endian). Its sha256 is
@@ -336,10 +292,7 @@ impl ManifestBuilder {
     /// The manifest (checked with [`validate_manifest`]) and the concatenated payload. The
     /// per-tensor digests and the whole-payload digest are computed on two threads.
     pub fn finish(self, version: u64, step: u64) -> Result<(WeightManifest, Vec<u8>), WeightError> {
-        let Self {
-            mut tensors,
-            payload,
-        } = self;
+        let Self { mut tensors, payload } = self;
         let hash_tensors = |tensors: &mut Vec<TensorInfo>| {
             for t in tensors.iter_mut() {
                 t.sha256 = sha256_hex(&payload[t.offset as usize..(t.offset + t.nbytes) as usize]);
@@ -358,13 +311,7 @@ impl ManifestBuilder {
                 }
             })
         };
-        let manifest = WeightManifest {
-            version,
-            tensors,
-            total_bytes: payload.len() as u64,
-            sha256: whole,
-            step,
-        };
+        let manifest = WeightManifest { version, tensors, total_bytes: payload.len() as u64, sha256: whole, step };
         validate_manifest(&manifest)?;
         Ok((manifest, payload))
     }
@@ -377,17 +324,11 @@ pub fn into_chunks(
     payload: impl AsRef<[u8]> + Send + 'static,
 ) -> impl Iterator<Item = WeightChunk> + Send + 'static {
     let total = payload.as_ref().len();
-    let first = std::iter::once(WeightChunk {
-        part: Some(weight_chunk::Part::Manifest(manifest)),
-    });
+    let first = std::iter::once(WeightChunk { part: Some(weight_chunk::Part::Manifest(manifest)) });
     let data = (0..total.div_ceil(WEIGHT_CHUNK_BYTES)).map(move |i| {
         let bytes = payload.as_ref();
         let end = ((i + 1) * WEIGHT_CHUNK_BYTES).min(total);
-        WeightChunk {
-            part: Some(weight_chunk::Part::Data(
-                bytes[i * WEIGHT_CHUNK_BYTES..end].to_vec(),
-            )),
-        }
+        WeightChunk { part: Some(weight_chunk::Part::Data(bytes[i * WEIGHT_CHUNK_BYTES..end].to_vec())) }
     });
     first.chain(data)
 }
@@ -410,10 +351,7 @@ impl WeightAssembler {
     /// fresh memory, which for hundreds of megabytes costs more than the copy itself.
     pub fn with_buffer(mut buffer: Vec<u8>) -> Self {
         buffer.clear();
-        Self {
-            payload: buffer,
-            ..Self::default()
-        }
+        Self { payload: buffer, ..Self::default() }
     }
 
     /// The manifest once the first chunk arrived.
@@ -485,10 +423,7 @@ mod tests {
         p[30] ^= 1; // inside "b"
         let mut v = PayloadVerifier::new(&m).unwrap();
         let err = v.update(&p).unwrap_err();
-        assert!(
-            matches!(&err, WeightError::TensorChecksum { tensor, .. } if tensor == "b"),
-            "{err}"
-        );
+        assert!(matches!(&err, WeightError::TensorChecksum { tensor, .. } if tensor == "b"), "{err}");
     }
 
     #[test]
@@ -496,21 +431,13 @@ mod tests {
         let (m, _) = sample();
         let mut bad = m.clone();
         bad.tensors[0].nbytes = 20;
-        assert!(
-            matches!(validate_manifest(&bad), Err(WeightError::Tensor { tensor, .. }) if tensor == "a")
-        );
+        assert!(matches!(validate_manifest(&bad), Err(WeightError::Tensor { tensor, .. }) if tensor == "a"));
         let mut bad = m.clone();
         bad.tensors[2].offset = 20;
-        assert!(matches!(
-            validate_manifest(&bad),
-            Err(WeightError::Tensor { .. })
-        ));
+        assert!(matches!(validate_manifest(&bad), Err(WeightError::Tensor { .. })));
         let mut bad = m.clone();
         bad.tensors[2].dtype = "q4".into();
-        assert!(validate_manifest(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("unknown dtype"));
+        assert!(validate_manifest(&bad).unwrap_err().to_string().contains("unknown dtype"));
         let mut bad = m.clone();
         bad.version = 0;
         assert_eq!(validate_manifest(&bad), Err(WeightError::VersionZero));
@@ -528,10 +455,39 @@ mod tests {
         let mut v = PayloadVerifier::new(&m).unwrap();
         let mut longer = p.clone();
         longer.push(0);
-        assert!(matches!(
-            v.update(&longer),
-            Err(WeightError::TooLong { .. })
-        ));
+        assert!(matches!(v.update(&longer), Err(WeightError::TooLong { .. })));
+    }
+
+    #[test]
+    fn large_pieces_are_verified_on_two_threads() {
+        // Above PARALLEL_HASH_BYTES both the builder and the verifier hash on two threads.
+        let big: Vec<u8> = (0..PARALLEL_HASH_BYTES + 12_345).map(|i| (i * 7 % 251) as u8).collect();
+        let mut b = ManifestBuilder::with_capacity(2 * big.len() + 8);
+        b.push("x", &[big.len() as i64], "u8", &big);
+        b.push("small", &[2], "f32", &[3u8; 8]);
+        b.push("y", &[big.len() as i64], "u8", &big);
+        let (m, p) = b.finish(1, 1).unwrap();
+        assert_eq!(m.sha256, sha256_hex(&p));
+        assert_eq!(m.tensors[2].sha256, sha256_hex(&big));
+        let mut v = PayloadVerifier::new(&m).unwrap();
+        v.update(&p).unwrap();
+        v.finish().unwrap();
+        let mut bad = p.clone();
+        bad[p.len() - 1] ^= 1; // inside "y"
+        let err = PayloadVerifier::new(&m).unwrap().update(&bad).unwrap_err();
+        assert!(matches!(&err, WeightError::TensorChecksum { tensor, .. } if tensor == "y"), "{err}");
+        let mut wrong = m.clone();
+        wrong.sha256 = "0".repeat(64);
+        let mut v = PayloadVerifier::new(&wrong).unwrap();
+        v.update(&p).unwrap();
+        assert!(matches!(v.finish(), Err(WeightError::PayloadChecksum { .. })));
+        // Reassembling into a reused buffer gives the same payload.
+        let mut a = WeightAssembler::with_buffer(vec![9u8; 100]);
+        for c in into_chunks(m.clone(), p.clone()) {
+            a.push(c).unwrap();
+        }
+        let (_, again) = a.finish().unwrap();
+        assert_eq!(again, p);
     }
 
     #[test]
@@ -556,9 +512,6 @@ mod tests {
         let mut other = data.clone();
         other[0] = 9;
         v.update(&other).unwrap();
-        assert!(matches!(
-            v.finish(),
-            Err(WeightError::PayloadChecksum { .. })
-        ));
+        assert!(matches!(v.finish(), Err(WeightError::PayloadChecksum { .. })));
     }
 }

@@ -18,16 +18,8 @@ pub fn script(name: &str) -> PathBuf {
 
 /// Runs a script of tests/python and panics with its stderr when it fails.
 pub fn run_python(script_name: &str, args: &[&str]) {
-    let out = Command::new(python())
-        .arg(script(script_name))
-        .args(args)
-        .output()
-        .expect("cannot start python");
-    assert!(
-        out.status.success(),
-        "python {script_name} {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(python()).arg(script(script_name)).args(args).output().expect("cannot start python");
+    assert!(out.status.success(), "python {script_name} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Writes a tiny random Llama (transformers' own init, widened) and a word-level tokenizer
