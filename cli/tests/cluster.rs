@@ -308,12 +308,23 @@ fn killed_actor_unit_is_reissued_and_late_joiner_fetches_weights() {
     let mut a = c.actor("actor-a");
     let mut b = c.actor("actor-b");
     c.wait_steps(1, &mut [&mut learner]);
-    // kill -9 one actor while it holds a unit.
+    // kill -9 one actor while it holds a unit. Units of the tiny model take milliseconds, so
+    // freeze the actor first and make sure it still holds its unit before killing it.
     let addr = c.coordinator_addr.clone().unwrap();
+    let pid = a.child.id().to_string();
+    let holds = |addr: &str| status(addr).actors.iter().any(|x| x.actor_id == "actor-a" && !x.units.is_empty());
     let t0 = Instant::now();
-    while !status(&addr).actors.iter().any(|x| x.actor_id == "actor-a" && !x.units.is_empty()) {
+    loop {
         assert!(t0.elapsed() < Duration::from_secs(60), "actor-a never held a unit");
-        std::thread::sleep(Duration::from_millis(5));
+        if !holds(&addr) {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        if holds(&addr) {
+            break;
+        }
+        Command::new("kill").args(["-CONT", &pid]).status().unwrap();
     }
     a.child.kill().unwrap();
     let _ = a.child.wait();
