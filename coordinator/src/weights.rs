@@ -374,18 +374,12 @@ impl Upload {
 
     /// Verifies and writes the next payload bytes (blocking I/O).
     pub fn write(&mut self, data: &[u8]) -> Result<(), WeightStoreError> {
-        self.verifier
-            .as_mut()
-            .expect("upload already finished")
-            .update(data)?;
+        self.verifier.as_mut().expect("upload already finished").update(data)?;
         self.file
             .as_mut()
             .expect("upload already finished")
             .write_all(data)
-            .map_err(WeightStoreError::io(format!(
-                "write {}",
-                self.tmp.display()
-            )))
+            .map_err(WeightStoreError::io(format!("write {}", self.tmp.display())))
     }
 
     /// Checks that the payload is complete and matches, makes it durable and stores the

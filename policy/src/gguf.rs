@@ -1033,14 +1033,16 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         let end = start.and_then(|s| s.checked_add(size));
         match end {
             Some(e) if e <= file_len => {}
-            _ => return Err(GgufError::Truncated {
-                path: path.to_path_buf(),
-                what: format!(
+            _ => {
+                return Err(GgufError::Truncated {
+                    path: path.to_path_buf(),
+                    what: format!(
                     "tensor '{}' data ({size} bytes at offset {}) extends past the end of the file ({file_len} bytes)",
                     t.name,
                     start.map(|s| s.to_string()).unwrap_or_else(|| "overflow".into()),
                 ),
-            }),
+                })
+            }
         }
     }
     Ok((version, metadata, tensors, alignment, data_offset))
