@@ -119,27 +119,14 @@ async fn connect(
 }
 
 /// Retries a call while the peer is unavailable (restarting), with backoff.
-async fn retry<T, F, Fut>(what: &'static str, patience: Duration, mut f: F) -> Result<T, ActorError>
+async fn retry<T, F, Fut>(what: &'static str, patience: Duration, f: F) -> Result<T, ActorError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let t0 = Instant::now();
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(s)
-                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
-                    && t0.elapsed() < patience =>
-            {
-                tracing::debug!(what, error = %s.message(), "peer unavailable, retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            Err(s) => return Err(ActorError::Rpc { what, message: format!("{:?}: {}", s.code(), s.message()) }),
-        }
-    }
+    selfplay_proto::client::retry_unavailable(what, patience, f)
+        .await
+        .map_err(|s| ActorError::Rpc { what, message: format!("{:?}: {}", s.code(), s.message()) })
 }
 
 /// Decodes a verified weights payload into named tensors.

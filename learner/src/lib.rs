@@ -165,28 +165,13 @@ pub async fn connect_coordinator(
     }
 }
 
-/// Calls `f` until it succeeds, reconnecting-by-retry while the coordinator restarts.
-async fn retry<T, F, Fut>(what: &str, mut f: F) -> Result<T, tonic::Status>
+/// Calls `f` until it succeeds, retrying while the coordinator restarts (up to 5 minutes).
+async fn retry<T, F, Fut>(what: &str, f: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let mut wait = Duration::from_millis(100);
-    let t0 = Instant::now();
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(s)
-                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
-                    && t0.elapsed() < Duration::from_secs(300) =>
-            {
-                tracing::warn!(%what, error = %s.message(), "coordinator unavailable, retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(3));
-            }
-            Err(s) => return Err(s),
-        }
-    }
+    selfplay_proto::client::retry_unavailable(what, Duration::from_secs(300), f).await
 }
 
 /// What a finished learner reports.

@@ -59,3 +59,33 @@ pub fn endpoint(address: &str, tls_ca: Option<&std::path::Path>) -> Result<tonic
         None => Ok(ep),
     }
 }
+
+/// Calls `f` again, with exponential backoff (100 ms doubling to 3 s), while the peer is
+/// unavailable (restarting, not yet up) and `patience` has not run out; any other status, or
+/// the last one after `patience`, is returned.
+pub async fn retry_unavailable<T, F, Fut>(
+    what: &str,
+    patience: std::time::Duration,
+    mut f: F,
+) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let t0 = std::time::Instant::now();
+    let mut wait = std::time::Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(s)
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+                    && t0.elapsed() < patience =>
+            {
+                tracing::debug!(%what, error = %s.message(), "peer unavailable, retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(3));
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
