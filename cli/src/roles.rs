@@ -472,14 +472,14 @@ pub fn reward_server(args: RewardServerArgs) -> Result<()> {
                 svc,
                 selfplay_proto::auth::ServerAuth::new(token, "reward"),
             ))
-            .serve_with_incoming_shutdown(tokio_stream_listener(listener), shutdown_signal())
+            .serve_with_incoming_shutdown(nodelay_incoming(listener), shutdown_signal())
             .await?;
         Ok(())
     })
 }
 
-fn tokio_stream_listener(l: tokio::net::TcpListener) -> tokio_stream::wrappers::TcpListenerStream {
-    tokio_stream::wrappers::TcpListenerStream::new(l)
+fn nodelay_incoming(l: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))
 }
 
 #[derive(clap::Args, Debug)]

@@ -387,12 +387,15 @@ pub async fn run(
                 .max_encoding_message_size(selfplay_proto::MAX_MESSAGE_BYTES),
             ServerAuth::new(opts.token.clone(), "learner"),
         ))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }
-        });
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            {
+                let mut rx = stop_rx.clone();
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                }
+            },
+        );
     let server = tokio::spawn(server);
 
     let client =
