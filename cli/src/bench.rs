@@ -125,6 +125,7 @@ fn bench_score(a: BenchGenerateArgs) -> Result<()> {
         .collect();
     policy.model.set_requires_grad(true);
     let tokens: usize = pairs.iter().map(|(p, c)| p.len() + c.len()).sum();
+    let prompt_tokens: usize = pairs.iter().map(|(p, _)| p.len()).sum();
     let mut secs = vec![];
     for i in 0..a.warmup + a.repeats {
         let t0 = Instant::now();
@@ -145,6 +146,6 @@ fn bench_score(a: BenchGenerateArgs) -> Result<()> {
             secs.push(t0.elapsed().as_secs_f64());
         }
     }
-    report("score_fwd_bwd", &a, tokens, &secs, serde_json::json!({}));
+    report("score_fwd_bwd", &a, tokens, &secs, serde_json::json!({"prompt_tokens": prompt_tokens}));
     Ok(())
 }
