@@ -101,21 +101,9 @@ async fn connect(
     tls_ca: Option<&std::path::Path>,
     patience: Duration,
 ) -> Result<tonic::transport::Channel, ActorError> {
-    let t0 = Instant::now();
-    let mut wait = Duration::from_millis(50);
-    loop {
-        let ep = selfplay_proto::client::endpoint(address, tls_ca)
-            .map_err(|message| ActorError::Rpc { what: "address", message })?;
-        match ep.connect().await {
-            Ok(ch) => return Ok(ch),
-            Err(e) if t0.elapsed() < patience => {
-                tracing::debug!(%address, error = %e, "not reachable yet");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(ActorError::Rpc { what: "connect", message: format!("{address}: {e}") }),
-        }
-    }
+    selfplay_proto::client::connect_with_backoff(address, tls_ca, patience)
+        .await
+        .map_err(|message| ActorError::Rpc { what: "connect", message })
 }
 
 /// Retries a call while the peer is unavailable (restarting), with backoff.

@@ -384,27 +384,17 @@ pub fn actor(args: ActorArgs) -> Result<()> {
     write_ready(&args.serve.ready_file, serde_json::json!({"metrics": tele.addr.to_string()}))?;
     let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
     let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
-    let player = if cfg.reward.kind == selfplay_game::config::RewardKind::Remote {
-        let address = args.reward.clone().unwrap_or_else(|| cfg.reward.address.clone());
-        let ep = selfplay_proto::client::endpoint(&address, args.tls_ca.as_deref()).map_err(anyhow::Error::msg)?;
-        let channel = rt.block_on(ep.connect()).with_context(|| format!("reward server {address}"))?;
-        let client = selfplay_proto::client::reward_client(channel, &token);
-        let reference = policy.frozen_copy()?;
-        let judge = if cfg.game.mode.uses_self_reward() {
-            Some(selfplay_game::judge::Judge::new(
-                &reference,
-                selfplay_game::prompts::DEFAULT_JUDGE_PROMPT.to_string(),
-                cfg.self_reward.mode,
-                cfg.self_reward.max_new_tokens,
-            )?)
+    let remote: Option<Box<dyn selfplay_game::reward::RewardSource>> =
+        if cfg.reward.kind == selfplay_game::config::RewardKind::Remote {
+            let address = args.reward.clone().unwrap_or_else(|| cfg.reward.address.clone());
+            let ep = selfplay_proto::client::endpoint(&address, args.tls_ca.as_deref()).map_err(anyhow::Error::msg)?;
+            let channel = rt.block_on(ep.connect()).with_context(|| format!("reward server {address}"))?;
+            let client = selfplay_proto::client::reward_client(channel, &token);
+            Some(Box::new(selfplay_actor::reward_service::RemoteReward::new(client, rt.handle().clone())))
         } else {
             None
         };
-        let remote = selfplay_actor::reward_service::RemoteReward::new(client, rt.handle().clone());
-        Player::with_reward(policy, reference, Box::new(remote), judge, cfg.clone())?
-    } else {
-        Player::new(policy, None, cfg.clone())?
-    };
+    let player = Player::new_with_remote(policy, None, cfg.clone(), remote)?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();

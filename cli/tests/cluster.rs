@@ -167,6 +167,10 @@ impl Cluster {
     }
 
     fn actor(&self, id: &str) -> Proc {
+        self.actor_with(id, &[])
+    }
+
+    fn actor_with(&self, id: &str, extra: &[String]) -> Proc {
         let mut args: Vec<String> = vec![
             "actor".into(),
             "--config".into(),
@@ -181,6 +185,7 @@ impl Cluster {
             "127.0.0.1:0".into(),
         ];
         args.extend(self.tls_client_args());
+        args.extend(extra.iter().cloned());
         self.spawn(id, &args)
     }
 
@@ -545,5 +550,42 @@ fn bad_input_gets_clear_errors_and_the_run_is_unaffected() {
     let a = c.actor("actor-a");
     c.wait_exit(&mut learner);
     c.check_steps(5);
+    drop(a);
+}
+
+#[test]
+fn actors_score_through_a_remote_reward_server() {
+    let (_tmp, mut c) = Cluster::new(&[]);
+    let ready = c.dir.join("reward.ready");
+    let _rm = c.spawn(
+        "reward-server",
+        &[
+            "reward-server".into(),
+            "--model".into(),
+            c.dir.join("rm").to_str().unwrap().into(),
+            "--device".into(),
+            "cpu".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--ready-file".into(),
+            ready.to_str().unwrap().into(),
+        ],
+    );
+    let reward_addr = format!("http://{}", wait_ready(&ready, "reward server")["grpc"].as_str().unwrap());
+    let _coord = c.coordinator("127.0.0.1:0");
+    let mut learner = c.learner(&[]);
+    let a = c.actor_with(
+        "actor-a",
+        &["--set".into(), "reward.kind=remote".into(), "--set".into(), format!("reward.address={reward_addr:?}")],
+    );
+    c.wait_exit(&mut learner);
+    c.check_steps(5);
+    let log = std::fs::read_to_string(c.dir.join("reward-server.log")).unwrap();
+    assert!(log.contains("reward server serving"), "{log}");
+    // Rewards came from the remote model: the step log holds non-zero reward statistics.
+    let nonzero = c.steps().iter().any(|s| s["stats"]["reward"]["std"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(nonzero, "no reward spread: the remote reward model was not used");
     drop(a);
 }

@@ -65,6 +65,17 @@ impl Player {
     /// Builds the actor's side from a loaded policy. The reference is the given model, or a
     /// frozen deep copy of the policy when starting from the initial weights.
     pub fn new(policy: Policy, reference: Option<Policy>, cfg: Config) -> Result<Self> {
+        Self::new_with_remote(policy, reference, cfg, None)
+    }
+
+    /// As [`Player::new`]; `remote` is the reward source when `reward.kind = remote` (a client
+    /// of a `Reward` service, which the actor runtime builds).
+    pub fn new_with_remote(
+        policy: Policy,
+        reference: Option<Policy>,
+        cfg: Config,
+        remote: Option<Box<dyn RewardSource>>,
+    ) -> Result<Self> {
         let reference = match reference {
             Some(r) => r,
             None => policy.frozen_copy()?,
@@ -95,11 +106,9 @@ impl Player {
                     cfg.self_reward.max_new_tokens,
                 )?)
             }
-            RewardKind::Remote => {
-                return Err(GameError::Config(
-                    "reward.kind = remote needs the actor runtime (Player::with_reward)".into(),
-                ))
-            }
+            RewardKind::Remote => remote.ok_or_else(|| {
+                GameError::Config("reward.kind = remote needs a reward client (the actor runtime builds it)".into())
+            })?,
         };
         Self::with_reward(policy, reference, reward, judge, cfg)
     }

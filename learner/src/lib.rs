@@ -148,21 +148,10 @@ pub async fn connect_coordinator(
     tls_ca: Option<&Path>,
     patience: Duration,
 ) -> Result<CoordinatorClient<AuthChannel>, LearnerError> {
-    let t0 = Instant::now();
-    let mut wait = Duration::from_millis(50);
-    loop {
-        let endpoint = selfplay_proto::client::endpoint(address, tls_ca)
-            .map_err(|message| LearnerError::Coordinator { address: address.into(), message })?;
-        match endpoint.connect().await {
-            Ok(ch) => return Ok(coordinator_client(ch, token)),
-            Err(e) if t0.elapsed() < patience => {
-                tracing::debug!(%address, error = %e, "coordinator not reachable yet");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(LearnerError::Coordinator { address: address.into(), message: e.to_string() }),
-        }
-    }
+    let ch = selfplay_proto::client::connect_with_backoff(address, tls_ca, patience)
+        .await
+        .map_err(|message| LearnerError::Coordinator { address: address.into(), message })?;
+    Ok(coordinator_client(ch, token))
 }
 
 /// Calls `f` until it succeeds, retrying while the coordinator restarts (up to 5 minutes).

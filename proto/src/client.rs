@@ -89,3 +89,26 @@ where
         }
     }
 }
+
+/// Connects to `address`, retrying with backoff (50 ms doubling to 2 s) until `patience` runs
+/// out: peers start in any order.
+pub async fn connect_with_backoff(
+    address: &str,
+    tls_ca: Option<&std::path::Path>,
+    patience: std::time::Duration,
+) -> Result<tonic::transport::Channel, String> {
+    let t0 = std::time::Instant::now();
+    let mut wait = std::time::Duration::from_millis(50);
+    let ep = endpoint(address, tls_ca)?;
+    loop {
+        match ep.connect().await {
+            Ok(ch) => return Ok(ch),
+            Err(e) if t0.elapsed() < patience => {
+                tracing::debug!(%address, error = %e, "not reachable yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(e) => return Err(format!("{address}: {e}")),
+        }
+    }
+}
