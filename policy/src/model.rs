@@ -28,6 +28,11 @@ struct Layer {
     gate_b: Option<Tensor>,
     up_b: Option<Tensor>,
     down_b: Option<Tensor>,
+    /// q, k and v stacked [q_out + 2 kv_out, H], and gate and up [2 I, H]: the per-name
+    /// parameters above are row ranges (views) of these, so every in-place update (optimizer,
+    /// weight sync, checkpoint load) reaches both. None with biases.
+    qkv: Option<Tensor>,
+    gate_up: Option<Tensor>,
 }
 
 /// Per-layer key/value tensors of shape [batch, kv_heads, capacity, head_dim].
@@ -137,6 +142,34 @@ fn linear(x: &Tensor, w: &Tensor, b: &Option<Tensor>) -> Tensor {
     x.linear(w, b.as_ref())
 }
 
+/// Decoding steps on the CPU with at most this many rows use [`linear_few_rows`].
+const FEW_ROWS: i64 = 16;
+
+/// `x W^T` for a few rows, computed as `(W x^T)^T`. With the weight as the left operand MKL
+/// streams it once instead of re-packing the whole matrix on every call, which is what a
+/// decoding step with a handful of rows spends most of its time on (BENCHMARKS.md). The result
+/// is made contiguous: attention's fast kernels want it so.
+fn linear_few_rows(x: &Tensor, w: &Tensor) -> Tensor {
+    let mut shape = x.size();
+    let last = shape.len() - 1;
+    let x2 = x.reshape([-1, shape[last]]);
+    shape[last] = w.size()[0];
+    w.matmul(&x2.tr()).tr().contiguous().view(shape.as_slice())
+}
+
+/// Stacks weights along their output rows and returns the stack with views of its row ranges.
+fn stack_rows(parts: &[&Tensor]) -> (Tensor, Vec<Tensor>) {
+    let stacked = Tensor::cat(parts, 0);
+    let mut views = Vec::new();
+    let mut at = 0;
+    for p in parts {
+        let n = p.size()[0];
+        views.push(stacked.narrow(0, at, n));
+        at += n;
+    }
+    (stacked, views)
+}
+
 impl Llama {
     /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
@@ -167,6 +200,27 @@ impl Llama {
             }
             params.push((name, t.to_device(device).to_kind(kind)));
         }
+        // Stack q/k/v and gate/up once; the named parameters become views of the stacks.
+        let mut stacks: Vec<[Option<Tensor>; 2]> = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let groups = [
+                (!cfg.attention_bias)
+                    .then(|| ["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}.weight")).to_vec()),
+                (!cfg.mlp_bias).then(|| ["gate_proj", "up_proj"].map(|n| format!("{p}.mlp.{n}.weight")).to_vec()),
+            ];
+            stacks.push(groups.map(|names| {
+                let names = names?;
+                let at: Vec<usize> =
+                    names.iter().map(|n| params.iter().position(|(k, _)| k == n).expect("checked above")).collect();
+                let parts: Vec<&Tensor> = at.iter().map(|&i| &params[i].1).collect();
+                let (stacked, views) = stack_rows(&parts);
+                for (i, v) in at.into_iter().zip(views) {
+                    params[i].1 = v;
+                }
+                Some(stacked)
+            }));
+        }
         let get = |n: &str| -> Tensor {
             params.iter().find(|(k, _)| k == n).map(|(_, t)| t.shallow_clone()).expect("checked above")
         };
@@ -191,6 +245,8 @@ impl Llama {
                     gate_b: opt(format!("{p}.mlp.gate_proj.bias"), cfg.mlp_bias),
                     up_b: opt(format!("{p}.mlp.up_proj.bias"), cfg.mlp_bias),
                     down_b: opt(format!("{p}.mlp.down_proj.bias"), cfg.mlp_bias),
+                    qkv: stacks[l as usize][0].take(),
+                    gate_up: stacks[l as usize][1].take(),
                 }
             })
             .collect();
@@ -330,11 +386,25 @@ impl Llama {
         let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
         let (cos, sin) = self.rope_tables(positions);
         let rope = |v: &Tensor| v * &cos + rotate_half(v) * &sin;
+        // Decoding a few rows on the CPU without gradients: the weight-on-the-left GEMMs over
+        // the stacked weights. Prefill and training keep plain `linear` (compute-bound there).
+        let few_rows = self.device == Device::Cpu && b * t <= FEW_ROWS && cache.is_some();
         for (l, layer) in self.layers.iter().enumerate() {
+            let fast = few_rows && !layer.q.requires_grad();
             let h = self.rms_norm(&x, &layer.input_norm);
-            let q = linear(&h, &layer.q, &layer.q_b).view([b, t, nh, hd]).transpose(1, 2);
-            let k = linear(&h, &layer.k, &layer.k_b).view([b, t, nkv, hd]).transpose(1, 2);
-            let v = linear(&h, &layer.v, &layer.v_b).view([b, t, nkv, hd]).transpose(1, 2);
+            let (q, k, v) = match (&layer.qkv, fast) {
+                (Some(qkv), true) => {
+                    let y = linear_few_rows(&h, qkv);
+                    let split =
+                        |at: i64, heads: i64| y.narrow(2, at, heads * hd).view([b, t, heads, hd]).transpose(1, 2);
+                    (split(0, nh), split(nh * hd, nkv), split((nh + nkv) * hd, nkv))
+                }
+                _ => (
+                    linear(&h, &layer.q, &layer.q_b).view([b, t, nh, hd]).transpose(1, 2),
+                    linear(&h, &layer.k, &layer.k_b).view([b, t, nkv, hd]).transpose(1, 2),
+                    linear(&h, &layer.v, &layer.v_b).view([b, t, nkv, hd]).transpose(1, 2),
+                ),
+            };
             let (q, k) = (rope(&q), rope(&k));
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => {
@@ -355,11 +425,21 @@ impl Llama {
                 nh != nkv,
             )?;
             let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
-            x = x + linear(&attn, &layer.o, &layer.o_b);
+            x = x + match (fast, &layer.o_b) {
+                (true, None) => linear_few_rows(&attn, &layer.o),
+                _ => linear(&attn, &layer.o, &layer.o_b),
+            };
             let h = self.rms_norm(&x, &layer.post_norm);
-            let gate = linear(&h, &layer.gate, &layer.gate_b).silu();
-            let up = linear(&h, &layer.up, &layer.up_b);
-            x = x + linear(&(gate * up), &layer.down, &layer.down_b);
+            let (gate, up) = match (&layer.gate_up, fast) {
+                (Some(gu), true) => {
+                    let y = linear_few_rows(&h, gu);
+                    let i = self.cfg.intermediate_size;
+                    (y.narrow(2, 0, i), y.narrow(2, i, i))
+                }
+                _ => (linear(&h, &layer.gate, &layer.gate_b), linear(&h, &layer.up, &layer.up_b)),
+            };
+            // down_proj stays `linear`: the left form measured slower for it.
+            x = x + linear(&(gate.silu() * up), &layer.down, &layer.down_b);
         }
         if let Some(c) = cache {
             c.len += t;
@@ -376,6 +456,10 @@ impl Llama {
                 return Err(PolicyError::InvalidInput("a sequence classifier has no language-model head".into()))
             }
         };
+        let rows = hidden.numel() as i64 / self.cfg.hidden_size.max(1);
+        if self.device == Device::Cpu && rows <= FEW_ROWS && !hidden.requires_grad() && !w.requires_grad() {
+            return Ok(linear_few_rows(hidden, w).to_kind(Kind::Float));
+        }
         Ok(hidden.linear(w, None::<Tensor>).to_kind(Kind::Float))
     }
 

@@ -140,3 +140,33 @@ fn stop_strings_and_eos_end_generation() {
     assert_eq!(st[0].finish_reason, selfplay_policy::FinishReason::Stop);
     assert!(!st[0].text.contains(&word), "text cut before the stop string: {:?}", st[0].text);
 }
+
+/// Decoding uses stacked q/k/v and gate/up weights whose named parameters are views; a weight
+/// update through the named parameters must reach the decoding path.
+#[test]
+fn decoding_follows_weight_updates() {
+    let (ta, tb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = tiny("gqa_tied", ta.path());
+    selfplay_tests::run_python("hf_reference.py", &["make-tiny", tb.path().to_str().unwrap(), "gqa_tied", "5"]);
+    let b = Llama::load(tb.path(), Device::Cpu, Kind::Float).unwrap();
+    let tok = tiny_tokenizer(ta.path());
+    let cfg = SamplingConfig::greedy(12);
+    let ids = |v: &[selfplay_policy::Completion]| v.iter().map(|c| c.completion_ids.clone()).collect::<Vec<_>>();
+    let before = generate::generate(&a, &tok, &prompts(), &cfg, &[]).unwrap();
+
+    let update = b.parameters().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    a.set_weights(&update).unwrap();
+    let after = generate::generate(&a, &tok, &prompts(), &cfg, &[]).unwrap();
+    assert_ne!(ids(&before), ids(&after), "the update changed nothing");
+    // Against the other model's own training-side scoring (plain linears, no cache).
+    let pairs: Vec<(Vec<i64>, Vec<i64>)> =
+        after.iter().map(|c| (c.prompt_ids.clone(), c.completion_ids.clone())).collect();
+    let scored = tch::no_grad(|| scoring::completion_logprobs(&b, &pairs, false).unwrap());
+    for (i, c) in after.iter().enumerate() {
+        for (t, lp) in c.logprobs.iter().enumerate() {
+            let s = scored.logprobs.double_value(&[i as i64, t as i64]);
+            assert!((s - *lp as f64).abs() < 1e-4, "row {i} token {t}: {lp} vs {s}");
+        }
+    }
+    assert_eq!(ids(&after), ids(&generate::generate(&b, &tok, &prompts(), &cfg, &[]).unwrap()));
+}
