@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     tonic_prost_build::configure()
+        // Weight chunks decode as slices of the receive buffer instead of fresh copies.
+        .bytes(".selfplay.v1.WeightChunk.data")
         .file_descriptor_set_path(std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("selfplay_descriptor.bin"))
         .compile_protos(&files, &[".".to_string()])?;
     Ok(())

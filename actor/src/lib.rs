@@ -192,6 +192,9 @@ pub fn run(
     };
 
     let mut summary = ActorSummary::default();
+    // The last fetched payload's memory, reused by the next fetch: faulting in hundreds of
+    // megabytes of fresh memory costs more than receiving them.
+    let mut fetch_buffer: Vec<u8> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         if rejoin.swap(false, Ordering::SeqCst) {
             tracing::info!(actor = %opts.actor_id, "the coordinator forgot this actor; joining again");
@@ -227,7 +230,7 @@ pub fn run(
                 .await?
                 .into_inner();
                 let _ = &mut c;
-                let mut asm = WeightAssembler::new();
+                let mut asm = WeightAssembler::with_buffer(std::mem::take(&mut fetch_buffer));
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk
                         .map_err(|s| ActorError::Rpc { what: "FetchWeights", message: s.message().to_string() })?;
@@ -238,6 +241,7 @@ pub fn run(
             if manifest.version < unit.min_weights_version {
                 // Not published yet: give the unit back and try again shortly.
                 let _ = complete(&rt, &conn, &opts, &unit.unit_id, false);
+                fetch_buffer = payload;
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
@@ -248,6 +252,7 @@ pub fn run(
             metrics::counter!("selfplay_actor_weight_fetch_bytes_total").increment(payload.len() as u64);
             metrics::gauge!("selfplay_actor_weights_version").set(manifest.version as f64);
             tracing::info!(actor = %opts.actor_id, version = manifest.version, bytes = payload.len(), secs = t0.elapsed().as_secs_f64(), "weights loaded");
+            fetch_buffer = payload;
         }
 
         let unit_id = unit.unit_id.clone();

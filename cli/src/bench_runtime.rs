@@ -130,14 +130,6 @@ async fn connect(address: &str, h2: H2) -> Result<tonic::transport::Channel> {
     }
 }
 
-/// `Arc<Vec<u8>>` as `AsRef<[u8]>` for the chunker.
-struct ArcBytes(Arc<Vec<u8>>);
-impl AsRef<[u8]> for ArcBytes {
-    fn as_ref(&self) -> &[u8] {
-        self.0.as_slice()
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // bench weights
 
@@ -190,7 +182,7 @@ struct Fetched {
 async fn publish(
     client: &mut CoordinatorClient<AuthChannel>,
     manifest: &WeightManifest,
-    payload: &Arc<Vec<u8>>,
+    payload: &bytes::Bytes,
     version: u64,
 ) -> Result<(f64, u64)> {
     let mut m = manifest.clone();
@@ -198,7 +190,7 @@ async fn publish(
     m.step = version;
     let sent = Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
-    let chunks = into_chunks(m, ArcBytes(payload.clone())).inspect(move |c| {
+    let chunks = into_chunks(m, payload.clone()).inspect(move |c| {
         if let Some(weight_chunk::Part::Data(d)) = &c.part {
             counter.fetch_add(d.len() as u64, Relaxed);
         }
@@ -292,7 +284,7 @@ pub fn weights(a: WeightsArgs) -> Result<()> {
     let build_s = t0.elapsed().as_secs_f64();
     drop(policy);
     let total = payload.len() as u64;
-    let payload = Arc::new(payload);
+    let payload = bytes::Bytes::from(payload);
     emit(json!({
         "bench": "weights_payload", "model": model_dir.display().to_string(), "dtype": a.dtype,
         "tensors": manifest.tensors.len(), "bytes": total, "load_s": load_s,
@@ -418,7 +410,7 @@ pub fn weights(a: WeightsArgs) -> Result<()> {
 }
 
 /// Where a publish and a fetch spend their time, piece by piece, on one thread.
-fn profile(manifest: &WeightManifest, payload: &Arc<Vec<u8>>, dir: &Path) -> Result<()> {
+fn profile(manifest: &WeightManifest, payload: &bytes::Bytes, dir: &Path) -> Result<()> {
     let total = payload.len() as f64;
     let mut rows = serde_json::Map::new();
     // Best of three: the machine is shared.
@@ -476,7 +468,7 @@ fn profile(manifest: &WeightManifest, payload: &Arc<Vec<u8>>, dir: &Path) -> Res
         std::hint::black_box(b.finish(1, 1)?);
         Ok(())
     })?;
-    // The coordinator's (and every fetcher's) verification: per tensor and whole payload.
+    // The coordinator's (and every fetcher's) verification: every tensor, each byte hashed once.
     time(&mut rows, "payload_verifier", &mut || {
         let mut v = PayloadVerifier::new(manifest)?;
         for piece in payload.chunks(WEIGHT_CHUNK_BYTES) {
@@ -486,7 +478,7 @@ fn profile(manifest: &WeightManifest, payload: &Arc<Vec<u8>>, dir: &Path) -> Res
         Ok(())
     })?;
     time(&mut rows, "into_chunks_copy", &mut || {
-        for c in into_chunks(manifest.clone(), ArcBytes(payload.clone())) {
+        for c in into_chunks(manifest.clone(), payload.clone()) {
             std::hint::black_box(c);
         }
         Ok(())
@@ -494,7 +486,7 @@ fn profile(manifest: &WeightManifest, payload: &Arc<Vec<u8>>, dir: &Path) -> Res
     // A fetcher's CPU per byte without the network: chunks, verification, reassembly.
     time(&mut rows, "chunks_then_assembler", &mut || {
         let mut a = WeightAssembler::new();
-        for c in into_chunks(manifest.clone(), ArcBytes(payload.clone())) {
+        for c in into_chunks(manifest.clone(), payload.clone()) {
             a.push(c)?;
         }
         std::hint::black_box(a.finish()?);
@@ -502,7 +494,7 @@ fn profile(manifest: &WeightManifest, payload: &Arc<Vec<u8>>, dir: &Path) -> Res
     })?;
     time(&mut rows, "chunks_then_assembler_reused_buffer", &mut || {
         let mut a = WeightAssembler::with_buffer(std::mem::take(&mut reused));
-        for c in into_chunks(manifest.clone(), ArcBytes(payload.clone())) {
+        for c in into_chunks(manifest.clone(), payload.clone()) {
             a.push(c)?;
         }
         reused = a.finish()?.1;

@@ -490,7 +490,7 @@ impl Coordinator for CoordinatorService {
             while offset < total {
                 let len = (total - offset).min(WEIGHT_CHUNK_BYTES as u64) as usize;
                 let v = version.clone();
-                let data = match tokio::task::spawn_blocking(move || v.read_at(offset, len)).await {
+                let data = match tokio::task::spawn_blocking(move || v.chunk(offset, len)).await {
                     Ok(Ok(d)) => d,
                     Ok(Err(e)) => {
                         tracing::error!(version = version.version(), error = %e, "cannot read stored weights");

@@ -2,7 +2,7 @@
 //! `<state_dir>/weights/` as `v<N>.bin` (the payload) and `v<N>.json` (its manifest), the
 //! latest `keep` of them.
 //!
-//! A payload is verified while it streams in (every tensor's sha256 and the whole payload's,
+//! A payload is verified while it streams in (every tensor's sha256, which together cover every byte,
 //! [`selfplay_proto::weights::PayloadVerifier`]) and written to a temporary file; only a
 //! payload that verifies is fsynced and renamed into place, then its manifest is written the
 //! same way. A version exists once its manifest does, so a crash mid-publish leaves nothing
@@ -129,15 +129,40 @@ impl From<ManifestFile> for WeightManifest {
     }
 }
 
-/// One stored version. Holds its payload file open, so a fetch in progress keeps working
-/// when the version is pruned or replaced meanwhile.
+/// One stored version. Holds its payload file open (and mapped), so a fetch in progress keeps
+/// working when the version is pruned or replaced meanwhile.
 #[derive(Debug)]
 pub struct StoredVersion {
     manifest: WeightManifest,
     file: File,
+    /// The payload mapped read-only: fetches send slices of the page cache instead of reading
+    /// each chunk into fresh memory first. None for an empty payload or where mapping fails.
+    map: Option<Arc<memmap2::Mmap>>,
+}
+
+/// A range of a mapped payload, owned by the `Bytes` handed to the encoder.
+struct MappedPiece(Arc<memmap2::Mmap>, std::ops::Range<usize>);
+impl AsRef<[u8]> for MappedPiece {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[self.1.clone()]
+    }
 }
 
 impl StoredVersion {
+    fn new(manifest: WeightManifest, file: File) -> Self {
+        // SAFETY: payload files are written under a temporary name and renamed into place
+        // once complete and fsynced; nothing writes to them afterwards (a replaced version is
+        // a new file renamed over the name, which leaves this mapping's inode untouched).
+        let map = (manifest.total_bytes > 0)
+            .then(|| unsafe { memmap2::Mmap::map(&file) })
+            .and_then(|m| {
+                m.inspect_err(|e| tracing::warn!(error = %e, "cannot map a weights payload; reading it")).ok()
+            })
+            .filter(|m| m.len() as u64 == manifest.total_bytes)
+            .map(Arc::new);
+        Self { manifest, file, map }
+    }
+
     pub fn manifest(&self) -> &WeightManifest {
         &self.manifest
     }
@@ -155,6 +180,18 @@ impl StoredVersion {
         let mut buf = vec![0u8; len];
         read_exact_at(&self.file, &mut buf, offset)?;
         Ok(buf)
+    }
+
+    /// `len` payload bytes from `offset` as a chunk for the wire: a slice of the mapping
+    /// without a copy, or a read where the payload is not mapped (may block).
+    pub fn chunk(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+        let end = offset.checked_add(len as u64).filter(|&e| e <= self.manifest.total_bytes).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, format!("bytes {offset}..+{len} past the payload's end"))
+        })?;
+        match &self.map {
+            Some(m) => Ok(bytes::Bytes::from_owner(MappedPiece(m.clone(), offset as usize..end as usize))),
+            None => self.read_at(offset, len).map(bytes::Bytes::from),
+        }
     }
 }
 
@@ -262,7 +299,7 @@ impl WeightStore {
         if len != manifest.total_bytes {
             return Err(format!("payload holds {len} bytes, the manifest {}", manifest.total_bytes));
         }
-        Ok(StoredVersion { manifest, file })
+        Ok(StoredVersion::new(manifest, file))
     }
 
     pub fn dir(&self) -> &Path {
@@ -413,7 +450,7 @@ impl Upload {
         persist::write_atomic(&manifest_path(&dir, version), &json)
             .map_err(WeightStoreError::io(format!("write the manifest of version {version}")))?;
         let file = File::open(&bin).map_err(WeightStoreError::io(format!("open {}", bin.display())))?;
-        let stored = Arc::new(StoredVersion { manifest: std::mem::take(&mut self.manifest), file });
+        let stored = Arc::new(StoredVersion::new(std::mem::take(&mut self.manifest), file));
         store.versions.write().unwrap().insert(version, stored);
         store.prune();
         if outcome == PublishOutcome::Replaced {
@@ -494,7 +531,7 @@ mod tests {
         let (_, good) = version(1, 1);
         assert!(matches!(
             store.publish(wrong, &good),
-            Err(WeightStoreError::Invalid(WeightError::PayloadChecksum { .. }))
+            Err(WeightStoreError::Invalid(WeightError::Manifest { field: "sha256", .. }))
         ));
         assert!(matches!(store.publish(m, &good[..10]), Err(WeightStoreError::Invalid(WeightError::Truncated { .. }))));
         assert!(store.versions().is_empty());
@@ -519,6 +556,10 @@ mod tests {
         assert_eq!(store.publish(m, &p).unwrap(), PublishOutcome::Stored);
         let stored = store.get(1).unwrap();
         assert_eq!(stored.read_at(0, n).unwrap(), p);
+        // Fetches send slices of the mapped payload.
+        assert_eq!(stored.chunk(0, n).unwrap(), p);
+        assert_eq!(stored.chunk(7, 9).unwrap(), p[7..16]);
+        assert!(stored.chunk(n as u64 - 1, 2).is_err(), "a chunk past the end");
     }
 
     #[test]
@@ -531,7 +572,9 @@ mod tests {
         let (m, p) = version(1, 9);
         assert_eq!(store.publish(m, &p).unwrap(), PublishOutcome::Replaced);
         assert_eq!(reader.read_at(0, 2).unwrap(), [1, 1]);
+        assert_eq!(reader.chunk(0, 2).unwrap(), [1u8, 1][..]);
         assert_eq!(store.get(1).unwrap().read_at(0, 2).unwrap(), [9, 9]);
+        assert_eq!(store.get(1).unwrap().chunk(0, 2).unwrap(), [9u8, 9][..]);
         let (m, p) = version(2, 2);
         store.publish(m, &p).unwrap();
         assert_eq!(store.versions(), [2]);

@@ -10,7 +10,7 @@ use selfplay_proto::auth::BearerToken;
 use selfplay_proto::client::{coordinator_client, AuthChannel};
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
 use selfplay_proto::v1::*;
-use selfplay_proto::weights::{into_chunks, sha256_hex, ManifestBuilder, WeightAssembler};
+use selfplay_proto::weights::{into_chunks, manifest_digest, sha256_hex, ManifestBuilder, WeightAssembler};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -113,7 +113,7 @@ async fn publish(
     manifest: WeightManifest,
     payload: Vec<u8>,
 ) -> Result<PublishWeightsResponse, tonic::Status> {
-    c.publish_weights(tokio_stream::iter(into_chunks(manifest, payload))).await.map(|r| r.into_inner())
+    c.publish_weights(tokio_stream::iter(into_chunks(manifest, payload.into()))).await.map(|r| r.into_inner())
 }
 
 async fn fetch(
@@ -238,7 +238,7 @@ async fn weights_publish_once_fetch_concurrently_and_reject_bad_checksums() {
     for t in tasks {
         let (m, p) = t.await.unwrap();
         assert_eq!(m, manifest);
-        assert_eq!(sha256_hex(&p), manifest.sha256);
+        assert_eq!(sha256_hex(&p), sha256_hex(&payload));
         assert!(p == payload);
     }
     eprintln!("3 concurrent fetches of {} MB: {:.3} s", payload.len() / 1_000_000, t.elapsed().as_secs_f64());
@@ -248,18 +248,21 @@ async fn weights_publish_once_fetch_concurrently_and_reject_bad_checksums() {
     let before_files = list(&dir.path().join("weights"));
     let (mut bad, bad_payload) = weights(2, 99);
     bad.tensors[2].sha256 = sha256_hex(b"something else");
+    bad.sha256 = manifest_digest(&bad.tensors); // a manifest that agrees with itself
     let err = publish(&mut learner, bad, bad_payload.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("layers.0.mlp"), "{}", err.message());
-    // The whole payload's checksum wrong.
+    // A manifest whose own sha256 is not the digest of its tensors' digests.
     let (mut bad, _) = weights(2, 99);
     bad.sha256 = sha256_hex(b"not the payload");
     let err = publish(&mut learner, bad, bad_payload).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("payload sha256"), "{}", err.message());
+    assert!(err.message().contains("manifest field sha256"), "{}", err.message());
     // Data before the manifest.
     let err = learner
-        .publish_weights(tokio_stream::iter(vec![WeightChunk { part: Some(weight_chunk::Part::Data(vec![1, 2, 3])) }]))
+        .publish_weights(tokio_stream::iter(vec![WeightChunk {
+            part: Some(weight_chunk::Part::Data(vec![1, 2, 3].into())),
+        }]))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -191,11 +191,11 @@ impl Runner {
         let (manifest, payload) =
             weights_payload(&trainer.policy.model, &self.opts.wire_dtype, trainer.step, trainer.step)?;
         let bytes = payload.len() as u64;
-        let payload = Arc::new(payload);
+        let payload = bytes::Bytes::from(payload);
         let mut client = self.client.clone();
         self.rt
             .block_on(retry("PublishWeights", || {
-                let chunks = into_chunks(manifest.clone(), ArcBytes(payload.clone()));
+                let chunks = into_chunks(manifest.clone(), payload.clone());
                 let mut c = client.clone();
                 async move { c.publish_weights(tokio_stream::iter(chunks)).await }
             }))
@@ -243,14 +243,6 @@ impl Runner {
             self.open_step(s, reopen)?;
         }
         Ok(())
-    }
-}
-
-/// `Arc<Vec<u8>>` as `AsRef<[u8]>` for the chunker.
-struct ArcBytes(Arc<Vec<u8>>);
-impl AsRef<[u8]> for ArcBytes {
-    fn as_ref(&self) -> &[u8] {
-        self.0.as_slice()
     }
 }
 

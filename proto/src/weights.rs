@@ -2,9 +2,12 @@
 //! verifying a received payload against its manifest, incrementally, tensor by tensor.
 //!
 //! A version travels as one manifest chunk followed by data chunks holding the concatenated
-//! payload in order. The manifest lists every tensor (name, shape, dtype, byte range, sha256)
-//! and the sha256 of the whole payload. The publisher (learner), the store (coordinator) and
-//! the fetcher (actor) all use the same checks from this module.
+//! payload in order. The manifest lists every tensor (name, shape, dtype, byte range, sha256);
+//! the tensors tile the payload in manifest order, so the per-tensor digests cover every byte,
+//! and the manifest's own sha256 is the digest of those digests ([`manifest_digest`]). Each
+//! byte is thus hashed once, and a manifest that does not agree with itself is refused before
+//! any payload is read. The publisher (learner), the store (coordinator) and the fetcher
+//! (actor) all use the same checks from this module.
 
 use std::collections::HashSet;
 
@@ -13,8 +16,8 @@ use sha2::{Digest, Sha256};
 use crate::v1::{weight_chunk, TensorInfo, WeightChunk, WeightManifest};
 use crate::WEIGHT_CHUNK_BYTES;
 
-/// Pieces at least this long are hashed on two threads (the whole-payload digest beside the
-/// per-tensor ones); shorter ones are not worth a thread.
+/// Payloads at least this long have their tensors hashed on two threads when a version is
+/// built; shorter ones are not worth a thread.
 pub const PARALLEL_HASH_BYTES: usize = 256 * 1024;
 
 /// Why a manifest or a payload was refused. Every variant about one tensor names it.
@@ -36,8 +39,6 @@ pub enum WeightError {
     Truncated { received: u64, total_bytes: u64 },
     #[error("tensor {tensor:?}: sha256 mismatch (manifest {expected}, payload {actual})")]
     TensorChecksum { tensor: String, expected: String, actual: String },
-    #[error("payload sha256 mismatch (manifest {expected}, payload {actual})")]
-    PayloadChecksum { expected: String, actual: String },
 }
 
 impl From<WeightError> for tonic::Status {
@@ -60,6 +61,16 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The manifest-level sha256: the digest of the tensors' lowercase hex digests concatenated in
+/// manifest order. With the tiling rule of [`validate_manifest`] it identifies the payload.
+pub fn manifest_digest(tensors: &[TensorInfo]) -> String {
+    let mut h = Sha256::new();
+    for t in tensors {
+        h.update(t.sha256.to_ascii_lowercase().as_bytes());
+    }
+    hex(&h.finalize())
+}
+
 /// Bytes per element of a wire dtype name (case-insensitive), `None` when unknown.
 pub fn dtype_size(dtype: &str) -> Option<u64> {
     Some(match dtype.to_ascii_lowercase().as_str() {
@@ -75,9 +86,10 @@ fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Checks a manifest's layout without any payload: version >= 1, sha256 strings well formed,
-/// every tensor named once with a known dtype, `nbytes` equal to its shape times the dtype
-/// size, and byte ranges inside `total_bytes` that do not overlap.
+/// Checks a manifest without any payload: version >= 1, sha256 strings well formed, every
+/// tensor named once with a known dtype and `nbytes` equal to its shape times the dtype size,
+/// the tensors tiling `0..total_bytes` in manifest order (each starts where the previous one
+/// ended), and the manifest's sha256 equal to [`manifest_digest`] of its tensors.
 pub fn validate_manifest(m: &WeightManifest) -> Result<(), WeightError> {
     if m.version == 0 {
         return Err(WeightError::VersionZero);
@@ -86,6 +98,7 @@ pub fn validate_manifest(m: &WeightManifest) -> Result<(), WeightError> {
         return Err(WeightError::Manifest { field: "sha256", reason: format!("{:?} is not 64 hex digits", m.sha256) });
     }
     let mut names = HashSet::new();
+    let mut at: u64 = 0;
     for t in &m.tensors {
         let bad = |reason: String| WeightError::Tensor { tensor: t.name.clone(), reason };
         if t.name.is_empty() {
@@ -104,23 +117,31 @@ pub fn validate_manifest(m: &WeightManifest) -> Result<(), WeightError> {
         if expect != t.nbytes {
             return Err(bad(format!("nbytes {} but shape {:?} of {} needs {expect}", t.nbytes, t.shape, t.dtype)));
         }
-        let end = t.offset.checked_add(t.nbytes);
-        if end.is_none_or(|e| e > m.total_bytes) {
-            return Err(bad(format!("bytes {}..+{} fall outside total_bytes {}", t.offset, t.nbytes, m.total_bytes)));
+        if t.offset != at {
+            return Err(bad(format!(
+                "starts at byte {} but the previous tensor ends at {at} (tensors tile the payload in manifest order)",
+                t.offset
+            )));
         }
+        at = at.checked_add(t.nbytes).filter(|&e| e <= m.total_bytes).ok_or_else(|| {
+            bad(format!("bytes {}..+{} fall outside total_bytes {}", t.offset, t.nbytes, m.total_bytes))
+        })?;
         if !is_sha256_hex(&t.sha256) {
             return Err(bad(format!("sha256 {:?} is not 64 hex digits", t.sha256)));
         }
     }
-    let mut order: Vec<&TensorInfo> = m.tensors.iter().collect();
-    order.sort_by_key(|t| (t.offset, t.nbytes));
-    for w in order.windows(2) {
-        if w[0].offset + w[0].nbytes > w[1].offset {
-            return Err(WeightError::Tensor {
-                tensor: w[1].name.clone(),
-                reason: format!("overlaps tensor {:?}", w[0].name),
-            });
-        }
+    if at != m.total_bytes {
+        return Err(WeightError::Manifest {
+            field: "total_bytes",
+            reason: format!("{} but the tensors end at byte {at}", m.total_bytes),
+        });
+    }
+    let digest = manifest_digest(&m.tensors);
+    if !m.sha256.eq_ignore_ascii_case(&digest) {
+        return Err(WeightError::Manifest {
+            field: "sha256",
+            reason: format!("{} is not the digest of the tensors' sha256 ({digest})", m.sha256),
+        });
     }
     Ok(())
 }
@@ -128,15 +149,14 @@ pub fn validate_manifest(m: &WeightManifest) -> Result<(), WeightError> {
 /// Verifies a payload against its manifest as it streams in, without keeping it: feed the
 /// bytes in order with [`update`](Self::update), then call [`finish`](Self::finish). A
 /// tensor's checksum is compared as soon as its last byte arrives, so a bad tensor is refused
-/// before the rest of the payload is read.
+/// before the rest of the payload is read. Every byte is hashed once: the manifest's own
+/// digest was checked against the tensors' digests by [`validate_manifest`].
 pub struct PayloadVerifier {
     total_bytes: u64,
-    expected_sha256: String,
-    /// Tensors sorted by offset: (name, offset, nbytes, expected sha256).
-    tensors: Vec<(String, u64, u64, String)>,
+    /// In manifest order, which is payload order: (name, end offset, expected sha256).
+    tensors: Vec<(String, u64, String)>,
     next: usize,
-    current: Option<Sha256>,
-    whole: Sha256,
+    current: Sha256,
     received: u64,
 }
 
@@ -144,21 +164,12 @@ impl PayloadVerifier {
     /// Validates the manifest ([`validate_manifest`]) and prepares the checks.
     pub fn new(manifest: &WeightManifest) -> Result<Self, WeightError> {
         validate_manifest(manifest)?;
-        let mut tensors: Vec<_> = manifest
+        let tensors = manifest
             .tensors
             .iter()
-            .map(|t| (t.name.clone(), t.offset, t.nbytes, t.sha256.to_ascii_lowercase()))
+            .map(|t| (t.name.clone(), t.offset + t.nbytes, t.sha256.to_ascii_lowercase()))
             .collect();
-        tensors.sort_by_key(|t| (t.1, t.2));
-        let mut v = Self {
-            total_bytes: manifest.total_bytes,
-            expected_sha256: manifest.sha256.to_ascii_lowercase(),
-            tensors,
-            next: 0,
-            current: None,
-            whole: Sha256::new(),
-            received: 0,
-        };
+        let mut v = Self { total_bytes: manifest.total_bytes, tensors, next: 0, current: Sha256::new(), received: 0 };
         v.settle()?;
         Ok(v)
     }
@@ -168,20 +179,13 @@ impl PayloadVerifier {
         self.received
     }
 
-    /// Closes every tensor that ends at or before the current position and opens the one
-    /// that starts here.
+    /// Checks every tensor that ends at the current position (empty ones included).
     fn settle(&mut self) -> Result<(), WeightError> {
-        while let Some((name, offset, nbytes, expected)) = self.tensors.get(self.next) {
-            if self.received < *offset {
+        while let Some((name, end, expected)) = self.tensors.get(self.next) {
+            if self.received < *end {
                 return Ok(());
             }
-            if self.received < offset + nbytes {
-                if self.current.is_none() {
-                    self.current = Some(Sha256::new());
-                }
-                return Ok(());
-            }
-            let actual = hex(&self.current.take().unwrap_or_default().finalize());
+            let actual = hex(&std::mem::take(&mut self.current).finalize());
             if &actual != expected {
                 return Err(WeightError::TensorChecksum { tensor: name.clone(), expected: expected.clone(), actual });
             }
@@ -190,53 +194,16 @@ impl PayloadVerifier {
         Ok(())
     }
 
-    /// Feeds the next bytes of the payload. Pieces of at least [`PARALLEL_HASH_BYTES`] hash
-    /// the whole-payload digest on a second thread while this one hashes the tensors, so a
-    /// verified stream runs at the speed of one sha256 pass instead of two.
-    pub fn update(&mut self, bytes: &[u8]) -> Result<(), WeightError> {
+    /// Feeds the next bytes of the payload.
+    pub fn update(&mut self, mut bytes: &[u8]) -> Result<(), WeightError> {
         if self.received + bytes.len() as u64 > self.total_bytes {
             return Err(WeightError::TooLong { total_bytes: self.total_bytes });
         }
-        if bytes.len() < PARALLEL_HASH_BYTES {
-            self.whole.update(bytes);
-            return self.update_tensors(bytes);
-        }
-        let mut whole = std::mem::take(&mut self.whole);
-        let (spawned, result) = std::thread::scope(|s| {
-            let helper = std::thread::Builder::new().spawn_scoped(s, || whole.update(bytes));
-            let result = self.update_tensors(bytes);
-            let spawned = match helper {
-                Ok(h) => {
-                    if let Err(panic) = h.join() {
-                        std::panic::resume_unwind(panic);
-                    }
-                    true
-                }
-                Err(_) => false,
-            };
-            (spawned, result)
-        });
-        if !spawned {
-            // No thread to be had: the whole-payload digest here, after the tensors'.
-            whole.update(bytes);
-        }
-        self.whole = whole;
-        result
-    }
-
-    /// The per-tensor digests of the next bytes.
-    fn update_tensors(&mut self, mut bytes: &[u8]) -> Result<(), WeightError> {
         while !bytes.is_empty() {
-            // How far the bytes at this position belong to one region (a tensor or a gap).
-            let region_end = match self.tensors.get(self.next) {
-                Some((_, offset, _, _)) if self.received < *offset => *offset,
-                Some((_, offset, nbytes, _)) => offset + nbytes,
-                None => self.total_bytes,
-            };
-            let take = ((region_end - self.received) as usize).min(bytes.len());
-            if let Some(h) = self.current.as_mut() {
-                h.update(&bytes[..take]);
-            }
+            // The tensors tile the payload, so the bytes here belong to tensor `next`.
+            let end = self.tensors.get(self.next).map_or(self.total_bytes, |t| t.1);
+            let take = ((end - self.received) as usize).min(bytes.len());
+            self.current.update(&bytes[..take]);
             self.received += take as u64;
             bytes = &bytes[take..];
             self.settle()?;
@@ -244,14 +211,10 @@ impl PayloadVerifier {
         Ok(())
     }
 
-    /// Checks that the whole payload arrived and that its sha256 matches.
+    /// Checks that the whole payload arrived (every tensor's checksum was checked on the way).
     pub fn finish(self) -> Result<(), WeightError> {
-        if self.received != self.total_bytes {
+        if self.received != self.total_bytes || self.next != self.tensors.len() {
             return Err(WeightError::Truncated { received: self.received, total_bytes: self.total_bytes });
-        }
-        let actual = hex(&self.whole.finalize());
-        if actual != self.expected_sha256 {
-            return Err(WeightError::PayloadChecksum { expected: self.expected_sha256, actual });
         }
         Ok(())
     }
@@ -290,45 +253,44 @@ impl ManifestBuilder {
     }
 
     /// The manifest (checked with [`validate_manifest`]) and the concatenated payload. The
-    /// per-tensor digests and the whole-payload digest are computed on two threads.
+    /// per-tensor digests are computed on two threads (each takes about half of the bytes).
     pub fn finish(self, version: u64, step: u64) -> Result<(WeightManifest, Vec<u8>), WeightError> {
         let Self { mut tensors, payload } = self;
-        let hash_tensors = |tensors: &mut Vec<TensorInfo>| {
+        let hash = |tensors: &mut [TensorInfo]| {
             for t in tensors.iter_mut() {
                 t.sha256 = sha256_hex(&payload[t.offset as usize..(t.offset + t.nbytes) as usize]);
             }
         };
-        let whole = if payload.len() < PARALLEL_HASH_BYTES {
-            hash_tensors(&mut tensors);
-            sha256_hex(&payload)
+        // The first tensor that starts in the second half of the payload.
+        let split = tensors.partition_point(|t| t.offset < payload.len() as u64 / 2);
+        if payload.len() < PARALLEL_HASH_BYTES || split == 0 {
+            hash(&mut tensors);
         } else {
+            let (a, b) = tensors.split_at_mut(split);
             std::thread::scope(|s| {
-                let helper = std::thread::Builder::new().spawn_scoped(s, || sha256_hex(&payload));
-                hash_tensors(&mut tensors);
-                match helper {
-                    Ok(h) => h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                    Err(_) => sha256_hex(&payload),
-                }
-            })
-        };
-        let manifest = WeightManifest { version, tensors, total_bytes: payload.len() as u64, sha256: whole, step };
+                s.spawn(|| hash(b));
+                hash(a);
+            });
+        }
+        let sha256 = manifest_digest(&tensors);
+        let manifest = WeightManifest { version, tensors, total_bytes: payload.len() as u64, sha256, step };
         validate_manifest(&manifest)?;
         Ok((manifest, payload))
     }
 }
 
 /// The chunks of one version in wire order: the manifest, then the payload in pieces of at
-/// most [`WEIGHT_CHUNK_BYTES`]. Wrap it with `tokio_stream::iter` to publish.
+/// most [`WEIGHT_CHUNK_BYTES`] (slices of `payload`, not copies). Wrap it with
+/// `tokio_stream::iter` to publish.
 pub fn into_chunks(
     manifest: WeightManifest,
-    payload: impl AsRef<[u8]> + Send + 'static,
+    payload: bytes::Bytes,
 ) -> impl Iterator<Item = WeightChunk> + Send + 'static {
-    let total = payload.as_ref().len();
+    let total = payload.len();
     let first = std::iter::once(WeightChunk { part: Some(weight_chunk::Part::Manifest(manifest)) });
     let data = (0..total.div_ceil(WEIGHT_CHUNK_BYTES)).map(move |i| {
-        let bytes = payload.as_ref();
         let end = ((i + 1) * WEIGHT_CHUNK_BYTES).min(total);
-        WeightChunk { part: Some(weight_chunk::Part::Data(bytes[i * WEIGHT_CHUNK_BYTES..end].to_vec())) }
+        WeightChunk { part: Some(weight_chunk::Part::Data(payload.slice(i * WEIGHT_CHUNK_BYTES..end))) }
     });
     first.chain(data)
 }
@@ -411,7 +373,7 @@ mod tests {
         }
         v.finish().unwrap();
         let mut a = WeightAssembler::new();
-        for c in into_chunks(m.clone(), p.clone()) {
+        for c in into_chunks(m.clone(), p.clone().into()) {
             a.push(c).unwrap();
         }
         assert_eq!(a.finish().unwrap(), (m, p));
@@ -459,16 +421,18 @@ mod tests {
     }
 
     #[test]
-    fn large_pieces_are_verified_on_two_threads() {
-        // Above PARALLEL_HASH_BYTES both the builder and the verifier hash on two threads.
+    fn large_versions_are_hashed_on_two_threads() {
+        // Above PARALLEL_HASH_BYTES the builder hashes the two halves' tensors on two threads.
         let big: Vec<u8> = (0..PARALLEL_HASH_BYTES + 12_345).map(|i| (i * 7 % 251) as u8).collect();
         let mut b = ManifestBuilder::with_capacity(2 * big.len() + 8);
         b.push("x", &[big.len() as i64], "u8", &big);
         b.push("small", &[2], "f32", &[3u8; 8]);
         b.push("y", &[big.len() as i64], "u8", &big);
         let (m, p) = b.finish(1, 1).unwrap();
-        assert_eq!(m.sha256, sha256_hex(&p));
+        assert_eq!(m.tensors[0].sha256, sha256_hex(&big));
+        assert_eq!(m.tensors[1].sha256, sha256_hex(&[3u8; 8]));
         assert_eq!(m.tensors[2].sha256, sha256_hex(&big));
+        assert_eq!(m.sha256, manifest_digest(&m.tensors));
         let mut v = PayloadVerifier::new(&m).unwrap();
         v.update(&p).unwrap();
         v.finish().unwrap();
@@ -476,14 +440,9 @@ mod tests {
         bad[p.len() - 1] ^= 1; // inside "y"
         let err = PayloadVerifier::new(&m).unwrap().update(&bad).unwrap_err();
         assert!(matches!(&err, WeightError::TensorChecksum { tensor, .. } if tensor == "y"), "{err}");
-        let mut wrong = m.clone();
-        wrong.sha256 = "0".repeat(64);
-        let mut v = PayloadVerifier::new(&wrong).unwrap();
-        v.update(&p).unwrap();
-        assert!(matches!(v.finish(), Err(WeightError::PayloadChecksum { .. })));
         // Reassembling into a reused buffer gives the same payload.
         let mut a = WeightAssembler::with_buffer(vec![9u8; 100]);
-        for c in into_chunks(m.clone(), p.clone()) {
+        for c in into_chunks(m.clone(), p.clone().into()) {
             a.push(c).unwrap();
         }
         let (_, again) = a.finish().unwrap();
@@ -491,27 +450,43 @@ mod tests {
     }
 
     #[test]
-    fn payload_checksum_covers_gaps() {
-        // A gap between tensors is covered only by the whole-payload checksum.
-        let data = vec![1u8; 8];
-        let m = WeightManifest {
-            version: 1,
-            tensors: vec![TensorInfo {
-                name: "t".into(),
-                shape: vec![4],
-                dtype: "u8".into(),
-                offset: 4,
-                nbytes: 4,
-                sha256: sha256_hex(&data[4..]),
-            }],
-            total_bytes: 8,
-            sha256: sha256_hex(&data),
-            step: 0,
+    fn the_manifest_digest_must_agree_with_the_tensors() {
+        let (m, _) = sample();
+        let mut wrong = m.clone();
+        wrong.sha256 = "0".repeat(64);
+        let err = PayloadVerifier::new(&wrong).err().unwrap();
+        assert!(matches!(err, WeightError::Manifest { field: "sha256", .. }), "{err}");
+        // A changed tensor digest changes the manifest digest.
+        let mut other = m.clone();
+        other.tensors[0].sha256 = sha256_hex(b"x");
+        assert_ne!(manifest_digest(&other.tensors), m.sha256);
+        assert!(validate_manifest(&other).is_err());
+    }
+
+    #[test]
+    fn tensors_must_tile_the_payload() {
+        let t = |name: &str, offset, nbytes| TensorInfo {
+            name: name.into(),
+            shape: vec![nbytes as i64],
+            dtype: "u8".into(),
+            offset,
+            nbytes,
+            sha256: sha256_hex(b""),
         };
-        let mut v = PayloadVerifier::new(&m).unwrap();
-        let mut other = data.clone();
-        other[0] = 9;
-        v.update(&other).unwrap();
-        assert!(matches!(v.finish(), Err(WeightError::PayloadChecksum { .. })));
+        let manifest = |tensors: Vec<TensorInfo>, total_bytes| {
+            let sha256 = manifest_digest(&tensors);
+            WeightManifest { version: 1, tensors, total_bytes, sha256, step: 0 }
+        };
+        // A gap before the first tensor, between two, after the last; out of order.
+        for (m, what) in [
+            (manifest(vec![t("a", 4, 4)], 8), "starts at byte 4"),
+            (manifest(vec![t("a", 0, 2), t("b", 4, 4)], 8), "starts at byte 4"),
+            (manifest(vec![t("a", 0, 4)], 8), "tensors end at byte 4"),
+            (manifest(vec![t("b", 4, 4), t("a", 0, 4)], 8), "starts at byte 4"),
+        ] {
+            let err = validate_manifest(&m).unwrap_err().to_string();
+            assert!(err.contains(what), "{err}");
+        }
+        assert!(validate_manifest(&manifest(vec![t("a", 0, 4), t("e", 4, 0), t("b", 4, 4)], 8)).is_ok());
     }
 }
