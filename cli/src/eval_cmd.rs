@@ -45,6 +45,10 @@ pub struct EvalArgs {
     /// Ask the judge about pairs whose answers are the same text too (default: a tie).
     #[arg(long)]
     pub judge_identical: bool,
+    /// How a judge LM's two orders make a verdict: both-orders (a win needs both, a verdict
+    /// that flips is a tie) or calibrated (the log-odds summed over both orders decide).
+    #[arg(long, default_value = "both-orders")]
+    pub pairwise_rule: selfplay_eval::judge::PairwiseRule,
     /// Where results.json and winrate.png go.
     #[arg(long)]
     pub out: PathBuf,
@@ -83,6 +87,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     cfg.batch = args.batch;
     cfg.ci = args.ci;
     cfg.judge_identical = args.judge_identical;
+    cfg.pairwise_rule = args.pairwise_rule;
     cfg.device = device;
     cfg.kind = kind;
     cfg.progress = ProgressMode::Auto;

@@ -213,6 +213,57 @@ pub fn pairwise_outcome(first: f64, second: f64) -> Outcome {
     }
 }
 
+/// How a judge LM's two orders become one verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairwiseRule {
+    /// A win needs the model preferred in both orders, a loss the baseline in both; a verdict
+    /// that flips with the order is a tie ([`pairwise_outcome`]).
+    #[default]
+    BothOrders,
+    /// The sum of the model's log-odds over the two orders decides ([`calibrated_outcome`]):
+    /// a constant preference for one position cancels out, and a judge with a strong position
+    /// bias still yields wins and losses from the rest of its preference.
+    Calibrated,
+}
+
+impl std::str::FromStr for PairwiseRule {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "both-orders" => Ok(PairwiseRule::BothOrders),
+            "calibrated" => Ok(PairwiseRule::Calibrated),
+            other => Err(format!("unknown pairwise rule {other:?} (both-orders or calibrated)")),
+        }
+    }
+}
+
+impl PairwiseRule {
+    pub fn describe(self) -> &'static str {
+        match self {
+            PairwiseRule::BothOrders => {
+                "P(\"A\") vs P(\"B\") as the next token, in both orders: a win needs both, a loss both, otherwise a tie"
+            }
+            PairwiseRule::Calibrated => {
+                "P(\"A\") vs P(\"B\") as the next token, in both orders: the model's log-odds summed over the two orders decides (position bias cancels); exactly 0 is a tie"
+            }
+        }
+    }
+}
+
+/// From the same log-odds as [`pairwise_outcome`]: the model's log-odds of being preferred,
+/// summed over both orders (`first - second`), decides.
+pub fn calibrated_outcome(first: f64, second: f64) -> Outcome {
+    let margin = first - second;
+    if margin > 0.0 {
+        Outcome::Win
+    } else if margin < 0.0 {
+        Outcome::Loss
+    } else {
+        Outcome::Tie
+    }
+}
+
 /// Fills {instruction}, {response_a} and {response_b} in one pass, so that text inside an
 /// answer that looks like a placeholder stays as it is.
 pub fn fill_pairwise(template: &str, instruction: &str, a: &str, b: &str) -> String {
@@ -242,6 +293,7 @@ pub struct PairwiseJudge {
     batch: usize,
     a_ids: Vec<i64>,
     b_ids: Vec<i64>,
+    rule: PairwiseRule,
 }
 
 /// The single-token spellings of a letter ("A" and " A" where each is one token).
@@ -267,11 +319,15 @@ impl PairwiseJudge {
                 policy.dir.display()
             )));
         }
-        Ok(PairwiseJudge { policy, prompt, batch: batch.max(1), a_ids, b_ids })
+        Ok(PairwiseJudge { policy, prompt, batch: batch.max(1), a_ids, b_ids, rule: PairwiseRule::default() })
     }
 
     pub fn prompt(&self) -> &str {
         &self.prompt
+    }
+
+    pub fn set_rule(&mut self, rule: PairwiseRule) {
+        self.rule = rule;
     }
 
     /// log P(A) - log P(B) for the next token after each chat-rendered question.
@@ -326,7 +382,10 @@ impl PairwiseJudge {
         let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
         Ok(d.chunks(2)
             .map(|c| Verdict {
-                outcome: pairwise_outcome(c[0], c[1]),
+                outcome: match self.rule {
+                    PairwiseRule::BothOrders => pairwise_outcome(c[0], c[1]),
+                    PairwiseRule::Calibrated => calibrated_outcome(c[0], c[1]),
+                },
                 detail: Detail::JudgeLm { p_model_first: sigmoid(c[0]), p_model_second: sigmoid(-c[1]) },
             })
             .collect())
@@ -359,6 +418,14 @@ mod tests {
         assert_eq!(pairwise_outcome(2.0, 1.0), Outcome::Tie);
         assert_eq!(pairwise_outcome(-2.0, -1.0), Outcome::Tie);
         assert_eq!(pairwise_outcome(0.0, -1.0), Outcome::Tie);
+        // Calibrated: the position bias (a constant added to both) cancels.
+        assert_eq!(calibrated_outcome(2.0, 1.0), Outcome::Win);
+        assert_eq!(calibrated_outcome(-2.0, -1.0), Outcome::Loss);
+        assert_eq!(calibrated_outcome(3.0 + 0.5, 3.0 - 0.5), Outcome::Win);
+        assert_eq!(calibrated_outcome(1.5, 1.5), Outcome::Tie);
+        assert_eq!("calibrated".parse::<PairwiseRule>(), Ok(PairwiseRule::Calibrated));
+        assert_eq!("both-orders".parse::<PairwiseRule>(), Ok(PairwiseRule::BothOrders));
+        assert!("majority".parse::<PairwiseRule>().unwrap_err().contains("both-orders or calibrated"));
     }
 
     #[test]

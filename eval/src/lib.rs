@@ -63,6 +63,8 @@ pub struct EvalConfig {
     /// Ask the judge even when both answers are the same text (otherwise a tie, as in
     /// AlpacaEval).
     pub judge_identical: bool,
+    /// How a judge LM's two orders become one verdict.
+    pub pairwise_rule: judge::PairwiseRule,
     pub progress: ProgressMode,
 }
 
@@ -96,6 +98,7 @@ impl EvalConfig {
             kind: Kind::Float,
             ci: CiMethod::Wilson,
             judge_identical: false,
+            pairwise_rule: judge::PairwiseRule::default(),
             progress: ProgressMode::Auto,
         }
     }
@@ -175,8 +178,8 @@ pub struct RunStats {
     pub judged: usize,
     /// Pairs with the same answer text on both sides (ties, unless --judge-identical).
     pub identical: usize,
-    /// Judge-LM pairs where the verdict flipped with the order (the same letter both times):
-    /// the judge's position bias, scored as ties.
+    /// Judge-LM pairs where the preferred letter stayed the same in both orders (the judge's
+    /// position bias): ties under the both-orders rule, decided by the margin when calibrated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub position_bias_ties: Option<usize>,
     /// Judge LM: the mean over judged pairs of its probability of preferring the model's
@@ -287,8 +290,9 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalReport> {
         .collect();
     let mut judge_prompt = None;
     if !to_judge.is_empty() {
-        let judge = Judge::load(&cfg.judge, cfg.device, cfg.kind, cfg.batch)?;
-        if let Judge::Lm(j) = &judge {
+        let mut judge = Judge::load(&cfg.judge, cfg.device, cfg.kind, cfg.batch)?;
+        if let Judge::Lm(j) = &mut judge {
+            j.set_rule(cfg.pairwise_rule);
             judge_prompt = Some(j.prompt().to_string());
         }
         let mut bar = Progress::new(cfg.progress, "judge", to_judge.len() as u64);
@@ -360,7 +364,7 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalReport> {
             prompt: judge_prompt,
             rule: match cfg.judge {
                 JudgeSpec::RewardModel(_) => "higher reward-model score wins; equal scores tie".into(),
-                JudgeSpec::JudgeLm(_) => "P(\"A\") vs P(\"B\") as the next token, in both orders: a win needs both, a loss both, otherwise a tie".into(),
+                JudgeSpec::JudgeLm(_) => cfg.pairwise_rule.describe().into(),
             },
         },
         prompts: PromptInfo {
@@ -555,10 +559,10 @@ pub fn format_table(report: &EvalReport) -> String {
         st.identical,
         match (st.position_bias_ties, st.mean_preference) {
             (Some(n), Some(p)) => format!(
-                "; {n} judged pairs tied by position bias (same letter in both orders); judge's mean preference for model A (both orders) {:.1}%",
+                "; {n} judged pairs with the same letter in both orders (position bias); judge's mean preference for model A (both orders) {:.1}%",
                 p * 100.0
             ),
-            (Some(n), None) => format!("; {n} judged pairs tied by position bias (same letter in both orders)"),
+            (Some(n), None) => format!("; {n} judged pairs with the same letter in both orders (position bias)"),
             _ => String::new(),
         }
     ));

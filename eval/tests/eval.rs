@@ -173,6 +173,23 @@ fn judge_lm_both_orders() {
     }
     assert!(r.judge.prompt.as_deref().unwrap().contains("A or B"));
 
+    // The calibrated rule on the same pairs (answers from the cache): the model's log-odds
+    // summed over both orders decide, so no judged pair is a tie and the judge says the same.
+    let mut cfg = config(&f.a, &f.b, JudgeSpec::JudgeLm(f.lm.clone()), work.path());
+    cfg.pairwise_rule = selfplay_eval::judge::PairwiseRule::Calibrated;
+    let c = evaluate(&cfg).unwrap();
+    assert_eq!(c.stats.model_generated + c.stats.baseline_generated, 0, "answers come from the cache");
+    assert!(c.judge.rule.contains("summed"), "{}", c.judge.rule);
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    for (p, before) in c.pairs.iter().zip(&r.pairs) {
+        assert_eq!(p.verdict.detail, before.verdict.detail, "the same judge, the same numbers");
+        if let Detail::JudgeLm { p_model_first, p_model_second } = p.verdict.detail {
+            let margin = logit(p_model_first) + logit(p_model_second);
+            let want = if margin > 0.0 { Outcome::Win } else { Outcome::Loss };
+            assert_eq!(p.verdict.outcome, want, "margin {margin}");
+        }
+    }
+
     // Identical answers put to the judge anyway: both orders are the same question, so the
     // judge names the same letter twice and every pair is a tie by position.
     let mut cfg = config(&f.a, &f.a, JudgeSpec::JudgeLm(f.lm.clone()), work.path());

@@ -186,7 +186,7 @@ pub fn generate_with(
         let mut cache = model.new_cache(b, cap);
         let mask = attention_mask(&key_valid.narrow(1, 0, plen), 0);
         let hidden = model.forward_hidden(&ids, &positions, &mask, Some(&mut cache))?;
-        let mut logits = model.logits(&hidden.narrow(1, plen - 1, 1).squeeze_dim(1))?;
+        let mut logits = model.decode_logits(&hidden.narrow(1, plen - 1, 1).squeeze_dim(1))?;
         for step in 0..cfg.max_new_tokens {
             let logp = logits.log_softmax(-1, Kind::Float);
             let next = if cfg.temperature == 0.0 {
@@ -238,7 +238,7 @@ pub fn generate_with(
             let past = cache.len();
             let mask = attention_mask(&key_valid.narrow(1, 0, past + 1), past);
             let hidden = model.forward_hidden(&feed, &p, &mask, Some(&mut cache))?;
-            logits = model.logits(&hidden.squeeze_dim(1))?;
+            logits = model.decode_logits(&hidden.squeeze_dim(1))?;
         }
         Ok(())
     })?;

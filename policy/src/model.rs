@@ -456,11 +456,27 @@ impl Llama {
                 return Err(PolicyError::InvalidInput("a sequence classifier has no language-model head".into()))
             }
         };
-        let rows = hidden.numel() as i64 / self.cfg.hidden_size.max(1);
-        if self.device == Device::Cpu && rows <= FEW_ROWS && !hidden.requires_grad() && !w.requires_grad() {
-            return Ok(linear_few_rows(hidden, w).to_kind(Kind::Float));
-        }
         Ok(hidden.linear(w, None::<Tensor>).to_kind(Kind::Float))
+    }
+
+    /// [`logits`](Self::logits) for generation's next-token step: with a few rows on the CPU
+    /// and no gradients, the weight-on-the-left GEMM. Scoring keeps `logits`, whose rows do not
+    /// depend on what else is in the batch.
+    pub fn decode_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let rows = hidden.numel() as i64 / self.cfg.hidden_size.max(1);
+        let head = match (&self.lm_head, &self.score) {
+            (Some(w), _) => Some(w),
+            (None, None) => Some(&self.embed),
+            (None, Some(_)) => None,
+        };
+        match head {
+            Some(w)
+                if self.device == Device::Cpu && rows <= FEW_ROWS && !hidden.requires_grad() && !w.requires_grad() =>
+            {
+                Ok(linear_few_rows(hidden, w).to_kind(Kind::Float))
+            }
+            _ => self.logits(hidden),
+        }
     }
 
     /// Sequence-classifier scores in f32 for hidden states [.., H]: [.., num_labels].
