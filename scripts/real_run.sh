@@ -27,4 +27,9 @@ for mode in lsp lsp-zero; do
   "$bin" --threads 2 eval --model "$ckpt" --baseline "$SELFPLAY_MODEL" \
     --prompts "$SELFPLAY_DATA/alpaca_eval/alpaca_eval.json" --limit "$limit" --stratified --seed 0 \
     --judge "judge-lm:$SELFPLAY_MODEL" --max-new-tokens 128 --out docs/results/eval-$mode
+  # The same answers (from the cache) under the calibrated pairwise rule.
+  "$bin" --threads 2 eval --model "$ckpt" --baseline "$SELFPLAY_MODEL" \
+    --prompts "$SELFPLAY_DATA/alpaca_eval/alpaca_eval.json" --limit "$limit" --stratified --seed 0 \
+    --judge "judge-lm:$SELFPLAY_MODEL" --max-new-tokens 128 --pairwise-rule calibrated \
+    --out docs/results/eval-$mode-calibrated
 done

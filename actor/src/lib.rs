@@ -195,6 +195,8 @@ pub fn run(
     // The last fetched payload's memory, reused by the next fetch: faulting in hundreds of
     // megabytes of fresh memory costs more than receiving them.
     let mut fetch_buffer: Vec<u8> = Vec::new();
+    // When weight fetches started failing in a row (None while they succeed).
+    let mut failing_since: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         if rejoin.swap(false, Ordering::SeqCst) {
             tracing::info!(actor = %opts.actor_id, "the coordinator forgot this actor; joining again");
@@ -221,7 +223,7 @@ pub fn run(
         // Weights at least as new as the unit needs.
         if unit.min_weights_version > version.load(Ordering::SeqCst) {
             let t0 = Instant::now();
-            let (manifest, payload) = rt.block_on(async {
+            let fetched = rt.block_on(async {
                 let mut c = conn.coord.clone();
                 let mut stream = retry("FetchWeights", patience, || {
                     let mut c2 = c.clone();
@@ -237,7 +239,27 @@ pub fn run(
                     asm.push(chunk).map_err(|e| ActorError::Weights(e.to_string()))?;
                 }
                 asm.finish().map_err(|e| ActorError::Weights(e.to_string()))
-            })?;
+            });
+            let (manifest, payload) = match fetched {
+                Ok(x) => {
+                    failing_since = None;
+                    x
+                }
+                // No version stored yet (a coordinator that restarted before the learner
+                // republished), a stream cut short, a corrupt chunk: hand the unit back and try
+                // again, for up to `patience`.
+                Err(e) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > patience {
+                        return Err(e);
+                    }
+                    tracing::warn!(actor = %opts.actor_id, unit = %unit.unit_id, error = %e, "fetching weights failed; handing the unit back and retrying");
+                    metrics::counter!("selfplay_actor_units_failed_total", "reason" => "weights").increment(1);
+                    let _ = complete(&rt, &conn, &opts, &unit.unit_id, false);
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+            };
             if manifest.version < unit.min_weights_version {
                 // Not published yet: give the unit back and try again shortly.
                 let _ = complete(&rt, &conn, &opts, &unit.unit_id, false);

@@ -194,7 +194,11 @@ pub fn train(args: TrainArgs) -> Result<()> {
         // Actors: each on its own thread with its own policy and reference model. The initial
         // weights are the model on disk (version 0); a resumed run fetches the latest version.
         let mut actors = vec![];
+        // An actor that stops with an error says so here; when every actor has, the run stops
+        // with their errors instead of waiting forever for rollouts.
+        let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         for i in 0..n_actors {
+            let failed_tx = failed_tx.clone();
             let (cfg, stop, token, rt) = (cfg.clone(), stop.clone(), token.clone(), tokio::runtime::Handle::current());
             let opts = selfplay_actor::ActorOptions {
                 coordinator: coord_addr.clone(),
@@ -205,24 +209,49 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 tls_ca: None,
             };
             actors.push(std::thread::Builder::new().name(format!("actor-{i}")).spawn(move || -> Result<()> {
-                let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
-                let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
-                let player = Player::new(policy, None, cfg.clone())?;
-                selfplay_actor::run(player, opts, rt, stop)?;
-                Ok(())
+                let id = opts.actor_id.clone();
+                let played = (|| -> Result<()> {
+                    let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
+                    let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
+                    let player = Player::new(policy, None, cfg.clone())?;
+                    selfplay_actor::run(player, opts, rt, stop)?;
+                    Ok(())
+                })();
+                if let Err(e) = &played {
+                    tracing::error!(actor = %id, error = %format!("{e:#}"), "actor stopped");
+                    let _ = failed_tx.send(format!("{id}: {e:#}"));
+                }
+                played
             })?);
         }
+        drop(failed_tx);
 
         let mut learner = learner;
-        let result = tokio::select! {
-            r = &mut learner => r,
-            _ = shutdown_signal() => {
-                tele.healthy.store(false, Ordering::SeqCst);
-                let _ = learner_stop_tx.send(());
-                learner.await
+        let mut failures: Vec<String> = vec![];
+        let result = loop {
+            tokio::select! {
+                r = &mut learner => break r,
+                _ = shutdown_signal() => {
+                    tele.healthy.store(false, Ordering::SeqCst);
+                    let _ = learner_stop_tx.send(());
+                    break learner.await;
+                }
+                Some(failure) = failed_rx.recv() => {
+                    failures.push(failure);
+                    if failures.len() == n_actors {
+                        tele.healthy.store(false, Ordering::SeqCst);
+                        let _ = learner_stop_tx.send(());
+                        break learner.await;
+                    }
+                }
             }
         };
         stop.store(true, Ordering::SeqCst);
+        if failures.len() == n_actors {
+            let _ = coord_stop_tx.send(());
+            let _ = coordinator.await;
+            anyhow::bail!("every actor stopped, so the run cannot go on: {}", failures.join("; "));
+        }
         let summary = result??;
         for a in actors {
             // Actors finish their unit and leave; a unit cut short is re-issued on resume.

@@ -589,3 +589,38 @@ fn actors_score_through_a_remote_reward_server() {
     assert!(nonzero, "no reward spread: the remote reward model was not used");
     drop(a);
 }
+
+/// `selfplay train` whose only actor cannot start (its reward model is missing) stops with an
+/// error that names the cause, instead of waiting for rollouts forever.
+#[test]
+fn train_stops_with_an_error_when_every_actor_stops() {
+    let (_tmp, c) = Cluster::new(&[]);
+    let rm = c.dir.join("rm").to_str().unwrap().to_string();
+    let missing = c.dir.join("no-such-reward-model").to_str().unwrap().to_string();
+    let cfg = std::fs::read_to_string(&c.config).unwrap().replace(&format!("{rm:?}"), &format!("{missing:?}"));
+    std::fs::write(&c.config, cfg).unwrap();
+    let log = c.dir.join("train.log");
+    let mut child = Command::new(bin())
+        .args(["--threads", "1", "train", "--config", c.config.to_str().unwrap(), "--metrics-addr", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!(
+                "train still running 120 s after its only actor failed:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("every actor stopped") && text.contains("no-such-reward-model"), "{text}");
+}
