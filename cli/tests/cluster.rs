@@ -190,11 +190,10 @@ impl Cluster {
     }
 
     fn steps(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.join("run/steps.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        let text = std::fs::read_to_string(self.dir.join("run/steps.jsonl")).unwrap_or_default();
+        // Only whole lines: the learner may be writing the next one right now.
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        whole.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
     fn wait_steps(&self, n: usize, procs: &mut [&mut Proc]) {
@@ -403,6 +402,27 @@ fn coordinator_restart_mid_run() {
     let _coord2 = c.coordinator(addr.trim_start_matches("http://"));
     c.wait_exit(&mut learner);
     c.check_steps(5);
+    drop(a);
+}
+
+/// A coordinator restarted without its state directory has lost the weights and the open
+/// steps: the learner notices, publishes again and reopens them, and the run completes.
+#[test]
+fn coordinator_restarted_without_its_state() {
+    let (_tmp, mut c) = Cluster::new(&[]);
+    let mut coord = c.coordinator("127.0.0.1:0");
+    let addr = c.coordinator_addr.clone().unwrap();
+    let mut learner = c.learner(&[]);
+    let a = c.actor("actor-a");
+    c.wait_steps(2, &mut [&mut learner]);
+    coord.child.kill().unwrap();
+    let _ = coord.child.wait();
+    std::fs::remove_dir_all(c.dir.join("state")).unwrap();
+    let _coord2 = c.coordinator(addr.trim_start_matches("http://"));
+    c.wait_exit(&mut learner);
+    c.check_steps(5);
+    let log = std::fs::read_to_string(c.dir.join("learner.log")).unwrap();
+    assert!(log.contains("the coordinator lost the published weights"), "{log}");
     drop(a);
 }
 

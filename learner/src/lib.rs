@@ -18,7 +18,7 @@ use selfplay_proto::auth::{BearerToken, ServerAuth};
 use selfplay_proto::client::{coordinator_client, AuthChannel};
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
 use selfplay_proto::v1::learner_server::LearnerServer;
-use selfplay_proto::v1::OpenStepRequest;
+use selfplay_proto::v1::{OpenStepRequest, StatusRequest};
 use selfplay_proto::weights::{into_chunks, ManifestBuilder};
 use service::{LearnerService, Shared};
 use std::path::{Path, PathBuf};
@@ -26,6 +26,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind};
+
+/// While waiting for groups, how often the learner checks that the coordinator still holds
+/// the published weights ([`Runner::check_coordinator`]).
+const COORDINATOR_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LearnerError {
@@ -232,6 +236,38 @@ impl Runner {
         Ok(())
     }
 
+    /// Checks that the coordinator still holds the latest published weights. One restarted
+    /// without its state directory has lost them and every open step: publish again and reopen
+    /// the steps, or actors could never fetch weights and no group would ever arrive.
+    fn check_coordinator(&mut self, trainer: &Trainer) -> Result<(), LearnerError> {
+        if self.last_published == 0 {
+            return Ok(());
+        }
+        let client = self.client.clone();
+        let status = self.rt.block_on(async move {
+            let mut c = client;
+            c.status(StatusRequest {}).await
+        });
+        let latest = match status {
+            Ok(r) => r.into_inner().weight_versions.into_iter().max().unwrap_or(0),
+            Err(e) => {
+                tracing::debug!(error = %e.message(), "coordinator status unavailable");
+                return Ok(());
+            }
+        };
+        if latest < self.last_published {
+            tracing::warn!(
+                coordinator_latest = latest,
+                published = self.last_published,
+                "the coordinator lost the published weights (restarted without its state?): publishing again and reopening the steps"
+            );
+            ::metrics::counter!("selfplay_learner_republish_total").increment(1);
+            self.publish(trainer)?;
+            self.open_window(trainer.step, true)?;
+        }
+        Ok(())
+    }
+
     /// Opens every step the current version may sample for.
     fn open_window(&mut self, version: u64, reopen: bool) -> Result<(), LearnerError> {
         let last = version + self.opts.max_policy_lag;
@@ -275,7 +311,11 @@ fn log_step(out_dir: &Path, stats: &StepStats, groups: &[selfplay_game::RolloutG
         })).collect::<Vec<_>>(),
     });
     let path = out_dir.join("steps.jsonl");
-    let res = std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| writeln!(f, "{line}"));
+    let res = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
     if let Err(e) = res {
         tracing::warn!(path = %path.display(), error = %e, "cannot append to the step log");
     }
@@ -418,16 +458,29 @@ pub async fn run(
             while max_steps == 0 || trainer.step < max_steps {
                 // Wait for N groups (or a stop).
                 let wait0 = Instant::now();
-                let groups = {
-                    let mut b = shared.inbox.lock().expect("inbox lock");
-                    loop {
-                        if thread_stopping.load(Ordering::SeqCst) {
-                            break None;
+                let mut checked = Instant::now();
+                let groups = loop {
+                    let got = {
+                        let mut b = shared.inbox.lock().expect("inbox lock");
+                        loop {
+                            if thread_stopping.load(Ordering::SeqCst) {
+                                break Some(None);
+                            }
+                            if let Some(g) = b.take_step() {
+                                break Some(Some(g));
+                            }
+                            if checked.elapsed() >= COORDINATOR_CHECK_EVERY {
+                                break None;
+                            }
+                            b = shared.ready.wait_timeout(b, Duration::from_millis(200)).expect("inbox lock").0;
                         }
-                        if let Some(g) = b.take_step() {
-                            break Some(g);
+                    };
+                    match got {
+                        Some(g) => break g,
+                        None => {
+                            runner.check_coordinator(&trainer)?;
+                            checked = Instant::now();
                         }
-                        b = shared.ready.wait_timeout(b, Duration::from_millis(200)).expect("inbox lock").0;
                     }
                 };
                 let Some(groups) = groups else { break };

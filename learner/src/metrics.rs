@@ -43,6 +43,10 @@ pub fn describe_metrics() {
         Unit::Bytes,
         "Weight payload bytes uploaded to the coordinator."
     );
+    describe_counter!(
+        "selfplay_learner_republish_total",
+        "Times the learner published its weights again because the coordinator had lost them."
+    );
     describe_gauge!(
         "selfplay_learner_idle_fraction",
         "Share of the wall time since the previous step spent waiting for groups."
