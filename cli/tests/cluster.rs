@@ -388,8 +388,9 @@ fn learner_killed_after_checkpoint_resumes_to_the_same_weights() {
     assert!(got == want, "final weights differ from the uninterrupted run");
 }
 
-#[test]
-fn coordinator_restart_mid_run() {
+/// Runs 2 steps, kills the coordinator (and, with `wipe`, deletes its state directory),
+/// restarts it on the same address and runs to the end; returns the learner's log.
+fn restart_coordinator_mid_run(wipe: bool) -> String {
     let (_tmp, mut c) = Cluster::new(&[]);
     let mut coord = c.coordinator("127.0.0.1:0");
     let addr = c.coordinator_addr.clone().unwrap();
@@ -398,32 +399,29 @@ fn coordinator_restart_mid_run() {
     c.wait_steps(2, &mut [&mut learner]);
     coord.child.kill().unwrap();
     let _ = coord.child.wait();
-    std::thread::sleep(Duration::from_millis(500));
+    if wipe {
+        std::fs::remove_dir_all(c.dir.join("state")).unwrap();
+    } else {
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let _coord2 = c.coordinator(addr.trim_start_matches("http://"));
     c.wait_exit(&mut learner);
     c.check_steps(5);
     drop(a);
+    std::fs::read_to_string(c.dir.join("learner.log")).unwrap()
+}
+
+#[test]
+fn coordinator_restart_mid_run() {
+    restart_coordinator_mid_run(false);
 }
 
 /// A coordinator restarted without its state directory has lost the weights and the open
 /// steps: the learner notices, publishes again and reopens them, and the run completes.
 #[test]
 fn coordinator_restarted_without_its_state() {
-    let (_tmp, mut c) = Cluster::new(&[]);
-    let mut coord = c.coordinator("127.0.0.1:0");
-    let addr = c.coordinator_addr.clone().unwrap();
-    let mut learner = c.learner(&[]);
-    let a = c.actor("actor-a");
-    c.wait_steps(2, &mut [&mut learner]);
-    coord.child.kill().unwrap();
-    let _ = coord.child.wait();
-    std::fs::remove_dir_all(c.dir.join("state")).unwrap();
-    let _coord2 = c.coordinator(addr.trim_start_matches("http://"));
-    c.wait_exit(&mut learner);
-    c.check_steps(5);
-    let log = std::fs::read_to_string(c.dir.join("learner.log")).unwrap();
+    let log = restart_coordinator_mid_run(true);
     assert!(log.contains("the coordinator lost the published weights"), "{log}");
-    drop(a);
 }
 
 #[test]
