@@ -11,7 +11,8 @@ cd "$here/.."
 bin="$CARGO_TARGET_DIR/release/selfplay"
 minutes="${MINUTES:-25}"
 limit="${LIMIT:-100}"
-for mode in lsp lsp-zero; do
+# MINUTES=0: no training, only the curves and the evaluation of the newest checkpoints.
+[ "$minutes" -gt 0 ] && for mode in lsp lsp-zero; do
   resume=""
   if ls -d runs/real-$mode/checkpoints/step-* > /dev/null 2>&1; then resume="--resume"; fi
   echo "$mode: $(date -u) start ${resume:-fresh}, $minutes minutes" >> runs/real-times.txt
@@ -20,7 +21,7 @@ for mode in lsp lsp-zero; do
     --metrics-addr 127.0.0.1:0 >> runs/real-$mode.log 2>&1 &
 done
 wait
-echo "both: $(date -u) stopped" >> runs/real-times.txt
+[ "$minutes" -gt 0 ] && echo "both: $(date -u) stopped" >> runs/real-times.txt
 "$bin" plot-curves --run lsp=runs/real-lsp --run lsp-zero=runs/real-lsp-zero --out docs/results/curves.png
 for mode in lsp lsp-zero; do
   ckpt=$(ls -d runs/real-$mode/checkpoints/step-* | sort | tail -n1)

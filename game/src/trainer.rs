@@ -90,7 +90,21 @@ pub struct Trainer {
     pub opt: AdamW,
     /// Completed steps.
     pub step: u64,
+    /// The model directory's config and tokenizer files, read once at the start: every
+    /// checkpoint carries them, even after the directory the run started from (for instance
+    /// the checkpoint it resumed from) has been pruned.
+    side_files: Vec<(&'static str, Vec<u8>)>,
 }
+
+/// The files besides the weights that make a checkpoint a loadable Hugging Face directory.
+const SIDE_FILES: [&str; 6] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+];
 
 impl Trainer {
     pub fn new(mut policy: Policy, cfg: Config) -> Result<Self> {
@@ -98,7 +112,16 @@ impl Trainer {
         policy.model.set_requires_grad(true);
         let o = &cfg.optim;
         let opt = AdamW::new(policy.model.parameters(), cfg.lr(), o.beta1, o.beta2, o.eps, o.weight_decay);
-        Ok(Trainer { policy, cfg, opt, step: 0 })
+        let mut side_files = vec![];
+        for name in SIDE_FILES {
+            let path = policy.dir.join(name);
+            match std::fs::read(&path) {
+                Ok(bytes) => side_files.push((name, bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        Ok(Trainer { policy, cfg, opt, step: 0, side_files })
     }
 
     /// Limits a group must satisfy to enter a step.
@@ -389,18 +412,9 @@ impl Trainer {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         self.policy.model.save_safetensors(&tmp.join("model.safetensors"))?;
-        for f in [
-            "config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "generation_config.json",
-            "chat_template.jinja",
-            "special_tokens_map.json",
-        ] {
-            let src = self.policy.dir.join(f);
-            if src.exists() {
-                std::fs::copy(&src, tmp.join(f)).map_err(io_err(&src))?;
-            }
+        for (name, bytes) in &self.side_files {
+            let path = tmp.join(name);
+            std::fs::write(&path, bytes).map_err(io_err(&path))?;
         }
         self.opt.save(&tmp.join("optimizer.safetensors"))?;
         let state = TrainerState { step: self.step, adam_t: self.opt.t, config: self.cfg.to_toml(), extra };

@@ -78,6 +78,20 @@ fn resume_from_checkpoint_equals_the_uninterrupted_run() {
     assert!(moved);
     // The checkpoint is a model directory selfplay (and transformers) can load.
     assert!(ckpt.join("config.json").exists() && ckpt.join("tokenizer.json").exists());
+    // A checkpoint written after the one the run resumed from was pruned is complete too,
+    // and resumes in turn.
+    std::fs::remove_dir_all(&ckpt).unwrap();
+    let next = tmp.path().join("ckpt-next");
+    trainer.save_checkpoint(&next, serde_json::json!({})).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(
+            std::fs::read(next.join(f)).unwrap(),
+            std::fs::read(initial.join(f)).unwrap(),
+            "{f} of the second checkpoint"
+        );
+    }
+    let (again, _) = Trainer::resume(&next, None, Device::Cpu).unwrap();
+    assert_eq!(again.step, 3);
 }
 
 #[test]
