@@ -59,7 +59,7 @@ pub fn describe_metrics() {
         "Time to play one whole unit (sampling, rewards, judge, reference)."
     );
     describe_counter!("selfplay_actor_units_done_total", "Units whose group the learner accepted.");
-    describe_counter!("selfplay_actor_units_failed_total", "Units that failed, by reason (rejected, play, submit).");
+    describe_counter!("selfplay_actor_units_failed_total", "Units that failed, by reason (rejected, play, submit, weights).");
     describe_gauge!("selfplay_actor_weights_version", "Weights version the actor samples with.");
     describe_histogram!(
         "selfplay_actor_weight_fetch_seconds",
@@ -82,7 +82,7 @@ pub fn describe_metrics() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    for reason in ["play", "submit", "rejected"] {
+    for reason in ["play", "submit", "rejected", "weights"] {
         metrics::counter!("selfplay_actor_units_failed_total", "reason" => reason).increment(0);
     }
     metrics::gauge!("selfplay_actor_weights_version").set(0.0);
@@ -324,6 +324,11 @@ pub fn run(
                 metrics::counter!("selfplay_actor_units_failed_total", "reason" => "rejected").increment(1);
                 summary.units_failed += 1;
                 complete(&rt, &conn, &opts, &unit_id, false)?;
+            }
+            Err(e) if stop.load(Ordering::SeqCst) => {
+                // Stopping: the learner may already be gone; the unit goes back to the queue.
+                tracing::info!(unit = %unit_id, error = %e, "stopping: the group was not delivered; handing the unit back");
+                let _ = complete(&rt, &conn, &opts, &unit_id, false);
             }
             Err(e) => {
                 tracing::warn!(unit = %unit_id, error = %e, "submitting failed; handing the unit back");
