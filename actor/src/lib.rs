@@ -59,7 +59,10 @@ pub fn describe_metrics() {
         "Time to play one whole unit (sampling, rewards, judge, reference)."
     );
     describe_counter!("selfplay_actor_units_done_total", "Units whose group the learner accepted.");
-    describe_counter!("selfplay_actor_units_failed_total", "Units that failed, by reason (rejected, play, submit, weights).");
+    describe_counter!(
+        "selfplay_actor_units_failed_total",
+        "Units that failed, by reason (rejected, play, submit, weights)."
+    );
     describe_gauge!("selfplay_actor_weights_version", "Weights version the actor samples with.");
     describe_histogram!(
         "selfplay_actor_weight_fetch_seconds",
