@@ -117,17 +117,9 @@ async fn connect(address: &str, h2: H2) -> Result<tonic::transport::Channel> {
     if let Some(f) = h2.max_frame_kib {
         ep = ep.max_frame_size(f * 1024);
     }
-    let t0 = Instant::now();
-    loop {
-        match ep.connect().await {
-            Ok(c) => return Ok(c),
-            Err(e) if t0.elapsed() < Duration::from_secs(20) => {
-                tracing::debug!(%address, error = %e, "not reachable yet");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => bail!("connecting to {address}: {e}"),
-        }
-    }
+    selfplay_proto::client::connect_endpoint_with_backoff(&ep, Duration::from_secs(20))
+        .await
+        .map_err(|e| anyhow!("connecting to {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -452,6 +452,8 @@ pub async fn run(
             }
             runner.last_published = trainer.step;
             runner.open_window(trainer.step, resumed)?;
+            let (ckpt_root, keep) = (runner.cfg.run.out_dir.clone(), runner.cfg.run.keep_checkpoints);
+            let save = |trainer: &Trainer| checkpoint(trainer, &shared.inbox, &ckpt_root, keep);
             let mut last = None;
             let mut last_ckpt = None;
             let mut since = Instant::now();
@@ -515,24 +517,14 @@ pub async fn run(
                 }
                 let every = runner.cfg.run.checkpoint_every;
                 if every > 0 && trainer.step % every == 0 {
-                    last_ckpt = Some(checkpoint(
-                        &trainer,
-                        &shared.inbox,
-                        &runner.cfg.run.out_dir,
-                        runner.cfg.run.keep_checkpoints,
-                    )?);
+                    last_ckpt = Some(save(&trainer)?);
                 }
                 last = Some(stats);
             }
             // Final checkpoint (also on Ctrl-C), unless this step was just written.
             let final_dir = runner.cfg.run.out_dir.join("checkpoints").join(format!("step-{:08}", trainer.step));
             if trainer.step > 0 && last_ckpt.as_ref() != Some(&final_dir) {
-                last_ckpt = Some(checkpoint(
-                    &trainer,
-                    &shared.inbox,
-                    &runner.cfg.run.out_dir,
-                    runner.cfg.run.keep_checkpoints,
-                )?);
+                last_ckpt = Some(save(&trainer)?);
             }
             Ok(LearnerSummary { steps: trainer.step, last, checkpoint: last_ckpt })
         })

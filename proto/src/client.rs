@@ -97,18 +97,25 @@ pub async fn connect_with_backoff(
     tls_ca: Option<&std::path::Path>,
     patience: std::time::Duration,
 ) -> Result<tonic::transport::Channel, String> {
+    connect_endpoint_with_backoff(&endpoint(address, tls_ca)?, patience).await
+}
+
+/// [`connect_with_backoff`] for an endpoint the caller configured further.
+pub async fn connect_endpoint_with_backoff(
+    ep: &tonic::transport::Endpoint,
+    patience: std::time::Duration,
+) -> Result<tonic::transport::Channel, String> {
     let t0 = std::time::Instant::now();
     let mut wait = std::time::Duration::from_millis(50);
-    let ep = endpoint(address, tls_ca)?;
     loop {
         match ep.connect().await {
             Ok(ch) => return Ok(ch),
             Err(e) if t0.elapsed() < patience => {
-                tracing::debug!(%address, error = %e, "not reachable yet");
+                tracing::debug!(address = %ep.uri(), error = %e, "not reachable yet");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(2));
             }
-            Err(e) => return Err(format!("{address}: {e}")),
+            Err(e) => return Err(format!("{}: {e}", ep.uri())),
         }
     }
 }
