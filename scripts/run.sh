@@ -3,8 +3,9 @@
 # SmolLM2-135M-Instruct, configs/smollm2-cpu.toml): coordinator, learner and one actor in one
 # process on 127.0.0.1, checkpoints in runs/smollm2-lsp, metrics on 127.0.0.1:9464.
 # Extra arguments replace the default command, e.g. `scripts/run.sh generate --prompt "Hi"`.
-set -euo pipefail
+set -Eeuo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+trap 'rc=$?; printf "[run] FAILED (exit %s) at scripts/run.sh line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
 "$here/setup.sh"
 source "$here/env.sh"
 if [ $# -eq 0 ]; then

@@ -13,15 +13,17 @@
 #   promtool   - Debian's `prometheus` package.
 #   lint       - Debian's shellcheck when present; skipped otherwise.
 #
-# Environment: SELFPLAY_TOOLS (default ~/.cache/selfplay/tools), K8S_VERSIONS (Kubernetes
-# versions to validate against, default "1.28 1.37": the oldest and newest we claim),
+# Environment: SELFPLAY_TOOLS (default $SELFPLAY_CACHE/tools; the cache defaults to
+# ~/.cache/selfplay), K8S_VERSIONS (Kubernetes versions to validate against, default
+# "1.28 1.37": the oldest and newest we claim),
 # SELFPLAY_BIN (a selfplay binary to check the manifests' command lines with; default: the
-# release build in ~/.cache/selfplay/target, skipped when there is none).
+# release build in $CARGO_TARGET_DIR or $SELFPLAY_CACHE/target, skipped when there is none).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 cd "$root" || exit 2
-TOOLS="${SELFPLAY_TOOLS:-$HOME/.cache/selfplay/tools}"
+CACHE="${SELFPLAY_CACHE:-$HOME/.cache/selfplay}"
+TOOLS="${SELFPLAY_TOOLS:-$CACHE/tools}"
 K8S_VERSIONS="${K8S_VERSIONS:-1.28 1.37}"
 KV_VERSION="1.37.0" # kubernetes-validate
 start_ms=$(($(date +%s%N) / 1000000))
@@ -206,7 +208,7 @@ fi
 
 # The manifests' command lines against the selfplay CLI, when a build is at hand
 # ($SELFPLAY_BIN, else the release build of scripts/setup.sh).
-bin="${SELFPLAY_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/selfplay/target}/release/selfplay}"
+bin="${SELFPLAY_BIN:-${CARGO_TARGET_DIR:-$CACHE/target}/release/selfplay}"
 if [ -x "$bin" ] && [ -s "$work/gpu-full.yaml" ] && [ -s "$work/cpu-smoke.yaml" ]; then
   if out=$("$py" tests/deploy/validate.py cli "$bin" "$work/cpu-smoke.yaml" "$work/gpu-full.yaml" 2>&1); then
     ok "${out#ok   }"
