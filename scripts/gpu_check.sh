@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command to check selfplay on a CUDA machine (issue 2, item 6):
+# One command to check selfplay on a CUDA machine:
 #   1. CUDA correctness: `selfplay generate --json` greedy on "What is the capital of France?"
 #      on CUDA in f32 must answer with "Paris", give the same ids as on the CPU and as
 #      transformers on CUDA, and log-probs within 1e-3 of transformers'; bf16 must still say
