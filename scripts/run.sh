@@ -5,7 +5,7 @@
 # Extra arguments replace the default command, e.g. `scripts/run.sh generate --prompt "Hi"`.
 set -Eeuo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-trap 'rc=$?; printf "[run] FAILED (exit %s) at scripts/run.sh line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
+trap 'printf "[run] FAILED (exit %s) at scripts/run.sh line %s: %s\n" "$?" "$LINENO" "$BASH_COMMAND" >&2' ERR
 "$here/setup.sh"
 source "$here/env.sh"
 if [ $# -eq 0 ]; then

@@ -9,7 +9,7 @@
 # and everything else goes on. Nothing here stops or changes a process it did not start.
 set -Eeuo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-trap 'rc=$?; printf "[setup] FAILED (exit %s) at scripts/setup.sh line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
+trap 'printf "[setup] FAILED (exit %s) at scripts/setup.sh line %s: %s\n" "$?" "$LINENO" "$BASH_COMMAND" >&2' ERR
 source "$here/env.sh"
 log() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] FAILED: %s\n' "$*" >&2; exit 1; }

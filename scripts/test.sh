@@ -3,7 +3,7 @@
 # (the same build as the binary, so nothing compiles twice), then the deployment checks.
 set -Eeuo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-trap 'rc=$?; printf "[test] FAILED (exit %s) at scripts/test.sh line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
+trap 'printf "[test] FAILED (exit %s) at scripts/test.sh line %s: %s\n" "$?" "$LINENO" "$BASH_COMMAND" >&2' ERR
 "$here/setup.sh"
 source "$here/env.sh"
 cd "$here/.."
