@@ -7,7 +7,12 @@ export SELFPLAY_PYTHON="$VIRTUAL_ENV/bin/python"
 # tch builds against the PyTorch wheel in the venv (torch 2.11.0 for tch 0.24.0).
 export LIBTORCH_USE_PYTORCH=1
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SELFPLAY_CACHE/target}"
-_torch_lib=$(ls -d "$VIRTUAL_ENV"/lib/python3*/site-packages/torch/lib 2>/dev/null | head -n1)
+# No venv yet (a brand-new machine): nothing to add. Must not fail under `set -euo pipefail`.
+_torch_lib=""
+for _d in "$VIRTUAL_ENV"/lib/python3*/site-packages/torch/lib; do
+  if [ -d "$_d" ]; then _torch_lib="$_d"; break; fi
+done
+unset _d
 if [ -n "$_torch_lib" ]; then
   export LD_LIBRARY_PATH="$_torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi

@@ -13,6 +13,7 @@ use selfplay_proto::v1::learner_client::LearnerClient;
 use selfplay_proto::v1::{
     CompleteWorkRequest, FetchWeightsRequest, HeartbeatRequest, JoinRequest, LeaseWorkRequest, LeaveRequest,
 };
+use selfplay_proto::error::RpcError;
 use selfplay_proto::weights::WeightAssembler;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,8 +24,10 @@ use tokio_stream::StreamExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActorError {
-    #[error("{what}: {message}")]
-    Rpc { what: &'static str, message: String },
+    #[error(transparent)]
+    Rpc(#[from] selfplay_proto::error::RpcError),
+    #[error("connect: {0}")]
+    Connect(String),
     #[error("weights: {0}")]
     Weights(String),
     #[error(transparent)]
@@ -35,6 +38,8 @@ pub enum ActorError {
 
 #[derive(Debug, Clone)]
 pub struct ActorOptions {
+    /// The run this actor belongs to (empty: any); another run's coordinator refuses it.
+    pub run_id: String,
     pub coordinator: String,
     pub learner: String,
     pub token: BearerToken,
@@ -106,7 +111,7 @@ async fn connect(
 ) -> Result<tonic::transport::Channel, ActorError> {
     selfplay_proto::client::connect_with_backoff(address, tls_ca, patience)
         .await
-        .map_err(|message| ActorError::Rpc { what: "connect", message })
+        .map_err(ActorError::Connect)
 }
 
 /// Retries a call while the peer is unavailable (restarting), with backoff.
@@ -115,9 +120,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    selfplay_proto::client::retry_unavailable(what, patience, f)
-        .await
-        .map_err(|s| ActorError::Rpc { what, message: format!("{:?}: {}", s.code(), s.message()) })
+    selfplay_proto::client::retry_unavailable(what, patience, f).await.map_err(|s| RpcError::new(what, &s).into())
 }
 
 /// Decodes a verified weights payload into named tensors.
@@ -163,7 +166,7 @@ pub fn run(
     })?;
     let device = format!("{:?}", player.policy.model.device());
     let join = |conn: &mut Conn| -> Result<u64, ActorError> {
-        let req = JoinRequest { actor_id: opts.actor_id.clone(), device: device.clone() };
+        let req = JoinRequest { actor_id: opts.actor_id.clone(), device: device.clone(), run_id: opts.run_id.clone() };
         let r = rt.block_on(retry("Join", patience, || {
             let mut c = conn.coord.clone();
             let r = req.clone();
@@ -200,6 +203,11 @@ pub fn run(
     let mut fetch_buffer: Vec<u8> = Vec::new();
     // When weight fetches started failing in a row (None while they succeed).
     let mut failing_since: Option<Instant> = None;
+    // The (epoch, version) of the weights loaded; None: the model from disk, which no epoch
+    // vouches for, so the first unit fetches the weights of its epoch.
+    let mut held: Option<(u64, u64)> = None;
+    // No payload can be larger than the model in f32: refused before anything is reserved.
+    let max_payload: u64 = player.policy.model.parameters().iter().map(|(_, t)| t.numel() as u64 * 4).sum();
     while !stop.load(Ordering::SeqCst) {
         if rejoin.swap(false, Ordering::SeqCst) {
             tracing::info!(actor = %opts.actor_id, "the coordinator forgot this actor; joining again");
@@ -212,7 +220,7 @@ pub fn run(
         }));
         let lease = match lease {
             Ok(r) => r.into_inner(),
-            Err(ActorError::Rpc { message, .. }) if message.starts_with("FailedPrecondition") => {
+            Err(ActorError::Rpc(e)) if e.is_precondition() => {
                 rejoin.store(true, Ordering::SeqCst);
                 continue;
             }
@@ -222,77 +230,91 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(lease.retry_after_ms.clamp(10, 1000)));
             continue;
         };
+        let epoch = unit.epoch;
 
-        // Weights at least as new as the unit needs.
-        if unit.min_weights_version > version.load(Ordering::SeqCst) {
+        // Weights of the unit's epoch, at least as new as the unit needs. Weights of another
+        // epoch may belong to a future the learner no longer has (it restarted from an older
+        // checkpoint): they are never used for a unit of this one.
+        let usable = |h: Option<(u64, u64)>| h.is_some_and(|(e, v)| e == epoch && v >= unit.min_weights_version);
+        if !usable(held) {
             let t0 = Instant::now();
-            let fetched = rt.block_on(async {
-                let mut c = conn.coord.clone();
-                let mut stream = retry("FetchWeights", patience, || {
-                    let mut c2 = c.clone();
-                    async move { c2.fetch_weights(FetchWeightsRequest { version: 0 }).await }
-                })
-                .await?
-                .into_inner();
-                let _ = &mut c;
-                let mut asm = WeightAssembler::with_buffer(std::mem::take(&mut fetch_buffer));
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk
-                        .map_err(|s| ActorError::Rpc { what: "FetchWeights", message: s.message().to_string() })?;
-                    asm.push(chunk).map_err(|e| ActorError::Weights(e.to_string()))?;
+            let loaded = (|| -> Result<Option<(u64, usize)>, ActorError> {
+                let (manifest, payload) = rt.block_on(async {
+                    let c = conn.coord.clone();
+                    let mut stream = retry("FetchWeights", patience, || {
+                        let mut c2 = c.clone();
+                        async move { c2.fetch_weights(FetchWeightsRequest { version: 0 }).await }
+                    })
+                    .await?
+                    .into_inner();
+                    let mut asm = WeightAssembler::with_buffer(std::mem::take(&mut fetch_buffer)).with_limit(max_payload);
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk.map_err(|s| RpcError::new("FetchWeights", &s))?;
+                        asm.push(chunk).map_err(|e| ActorError::Weights(e.to_string()))?;
+                    }
+                    asm.finish().map_err(|e| ActorError::Weights(e.to_string()))
+                })?;
+                if manifest.epoch != epoch || manifest.version < unit.min_weights_version {
+                    // The epoch's weights are not published yet.
+                    fetch_buffer = payload;
+                    return Ok(None);
                 }
-                asm.finish().map_err(|e| ActorError::Weights(e.to_string()))
-            });
-            let (manifest, payload) = match fetched {
-                Ok(x) => {
+                let tensors = decode_weights(&manifest, &payload)?;
+                let n = payload.len();
+                fetch_buffer = payload;
+                // A failed load leaves the model half-written: nothing is usable until a load
+                // succeeds.
+                held = None;
+                player.policy.model.set_weights(&tensors)?;
+                Ok(Some((manifest.version, n)))
+            })();
+            match loaded {
+                Ok(Some((v, bytes))) => {
                     failing_since = None;
-                    x
+                    held = Some((epoch, v));
+                    version.store(v, Ordering::SeqCst);
+                    metrics::histogram!("selfplay_actor_weight_fetch_seconds").record(t0.elapsed().as_secs_f64());
+                    metrics::counter!("selfplay_actor_weight_fetch_bytes_total").increment(bytes as u64);
+                    metrics::gauge!("selfplay_actor_weights_version").set(v as f64);
+                    tracing::info!(actor = %opts.actor_id, version = v, epoch, bytes, secs = t0.elapsed().as_secs_f64(), "weights loaded");
+                }
+                Ok(None) => {
+                    // Not published yet: give the unit back and try again shortly.
+                    complete(&rt, &conn, &opts, &unit.unit_id, false, epoch);
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
                 }
                 // No version stored yet (a coordinator that restarted before the learner
-                // republished), a stream cut short, a corrupt chunk: hand the unit back and try
-                // again, for up to `patience`.
+                // republished), a stream cut short, a corrupt chunk, a payload that does not
+                // fit the model: hand the unit back and try again, for up to `patience`.
                 Err(e) => {
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > patience {
                         return Err(e);
                     }
-                    tracing::warn!(actor = %opts.actor_id, unit = %unit.unit_id, error = %e, "fetching weights failed; handing the unit back and retrying");
+                    tracing::warn!(actor = %opts.actor_id, unit = %unit.unit_id, error = %e, "loading weights failed; handing the unit back and retrying");
                     metrics::counter!("selfplay_actor_units_failed_total", "reason" => "weights").increment(1);
-                    let _ = complete(&rt, &conn, &opts, &unit.unit_id, false);
+                    complete(&rt, &conn, &opts, &unit.unit_id, false, epoch);
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }
-            };
-            if manifest.version < unit.min_weights_version {
-                // Not published yet: give the unit back and try again shortly.
-                let _ = complete(&rt, &conn, &opts, &unit.unit_id, false);
-                fetch_buffer = payload;
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
             }
-            let tensors = decode_weights(&manifest, &payload)?;
-            player.policy.model.set_weights(&tensors)?;
-            version.store(manifest.version, Ordering::SeqCst);
-            metrics::histogram!("selfplay_actor_weight_fetch_seconds").record(t0.elapsed().as_secs_f64());
-            metrics::counter!("selfplay_actor_weight_fetch_bytes_total").increment(payload.len() as u64);
-            metrics::gauge!("selfplay_actor_weights_version").set(manifest.version as f64);
-            tracing::info!(actor = %opts.actor_id, version = manifest.version, bytes = payload.len(), secs = t0.elapsed().as_secs_f64(), "weights loaded");
-            fetch_buffer = payload;
         }
 
         let unit_id = unit.unit_id.clone();
         let v = version.load(Ordering::SeqCst);
         let played = player.play(&unit.into(), v, &opts.actor_id);
-        let (group, stats) = match played {
+        let (mut group, stats) = match played {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(unit = %unit_id, error = %e, "playing the unit failed; handing it back");
                 metrics::counter!("selfplay_actor_units_failed_total", "reason" => "play").increment(1);
                 summary.units_failed += 1;
-                let _ = complete(&rt, &conn, &opts, &unit_id, false);
+                complete(&rt, &conn, &opts, &unit_id, false, epoch);
                 continue;
             }
         };
+        group.epoch = epoch;
         metrics::counter!("selfplay_actor_tokens_generated_total").increment(stats.generated_tokens);
         metrics::histogram!("selfplay_actor_generation_seconds").record(stats.generation_seconds);
         metrics::histogram!("selfplay_actor_play_seconds").record(group.play_seconds);
@@ -318,26 +340,27 @@ pub fn run(
         }));
         match ack {
             Ok(a) if a.accepted || a.duplicate => {
-                complete(&rt, &conn, &opts, &unit_id, true)?;
-                metrics::counter!("selfplay_actor_units_done_total").increment(1);
-                summary.units_done += 1;
+                if complete(&rt, &conn, &opts, &unit_id, true, epoch) {
+                    metrics::counter!("selfplay_actor_units_done_total").increment(1);
+                    summary.units_done += 1;
+                }
             }
             Ok(a) => {
                 tracing::warn!(unit = %unit_id, reason = %a.reason, "the learner rejected the group; handing the unit back");
                 metrics::counter!("selfplay_actor_units_failed_total", "reason" => "rejected").increment(1);
                 summary.units_failed += 1;
-                complete(&rt, &conn, &opts, &unit_id, false)?;
+                complete(&rt, &conn, &opts, &unit_id, false, epoch);
             }
             Err(e) if stop.load(Ordering::SeqCst) => {
                 // Stopping: the learner may already be gone; the unit goes back to the queue.
                 tracing::info!(unit = %unit_id, error = %e, "stopping: the group was not delivered; handing the unit back");
-                let _ = complete(&rt, &conn, &opts, &unit_id, false);
+                complete(&rt, &conn, &opts, &unit_id, false, epoch);
             }
             Err(e) => {
                 tracing::warn!(unit = %unit_id, error = %e, "submitting failed; handing the unit back");
                 metrics::counter!("selfplay_actor_units_failed_total", "reason" => "submit").increment(1);
                 summary.units_failed += 1;
-                let _ = complete(&rt, &conn, &opts, &unit_id, false);
+                complete(&rt, &conn, &opts, &unit_id, false, epoch);
             }
         }
     }
@@ -351,20 +374,31 @@ pub fn run(
     Ok(summary)
 }
 
+/// Reports a unit (done, or handed back). Whether it was recorded: a report the coordinator
+/// refuses (the learner began a new epoch meanwhile, or it no longer knows this actor) or
+/// that cannot be delivered changes nothing there, and the unit comes back to some actor by
+/// itself (epoch reset or lease expiry), so it is logged, never fatal.
 fn complete(
     rt: &tokio::runtime::Handle,
     conn: &Conn,
     opts: &ActorOptions,
     unit_id: &str,
     done: bool,
-) -> Result<(), ActorError> {
-    let req = CompleteWorkRequest { actor_id: opts.actor_id.clone(), unit_id: unit_id.to_string(), done };
-    rt.block_on(retry("CompleteWork", opts.patience, || {
+    epoch: u64,
+) -> bool {
+    let req = CompleteWorkRequest { actor_id: opts.actor_id.clone(), unit_id: unit_id.to_string(), done, epoch };
+    let r = rt.block_on(retry("CompleteWork", opts.patience, || {
         let mut c = conn.coord.clone();
         let r = req.clone();
         async move { c.complete_work(r).await }
-    }))?;
-    Ok(())
+    }));
+    match r {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::info!(unit = %unit_id, done, error = %e, "the unit report was not recorded");
+            false
+        }
+    }
 }
 
 /// Default actor name: host name and process id.

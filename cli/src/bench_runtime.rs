@@ -650,7 +650,7 @@ async fn sim_actor(
         let mut c = c.clone();
         async move {
             loop {
-                match c.join(v1::JoinRequest { actor_id: id.clone(), device: "sim".into() }).await {
+                match c.join(v1::JoinRequest { actor_id: id.clone(), device: "sim".into(), run_id: String::new() }).await {
                     Ok(_) => {
                         counts.join.fetch_add(1, Relaxed);
                         return;
@@ -677,7 +677,7 @@ async fn sim_actor(
                             tokio::time::sleep(play).await;
                         }
                         let t0 = Instant::now();
-                        let req = v1::CompleteWorkRequest { actor_id: id.clone(), unit_id: u.unit_id, done: true };
+                        let req = v1::CompleteWorkRequest { actor_id: id.clone(), unit_id: u.unit_id, done: true, epoch: u.epoch };
                         match c.complete_work(req).await {
                             Ok(_) => {
                                 counts.complete_us.fetch_add(us_since(t0), Relaxed);
@@ -762,6 +762,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let token = BearerToken::generate();
     let token_file = tmp.path().join("token");
     std::fs::write(&token_file, token.secret())?;
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let ready = tmp.path().join("ready.json");
     let log = tmp.path().join("coordinator.log");
     let exe = std::env::current_exe()?;
@@ -968,6 +969,7 @@ fn synthetic_group(i: usize, rng: &mut selfplay_policy::generate::SplitMix64, a:
             })
             .collect(),
         play_seconds: 1.0,
+        epoch: 0,
     }
 }
 

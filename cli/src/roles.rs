@@ -16,7 +16,8 @@ pub struct ConfigArgs {
     /// TOML run configuration (every knob; see configs/).
     #[arg(long, env = "SELFPLAY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Override one config key, e.g. --set game.group_size=4 (repeatable).
+    /// Override one config key, e.g. --set game.group_size=4 (repeatable; no environment
+    /// variable: put lasting settings in the --config file).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
 }
@@ -57,7 +58,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SELFPLAY_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
     /// Write {"grpc": ..., "metrics": ...} here once serving (for scripts and tests).
-    #[arg(long)]
+    #[arg(long, env = "SELFPLAY_READY_FILE")]
     pub ready_file: Option<PathBuf>,
 }
 
@@ -107,17 +108,17 @@ pub struct TrainArgs {
     pub config: ConfigArgs,
     #[command(flatten)]
     pub serve: ServeArgs,
-    /// Actors in this process (default: 1 on CPU, 1 per GPU otherwise).
-    #[arg(long)]
+    /// Actors in this process (default: 1).
+    #[arg(long, env = "SELFPLAY_ACTORS")]
     pub actors: Option<usize>,
     /// Continue from the newest checkpoint in run.out_dir.
-    #[arg(long)]
+    #[arg(long, env = "SELFPLAY_RESUME")]
     pub resume: bool,
     /// 0 = synchronous on-policy (the paper); k > 0 = asynchronous, groups up to k versions old.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "SELFPLAY_MAX_POLICY_LAG", default_value_t = 0)]
     pub max_policy_lag: u64,
     /// Dtype of weights on the wire: auto (the model's), f32 or bf16.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, env = "SELFPLAY_WIRE_DTYPE", default_value = "auto")]
     pub wire_dtype: String,
 }
 
@@ -201,6 +202,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             let failed_tx = failed_tx.clone();
             let (cfg, stop, token, rt) = (cfg.clone(), stop.clone(), token.clone(), tokio::runtime::Handle::current());
             let opts = selfplay_actor::ActorOptions {
+                run_id: String::new(),
                 coordinator: coord_addr.clone(),
                 learner: learner_addr.clone(),
                 token,
@@ -270,20 +272,32 @@ pub fn train(args: TrainArgs) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct CoordinatorArgs {
+    /// gRPC address to serve on.
     #[arg(long, env = "SELFPLAY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
+    /// Durable state (membership, units, stored weight versions); reloaded on restart.
     #[arg(long, env = "SELFPLAY_STATE_DIR", default_value = "selfplay-coordinator")]
     pub state_dir: PathBuf,
-    #[arg(long, default_value_t = 10_000)]
+    /// An actor without a heartbeat for this long is dropped and its units re-issued.
+    #[arg(long, env = "SELFPLAY_LEASE_TTL_MS", default_value_t = 10_000)]
     pub lease_ttl_ms: u64,
-    #[arg(long, default_value_t = 2)]
+    /// Weight versions kept in the store.
+    #[arg(long, env = "SELFPLAY_KEEP_VERSIONS", default_value_t = 2)]
     pub keep_versions: usize,
-    #[arg(long, default_value_t = 0)]
+    /// Run seed: every work unit's sampling seed derives from (seed, step, unit); pass the
+    /// run config's run.seed.
+    #[arg(long, env = "SELFPLAY_SEED", default_value_t = 0)]
     pub seed: u64,
-    #[arg(long)]
+    /// Serve TLS: certificate (PEM); needs --tls-key.
+    #[arg(long, env = "SELFPLAY_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    #[arg(long)]
+    /// Serve TLS: private key (PEM); needs --tls-cert.
+    #[arg(long, env = "SELFPLAY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Delete the state directory's contents first (a new run on an old volume). Without it,
+    /// the coordinator resumes its state and refuses a learner of another run.
+    #[arg(long, env = "SELFPLAY_FRESH")]
+    pub fresh: bool,
     #[command(flatten)]
     pub auth: AuthArgs,
     #[command(flatten)]
@@ -291,6 +305,16 @@ pub struct CoordinatorArgs {
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    if args.fresh && args.state_dir.exists() {
+        for e in std::fs::read_dir(&args.state_dir)? {
+            let p = e?.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p)?;
+            } else {
+                std::fs::remove_file(&p)?;
+            }
+        }
+    }
     let rt = runtime()?;
     rt.block_on(async {
         let tele = telemetry::serve(&args.serve.metrics_addr).await?;
@@ -325,22 +349,33 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
 pub struct LearnerArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
+    /// Coordinator URL (https:// with --tls-ca).
     #[arg(long, env = "SELFPLAY_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
+    /// gRPC address to serve on (actors submit their groups here).
     #[arg(long, env = "SELFPLAY_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: String,
-    #[arg(long)]
+    /// Continue from the newest checkpoint in run.out_dir (a fresh start when there is none).
+    #[arg(long, env = "SELFPLAY_RESUME", conflicts_with = "fresh")]
     pub resume: bool,
-    #[arg(long, default_value_t = 0)]
+    /// Start a new run in run.out_dir, deleting the checkpoints, step log and run id an earlier
+    /// run left there. Without it (or --resume), a run.out_dir holding checkpoints is refused.
+    #[arg(long, env = "SELFPLAY_FRESH")]
+    pub fresh: bool,
+    /// 0 = synchronous on-policy (the paper); k > 0 = asynchronous, groups up to k versions old.
+    #[arg(long, env = "SELFPLAY_MAX_POLICY_LAG", default_value_t = 0)]
     pub max_policy_lag: u64,
-    #[arg(long, default_value_t = 1)]
+    /// Publish weights to the coordinator every this many steps.
+    #[arg(long, env = "SELFPLAY_PUBLISH_EVERY", default_value_t = 1)]
     pub publish_every: u64,
-    #[arg(long, default_value = "auto")]
+    /// Dtype of weights on the wire: auto (the model's), f32 or bf16.
+    #[arg(long, env = "SELFPLAY_WIRE_DTYPE", default_value = "auto")]
     pub wire_dtype: String,
-    /// Serve TLS: certificate and key (PEM).
-    #[arg(long, requires = "tls_key")]
+    /// Serve TLS: certificate (PEM); needs --tls-key.
+    #[arg(long, env = "SELFPLAY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
-    #[arg(long, requires = "tls_cert")]
+    /// Serve TLS: private key (PEM); needs --tls-cert.
+    #[arg(long, env = "SELFPLAY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// CA certificate (PEM) that signed the coordinator's certificate.
     #[arg(long, env = "SELFPLAY_TLS_CA")]
@@ -359,6 +394,21 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
         let tele = telemetry::serve(&args.serve.metrics_addr).await?;
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
+        if args.fresh {
+            for name in ["checkpoints", "steps.jsonl", "run.json"] {
+                let p = cfg.run.out_dir.join(name);
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p)?;
+                } else if p.exists() {
+                    std::fs::remove_file(&p)?;
+                }
+            }
+        } else if !args.resume && selfplay_learner::latest_checkpoint(&cfg.run.out_dir).is_some() {
+            bail!(
+                "{} already holds checkpoints of a run: pass --resume to continue it, --fresh to start over, or choose another run.out_dir",
+                cfg.run.out_dir.display()
+            );
+        }
         std::fs::create_dir_all(&cfg.run.out_dir)?;
         let opts = selfplay_learner::LearnerOptions {
             coordinator: args.coordinator.clone(),
@@ -386,13 +436,16 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
 pub struct ActorArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
+    /// Coordinator URL (https:// with --tls-ca).
     #[arg(long, env = "SELFPLAY_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
+    /// Learner URL (https:// with --tls-ca).
     #[arg(long, env = "SELFPLAY_LEARNER", default_value = "http://127.0.0.1:50052")]
     pub learner: String,
     /// Remote reward server (reward.kind = remote).
     #[arg(long, env = "SELFPLAY_REWARD")]
     pub reward: Option<String>,
+    /// Name at the coordinator (default: host name and process id).
     #[arg(long, env = "SELFPLAY_ACTOR_ID")]
     pub actor_id: Option<String>,
     /// CA certificate (PEM) that signed the coordinator's and learner's certificates.
@@ -433,6 +486,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
         });
     }
     let opts = selfplay_actor::ActorOptions {
+        run_id: cfg.run.id.clone(),
         coordinator: args.coordinator.clone(),
         learner: args.learner.clone(),
         token,
@@ -451,12 +505,15 @@ pub fn actor(args: ActorArgs) -> Result<()> {
 #[derive(clap::Args, Debug)]
 pub struct RewardServerArgs {
     /// A LlamaForSequenceClassification directory.
-    #[arg(long)]
+    #[arg(long, env = "SELFPLAY_REWARD_MODEL")]
     pub model: PathBuf,
-    #[arg(long, default_value = "auto")]
+    /// auto (cuda when available), cpu, cuda or cuda:N.
+    #[arg(long, env = "SELFPLAY_DEVICE", default_value = "auto")]
     pub device: String,
-    #[arg(long, default_value = "f32")]
+    /// f32, bf16 or f16.
+    #[arg(long, env = "SELFPLAY_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// gRPC address to serve on.
     #[arg(long, env = "SELFPLAY_LISTEN", default_value = "127.0.0.1:50053")]
     pub listen: String,
     #[command(flatten)]
@@ -503,10 +560,11 @@ fn nodelay_incoming(l: tokio::net::TcpListener) -> tonic::transport::server::Tcp
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
+    /// Coordinator URL (https:// with --tls-ca).
     #[arg(long, env = "SELFPLAY_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
     /// Print the raw status as JSON.
-    #[arg(long)]
+    #[arg(long, env = "SELFPLAY_STATUS_JSON")]
     pub json: bool,
     /// CA certificate (PEM) of an https coordinator.
     #[arg(long, env = "SELFPLAY_TLS_CA")]

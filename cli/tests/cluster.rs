@@ -1,262 +1,11 @@
 //! The distributed runtime as real processes on 127.0.0.1 with ports chosen by the OS:
 //! coordinator, learner and actors of the `selfplay` binary, on tiny random models.
+mod common;
+use common::*;
 use selfplay_proto::auth::BearerToken;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const TOKEN: &str = "test-token-0123456789abcdef";
-const N: usize = 3;
-
-struct Proc {
-    child: Child,
-    name: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Cluster {
-    dir: PathBuf,
-    config: PathBuf,
-    /// Serve and connect with TLS (certificates in `dir`).
-    tls: bool,
-    coordinator_addr: Option<String>,
-    learner_addr: Option<String>,
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_selfplay")
-}
-
-fn wait_ready(path: &Path, what: &str) -> serde_json::Value {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Ok(v) = serde_json::from_str(&text) {
-                return v;
-            }
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "{what} never became ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-impl Cluster {
-    fn new(extra: &[&str]) -> (tempfile::TempDir, Cluster) {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let model = dir.join("model");
-        let rm = dir.join("rm");
-        std::fs::create_dir_all(&model).unwrap();
-        std::fs::create_dir_all(&rm).unwrap();
-        selfplay_tests::tiny_model(&model, "gqa_tied", 7);
-        selfplay_tests::tiny_reward_model(&rm, "gqa_tied", 8);
-        let mut cfg = format!(
-            "[run]\nseed = 3\nsteps = 5\nout_dir = {:?}\ncheckpoint_every = 2\nkeep_checkpoints = 10\n\
-             [model]\npath = {:?}\ndevice = \"cpu\"\n\
-             [game]\nmode = \"lsp-zero\"\nqueries_per_step = {N}\ngroup_size = 2\n\
-             [challenger]\nmax_new_tokens = 6\n[solver]\nmax_new_tokens = 8\n\
-             [reward]\nkind = \"model\"\npath = {:?}\n[optim]\nlr = 1e-3\ngrad_accum = 1\n",
-            dir.join("run").to_str().unwrap(),
-            model.to_str().unwrap(),
-            rm.to_str().unwrap()
-        );
-        for e in extra {
-            cfg.push_str(e);
-            cfg.push('\n');
-        }
-        let config = dir.join("run.toml");
-        std::fs::write(&config, cfg).unwrap();
-        (tmp, Cluster { dir, config, tls: false, coordinator_addr: None, learner_addr: None })
-    }
-
-    fn scheme(&self) -> &'static str {
-        if self.tls {
-            "https"
-        } else {
-            "http"
-        }
-    }
-
-    fn tls_server_args(&self) -> Vec<String> {
-        if !self.tls {
-            return vec![];
-        }
-        let p = |n: &str| self.dir.join(n).to_str().unwrap().to_string();
-        vec!["--tls-cert".into(), p("cert.pem"), "--tls-key".into(), p("key.pem")]
-    }
-
-    fn tls_client_args(&self) -> Vec<String> {
-        if !self.tls {
-            return vec![];
-        }
-        vec!["--tls-ca".into(), self.dir.join("ca.pem").to_str().unwrap().to_string()]
-    }
-
-    fn spawn(&self, name: &str, args: &[String]) -> Proc {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(bin())
-            .args(["--threads", "1", "--log", "info"])
-            .args(args)
-            .env("SELFPLAY_TOKEN", TOKEN)
-            .env_remove("SELFPLAY_TOKEN_FILE")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Proc { child, name: name.to_string() }
-    }
-
-    fn coordinator(&mut self, listen: &str) -> Proc {
-        let ready = self.dir.join("coordinator.ready");
-        let _ = std::fs::remove_file(&ready);
-        let mut args: Vec<String> = vec![
-            "coordinator".into(),
-            "--listen".into(),
-            listen.into(),
-            "--state-dir".into(),
-            self.dir.join("state").to_str().unwrap().into(),
-            "--lease-ttl-ms".into(),
-            "1500".into(),
-            "--seed".into(),
-            "3".into(),
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
-            "--ready-file".into(),
-            ready.to_str().unwrap().into(),
-        ];
-        args.extend(self.tls_server_args());
-        let p = self.spawn("coordinator", &args);
-        let r = wait_ready(&ready, "coordinator");
-        self.coordinator_addr = Some(format!("{}://{}", self.scheme(), r["grpc"].as_str().unwrap()));
-        p
-    }
-
-    fn learner(&mut self, extra: &[&str]) -> Proc {
-        let ready = self.dir.join("learner.ready");
-        let _ = std::fs::remove_file(&ready);
-        let mut args: Vec<String> = vec![
-            "learner".into(),
-            "--config".into(),
-            self.config.to_str().unwrap().into(),
-            "--coordinator".into(),
-            self.coordinator_addr.clone().unwrap(),
-            "--listen".into(),
-            self.learner_addr
-                .clone()
-                .map(|a| a.split("://").nth(1).unwrap().to_string())
-                .unwrap_or("127.0.0.1:0".into()),
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
-            "--ready-file".into(),
-            ready.to_str().unwrap().into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args.extend(self.tls_server_args());
-        args.extend(self.tls_client_args());
-        let p = self.spawn("learner", &args);
-        let r = wait_ready(&ready, "learner");
-        self.learner_addr = Some(format!("{}://{}", self.scheme(), r["grpc"].as_str().unwrap()));
-        p
-    }
-
-    fn actor(&self, id: &str) -> Proc {
-        self.actor_with(id, &[])
-    }
-
-    fn actor_with(&self, id: &str, extra: &[String]) -> Proc {
-        let mut args: Vec<String> = vec![
-            "actor".into(),
-            "--config".into(),
-            self.config.to_str().unwrap().into(),
-            "--coordinator".into(),
-            self.coordinator_addr.clone().unwrap(),
-            "--learner".into(),
-            self.learner_addr.clone().unwrap(),
-            "--actor-id".into(),
-            id.into(),
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
-        ];
-        args.extend(self.tls_client_args());
-        args.extend(extra.iter().cloned());
-        self.spawn(id, &args)
-    }
-
-    fn steps(&self) -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(self.dir.join("run/steps.jsonl")).unwrap_or_default();
-        // Only whole lines: the learner may be writing the next one right now.
-        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        whole.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-    }
-
-    fn wait_steps(&self, n: usize, procs: &mut [&mut Proc]) {
-        let t0 = Instant::now();
-        while self.steps().len() < n {
-            for p in procs.iter_mut() {
-                if let Ok(Some(status)) = p.child.try_wait() {
-                    panic!("{} exited with {status} before step {n}:\n{}", p.name, self.log(&p.name));
-                }
-            }
-            assert!(t0.elapsed() < Duration::from_secs(300), "no step {n} after 300 s:\n{}", self.log("learner"));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn wait_exit(&self, p: &mut Proc) {
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = p.child.try_wait().unwrap() {
-                assert!(s.success(), "{} failed: {s}\n{}", p.name, self.log(&p.name));
-                return;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(300), "{} did not finish:\n{}", p.name, self.log(&p.name));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-        text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
-    }
-
-    /// Every step used exactly N distinct units of its own step; no unit twice in the run.
-    fn check_steps(&self, n_steps: usize) -> Vec<serde_json::Value> {
-        let steps = self.steps();
-        assert_eq!(steps.len(), n_steps, "steps logged");
-        let mut seen = HashSet::new();
-        for (i, s) in steps.iter().enumerate() {
-            assert_eq!(s["stats"]["step"].as_u64(), Some(i as u64 + 1));
-            let units = s["units"].as_array().unwrap();
-            assert_eq!(units.len(), N, "step {} has {} groups", i + 1, units.len());
-            for u in units {
-                let id = u["unit_id"].as_str().unwrap().to_string();
-                assert!(seen.insert(id.clone()), "unit {id} consumed twice");
-            }
-        }
-        steps
-    }
-
-    fn final_weights(&self) -> Vec<u8> {
-        let ckpt = selfplay_learner::latest_checkpoint(&self.dir.join("run")).expect("a checkpoint");
-        std::fs::read(ckpt.join("model.safetensors")).unwrap()
-    }
-}
-
-fn status(addr: &str) -> selfplay_proto::v1::StatusResponse {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(addr.to_string()).unwrap().connect().await.unwrap();
-        let mut c = selfplay_proto::client::coordinator_client(ch, &BearerToken::new(TOKEN).unwrap());
-        c.status(selfplay_proto::v1::StatusRequest {}).await.unwrap().into_inner()
-    })
-}
 
 #[test]
 fn two_actors_five_steps_each_with_n_distinct_units() {
@@ -316,20 +65,23 @@ fn killed_actor_unit_is_reissued_and_late_joiner_fetches_weights() {
     // freeze the actor first and make sure it still holds its unit before killing it.
     let addr = c.coordinator_addr.clone().unwrap();
     let pid = a.child.id().to_string();
-    let holds = |addr: &str| status(addr).actors.iter().any(|x| x.actor_id == "actor-a" && !x.units.is_empty());
+    let held = |addr: &str| {
+        status(addr).actors.into_iter().find(|x| x.actor_id == "actor-a").map(|x| x.units).unwrap_or_default()
+    };
     let t0 = Instant::now();
-    loop {
+    let frozen_units = loop {
         assert!(t0.elapsed() < Duration::from_secs(60), "actor-a never held a unit");
-        if !holds(&addr) {
+        if held(&addr).is_empty() {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
         Command::new("kill").args(["-STOP", &pid]).status().unwrap();
-        if holds(&addr) {
-            break;
+        let units = held(&addr);
+        if !units.is_empty() {
+            break units;
         }
         Command::new("kill").args(["-CONT", &pid]).status().unwrap();
-    }
+    };
     a.child.kill().unwrap();
     let _ = a.child.wait();
     c.wait_steps(3, &mut [&mut learner]);
@@ -340,17 +92,23 @@ fn killed_actor_unit_is_reissued_and_late_joiner_fetches_weights() {
     let _ = b.child.wait();
     c.wait_exit(&mut learner);
     let steps = c.check_steps(5);
-    let late_units: Vec<&serde_json::Value> = steps
-        .iter()
-        .flat_map(|s| s["units"].as_array().unwrap().iter())
-        .filter(|u| u["actor_id"] == "actor-late")
-        .collect();
+    let trained: Vec<&serde_json::Value> = steps.iter().flat_map(|s| s["units"].as_array().unwrap().iter()).collect();
+    let late_units: Vec<&&serde_json::Value> = trained.iter().filter(|u| u["actor_id"] == "actor-late").collect();
     assert!(!late_units.is_empty(), "the late actor contributed");
     assert!(late_units.iter().all(|u| u["weights_version"].as_u64().unwrap() >= 3));
     let log = std::fs::read_to_string(c.dir.join("actor-late.log")).unwrap();
     assert!(log.contains("weights loaded"), "late actor fetched weights:\n{log}");
+    // Every unit the killed actor held was trained: delivered before the freeze (then by
+    // actor-a), or re-issued to another actor after its lease expired (then counted).
     let st = status(c.coordinator_addr.as_ref().unwrap());
-    assert!(st.units_reissued_total >= 1, "the killed actor's unit came back: {st:?}");
+    for unit in &frozen_units {
+        let by = trained.iter().find(|u| u["unit_id"] == unit.as_str()).map(|u| u["actor_id"].as_str().unwrap());
+        match by {
+            Some("actor-a") => {}
+            Some(_) => assert!(st.units_reissued_total >= 1, "{unit} was played again but not counted: {st:?}"),
+            None => panic!("{unit}, held by the killed actor, was never trained"),
+        }
+    }
     drop(late);
 }
 
@@ -421,7 +179,7 @@ fn coordinator_restart_mid_run() {
 #[test]
 fn coordinator_restarted_without_its_state() {
     let log = restart_coordinator_mid_run(true);
-    assert!(log.contains("the coordinator lost the published weights"), "{log}");
+    assert!(log.contains("the coordinator lost this learner's epoch or weights"), "{log}");
 }
 
 #[test]
@@ -456,7 +214,7 @@ fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
-fn valid_group(unit: &str) -> selfplay_proto::v1::RolloutGroup {
+fn valid_group(unit: &str, epoch: u64) -> selfplay_proto::v1::RolloutGroup {
     use selfplay_proto::v1::{Answer, RolloutGroup, Sequence};
     let seq = || Sequence {
         prompt_ids: vec![3, 10, 11, 4],
@@ -475,6 +233,7 @@ fn valid_group(unit: &str) -> selfplay_proto::v1::RolloutGroup {
             .map(|i| Answer { sequence: Some(seq()), reward: i as f32, self_reward: 0.0, self_reward_parsed: true })
             .collect(),
         play_seconds: 0.0,
+        epoch,
     }
 }
 
@@ -486,6 +245,12 @@ fn bad_input_gets_clear_errors_and_the_run_is_unaffected() {
     let mut learner = c.learner(&[]);
     let learner_addr = c.learner_addr.clone().unwrap();
     let metrics_addr = wait_ready(&c.dir.join("learner.ready"), "learner")["metrics"].as_str().unwrap().to_string();
+    // The learner takes groups once it began its epoch and published its weights.
+    let epoch = wait_status(c.coordinator_addr.as_ref().unwrap(), "the learner's first epoch", |s| {
+        s.epoch >= 1 && !s.weight_versions.is_empty()
+    })
+    .epoch;
+    let valid_group = |unit: &str| valid_group(unit, epoch);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let submit = |token: &str, g: selfplay_proto::v1::RolloutGroup| {
         let addr = learner_addr.clone();
@@ -541,7 +306,8 @@ fn bad_input_gets_clear_errors_and_the_run_is_unaffected() {
                 g.answers.pop();
             }),
         ),
-        ("log-probs must be finite and <= 0", Box::new(|g| g.challenger.as_mut().unwrap().ref_logprobs[0] = 3.0)),
+        ("log-probs must be finite and in", Box::new(|g| g.challenger.as_mut().unwrap().ref_logprobs[0] = 3.0)),
+        ("log-probs must be finite and in", Box::new(|g| g.challenger.as_mut().unwrap().ref_logprobs[0] = -3e38)),
         ("not a unit id", Box::new(|g| g.unit_id = "../../etc".into())),
     ];
     for (want, mutate) in cases {
@@ -559,7 +325,7 @@ fn bad_input_gets_clear_errors_and_the_run_is_unaffected() {
 
     // Counted on /metrics.
     let m = http_get(&metrics_addr, "/metrics");
-    assert!(m.contains("selfplay_learner_groups_rejected_total{reason=\"invalid\"} 5"), "{m}");
+    assert!(m.contains("selfplay_learner_groups_rejected_total{reason=\"invalid\"} 6"), "{m}");
     assert!(m.contains("selfplay_learner_groups_rejected_total{reason=\"duplicate\"} 1"), "{m}");
     assert!(m.contains("selfplay_rpc_rejected_total{role=\"learner\",reason=\"unauthenticated\"} 1"), "{m}");
     assert!(http_get(&metrics_addr, "/health").starts_with("HTTP/1.1 200"));

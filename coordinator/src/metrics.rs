@@ -14,6 +14,8 @@ pub const WEIGHT_BYTES_SERVED: &str = "selfplay_coordinator_weight_bytes_served_
 pub const WEIGHT_VERSIONS_PUBLISHED: &str = "selfplay_coordinator_weight_versions_published_total";
 pub const WEIGHTS_VERSION: &str = "selfplay_coordinator_weights_version";
 pub const RPC_SECONDS: &str = "selfplay_coordinator_rpc_seconds";
+pub const LEARNER_EPOCHS: &str = "selfplay_coordinator_learner_epochs_total";
+pub const LEARNER_EPOCH: &str = "selfplay_coordinator_learner_epoch";
 
 /// Registers every coordinator metric's unit and help text with the installed recorder (and
 /// the shared `selfplay_rpc_rejected_total`). Call once after installing the exporter.
@@ -40,10 +42,16 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Time to handle one Coordinator RPC, by rpc (PublishWeights: the whole upload; FetchWeights: until the stream starts)"
     );
+    describe_counter!(
+        LEARNER_EPOCHS,
+        Unit::Count,
+        "Learner epochs begun (a learner started or restarted from its checkpoint)"
+    );
+    describe_gauge!(LEARNER_EPOCH, Unit::Count, "The current learner epoch (0 = none yet)");
     selfplay_proto::auth::describe_metrics();
     // Counters exist from the start (at 0), so dashboards and rate() see them before events.
     for name in
-        [LEASES_EXPIRED, UNITS_ISSUED, UNITS_REISSUED, UNITS_DONE, WEIGHT_BYTES_SERVED, WEIGHT_VERSIONS_PUBLISHED]
+        [LEASES_EXPIRED, UNITS_ISSUED, UNITS_REISSUED, UNITS_DONE, WEIGHT_BYTES_SERVED, WEIGHT_VERSIONS_PUBLISHED, LEARNER_EPOCHS]
     {
         metrics::counter!(name).increment(0);
     }

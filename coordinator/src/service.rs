@@ -10,7 +10,7 @@ use metrics::{counter, gauge, histogram};
 use selfplay_proto::auth::ServerAuth;
 use selfplay_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use selfplay_proto::v1::{
-    weight_chunk, ActorStatus, CompleteWorkRequest, CompleteWorkResponse, FetchWeightsRequest, HeartbeatRequest,
+    weight_chunk, ActorStatus, BeginEpochRequest, BeginEpochResponse, CompleteWorkRequest, CompleteWorkResponse, FetchWeightsRequest, HeartbeatRequest,
     HeartbeatResponse, JoinRequest, JoinResponse, LeaseWorkRequest, LeaseWorkResponse, LeaveRequest, LeaveResponse,
     OpenStepRequest, OpenStepResponse, PublishWeightsResponse, StatusRequest, StatusResponse, WeightChunk, WorkUnit,
 };
@@ -20,7 +20,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::CoordinatorConfig;
@@ -46,12 +45,16 @@ impl From<StateError> for Status {
     fn from(e: StateError) -> Self {
         let msg = e.to_string();
         match e {
-            StateError::UnknownActor(_) | StateError::UnitCountMismatch { .. } | StateError::ReopenNeeds { .. } => {
-                Status::failed_precondition(msg)
-            }
-            StateError::EmptyActorId | StateError::NoUnits { .. } | StateError::PerUnitCount { .. } => {
-                Status::invalid_argument(msg)
-            }
+            StateError::UnknownActor(_)
+            | StateError::UnitCountMismatch { .. }
+            | StateError::ReopenNeeds { .. }
+            | StateError::SupersededEpoch { .. }
+            | StateError::OtherRun { .. } => Status::failed_precondition(msg),
+            StateError::EmptyActorId
+            | StateError::NoUnits { .. }
+            | StateError::PerUnitCount { .. }
+            | StateError::TooManyUnits { .. } => Status::invalid_argument(msg),
+            StateError::TooManySteps { .. } => Status::resource_exhausted(msg),
         }
     }
 }
@@ -88,7 +91,13 @@ struct Inner {
     persisted: tokio::sync::Mutex<u64>,
     ttl: Duration,
     retry_after_ms: u64,
+    /// An exclusive lock on `<state_dir>/LOCK`, held while the service lives: two
+    /// coordinators on one state directory would overwrite each other's state.
+    _lock: std::fs::File,
 }
+
+/// The lock file inside the state directory.
+pub const LOCK_FILE: &str = "LOCK";
 
 /// The Coordinator service. Clones share one state.
 #[derive(Clone)]
@@ -121,6 +130,26 @@ impl CoordinatorService {
             context: format!("create the state directory {}", dir.display()),
             source,
         })?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| CoordinatorError::Io { context: format!("open {}", lock_path.display()), source })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(CoordinatorError::Config(format!(
+                    "state_dir {} is in use by another coordinator (it holds {})",
+                    dir.display(),
+                    lock_path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(CoordinatorError::Io { context: format!("lock {}", lock_path.display()), source })
+            }
+        }
         remove_debris(dir);
         let snapshot_path = dir.join(SNAPSHOT_FILE);
         let ttl = config.lease_ttl();
@@ -168,6 +197,7 @@ impl CoordinatorService {
                 persisted: tokio::sync::Mutex::new(generation),
                 ttl,
                 retry_after_ms: (ttl.as_millis() as u64 / 20).clamp(20, 250),
+                _lock: lock,
             }),
         })
     }
@@ -273,6 +303,8 @@ impl CoordinatorService {
                 units_done_total: c.units_done,
                 weight_versions: Vec::new(),
                 units_per_second: s.throughput(now),
+                epoch: s.epoch(),
+                run_id: s.run_id().to_string(),
             }
         };
         resp.weight_versions = self.inner.weights.versions();
@@ -305,6 +337,9 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let rejoined = {
             let mut s = self.state();
+            if !req.run_id.is_empty() && !s.run_id().is_empty() && s.run_id() != req.run_id {
+                return Err(StateError::OtherRun { ours: s.run_id().to_string(), theirs: req.run_id }.into());
+            }
             let r = s.join(&req.actor_id, &req.device, Instant::now())?;
             set_gauges(&s);
             r
@@ -365,6 +400,7 @@ impl Coordinator for CoordinatorService {
                 task: u.task,
                 template: String::new(),
                 prompt: u.prompt,
+                epoch: u.epoch,
             }),
             retry_after_ms: 0,
         }))
@@ -378,7 +414,7 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let (outcome, generation) = {
             let mut s = self.state();
-            let o = s.complete(&req.actor_id, &req.unit_id, req.done, Instant::now());
+            let o = s.complete_in(&req.actor_id, &req.unit_id, req.done, req.epoch, Instant::now());
             set_gauges(&s);
             (o, s.generation())
         };
@@ -390,6 +426,11 @@ impl Coordinator for CoordinatorService {
             }
             CompleteOutcome::GivenBack => {
                 tracing::info!(actor = %req.actor_id, unit = %req.unit_id, "unit given back");
+            }
+            CompleteOutcome::Superseded => {
+                tracing::info!(actor = %req.actor_id, unit = %req.unit_id, epoch = req.epoch, "completion of a superseded learner epoch refused");
+                let current = self.state().epoch();
+                return Err(StateError::SupersededEpoch { got: req.epoch, current }.into());
             }
             other => {
                 tracing::debug!(actor = %req.actor_id, unit = %req.unit_id, ?other, done = req.done, "completion ignored");
@@ -409,6 +450,7 @@ impl Coordinator for CoordinatorService {
             tasks: req.tasks,
             discard_older: req.discard_older,
             reopen: req.reopen,
+            epoch: req.epoch,
         };
         let (out, generation) = {
             let mut s = self.state();
@@ -444,6 +486,16 @@ impl Coordinator for CoordinatorService {
             _ => return Err(WeightError::NoManifest.into()),
         };
         let version = manifest.version;
+        let epoch = manifest.epoch;
+        let check_epoch = || -> Result<(), Status> {
+            let current = self.state().epoch();
+            if epoch != current {
+                tracing::warn!(version, epoch, current, "weights of a superseded learner epoch refused");
+                return Err(StateError::SupersededEpoch { got: epoch, current }.into());
+            }
+            Ok(())
+        };
+        check_epoch()?;
         let mut upload = self.inner.weights.begin(manifest)?;
         while let Some(chunk) = stream.message().await? {
             match chunk.part {
@@ -458,6 +510,8 @@ impl Coordinator for CoordinatorService {
             }
         }
         let bytes = upload.received();
+        // An epoch may have begun while the payload streamed in.
+        check_epoch()?;
         let inner = self.inner.clone();
         let outcome = tokio::task::spawn_blocking(move || upload.commit(&inner.weights))
             .await
@@ -514,6 +568,42 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn begin_epoch(&self, request: Request<BeginEpochRequest>) -> Result<Response<BeginEpochResponse>, Status> {
+        let _t = RpcTimer::new("BeginEpoch");
+        let req = request.into_inner();
+        // One epoch change at a time, and none while a snapshot is written.
+        let mut persisted = self.inner.persisted.lock().await;
+        let (out, bytes, generation) = {
+            let mut s = self.state();
+            let o = s.begin_epoch(req.last_epoch, &req.run_id, req.run_seed)?;
+            set_gauges(&s);
+            (o, serde_json::to_vec(&s.snapshot()).expect("a snapshot serializes"), s.generation())
+        };
+        // Durable before anyone hears of the epoch: a coordinator restarted now must not hand
+        // out an epoch number twice.
+        let path = self.inner.snapshot_path.clone();
+        tokio::task::spawn_blocking(move || persist::write_atomic(&path, &bytes))
+            .await
+            .map_err(join_error)?
+            .map_err(|e| Status::internal(format!("cannot save the coordinator state: {e}")))?;
+        *persisted = generation;
+        drop(persisted);
+        let dropped = self.inner.weights.drop_newer_than(req.version);
+        gauge!(WEIGHTS_VERSION).set(self.inner.weights.latest_version() as f64);
+        counter!(LEARNER_EPOCHS).increment(1);
+        gauge!(LEARNER_EPOCH).set(out.epoch as f64);
+        tracing::info!(
+            epoch = out.epoch,
+            version = req.version,
+            run_seed = out.run_seed,
+            steps_dropped = out.steps_dropped,
+            leases_cancelled = out.leases_cancelled,
+            weights_dropped = ?dropped,
+            "learner epoch began"
+        );
+        Ok(Response::new(BeginEpochResponse { epoch: out.epoch, run_seed: out.run_seed }))
+    }
+
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let _t = RpcTimer::new("Status");
         Ok(Response::new(CoordinatorService::status(self)))
@@ -541,22 +631,15 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let mut builder = Server::builder()
-        // Room for a whole weight chunk in flight per stream on uploads.
-        .initial_stream_window_size(Some(8 * 1024 * 1024))
-        .initial_connection_window_size(Some(32 * 1024 * 1024))
-        // Uploads arrive in 1 MiB HTTP/2 frames rather than 16 KiB ones.
-        .max_frame_size(Some(selfplay_proto::client::HTTP2_MAX_FRAME_BYTES))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)));
     let tls = config.tls.is_some();
-    if let Some(t) = &config.tls {
-        let read = |field: &str, path: &Path| {
-            std::fs::read(path)
-                .map_err(|e| CoordinatorError::Config(format!("tls.{field}: cannot read {}: {e}", path.display())))
-        };
-        let identity = Identity::from_pem(read("cert", &t.cert)?, read("key", &t.key)?);
-        builder = builder.tls_config(ServerTlsConfig::new().identity(identity)).map_err(CoordinatorError::Tls)?;
-    }
+    let tls_files =
+        config.tls.as_ref().map(|t| selfplay_proto::server::TlsFiles { cert: t.cert.clone(), key: t.key.clone() });
+    let mut builder = selfplay_proto::server::builder(tls_files.as_ref()).map_err(|e| match e {
+        selfplay_proto::server::ServerError::Read { field, path, source } => {
+            CoordinatorError::Config(format!("tls.{field}: cannot read {}: {source}", path.display()))
+        }
+        selfplay_proto::server::ServerError::Tls(e) => CoordinatorError::Tls(e),
+    })?;
     let addr = listener
         .local_addr()
         .map_err(|source| CoordinatorError::Io { context: "read the listener's address".into(), source })?;

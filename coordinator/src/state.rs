@@ -14,45 +14,23 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// A unit by step and index within the step.
-pub type UnitKey = (u64, u32);
+pub use selfplay_proto::unit::{parse_unit_id, unit_id, unit_seed, UnitKey};
 
 /// Completed steps kept (with their completion records) so that a repeated `OpenStep` for
 /// them stays a no-op.
 pub const KEEP_COMPLETED_STEPS: usize = 64;
 
+/// The most units one step may have, and the most steps open at once: bounds on what one
+/// `OpenStep` can make the coordinator allocate.
+pub const MAX_UNITS_PER_STEP: u32 = 1 << 16;
+pub const MAX_OPEN_STEPS: usize = 1024;
+
 /// Window of the throughput figure in `Status`.
 pub const THROUGHPUT_WINDOW: Duration = Duration::from_secs(60);
 
-/// The id of a unit: `s{step}-u{index}`.
-pub fn unit_id(step: u64, index: u32) -> String {
-    format!("s{step}-u{index}")
-}
-
-/// Inverse of [`unit_id`]; `None` for anything else.
-pub fn parse_unit_id(id: &str) -> Option<UnitKey> {
-    let rest = id.strip_prefix('s')?;
-    let (step, index) = rest.split_once("-u")?;
-    let canonical = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !canonical(step) || !canonical(index) {
-        return None;
-    }
-    let key = (step.parse().ok()?, index.parse().ok()?);
-    // Reject non-canonical spellings such as leading zeros: one unit, one id.
-    (unit_id(key.0, key.1) == id).then_some(key)
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The sampling seed of unit `index` of `step` in a run: a fixed function of the three, so a
-/// re-issued unit (or a restarted coordinator) reproduces the same draws.
-pub fn unit_seed(run_seed: u64, step: u64, index: u32) -> u64 {
-    splitmix64(splitmix64(splitmix64(run_seed) ^ step) ^ u64::from(index))
+#[cfg(test)]
+fn splitmix64(z: u64) -> u64 {
+    selfplay_proto::unit::mix(z)
 }
 
 /// Why a request was refused.
@@ -70,6 +48,14 @@ pub enum StateError {
     UnitCountMismatch { step: u64, open: u32, asked: u32 },
     #[error("step {step} completed and its {field} were released: reopening it needs them again")]
     ReopenNeeds { step: u64, field: &'static str },
+    #[error("step {step}: {units} units is more than the limit of {MAX_UNITS_PER_STEP}")]
+    TooManyUnits { step: u64, units: u32 },
+    #[error("{open} steps are open already (limit {MAX_OPEN_STEPS}): step {step} refused")]
+    TooManySteps { step: u64, open: usize },
+    #[error("{}: the request carries epoch {got}, the coordinator is at {current}", selfplay_proto::error::SUPERSEDED_EPOCH)]
+    SupersededEpoch { got: u64, current: u64 },
+    #[error("this coordinator serves run {ours:?}, not {theirs:?} (start it with a fresh state directory for a new run)")]
+    OtherRun { ours: String, theirs: String },
 }
 
 /// What the learner asks for in `OpenStep`.
@@ -86,6 +72,8 @@ pub struct StepSpec {
     pub discard_older: bool,
     /// Put this step's completed units back to pending (the learner lost them).
     pub reopen: bool,
+    /// The learner epoch asking; 0 is accepted only while no epoch began (old learners).
+    pub epoch: u64,
 }
 
 /// What `open_step` did.
@@ -111,6 +99,8 @@ pub struct LeasedUnit {
     pub prompt: String,
     /// The unit had been issued before (a lease expired or the unit was given back).
     pub reissue: bool,
+    /// The learner epoch of the lease.
+    pub epoch: u64,
 }
 
 /// What `complete` did. Every outcome is harmless; only `Done` changes the record.
@@ -126,6 +116,20 @@ pub enum CompleteOutcome {
     Unknown,
     /// A give-back from an actor that does not hold the unit: ignored.
     NotHolder,
+    /// The report belongs to an older learner epoch: the unit was reset when the learner
+    /// restarted, and the learner that accepted the group is gone. Ignored.
+    Superseded,
+}
+
+/// What `begin_epoch` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochOutcome {
+    pub epoch: u64,
+    pub run_seed: u64,
+    /// Steps forgotten.
+    pub steps_dropped: usize,
+    /// Leases cancelled.
+    pub leases_cancelled: usize,
 }
 
 /// Actors dropped by `expire`.
@@ -207,6 +211,12 @@ pub struct Snapshot {
     /// state queues them first.
     pub pending: Vec<UnitKey>,
     pub counters: Counters,
+    /// The current learner epoch (0: none began yet).
+    #[serde(default)]
+    pub epoch: u64,
+    /// The run this state belongs to (empty: not bound yet).
+    #[serde(default)]
+    pub run_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,11 +248,15 @@ pub struct State {
     completions: VecDeque<Instant>,
     started: Instant,
     generation: u64,
+    epoch: u64,
+    run_id: String,
 }
 
 impl State {
     pub fn new(run_seed: u64, ttl: Duration, now: Instant) -> Self {
         Self {
+            epoch: 0,
+            run_id: String::new(),
             run_seed,
             ttl,
             members: BTreeMap::new(),
@@ -260,6 +274,8 @@ impl State {
     pub fn restore(snapshot: Snapshot, ttl: Duration, now: Instant) -> Self {
         let mut s = Self::new(snapshot.run_seed, ttl, now);
         s.counters = snapshot.counters;
+        s.epoch = snapshot.epoch;
+        s.run_id = snapshot.run_id;
         for st in snapshot.steps {
             let mut slots = vec![Slot { state: UnitState::Pending, issues: 0 }; st.units as usize];
             let mut done = 0;
@@ -340,6 +356,8 @@ impl State {
                 .collect(),
             pending: self.queue.iter().copied().collect(),
             counters: self.counters.clone(),
+            epoch: self.epoch,
+            run_id: self.run_id.clone(),
         }
     }
 
@@ -351,6 +369,63 @@ impl State {
 
     pub fn run_seed(&self) -> u64 {
         self.run_seed
+    }
+
+    /// The current learner epoch (0 before the first `begin_epoch`).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Refuses a request from another run: `run_id` empty means "any" on either side; a
+    /// coordinator without a run id takes the first one it is given.
+    pub fn check_run(&mut self, run_id: &str) -> Result<(), StateError> {
+        if run_id.is_empty() {
+            return Ok(());
+        }
+        if self.run_id.is_empty() {
+            self.run_id = run_id.to_string();
+            self.generation += 1;
+            return Ok(());
+        }
+        if self.run_id != run_id {
+            return Err(StateError::OtherRun { ours: self.run_id.clone(), theirs: run_id.to_string() });
+        }
+        Ok(())
+    }
+
+    /// A learner (re)starts from its checkpoint, which is the truth: a new epoch begins,
+    /// greater than both the current one and `last_epoch` (the newest the learner knows);
+    /// every step and every lease is forgotten (the learner opens its window again, and every
+    /// unit it has not consumed is played again with its weights). A new run (no step ever
+    /// opened, no epoch) takes the learner's seed.
+    pub fn begin_epoch(&mut self, last_epoch: u64, run_id: &str, run_seed: u64) -> Result<EpochOutcome, StateError> {
+        self.check_run(run_id)?;
+        if self.epoch == 0 && self.steps.is_empty() && self.counters.units_issued == 0 {
+            self.run_seed = run_seed;
+        }
+        self.epoch = self.epoch.max(last_epoch) + 1;
+        let steps_dropped = self.steps.len();
+        self.steps.clear();
+        self.queue.clear();
+        let mut leases_cancelled = 0;
+        for m in self.members.values_mut() {
+            leases_cancelled += m.units.len();
+            m.units.clear();
+        }
+        self.generation += 1;
+        Ok(EpochOutcome { epoch: self.epoch, run_seed: self.run_seed, steps_dropped, leases_cancelled })
+    }
+
+    fn check_epoch(&self, epoch: u64) -> Result<(), StateError> {
+        if epoch == self.epoch {
+            Ok(())
+        } else {
+            Err(StateError::SupersededEpoch { got: epoch, current: self.epoch })
+        }
     }
 
     pub fn ttl(&self) -> Duration {
@@ -482,9 +557,16 @@ impl State {
     /// for a step that exists changes nothing (unless `reopen`); `discard_older` drops the
     /// pending and leased units of every older step.
     pub fn open_step(&mut self, spec: StepSpec) -> Result<OpenOutcome, StateError> {
-        let StepSpec { step, units, min_weights_version, prompts, tasks, discard_older, reopen } = spec;
+        let StepSpec { step, units, min_weights_version, prompts, tasks, discard_older, reopen, epoch } = spec;
+        self.check_epoch(epoch)?;
         if units == 0 {
             return Err(StateError::NoUnits { step });
+        }
+        if units > MAX_UNITS_PER_STEP {
+            return Err(StateError::TooManyUnits { step, units });
+        }
+        if !self.steps.contains_key(&step) && self.steps.len() >= MAX_OPEN_STEPS {
+            return Err(StateError::TooManySteps { step, open: self.steps.len() });
         }
         for (field, got) in [("prompts", prompts.len()), ("tasks", tasks.len())] {
             if got != 0 && got != units as usize {
@@ -523,6 +605,14 @@ impl State {
         }
         if let Some(existing) = self.steps.get_mut(&step) {
             out.existed = true;
+            if !reopen && existing.needs_prompts && !prompts.is_empty() {
+                existing.prompts = prompts.clone();
+                existing.needs_prompts = false;
+            }
+            if !reopen && existing.needs_tasks && !tasks.is_empty() {
+                existing.tasks = tasks.clone();
+                existing.needs_tasks = false;
+            }
             if reopen {
                 existing.min_weights_version = min_weights_version;
                 if !prompts.is_empty() {
@@ -600,6 +690,7 @@ impl State {
                 task: st.tasks.get(i).cloned().unwrap_or_default(),
                 prompt: st.prompts.get(i).cloned().unwrap_or_default(),
                 reissue,
+                epoch: self.epoch,
             }));
         }
         Ok(None)
@@ -610,8 +701,18 @@ impl State {
     /// lease expired still means the learner has the group); a give-back counts only from the
     /// holder. Unknown units are ignored.
     pub fn complete(&mut self, actor: &str, unit: &str, done: bool, now: Instant) -> CompleteOutcome {
+        let epoch = self.epoch;
+        self.complete_in(actor, unit, done, epoch, now)
+    }
+
+    /// [`complete`](Self::complete) for a lease of learner epoch `epoch`: a report of another
+    /// epoch changes nothing.
+    pub fn complete_in(&mut self, actor: &str, unit: &str, done: bool, epoch: u64, now: Instant) -> CompleteOutcome {
         if let Some(m) = self.members.get_mut(actor) {
             m.last_seen = now;
+        }
+        if epoch != self.epoch {
+            return CompleteOutcome::Superseded;
         }
         let Some(key) = parse_unit_id(unit) else {
             return CompleteOutcome::Unknown;
@@ -769,25 +870,50 @@ mod tests {
     }
 
     #[test]
-    fn unit_ids_round_trip_and_reject_garbage() {
-        assert_eq!(unit_id(12, 3), "s12-u3");
-        assert_eq!(parse_unit_id("s12-u3"), Some((12, 3)));
-        for bad in ["", "s", "s1-u", "s-u1", "x1-u2", "s01-u2", "s1-u+2", "s1-u2-", "s1u2"] {
-            assert_eq!(parse_unit_id(bad), None, "{bad}");
-        }
+    fn a_new_epoch_forgets_steps_and_leases_and_fences_old_reports() {
+        let t0 = Instant::now();
+        let mut s = State::new(1, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        // A new run takes the learner's seed and run id.
+        let e1 = s.begin_epoch(0, "run-x", 99).unwrap();
+        assert_eq!((e1.epoch, e1.run_seed), (1, 99));
+        s.open_step(StepSpec { epoch: 1, ..spec(4, 2) }).unwrap();
+        let u = s.lease("a", t0).unwrap().unwrap();
+        assert_eq!((u.epoch, u.seed), (1, unit_seed(99, 4, 0)));
+        let u1 = s.lease("a", t0).unwrap().unwrap();
+        assert_eq!(s.complete_in("a", &u1.unit_id, true, 1, t0), CompleteOutcome::Done);
+        // The learner restarts from an older checkpoint; it knew of epoch 5 already.
+        let e = s.begin_epoch(5, "run-x", 7).unwrap();
+        assert_eq!((e.epoch, e.run_seed, e.steps_dropped, e.leases_cancelled), (6, 99, 1, 1));
+        assert_eq!((s.units_pending(), s.units_leased()), (0, 0));
+        s.check_invariants();
+        // Reports and openings of the old epoch change nothing.
+        assert_eq!(s.complete_in("a", &u.unit_id, true, 1, t0), CompleteOutcome::Superseded);
+        assert!(matches!(
+            s.open_step(StepSpec { epoch: 1, ..spec(4, 2) }),
+            Err(StateError::SupersededEpoch { got: 1, current: 6 })
+        ));
+        // The step opened again in the new epoch: both units are played again, the one done
+        // in the lost future included.
+        s.open_step(StepSpec { epoch: 6, ..spec(4, 2) }).unwrap();
+        assert_eq!(s.pending_ids(), ["s4-u0", "s4-u1"]);
+        assert_eq!(s.lease("a", t0).unwrap().unwrap().epoch, 6);
+        // Another run is refused; the snapshot keeps the epoch and the run.
+        assert!(matches!(s.begin_epoch(0, "run-y", 0), Err(StateError::OtherRun { .. })));
+        let r = State::restore(s.snapshot(), TTL, t0);
+        assert_eq!((r.epoch(), r.run_id(), r.run_seed()), (6, "run-x", 99));
+        s.check_invariants();
     }
 
     #[test]
-    fn seeds_are_deterministic_and_distinct() {
-        assert_eq!(unit_seed(7, 3, 1), unit_seed(7, 3, 1));
-        let mut seen = BTreeSet::new();
-        for run in 0..3 {
-            for step in 0..20 {
-                for i in 0..20 {
-                    assert!(seen.insert(unit_seed(run, step, i)));
-                }
-            }
+    fn open_step_is_bounded() {
+        let mut s = State::new(0, TTL, Instant::now());
+        assert!(matches!(s.open_step(spec(1, u32::MAX)), Err(StateError::TooManyUnits { .. })));
+        for step in 0..MAX_OPEN_STEPS as u64 {
+            s.open_step(spec(step, 1)).unwrap();
         }
+        assert!(matches!(s.open_step(spec(1 << 40, 1)), Err(StateError::TooManySteps { .. })));
+        assert_eq!(s.units_pending(), MAX_OPEN_STEPS);
     }
 
     #[test]
@@ -816,6 +942,7 @@ mod tests {
                 task: "t0".into(),
                 prompt: "p0".into(),
                 reissue: false,
+                epoch: 0,
             }
         );
         // An actor may hold several units.

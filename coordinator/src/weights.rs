@@ -67,6 +67,8 @@ impl From<WeightStoreError> for tonic::Status {
 struct ManifestFile {
     version: u64,
     step: u64,
+    #[serde(default)]
+    epoch: u64,
     total_bytes: u64,
     sha256: String,
     tensors: Vec<TensorFile>,
@@ -88,6 +90,7 @@ impl From<&WeightManifest> for ManifestFile {
         Self {
             version: m.version,
             step: m.step,
+            epoch: m.epoch,
             total_bytes: m.total_bytes,
             sha256: m.sha256.clone(),
             tensors: m
@@ -111,6 +114,7 @@ impl From<ManifestFile> for WeightManifest {
         Self {
             version: m.version,
             step: m.step,
+            epoch: m.epoch,
             total_bytes: m.total_bytes,
             sha256: m.sha256,
             tensors: m
@@ -299,6 +303,18 @@ impl WeightStore {
         if len != manifest.total_bytes {
             return Err(format!("payload holds {len} bytes, the manifest {}", manifest.total_bytes));
         }
+        // Every byte against its tensor's digest: a payload damaged on disk (bit rot, a
+        // partial copy) is dropped here instead of being served forever.
+        let mut verifier = PayloadVerifier::new(&manifest).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut at = 0u64;
+        while at < len {
+            let n = ((len - at) as usize).min(buf.len());
+            read_exact_at(&file, &mut buf[..n], at).map_err(|e| e.to_string())?;
+            verifier.update(&buf[..n]).map_err(|e| e.to_string())?;
+            at += n as u64;
+        }
+        verifier.finish().map_err(|e| e.to_string())?;
         Ok(StoredVersion::new(manifest, file))
     }
 
@@ -358,6 +374,28 @@ impl WeightStore {
             upload.write(piece)?;
         }
         upload.commit(self)
+    }
+
+    /// Drops every version newer than `version` (a learner restarted from an older checkpoint:
+    /// they belong to a future that no longer happens). Returns the versions dropped.
+    pub fn drop_newer_than(&self, version: u64) -> Vec<u64> {
+        let removed: Vec<u64> = {
+            let mut versions = self.versions.write().unwrap();
+            let newer: Vec<u64> = versions.range(version + 1..).map(|(&v, _)| v).collect();
+            for v in &newer {
+                versions.remove(v);
+            }
+            newer
+        };
+        for &v in &removed {
+            let _ = fs::remove_file(manifest_path(&self.dir, v));
+            let _ = fs::remove_file(payload_path(&self.dir, v));
+            tracing::info!(version = v, "dropped a superseded weights version");
+        }
+        if !removed.is_empty() {
+            let _ = persist::sync_dir(&self.dir);
+        }
+        removed
     }
 
     /// Drops the versions beyond the newest `keep`.
@@ -430,7 +468,7 @@ impl Upload {
         store.check_not_too_old(version)?;
         let previous = store.versions.read().unwrap().get(&version).cloned();
         let outcome = match previous {
-            Some(p) if p.manifest.sha256.eq_ignore_ascii_case(&self.manifest.sha256) => {
+            Some(p) if p.manifest.sha256.eq_ignore_ascii_case(&self.manifest.sha256) && p.manifest.epoch == self.manifest.epoch => {
                 // Drop removes the temporary file.
                 return Ok(PublishOutcome::AlreadyStored);
             }

@@ -35,6 +35,10 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
+    /// Names the run: the coordinator, the learner and the actors must agree on it, so a
+    /// learner or actor of another run is refused. Empty: the learner makes one at its first
+    /// start and keeps it in `<out_dir>/run.json`; actors then accept any.
+    pub id: String,
     pub seed: u64,
     /// Learner steps to run (0 = until stopped).
     pub steps: u64,
@@ -198,6 +202,7 @@ pub struct OptimConfig {
 impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
+            id: String::new(),
             seed: 0,
             steps: 100,
             out_dir: PathBuf::from("runs/selfplay"),

@@ -9,9 +9,9 @@ pub fn units_for_step(trainer_cfg: &crate::Config, step: u64, prompts: &[String]
     let g = &trainer_cfg.game;
     (0..g.queries_per_step as u64)
         .map(|i| Unit {
-            unit_id: format!("s{step}-u{i}"),
+            unit_id: selfplay_proto::unit::unit_id(step, i as u32),
             step,
-            seed: unit_seed(trainer_cfg.run.seed, step, i),
+            seed: unit_seed(trainer_cfg.run.seed, step, i as u32),
             task: if g.tasks.is_empty() {
                 String::new()
             } else {

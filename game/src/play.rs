@@ -24,13 +24,10 @@ pub struct Unit {
     pub prompt: String,
 }
 
-/// Seed of unit `index` of `step`, from the run seed alone (a re-issued unit replays exactly).
-pub fn unit_seed(run_seed: u64, step: u64, index: u64) -> u64 {
-    let mut r = selfplay_policy::generate::SplitMix64::new(
-        run_seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.rotate_left(32),
-    );
-    r.next_u64()
-}
+/// Seed of unit `index` of `step`: the one definition every role uses
+/// ([`selfplay_proto::unit::unit_seed`]), so the in-process driver and the distributed runtime
+/// sample the same draws for the same unit.
+pub use selfplay_proto::unit::unit_seed;
 
 /// What playing a unit cost, for the actor's metrics.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -236,6 +233,7 @@ impl Player {
             challenger,
             answers,
             play_seconds: t_start.elapsed().as_secs_f64(),
+            epoch: 0,
         };
         Ok((group, stats))
     }

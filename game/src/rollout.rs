@@ -30,7 +30,13 @@ pub struct RolloutGroup {
     pub challenger: Option<SequenceData>,
     pub answers: Vec<AnswerData>,
     pub play_seconds: f64,
+    /// The learner epoch of the unit's lease (0 in process).
+    pub epoch: u64,
 }
+
+/// The lowest log-prob a group may carry. A float32 log-softmax over any real vocabulary stays
+/// far above it; values below cannot come from a model and would overflow the loss.
+pub const MIN_LOGPROB: f32 = -1.0e4;
 
 /// What a valid group must satisfy.
 #[derive(Debug, Clone)]
@@ -69,8 +75,8 @@ fn check_sequence(s: &SequenceData, field: &str, lim: &GroupLimits) -> Result<()
         if lps.len() != n {
             return Err(format!("{field}.{name} has {} values for {n} completion tokens", lps.len()));
         }
-        if let Some((i, v)) = lps.iter().enumerate().find(|(_, v)| !v.is_finite() || **v > 0.0) {
-            return Err(format!("{field}.{name}[{i}] = {v} (log-probs must be finite and <= 0)"));
+        if let Some((i, v)) = lps.iter().enumerate().find(|(_, v)| !v.is_finite() || **v > 0.0 || **v < MIN_LOGPROB) {
+            return Err(format!("{field}.{name}[{i}] = {v} (log-probs must be finite and in [{MIN_LOGPROB}, 0])"));
         }
     }
     Ok(())

@@ -74,6 +74,10 @@ pub struct StepStats {
     pub step_seconds: f64,
     /// Tokens (prompt + completion) through forward and backward per second.
     pub tokens_per_second: f64,
+    /// The loss or the gradient was not finite: the step counted (its groups are consumed,
+    /// the version moves on) but the weights and the optimizer state did not change.
+    #[serde(default)]
+    pub skipped: bool,
 }
 
 /// One sequence in the loss, with its advantage and its weight in the loss.
@@ -248,6 +252,9 @@ impl Trainer {
         let k = self.cfg.optim.grad_accum.max(1);
         let per = groups.len().div_ceil(k);
         let mut tokens = 0usize;
+        // A non-finite loss or gradient (a numerical blow-up, a kernel's NaN) skips the
+        // update: nothing is applied, the step still counts, the learner stays up.
+        let mut skipped = false;
         for chunk in items_per_group.chunks(per) {
             let items: Vec<&LossItem> = chunk.iter().flatten().collect();
             if items.is_empty() {
@@ -256,24 +263,26 @@ impl Trainer {
             tokens += items.iter().map(|it| it.seq.prompt_ids.len() + it.seq.completion_ids.len()).sum::<usize>();
             let loss = self.micro_batch_loss(&items, &mut acc)?;
             if !loss.double_value(&[]).is_finite() {
-                self.zero_grad();
-                return Err(GameError::InvalidGroup {
-                    unit_id: String::new(),
-                    reason: "the loss is not finite; step skipped, weights unchanged".into(),
-                });
+                tracing::warn!(step = self.step + 1, "the loss is not finite; the update is skipped, weights unchanged");
+                skipped = true;
+                break;
             }
             loss.backward();
         }
-        let params = self.policy.model.parameters();
-        let grad_norm = AdamW::clip_grad_norm(params, self.cfg.optim.max_grad_norm);
-        if !grad_norm.is_finite() {
-            self.zero_grad();
-            return Err(GameError::InvalidGroup {
-                unit_id: String::new(),
-                reason: "the gradient norm is not finite; step skipped, weights unchanged".into(),
-            });
+        let mut grad_norm = f64::NAN;
+        if !skipped {
+            let params = self.policy.model.parameters();
+            grad_norm = AdamW::clip_grad_norm(params, self.cfg.optim.max_grad_norm);
+            if grad_norm.is_finite() {
+                self.opt.step(params);
+            } else {
+                tracing::warn!(step = self.step + 1, "the gradient norm is not finite; the update is skipped, weights unchanged");
+                skipped = true;
+            }
         }
-        self.opt.step(params);
+        if skipped {
+            self.zero_grad();
+        }
         self.step += 1;
 
         let all_answers = || groups.iter().flat_map(|g| g.answers.iter());
@@ -304,6 +313,7 @@ impl Trainer {
                 .mean,
             step_seconds: secs,
             tokens_per_second: tokens as f64 / secs,
+            skipped,
         })
     }
 
@@ -420,8 +430,18 @@ impl Trainer {
         let state = TrainerState { step: self.step, adam_t: self.opt.t, config: self.cfg.to_toml(), extra };
         let json = serde_json::to_string_pretty(&state).expect("serialisable");
         std::fs::write(tmp.join("trainer.json"), json).map_err(io_err(&tmp))?;
+        // Durable before it becomes visible: every file, the directory, then the rename and
+        // its parent. A crash at any point leaves this checkpoint whole or absent.
+        for e in std::fs::read_dir(&tmp).map_err(io_err(&tmp))? {
+            let path = e.map_err(io_err(&tmp))?.path();
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
+        }
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
+        if let Some(parent) = dir.parent() {
+            std::fs::File::open(parent).and_then(|f| f.sync_all()).map_err(io_err(parent))?;
+        }
         Ok(dir.to_path_buf())
     }
 

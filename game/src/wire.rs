@@ -46,6 +46,7 @@ impl From<RolloutGroup> for v1::RolloutGroup {
                 })
                 .collect(),
             play_seconds: g.play_seconds,
+            epoch: g.epoch,
         }
     }
 }
@@ -70,6 +71,7 @@ impl From<v1::RolloutGroup> for RolloutGroup {
                 })
                 .collect(),
             play_seconds: g.play_seconds,
+            epoch: g.epoch,
         }
     }
 }

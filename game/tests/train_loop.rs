@@ -122,7 +122,10 @@ fn bad_groups_are_refused_and_change_nothing() {
     cases.push(("outside the vocabulary", g));
     let mut g = good.clone();
     g[0].answers[0].sequence.ref_logprobs[0] = 0.5;
-    cases.push(("must be finite and <= 0", g));
+    cases.push(("must be finite and in", g));
+    let mut g = good.clone();
+    g[0].answers[0].sequence.ref_logprobs[0] = -3e38;
+    cases.push(("must be finite and in", g));
     let mut g = good.clone();
     g[0].challenger = None;
     cases.push(("challenger is missing", g));

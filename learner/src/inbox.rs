@@ -34,6 +34,8 @@ impl RejectKind {
 pub struct Inbox {
     /// Weights version the learner holds (= completed steps).
     pub version: u64,
+    /// The learner epoch: only groups of units leased in this epoch are taken.
+    pub epoch: u64,
     pub max_policy_lag: u64,
     pub n: usize,
     pub limits: GroupLimits,
@@ -50,6 +52,7 @@ impl Inbox {
     pub fn new(version: u64, max_policy_lag: u64, n: usize, limits: GroupLimits) -> Self {
         Inbox {
             version,
+            epoch: 0,
             max_policy_lag,
             n,
             limits,
@@ -82,6 +85,27 @@ impl Inbox {
         if step != g.step {
             self.rejected_total += 1;
             return reject(format!("step {} does not match unit_id {}", g.step, g.unit_id), RejectKind::Invalid);
+        }
+        if g.epoch != self.epoch {
+            self.rejected_total += 1;
+            return reject(
+                format!(
+                    "{}: the group's lease is of epoch {}, the learner is at {} (the unit was re-issued)",
+                    selfplay_proto::error::SUPERSEDED_EPOCH,
+                    g.epoch,
+                    self.epoch
+                ),
+                RejectKind::Stale,
+            );
+        }
+        // Only the steps the learner has open can arrive: this bounds what it holds.
+        let newest = self.version + self.max_policy_lag;
+        if step > newest || (self.max_policy_lag == 0 && step < self.version) {
+            self.rejected_total += 1;
+            return reject(
+                format!("step {step} is not open (the learner takes steps {}..={newest})", self.version),
+                RejectKind::Stale,
+            );
         }
         if index as usize >= self.n {
             self.rejected_total += 1;
@@ -148,6 +172,13 @@ impl Inbox {
             return None;
         }
         Some(keys.into_iter().map(|k| self.pending.remove(&k).expect("key listed")).collect())
+    }
+
+    /// Forgets every group not trained yet (a new epoch: the coordinator reissues them).
+    pub fn clear_pending(&mut self) -> usize {
+        let n = self.pending.len();
+        self.pending.clear();
+        n
     }
 
     /// Records a trained step: its units are consumed, the version moves on, and consumed ids

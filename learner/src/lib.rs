@@ -18,7 +18,7 @@ use selfplay_proto::auth::{BearerToken, ServerAuth};
 use selfplay_proto::client::{coordinator_client, AuthChannel};
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
 use selfplay_proto::v1::learner_server::LearnerServer;
-use selfplay_proto::v1::{OpenStepRequest, StatusRequest};
+use selfplay_proto::v1::{BeginEpochRequest, OpenStepRequest, StatusRequest};
 use selfplay_proto::weights::{into_chunks, ManifestBuilder};
 use service::{LearnerService, Shared};
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind};
 
 /// While waiting for groups, how often the learner checks that the coordinator still holds
-/// the published weights ([`Runner::check_coordinator`]).
+/// this learner's epoch and weights ([`Runner::resync`]).
 const COORDINATOR_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,15 @@ pub enum LearnerError {
     Server(String),
     #[error("training thread: {0}")]
     Thread(String),
+    /// The coordinator refused a request of this learner's epoch: it began another one.
+    #[error("the coordinator is in another learner epoch: {0}")]
+    EpochChanged(String),
+    #[error(
+        "another learner took over (the coordinator is at epoch {theirs}, this learner at {ours}): stopping"
+    )]
+    Superseded { ours: u64, theirs: u64 },
+    #[error("run: {0}")]
+    Run(String),
 }
 
 /// How the learner runs, beyond the game config.
@@ -183,17 +192,103 @@ struct Runner {
     prompts: Vec<String>,
     last_published: u64,
     opened_upto: Option<u64>,
+    /// The learner epoch the coordinator gave this learner (0 before the first).
+    epoch: u64,
+    run_id: String,
 }
 
 impl Runner {
     fn coord_err(&self, s: tonic::Status) -> LearnerError {
+        if s.code() == tonic::Code::FailedPrecondition
+            && s.message().starts_with(selfplay_proto::error::SUPERSEDED_EPOCH)
+        {
+            return LearnerError::EpochChanged(s.message().to_string());
+        }
         LearnerError::Coordinator { address: self.opts.coordinator.clone(), message: s.to_string() }
+    }
+
+    /// Begins a new learner epoch from the trainer's state, which is the truth: the
+    /// coordinator forgets every step, lease and newer weights version; the learner forgets
+    /// the groups it has not trained on, publishes its weights (version = its step, 0
+    /// included) and opens its window again. Every unit not consumed is played again with
+    /// these weights.
+    fn begin_epoch(&mut self, trainer: &Trainer, shared: &Shared) -> Result<(), LearnerError> {
+        let req = BeginEpochRequest {
+            version: trainer.step,
+            last_epoch: self.epoch,
+            run_id: self.run_id.clone(),
+            run_seed: self.cfg.run.seed,
+        };
+        let client = self.client.clone();
+        let r = self
+            .rt
+            .block_on(retry("BeginEpoch", || {
+                let mut c = client.clone();
+                let r = req.clone();
+                async move { c.begin_epoch(r).await }
+            }))
+            .map_err(|e| match e.code() {
+                tonic::Code::FailedPrecondition => LearnerError::Run(e.message().to_string()),
+                _ => self.coord_err(e),
+            })?
+            .into_inner();
+        if r.run_seed != self.cfg.run.seed {
+            tracing::warn!(
+                coordinator = r.run_seed,
+                configured = self.cfg.run.seed,
+                "the coordinator keeps the seed of its run; units sample with it"
+            );
+        }
+        self.epoch = r.epoch;
+        let dropped = {
+            let mut b = shared.inbox.lock().expect("inbox lock");
+            b.epoch = r.epoch;
+            b.clear_pending()
+        };
+        ::metrics::gauge!("selfplay_learner_epoch").set(r.epoch as f64);
+        tracing::info!(epoch = r.epoch, version = trainer.step, groups_dropped = dropped, "learner epoch began");
+        self.opened_upto = None;
+        self.publish(trainer)?;
+        self.open_window(trainer.step, false)
+    }
+
+    /// After the coordinator refused this learner's epoch, or on the periodic check: a
+    /// coordinator behind this learner (restarted without its state) gets a new epoch from
+    /// this learner's state; one ahead of it means another learner took over, and this one
+    /// stops.
+    fn resync(&mut self, trainer: &Trainer, shared: &Shared) -> Result<(), LearnerError> {
+        let client = self.client.clone();
+        let status = self
+            .rt
+            .block_on(retry("Status", || {
+                let mut c = client.clone();
+                async move { c.status(StatusRequest {}).await }
+            }))
+            .map_err(|e| self.coord_err(e))?
+            .into_inner();
+        if status.epoch > self.epoch {
+            return Err(LearnerError::Superseded { ours: self.epoch, theirs: status.epoch });
+        }
+        let latest = status.weight_versions.iter().copied().max();
+        if status.epoch < self.epoch || latest.is_none_or(|v| v < self.last_published) {
+            tracing::warn!(
+                coordinator_epoch = status.epoch,
+                epoch = self.epoch,
+                coordinator_latest = ?latest,
+                published = self.last_published,
+                "the coordinator lost this learner's epoch or weights (restarted without its state?): beginning a new epoch"
+            );
+            ::metrics::counter!("selfplay_learner_republish_total").increment(1);
+            self.begin_epoch(trainer, shared)?;
+        }
+        Ok(())
     }
 
     fn publish(&mut self, trainer: &Trainer) -> Result<(), LearnerError> {
         let t0 = Instant::now();
-        let (manifest, payload) =
+        let (mut manifest, payload) =
             weights_payload(&trainer.policy.model, &self.opts.wire_dtype, trainer.step, trainer.step)?;
+        manifest.epoch = self.epoch;
         let bytes = payload.len() as u64;
         let payload = bytes::Bytes::from(payload);
         let mut client = self.client.clone();
@@ -223,6 +318,7 @@ impl Runner {
             tasks: if self.cfg.game.tasks.is_empty() { vec![] } else { units.iter().map(|u| u.task.clone()).collect() },
             discard_older: sync,
             reopen,
+            epoch: self.epoch,
         };
         let client = self.client.clone();
         self.rt
@@ -233,38 +329,6 @@ impl Runner {
             }))
             .map_err(|e| self.coord_err(e))?;
         self.opened_upto = Some(self.opened_upto.map_or(step, |u| u.max(step)));
-        Ok(())
-    }
-
-    /// Checks that the coordinator still holds the latest published weights. One restarted
-    /// without its state directory has lost them and every open step: publish again and reopen
-    /// the steps, or actors could never fetch weights and no group would ever arrive.
-    fn check_coordinator(&mut self, trainer: &Trainer) -> Result<(), LearnerError> {
-        if self.last_published == 0 {
-            return Ok(());
-        }
-        let client = self.client.clone();
-        let status = self.rt.block_on(async move {
-            let mut c = client;
-            c.status(StatusRequest {}).await
-        });
-        let latest = match status {
-            Ok(r) => r.into_inner().weight_versions.into_iter().max().unwrap_or(0),
-            Err(e) => {
-                tracing::debug!(error = %e.message(), "coordinator status unavailable");
-                return Ok(());
-            }
-        };
-        if latest < self.last_published {
-            tracing::warn!(
-                coordinator_latest = latest,
-                published = self.last_published,
-                "the coordinator lost the published weights (restarted without its state?): publishing again and reopening the steps"
-            );
-            ::metrics::counter!("selfplay_learner_republish_total").increment(1);
-            self.publish(trainer)?;
-            self.open_window(trainer.step, true)?;
-        }
         Ok(())
     }
 
@@ -288,7 +352,7 @@ fn checkpoint(trainer: &Trainer, inbox: &Mutex<Inbox>, out_dir: &Path, keep: usi
         let b = inbox.lock().expect("inbox lock");
         let mut consumed: Vec<&String> = b.consumed.iter().collect();
         consumed.sort();
-        serde_json::json!({ "consumed": consumed, "consumed_floor": b.consumed_floor })
+        serde_json::json!({ "consumed": consumed, "consumed_floor": b.consumed_floor, "epoch": b.epoch })
     };
     let dir = out_dir.join("checkpoints").join(format!("step-{:08}", trainer.step));
     std::fs::create_dir_all(out_dir.join("checkpoints"))
@@ -338,7 +402,48 @@ fn truncate_step_log(out_dir: &Path, step: u64) {
     if !out.is_empty() {
         out.push('\n');
     }
-    let _ = std::fs::write(&path, out);
+    // Replaced as a whole (temporary file, fsync, rename): a crash here leaves the old log or
+    // the new one, never a torn file.
+    if let Err(e) = selfplay_coordinator::persist::write_atomic(&path, out.as_bytes()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot rewrite the step log");
+    }
+}
+
+/// The run id: `run.id` from the config, else the one this output directory was started with
+/// (`<out_dir>/run.json`), else a new one, written there before anything else happens.
+pub fn resolve_run_id(cfg: &Config) -> Result<String, LearnerError> {
+    let path = cfg.run.out_dir.join("run.json");
+    let saved = match std::fs::read(&path) {
+        Ok(bytes) => Some(
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["id"].as_str().map(str::to_string))
+                .ok_or_else(|| LearnerError::Run(format!("{} is not a run file", path.display())))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(LearnerError::Run(format!("{}: {e}", path.display()))),
+    };
+    match (cfg.run.id.as_str(), saved) {
+        ("", Some(id)) => Ok(id),
+        (want, Some(id)) if want == id => Ok(id),
+        (want, Some(id)) => Err(LearnerError::Run(format!(
+            "run.id is {want:?} but {} belongs to run {id:?}: choose another run.out_dir",
+            cfg.run.out_dir.display()
+        ))),
+        (want, None) => {
+            let id = if want.is_empty() {
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                format!("run-{:x}-{:08x}", t.as_secs(), selfplay_proto::unit::mix(t.as_nanos() as u64 ^ u64::from(std::process::id())) as u32)
+            } else {
+                want.to_string()
+            };
+            std::fs::create_dir_all(&cfg.run.out_dir)
+                .map_err(|e| LearnerError::Run(format!("{}: {e}", cfg.run.out_dir.display())))?;
+            selfplay_coordinator::persist::write_atomic(&path, serde_json::json!({ "id": id }).to_string().as_bytes())
+                .map_err(|e| LearnerError::Run(format!("{}: {e}", path.display())))?;
+            Ok(id)
+        }
+    }
 }
 
 /// Runs the learner until `cfg.run.steps` steps are done (0 = forever) or `shutdown`
@@ -378,6 +483,8 @@ pub async fn run(
     .await
     .map_err(|e| LearnerError::Thread(e.to_string()))??;
 
+    let run_id = resolve_run_id(&cfg)?;
+    let last_epoch = extra.get("epoch").and_then(|v| v.as_u64()).unwrap_or(0);
     truncate_step_log(&out_dir, trainer.step);
     let mut inbox = Inbox::new(trainer.step, opts.max_policy_lag, cfg.game.queries_per_step, trainer.limits());
     if let Some(ids) = extra.get("consumed").and_then(|c| c.as_array()) {
@@ -437,7 +544,17 @@ pub async fn run(
     let rt = tokio::runtime::Handle::current();
     let max_steps = cfg.run.steps;
     let mut runner =
-        Runner { cfg: cfg.clone(), opts: opts.clone(), client, rt, prompts, last_published: 0, opened_upto: None };
+        Runner {
+            cfg: cfg.clone(),
+            opts: opts.clone(),
+            client,
+            rt,
+            prompts,
+            last_published: 0,
+            opened_upto: None,
+            epoch: last_epoch,
+            run_id,
+        };
     let resumed = resume_from.is_some();
     let thread_shared = shared.clone();
     let thread_stopping = stopping.clone();
@@ -447,11 +564,8 @@ pub async fn run(
         .spawn(move || -> Result<LearnerSummary, LearnerError> {
             let mut trainer = trainer;
             let shared = thread_shared;
-            if trainer.step > 0 {
-                runner.publish(&trainer)?;
-            }
-            runner.last_published = trainer.step;
-            runner.open_window(trainer.step, resumed)?;
+            let _ = resumed;
+            runner.begin_epoch(&trainer, &shared)?;
             let (ckpt_root, keep) = (runner.cfg.run.out_dir.clone(), runner.cfg.run.keep_checkpoints);
             let save = |trainer: &Trainer| checkpoint(trainer, &shared.inbox, &ckpt_root, keep);
             let mut last = None;
@@ -480,7 +594,7 @@ pub async fn run(
                     match got {
                         Some(g) => break g,
                         None => {
-                            runner.check_coordinator(&trainer)?;
+                            runner.resync(&trainer, &shared)?;
                             checked = Instant::now();
                         }
                     }
@@ -493,11 +607,18 @@ pub async fn run(
                         .record(version_before.saturating_sub(g.weights_version) as f64);
                 }
                 let stats = trainer.train_step(&groups)?;
+                if stats.skipped {
+                    ::metrics::counter!("selfplay_learner_steps_skipped_total").increment(1);
+                }
                 let stale_steps = {
                     let mut b = shared.inbox.lock().expect("inbox lock");
-                    // Synchronous: every unit of an older step is consumed or discarded. Asynchronous:
-                    // old units can still arrive, so the consumed ids are all kept.
-                    b.commit(&groups, trainer.step, if opts.max_policy_lag == 0 { trainer.step } else { 0 });
+                    // Synchronous: every unit of an older step is consumed or discarded.
+                    // Asynchronous: old units can still arrive; consumed ids are kept for the
+                    // steps a re-issued unit can still plausibly come from (bounded memory;
+                    // an older replay counts as a duplicate and is not trained).
+                    let lag = opts.max_policy_lag;
+                    let floor = if lag == 0 { trainer.step } else { trainer.step.saturating_sub(4 * (lag + 1)) };
+                    b.commit(&groups, trainer.step, floor);
                     b.drop_stale()
                 };
                 ::metrics::gauge!("selfplay_learner_idle_fraction")
@@ -506,14 +627,27 @@ pub async fn run(
                 metrics::record_step(&stats);
                 log_step(&runner.cfg.run.out_dir, &stats, &groups);
                 on_step(&stats);
-                if trainer.step % opts.publish_every == 0 {
-                    runner.publish(&trainer)?;
-                }
-                if max_steps == 0 || trainer.step < max_steps {
-                    runner.open_window(trainer.step, false)?;
-                    for s in stale_steps {
-                        runner.open_step(s, true)?;
+                // Publishing and opening are fenced by the epoch: when the coordinator began
+                // another one meanwhile (restarted without its state), re-establish it from
+                // this state and go on.
+                let advance = |runner: &mut Runner| -> Result<(), LearnerError> {
+                    if trainer.step % opts.publish_every == 0 {
+                        runner.publish(&trainer)?;
                     }
+                    if max_steps == 0 || trainer.step < max_steps {
+                        runner.open_window(trainer.step, false)?;
+                        for s in &stale_steps {
+                            runner.open_step(*s, true)?;
+                        }
+                    }
+                    Ok(())
+                };
+                match advance(&mut runner) {
+                    Err(LearnerError::EpochChanged(why)) => {
+                        tracing::warn!(%why, "the coordinator refused this learner's epoch");
+                        runner.resync(&trainer, &shared)?;
+                    }
+                    r => r?,
                 }
                 let every = runner.cfg.run.checkpoint_every;
                 if every > 0 && trainer.step % every == 0 {

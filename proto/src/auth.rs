@@ -47,6 +47,8 @@ pub enum AuthError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the token file {path} is accessible to other users (mode {mode:o}): chmod 600 it")]
+    Permissions { path: PathBuf, mode: u32 },
     #[error("the token from {origin} is empty")]
     Empty { origin: String },
     #[error(
@@ -98,9 +100,20 @@ impl BearerToken {
         }
     }
 
-    /// The token stored in a file (a trailing newline is fine).
+    /// The token stored in a file (a trailing newline is fine). The file must not be
+    /// readable or writable by other users (mode 0600 or 0400, as Kubernetes Secrets with
+    /// `defaultMode: 0400` and `install -m 600` give).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, AuthError> {
         let path = path.as_ref();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o007 != 0 {
+                return Err(AuthError::Permissions { path: path.to_path_buf(), mode });
+            }
+        }
         let text =
             std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
         Self::parse(&text, &path.display().to_string())
@@ -213,9 +226,15 @@ impl Interceptor for ServerAuth {
 }
 
 /// Client-side interceptor: adds `authorization: Bearer <token>` to every request.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientAuth {
     header: MetadataValue<Ascii>,
+}
+
+impl fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientAuth(<redacted>)")
+    }
 }
 
 impl ClientAuth {
@@ -309,6 +328,7 @@ mod tests {
     #[test]
     fn client_adds_the_header_the_server_accepts() {
         let token = BearerToken::generate();
+        assert_eq!(format!("{:?}", ClientAuth::new(&token)), "ClientAuth(<redacted>)");
         let req = ClientAuth::new(&token).call(Request::new(())).unwrap();
         let mut auth = ServerAuth::new(token, "test");
         assert!(auth.call(req).is_ok());
@@ -327,6 +347,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "abc123\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(BearerToken::from_file(&path), Err(AuthError::Permissions { mode: 0o644, .. })));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(BearerToken::from_file(&path).unwrap().secret(), "abc123");
         std::fs::write(&path, "\n").unwrap();
         assert!(matches!(BearerToken::from_file(&path), Err(AuthError::Empty { .. })));

@@ -43,6 +43,12 @@ pub fn endpoint(address: &str, tls_ca: Option<&std::path::Path>) -> Result<tonic
     let ep = tonic::transport::Endpoint::from_shared(address.to_string())
         .map_err(|e| format!("{address}: {e}"))?
         .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        // HTTP/2 PINGs, also while idle: a peer that is frozen (SIGSTOP) or gone without a
+        // FIN is noticed within about 30 s and the calls on it fail as UNAVAILABLE.
+        .http2_keep_alive_interval(crate::server::KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(crate::server::KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         // Let the server send 1 MiB HTTP/2 frames instead of 16 KiB ones: a 4 MiB weight chunk
         // is 4 frames rather than 256 (measured: ~15% less CPU per fetched byte).
         .max_frame_size(HTTP2_MAX_FRAME_BYTES);
@@ -60,12 +66,28 @@ pub fn endpoint(address: &str, tls_ca: Option<&std::path::Path>) -> Result<tonic
     }
 }
 
-/// Calls `f` again, with exponential backoff (100 ms doubling to 3 s), while the peer is
-/// unavailable (restarting, not yet up) and `patience` has not run out; any other status, or
-/// the last one after `patience`, is returned.
-pub async fn retry_unavailable<T, F, Fut>(
+/// How long one attempt of a call may take by default before it counts as failed
+/// (DEADLINE_EXCEEDED, retried like UNAVAILABLE): a peer that accepts the connection but never
+/// answers (frozen, overloaded) cannot hang its callers.
+pub const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Calls `f` again, with exponential backoff (100 ms doubling to 3 s), while the error is
+/// retryable ([`crate::error::is_retryable`]: the peer is restarting, unreachable, or the
+/// attempt took longer than [`ATTEMPT_TIMEOUT`]) and `patience` has not run out; any other
+/// status, or the last one after `patience`, is returned.
+pub async fn retry_unavailable<T, F, Fut>(what: &str, patience: std::time::Duration, f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    retry_with_deadline(what, patience, ATTEMPT_TIMEOUT, f).await
+}
+
+/// [`retry_unavailable`] with an explicit limit per attempt.
+pub async fn retry_with_deadline<T, F, Fut>(
     what: &str,
     patience: std::time::Duration,
+    attempt: std::time::Duration,
     mut f: F,
 ) -> Result<T, tonic::Status>
 where
@@ -75,13 +97,14 @@ where
     let t0 = std::time::Instant::now();
     let mut wait = std::time::Duration::from_millis(100);
     loop {
-        match f().await {
+        let result = match tokio::time::timeout(attempt, f()).await {
+            Ok(r) => r,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!("{what}: no answer within {attempt:?}"))),
+        };
+        match result {
             Ok(v) => return Ok(v),
-            Err(s)
-                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
-                    && t0.elapsed() < patience =>
-            {
-                tracing::debug!(%what, error = %s.message(), "peer unavailable, retrying");
+            Err(s) if crate::error::is_retryable(s.code()) && t0.elapsed() < patience => {
+                tracing::debug!(%what, code = ?s.code(), error = %s.message(), "peer unavailable, retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(3));
             }

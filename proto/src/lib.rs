@@ -4,6 +4,9 @@
 //! payloads ([`weights`]).
 pub mod auth;
 pub mod client;
+pub mod error;
+pub mod server;
+pub mod unit;
 pub mod weights;
 
 pub mod v1 {

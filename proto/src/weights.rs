@@ -27,8 +27,6 @@ pub enum WeightError {
     NoManifest,
     #[error("the weight stream holds a second manifest chunk")]
     DuplicateManifest,
-    #[error("weights version 0 is reserved (it means 'latest' in FetchWeights); publish from 1")]
-    VersionZero,
     #[error("tensor {tensor:?}: {reason}")]
     Tensor { tensor: String, reason: String },
     #[error("manifest field {field}: {reason}")]
@@ -86,14 +84,12 @@ fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Checks a manifest without any payload: version >= 1, sha256 strings well formed, every
+/// Checks a manifest without any payload (version 0 is the initial model, which a learner
+/// publishes when it begins an epoch at step 0; FetchWeights' 0 means "the latest"): sha256 strings well formed, every
 /// tensor named once with a known dtype and `nbytes` equal to its shape times the dtype size,
 /// the tensors tiling `0..total_bytes` in manifest order (each starts where the previous one
 /// ended), and the manifest's sha256 equal to [`manifest_digest`] of its tensors.
 pub fn validate_manifest(m: &WeightManifest) -> Result<(), WeightError> {
-    if m.version == 0 {
-        return Err(WeightError::VersionZero);
-    }
     if !is_sha256_hex(&m.sha256) {
         return Err(WeightError::Manifest { field: "sha256", reason: format!("{:?} is not 64 hex digits", m.sha256) });
     }
@@ -273,7 +269,7 @@ impl ManifestBuilder {
             });
         }
         let sha256 = manifest_digest(&tensors);
-        let manifest = WeightManifest { version, tensors, total_bytes: payload.len() as u64, sha256, step };
+        let manifest = WeightManifest { version, tensors, total_bytes: payload.len() as u64, sha256, step, epoch: 0 };
         validate_manifest(&manifest)?;
         Ok((manifest, payload))
     }
@@ -301,6 +297,9 @@ pub struct WeightAssembler {
     manifest: Option<WeightManifest>,
     verifier: Option<PayloadVerifier>,
     payload: Vec<u8>,
+    /// The most payload bytes this fetcher accepts (0 = no limit): checked against the
+    /// manifest before any memory is reserved.
+    limit: u64,
 }
 
 impl WeightAssembler {
@@ -316,6 +315,13 @@ impl WeightAssembler {
         Self { payload: buffer, ..Self::default() }
     }
 
+    /// Refuses a manifest announcing more than `bytes` of payload (checked before anything is
+    /// reserved). A fetcher knows its model's size; a bigger payload is not meant for it.
+    pub fn with_limit(mut self, bytes: u64) -> Self {
+        self.limit = bytes;
+        self
+    }
+
     /// The manifest once the first chunk arrived.
     pub fn manifest(&self) -> Option<&WeightManifest> {
         self.manifest.as_ref()
@@ -325,6 +331,12 @@ impl WeightAssembler {
     pub fn push(&mut self, chunk: WeightChunk) -> Result<(), WeightError> {
         match (chunk.part, self.verifier.as_mut()) {
             (Some(weight_chunk::Part::Manifest(m)), None) => {
+                if self.limit > 0 && m.total_bytes > self.limit {
+                    return Err(WeightError::Manifest {
+                        field: "total_bytes",
+                        reason: format!("{} bytes is more than this model's {} bytes", m.total_bytes, self.limit),
+                    });
+                }
                 self.verifier = Some(PayloadVerifier::new(&m)?);
                 self.payload.clear();
                 self.payload.reserve_exact(usize::try_from(m.total_bytes).unwrap_or(0));
@@ -400,9 +412,6 @@ mod tests {
         let mut bad = m.clone();
         bad.tensors[2].dtype = "q4".into();
         assert!(validate_manifest(&bad).unwrap_err().to_string().contains("unknown dtype"));
-        let mut bad = m.clone();
-        bad.version = 0;
-        assert_eq!(validate_manifest(&bad), Err(WeightError::VersionZero));
         let mut bad = m;
         bad.sha256 = "xyz".into();
         assert!(validate_manifest(&bad).is_err());
@@ -475,7 +484,7 @@ mod tests {
         };
         let manifest = |tensors: Vec<TensorInfo>, total_bytes| {
             let sha256 = manifest_digest(&tensors);
-            WeightManifest { version: 1, tensors, total_bytes, sha256, step: 0 }
+            WeightManifest { version: 1, tensors, total_bytes, sha256, step: 0, epoch: 0 }
         };
         // A gap before the first tensor, between two, after the last; out of order.
         for (m, what) in [
