@@ -3,7 +3,7 @@
 
 - deploy/grafana/selfplay.json: the Grafana dashboard (defined below, in Python, because
   hand-editing a few thousand lines of dashboard JSON is error-prone);
-- deploy/k8s/base/monitoring/prometheusrule.yaml: the PrometheusRule, whose groups are
+- deploy/k8s/components/monitoring/prometheusrule.yaml: the PrometheusRule, whose groups are
   deploy/prometheus/alerts.yml verbatim.
 
     python3 deploy/generate.py          # rewrite both
@@ -19,10 +19,14 @@ from pathlib import Path
 DEPLOY = Path(__file__).resolve().parent
 DASHBOARD = DEPLOY / "grafana" / "selfplay.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
-PROMETHEUS_RULE = DEPLOY / "k8s" / "base" / "monitoring" / "prometheusrule.yaml"
+PROMETHEUS_RULE = DEPLOY / "k8s" / "components" / "monitoring" / "prometheusrule.yaml"
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
-F = 'job=~"$job",instance=~"$instance"'
+# Every selfplay query is narrowed to one run (the `run` label that the scrape configuration
+# attaches: deploy/k8s/components/monitoring, deploy/prometheus/prometheus.yml, the Slurm job's
+# targets.json), so two runs are never summed together; `${run:regex}` is empty, and so matches
+# series without the label, where no run label is set up.
+F = 'run=~"${run:regex}",job=~"$job",instance=~"$instance"'
 RI = "$__rate_interval"
 
 
@@ -306,6 +310,14 @@ def dashboard():
                      + [mean_of("selfplay_actor_self_reward", window="5m")]), 8, 8)
     L.add(heatmap("Self-reward heatmap", "Answers by self-reward score.",
                   "selfplay_actor_self_reward"), 8, 8)
+    L.add(timeseries("Generated tokens per unit",
+                     "Response length, as far as the metrics tell it: new tokens sampled per "
+                     "completed unit, i.e. one challenger query plus its G solver answers (divide "
+                     "by G + 1 for the mean length of one output). Tokens of units that failed "
+                     "count too. selfplay exports no per-response length or truncation metric.",
+                     [(f"sum(rate(selfplay_actor_tokens_generated_total{{{F}}}[{RI}])) / "
+                       f"sum(rate(selfplay_actor_units_done_total{{{F}}}[{RI}]))", "tokens / unit")],
+                     min0=True), 8, 8)
     L.add(timeseries("Judge parse failures", "Unparsable self-reward judgements per minute, per "
                      "actor.",
                      [(f"sum by (instance) (rate(selfplay_actor_judge_parse_failures_total{{{F}}}[{RI}])) * 60",
@@ -321,15 +333,23 @@ def dashboard():
         {"type": "datasource", "name": "datasource", "label": "Data source", "query": "prometheus",
          "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],
          "includeAll": False, "multi": False},
+        {"type": "query", "name": "run", "label": "run", "datasource": DS,
+         "description": "One run at a time: the run label attached at scrape time (Kubernetes: "
+                        "namespace/app.kubernetes.io/instance; Slurm: the run directory; "
+                        "prometheus.yml: what you set). Empty when no target carries it.",
+         "query": 'label_values({__name__=~"selfplay_.+"}, run)',
+         "definition": 'label_values({__name__=~"selfplay_.+"}, run)',
+         "refresh": 2, "sort": 1, "multi": False, "includeAll": False,
+         "current": {}, "hide": 0, "regex": "", "options": []},
         {"type": "query", "name": "job", "label": "job", "datasource": DS,
-         "query": 'label_values({__name__=~"selfplay_.+"}, job)',
-         "definition": 'label_values({__name__=~"selfplay_.+"}, job)',
+         "query": 'label_values({__name__=~"selfplay_.+",run=~"${run:regex}"}, job)',
+         "definition": 'label_values({__name__=~"selfplay_.+",run=~"${run:regex}"}, job)',
          "refresh": 2, "sort": 1, "multi": True, "includeAll": True, "allValue": ".*",
          "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "hide": 0,
          "regex": "", "options": []},
         {"type": "query", "name": "instance", "label": "instance", "datasource": DS,
-         "query": 'label_values({__name__=~"selfplay_.+",job=~"$job"}, instance)',
-         "definition": 'label_values({__name__=~"selfplay_.+",job=~"$job"}, instance)',
+         "query": 'label_values({__name__=~"selfplay_.+",run=~"${run:regex}",job=~"$job"}, instance)',
+         "definition": 'label_values({__name__=~"selfplay_.+",run=~"${run:regex}",job=~"$job"}, instance)',
          "refresh": 2, "sort": 1, "multi": True, "includeAll": True, "allValue": ".*",
          "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "hide": 0,
          "regex": "", "options": []},
@@ -370,7 +390,8 @@ def dashboard_text():
 # ---------------------------------------------------------------------------------------------
 RULE_HEADER = """\
 # Generated from deploy/prometheus/alerts.yml by deploy/generate.py: do not edit here.
-# Needs the Prometheus Operator (monitoring.coreos.com/v1). The `release` label is what many
+# Needs the Prometheus Operator (monitoring.coreos.com/v1): the optional component
+# deploy/k8s/components/monitoring. The `release` label is what many
 # kube-prometheus-stack installs select rules by; change it to match your Prometheus's
 # ruleSelector.
 """

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Offline checks of deploy/: renders the Kubernetes overlays and validates every object against
-# the Kubernetes schemas, checks the Prometheus config and rules with promtool (and unit-tests
-# the alerts), checks that the generated files are up to date, that every metric name the
-# dashboard, alerts and manifests use is documented in docs/metrics.md, and lints the Slurm
-# script. Exits non-zero on any failure.
+# the Kubernetes schemas (the overlays without components hold no custom resources, so they apply
+# on clusters without the Prometheus Operator), checks the Prometheus config and rules with
+# promtool (and unit-tests the alerts), checks that the generated files are up to date, that
+# every metric name the dashboard, alerts and manifests use is documented in docs/metrics.md,
+# that every selfplay flag and config key named in README.md, BENCHMARKS.md, docs/ and deploy/
+# exists (and that this check refuses invented ones), and lints the Slurm script. Exits non-zero
+# on any failure.
 #
 # Tools (installed on first use, reused after; nothing is downloaded at check time once cached):
 #   kustomize  - `kustomize` on PATH, else `kubectl kustomize` (kustomize v4+ built in), else
@@ -97,10 +100,12 @@ fi
 
 # --- 2. dashboard JSON is well-formed and templated --------------------------------------------
 if out=$("$py" - "$work/dashboard-rules.yml" <<'PY' 2>&1
-import json, sys
+import json, re, sys
 d = json.load(open("deploy/grafana/selfplay.json"))
 names = [v["name"] for v in d["templating"]["list"]]
-assert names == ["datasource", "job", "instance"], names
+assert names == ["datasource", "run", "job", "instance"], names
+run = d["templating"]["list"][1]
+assert not run["multi"] and not run["includeAll"], "the run variable must select one run"
 assert 36 <= d["schemaVersion"] <= 41, d["schemaVersion"]
 ids = [p["id"] for p in d["panels"]]
 assert len(ids) == len(set(ids)), "duplicate panel ids"
@@ -114,10 +119,15 @@ for p in d["panels"]:
         e = t["expr"]
         assert e.count("(") == e.count(")") and e.count("{") == e.count("}"), (p["title"], e)
         if "selfplay_" in e:
-            assert '$job' in e and '$instance' in e, ("not templated", p["title"], e)
+            sel = r"selfplay_\w+\{((?:[^{}]|\$\{[^{}]*\})*)\}"  # ${run:regex} inside
+            for m in re.finditer(sel, e):
+                assert all(v in m.group(1) for v in ('run=~"${run:regex}"', "$job", "$instance")), \
+                    ("a selector without run, job and instance", p["title"], e)
+            assert "selfplay_" not in re.sub(sel, "", e), \
+                ("a selfplay metric without a selector", p["title"], e)
 # Every query as a recording rule, so that promtool parses its PromQL.
 import yaml
-subst = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*"}
+subst = {"$__rate_interval": "1m", "${run:regex}": ".*", "$job": ".*", "$instance": ".*"}
 rules = []
 for p in d["panels"]:
     for t in p.get("targets", []):
@@ -131,7 +141,7 @@ print(f"{len(d['panels'])} panels, {n} queries")
 PY
 ); then
   if perr=$(promtool check rules "$work/dashboard-rules.yml" 2>&1); then
-    ok "dashboard: $out, all on \${datasource}, filtered by \$job and \$instance, PromQL parses"
+    ok "dashboard: $out, all on \${datasource}, every selfplay selector filtered by one \$run, \$job and \$instance, PromQL parses"
   else
     bad "dashboard PromQL: $perr"
   fi
@@ -173,14 +183,14 @@ render() { # name dir
   bad "render $1 with ${KUSTOMIZE[*]}: $(cat "$work/$1.err")"
   return 1
 }
-# The gpu overlay plus both optional components, as a user would enable them.
+# The gpu overlay plus every optional component, as a user would enable them.
 full="$work/gpu-full"
 mkdir -p "$full"
 cp deploy/k8s/overlays/gpu/* "$full/"
 rel=$(realpath --relative-to="$full" deploy/k8s)
 sed -i "s#\.\./\.\./base#$rel/base#" "$full/kustomization.yaml"
-printf 'components:\n  - %s/components/reward-server\n  - %s/components/actors-hpa\n' "$rel" "$rel" \
-  >>"$full/kustomization.yaml"
+printf 'components:\n  - %s/components/monitoring\n  - %s/components/reward-server\n  - %s/components/actors-hpa\n' \
+  "$rel" "$rel" "$rel" >>"$full/kustomization.yaml"
 
 validate() { # name [flags...]
   local name=$1; shift
@@ -190,16 +200,17 @@ validate() { # name [flags...]
     bad "$name: $out"
   fi
 }
-if render cpu-smoke deploy/k8s/overlays/cpu-smoke; then validate cpu-smoke; fi
+# Without components: only built-in kinds (kubectl apply works without the Prometheus Operator).
+if render cpu-smoke deploy/k8s/overlays/cpu-smoke; then validate cpu-smoke --no-crds; fi
 if render gpu deploy/k8s/overlays/gpu; then
-  validate gpu --expect-gpu --external-secret selfplay-token
+  validate gpu --no-crds --expect-gpu --external-secret selfplay-token
 fi
 if render gpu-full "$full"; then
   validate gpu-full --expect-gpu --external-secret selfplay-token
 fi
 
-# The PrometheusRule as rendered is a valid Prometheus rule file.
-if [ -s "$work/cpu-smoke.yaml" ] && "$py" tests/deploy/validate.py rule-groups "$work/cpu-smoke.yaml" "$work/rules.yml" \
+# The PrometheusRule as rendered (by the monitoring component) is a valid Prometheus rule file.
+if [ -s "$work/gpu-full.yaml" ] && "$py" tests/deploy/validate.py rule-groups "$work/gpu-full.yaml" "$work/rules.yml" \
   && out=$(promtool check rules "$work/rules.yml" 2>&1); then
   ok "rendered PrometheusRule passes promtool check rules"
 else
@@ -217,6 +228,28 @@ if [ -x "$bin" ] && [ -s "$work/gpu-full.yaml" ] && [ -s "$work/cpu-smoke.yaml" 
   fi
 else
   echo "skip container command lines: no selfplay binary at $bin (set SELFPLAY_BIN)"
+fi
+
+# Every flag and config key the docs and deploy files name exists: flags from the binary's
+# --help per command when there is one, else from the clap definitions in cli/src; config keys
+# from game/src/config.rs.
+names_bin=()
+[ -x "$bin" ] && names_bin=(--bin "$bin")
+if out=$("$py" tests/deploy/validate.py names "${names_bin[@]}" 2>&1); then
+  ok "${out#ok   }"
+else
+  bad "${out#FAIL }"
+fi
+# ... and that check refuses names that do not exist.
+# shellcheck disable=SC2016 # backquotes are Markdown here
+printf '%s\n' 'Run `selfplay learner --config run.toml --no-such-flag` with `--set game.no_such_key=1`.' \
+  >"$work/invented.md"
+if out=$("$py" tests/deploy/validate.py names "${names_bin[@]}" --extra "$work/invented.md" 2>&1); then
+  bad "the names check accepted an invented flag and config key"
+elif grep -q -- "--no-such-flag is not a flag of selfplay" <<<"$out" && grep -q "game.no_such_key does not exist" <<<"$out"; then
+  ok "the names check refuses an invented flag (--no-such-flag) and config key (game.no_such_key)"
+else
+  bad "the names check on invented names: $out"
 fi
 
 # --- 6. Slurm and container files --------------------------------------------------------------

@@ -16,6 +16,12 @@
   validate.py metrics
       Every selfplay_* metric name used by the dashboard, the alerts and the manifests is
       documented in docs/metrics.md.
+  validate.py names [--bin BIN] [--extra FILE]...
+      Every selfplay flag and config key named in README.md, BENCHMARKS.md, docs/ and deploy/
+      exists: flags per command from `BIN <command> --help` (without BIN, from the clap
+      definitions in cli/src, against all commands at once), config keys from the serde structs
+      of game/src/config.rs (run configs in deploy/ are parsed whole). With BIN, also that every
+      flag of the role commands reads an environment variable, as the README says.
 """
 import argparse
 import json
@@ -286,6 +292,11 @@ def policy_errors(objs, expect_gpu, external_secrets):
                     tp in {cp.get("name") for c in sp["containers"] for cp in c.get("ports", [])}
                     for _, sp in matched):
                 errs.append(f"{kn(s)}: targetPort {tp} is not a container port of the selected pods")
+    # Every Service names its run (the ServiceMonitor turns it into the metrics' run label).
+    for s in by_kind.get("Service", {}).values():
+        if not s["metadata"].get("labels", {}).get("app.kubernetes.io/instance"):
+            errs.append(f"{kn(s)}: no app.kubernetes.io/instance label (the run's name; set it "
+                        "in the overlay's labels)")
     # StatefulSets have their governing Service, and it is headless.
     for st in by_kind.get("StatefulSet", {}).values():
         svc = by_kind.get("Service", {}).get(st["spec"]["serviceName"])
@@ -312,6 +323,21 @@ def policy_errors(objs, expect_gpu, external_secrets):
         if pr["spec"]["groups"] != alerts["groups"]:
             errs.append(f"{kn(pr)}: groups differ from deploy/prometheus/alerts.yml "
                         "(run python3 deploy/generate.py)")
+    # The coordinator reads no run.toml: its --seed must be the run config's run.seed.
+    seeds = set()
+    for cm in by_kind.get("ConfigMap", {}).values():
+        if "run.toml" in cm.get("data", {}):
+            seeds.add(toml_loads(cm["data"]["run.toml"]).get("run", {}).get("seed", 0))
+    for o, spec in pods.values():
+        if o["metadata"]["labels"].get("app.kubernetes.io/component") != "coordinator":
+            continue
+        for c in spec["containers"]:
+            given = [a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--seed=")]
+            if not given:
+                errs.append(f"{kn(o)}/{c['name']}: no --seed= (the run config's run.seed)")
+            elif seeds and {int(given[0])} != seeds:
+                errs.append(f"{kn(o)}/{c['name']}: --seed={given[0]} but run.toml has run.seed "
+                            f"{', '.join(map(str, sorted(seeds)))}")
     # The dashboard ConfigMap holds the dashboard.
     for cm in by_kind.get("ConfigMap", {}).values():
         if "selfplay.json" in cm.get("data", {}):
@@ -319,6 +345,23 @@ def policy_errors(objs, expect_gpu, external_secrets):
                     (ROOT / "deploy/grafana/selfplay.json").read_text()):
                 errs.append(f"{kn(cm)}: differs from deploy/grafana/selfplay.json")
     return errs
+
+
+def toml_loads(text):
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11: the few plain keys these checks need.
+        out = {}
+        cur = out
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("["):
+                cur = out.setdefault(line.strip("[] "), {})
+            elif "=" in line:
+                k, v = (x.strip() for x in line.split("=", 1))
+                cur[k] = int(v) if re.fullmatch(r"-?[0-9]+", v) else v.strip('"')
+        return out
+    return tomllib.loads(text)
 
 
 def selector_matches(sel, labels):
@@ -364,6 +407,10 @@ def cmd_k8s(args):
                                 f"in Kubernetes {s.version}")
                     continue
                 errs += [f"{kn(o)} [k8s {s.version}]: {fmt_error(e)}" for e in found]
+        if args.no_crds:
+            errs += [f"{kn(o)}: a custom resource ({o['apiVersion']}) in a render that must apply "
+                     "on any cluster (move it to a component)"
+                     for o in objs if (o.get("apiVersion"), o.get("kind")) in CRD_SCHEMAS]
         try:
             errs += policy_errors(objs, args.expect_gpu, set(args.external_secret))
         except (KeyError, TypeError, AttributeError) as e:
@@ -421,6 +468,287 @@ def cmd_cli(args):
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# names: every selfplay flag and config key that the docs and deploy files name exists.
+# ---------------------------------------------------------------------------------------------
+SECTIONS = ("run", "model", "game", "challenger", "solver", "self_reward", "reward", "loss", "optim")
+# `model.safetensors`, `run.toml`: file names, not config keys.
+FILE_SUFFIXES = {"toml", "sh", "json", "jsonl", "yaml", "yml", "safetensors", "md", "py", "rs",
+                 "gguf", "png", "log", "out", "txt", "pem", "key", "bin", "pt", "sbatch", "env"}
+# section.key, not part of a longer name (host.example.org, model.model(...), a/run.sh).
+CONFIG_KEY = re.compile(r"(?<![\w./$-])(" + "|".join(SECTIONS) + r")\.([a-z_][a-z0-9_]*)(?![\w(-]|\.\w)")
+FLAG = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)")
+# Tokens that invoke selfplay in a command line: the binary, and the scripts' variables for it.
+# (A container image named selfplay counts: `docker run ... ghcr.io/selfplay/selfplay:0.1.0 train`.)
+SELFPLAY_CMD = re.compile(r"^(\./|\S*/(bin|release|debug)/)?selfplay$|^[\w.-]+(:\d+)?(/[\w.-]+)*/selfplay:[\w.-]+$"
+                          r"|^\$\{?(BIN|bin|0|SELFPLAY_BIN)\}?$")
+# Options of other programs whose value may be the word selfplay (kubectl -n selfplay).
+VALUE_OPTIONS = {"-n", "--namespace", "-u", "--user", "-g", "--group", "--name", "--shell",
+                 "--network", "-t", "--tag"}
+# Flags of other programs that the docs name on their own (not in a command line of theirs).
+OTHER_FLAGS = {
+    # srun/sbatch (docs/deploy.md, the Slurm script)
+    "--gpus-per-task", "--gpus", "--gres", "--overlap", "--het-group", "--ntasks-per-node",
+    "--ntasks", "--nodes", "--container-image", "--container-mounts", "--kill-on-bad-exit",
+    "--signal", "--time", "--mem", "--cpus-per-task", "--partition", "--account", "--gpu-bind",
+    # kubectl / kustomize
+    "--replicas", "--from-literal", "--overrides", "--image", "--restart", "--namespace",
+    # docker
+    "--user", "--network", "--rm",
+    # cargo, pip, python scripts of this repository
+    "--release", "--locked", "--workspace", "--build-arg", "--check", "--target", "--no-deps",
+    "--k8s-version", "--expect-gpu", "--external-secret", "--no-crds",
+}
+
+
+def config_keys():
+    """{section: {key}} from the serde structs of game/src/config.rs."""
+    src = (ROOT / "game/src/config.rs").read_text()
+    structs = {}
+    for m in re.finditer(r"pub struct (\w+)\s*\{(.*?)\n\}", src, re.S):
+        fields = []
+        for line in m.group(2).splitlines():
+            f = re.match(r"\s*pub (\w+)\s*:\s*([\w:]+)", line)
+            if f:
+                fields.append((f.group(1), f.group(2).split("::")[-1]))
+        structs[m.group(1)] = fields
+    if "rename =" in src or "serde(alias" in src:
+        raise SystemExit("game/src/config.rs renames a field: teach validate.py names about it")
+    return {sec: {f for f, _ in structs.get(ty, [])} for sec, ty in structs["Config"]}
+
+
+def cli_flags(bin_path):
+    """({command path: {flags}}, {global flags}) from `selfplay ... --help`."""
+    import subprocess
+
+    def help_of(path):
+        r = subprocess.run([bin_path, *path, "--help"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise SystemExit(f"`{bin_path} {' '.join(path)} --help` failed: {r.stderr.strip()[:300]}")
+        return r.stdout
+
+    def parse(text):
+        flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9][a-z0-9-]*)", text, re.M))
+        subs = []
+        if "Commands:" in text:
+            block = text.split("Commands:", 1)[1].split("\n\n", 1)[0]
+            subs = [m for m in re.findall(r"^\s{2}([a-z0-9-]+)\s", block, re.M) if m != "help"]
+        return flags, subs
+
+    top, subs = parse(help_of([]))
+    out = {(): top}
+    no_env = {}
+    todo = [(s,) for s in subs]
+    while todo:
+        path = todo.pop()
+        text = help_of(list(path))
+        flags, more = parse(text)
+        out[path] = flags
+        no_env[path] = flags_without_env(text)
+        todo += [path + (m,) for m in more]
+    return out, top, no_env
+
+
+def flags_without_env(help_text):
+    """Long flags of one --help whose entry shows no [env: ...] (wrapped entries joined)."""
+    entries = re.split(r"\n(?=\s+(?:-\w, )?--)", help_text.split("Options:", 1)[-1])
+    out = set()
+    for e in entries:
+        m = re.match(r"\s+(?:-\w, )?(--[a-z0-9-]+)", e)
+        if m and "[env: " not in e and m.group(1) not in ("--help", "--version"):
+            out.add(m.group(1))
+    return out
+
+
+# README: every flag of these commands reads an environment variable, except --set.
+ENV_COMMANDS = ("train", "coordinator", "learner", "actor", "reward-server", "status")
+ENV_EXCEPTIONS = {"--set"}
+
+
+def source_flags():
+    """Every long flag declared in cli/src (no binary at hand: one set for all commands)."""
+    flags = {"--help", "--version"}
+    for f in sorted((ROOT / "cli/src").glob("*.rs")):
+        for m in re.finditer(r"#\[arg\((.*?)\)\]\s*(?:pub\s+)?(\w+)\s*:", f.read_text(), re.S):
+            if not re.search(r"\blong\b", m.group(1)):
+                continue
+            named = re.search(r'\blong\s*=\s*"([^"]+)"', m.group(1))
+            flags.add("--" + (named.group(1) if named else m.group(2).replace("_", "-")))
+    return flags
+
+
+def code_chunks(path):
+    """(line, text) pieces of a file that hold commands, flags and keys: in Markdown the fenced
+    blocks and the inline code spans, elsewhere the whole file."""
+    text = path.read_text()
+    if path.suffix != ".md":
+        return [(1, text)]
+    chunks = []
+    block = None  # (first line, lines) inside a fence
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            if block is None:
+                block = (i + 1, [])
+            else:
+                chunks.append((block[0], "\n".join(block[1])))
+                block = None
+        elif block is not None:
+            block[1].append(line)
+        else:
+            chunks += [(i, span.replace("\\|", "|")) for span in re.findall(r"`([^`]+)`", line)]
+    return chunks
+
+
+def commands(text):
+    """Shell-ish command lines of a text: continuations joined, split at ; && || | and newlines."""
+    import shlex
+
+    text = re.sub(r"\\\n", " ", text)
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else line.lstrip("# ")
+        for part in re.split(r"\s(?:&&|\|\||\||;|&)\s|;$", line):
+            try:
+                toks = shlex.split(part, comments=False)
+            except ValueError:
+                toks = part.split()
+            toks = [t.strip("[](),") for t in toks]
+            yield [t for t in toks if t]
+            for t in toks:  # bash -c '...': the inner command line too
+                if " " in t and ("--" in t):
+                    yield from commands(t)
+
+
+def invokes_selfplay(toks, i, subcommands):
+    """Whether toks[i] starts a selfplay command line (not, say, `kubectl -n selfplay`)."""
+    if not SELFPLAY_CMD.match(toks[i]) or (i > 0 and toks[i - 1] in VALUE_OPTIONS):
+        return False
+    nxt = toks[i + 1] if i + 1 < len(toks) else ""
+    return nxt in subcommands or nxt.startswith(("--", "<"))
+
+
+def check_flags(toks, per_cmd, globals_, union, subcommands):
+    """Flags of one command line that selfplay does not have: [(flag, command)]. A line that
+    does not run selfplay is checked only when it is nothing but flags (`--wire-dtype bf16` in
+    prose); other programs' command lines are theirs."""
+    bad = []
+    start = next((i for i in range(len(toks)) if invokes_selfplay(toks, i, subcommands)), None)
+    if start is None:
+        if not toks or not toks[0].startswith("--"):
+            return bad
+        for t in toks:
+            f = FLAG.match(t)
+            if f and t.startswith("--") and f.group(1) not in union and f.group(1) not in OTHER_FLAGS:
+                bad.append((f.group(1), "any selfplay command"))
+        return bad
+    rest = toks[start + 1:]
+    path = ()
+    if per_cmd is not None:
+        # Global flags (and their values) may come before the subcommand.
+        i = 0
+        while i < len(rest):
+            t = rest[i]
+            if path + (t,) in per_cmd:
+                path += (t,)
+                i += 1
+            elif not path and t.startswith("--"):
+                i += 1
+                if "=" not in t and i < len(rest) and not rest[i].startswith("-") \
+                        and (rest[i],) not in per_cmd:
+                    i += 1
+            else:
+                break
+    allowed = union if per_cmd is None else (per_cmd.get(path, set()) | globals_)
+    where = "selfplay " + " ".join(path) if path else "selfplay"
+    for t in rest:
+        f = FLAG.match(t)
+        if f and t.startswith("--") and f.group(1) not in allowed:
+            bad.append((f.group(1), where))
+    return bad
+
+
+def cmd_names(args):
+    keys = config_keys()
+    if args.bin:
+        per_cmd, globals_, no_env = cli_flags(args.bin)
+        union = set().union(*per_cmd.values())
+        subcommands = {p[0] for p in per_cmd if p}
+        how = f"`{args.bin} <command> --help` of {len(per_cmd) - 1} commands"
+    else:
+        per_cmd, globals_ = None, set()
+        union = source_flags()
+        enum = re.search(r"enum Command \{(.*?)\n\}", (ROOT / "cli/src/main.rs").read_text(), re.S).group(1)
+        subcommands = {re.sub(r"(?<!^)([A-Z])", r"-\1", v).lower()
+                       for v in re.findall(r"^    ([A-Z]\w*)", enum, re.M)}
+        how = "the clap definitions in cli/src (no binary: flags checked against all commands)"
+    files = [ROOT / "README.md", ROOT / "BENCHMARKS.md"] + sorted((ROOT / "docs").rglob("*.md"))
+    files += sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file()
+                    and p.suffix in (".md", ".yaml", ".yml", ".toml", ".sbatch", "")
+                    and p.name != "Dockerfile.dockerignore")
+    files += [Path(f).resolve() for f in args.extra]
+    errs = []
+    if args.bin:
+        for c in ENV_COMMANDS:
+            for f in sorted(no_env.get((c,), set()) - ENV_EXCEPTIONS):
+                errs.append(f"selfplay {c} {f} reads no environment variable (README says every "
+                            "flag of this command does, except --set)")
+    n_flags = n_keys = 0
+    for path in files:
+        rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        if path.suffix == ".toml":  # a run config: every section and key must exist
+            for sec, table in toml_loads(path.read_text()).items():
+                if sec not in keys:
+                    errs.append(f"{rel}: [{sec}] is not a config section")
+                    continue
+                for k in table:
+                    n_keys += 1
+                    if k not in keys[sec]:
+                        errs.append(f"{rel}: {sec}.{k} is not a config key")
+        for line, text in code_chunks(path):
+            for sec, key in CONFIG_KEY.findall(text):
+                if key in FILE_SUFFIXES:
+                    continue
+                n_keys += 1
+                if key not in keys[sec]:
+                    errs.append(f"{rel}:{line}: config key {sec}.{key} does not exist")
+            if path.suffix in (".yaml", ".yml"):
+                # Container args (one flag per item): the subcommand is the first item when given.
+                for doc in yaml.safe_load_all(text):
+                    for a in yaml_args(doc):
+                        toks = ["selfplay"] + [x.split("=", 1)[0] if x.startswith("--") else x for x in a]
+                        n_flags += sum(t.startswith("--") for t in toks)
+                        errs += [f"{rel}: {f} is not a flag of {w}" for f, w in
+                                 check_flags(toks, per_cmd if a and not a[0].startswith("-") else None,
+                                             globals_, union, subcommands)]
+                text = "\n".join(l.split("#", 1)[1] for l in text.splitlines() if "#" in l)
+            for toks in commands(text):
+                n_flags += sum(t.startswith("--") for t in toks)
+                errs += [f"{rel}:{line}: {f} is not a flag of {w}"
+                         for f, w in check_flags(toks, per_cmd, globals_, union, subcommands)]
+    if errs:
+        print("FAIL flags or config keys named in the docs and deploy files that do not exist:")
+        for e in sorted(set(errs)):
+            print(f"  - {e}")
+        return 1
+    env = (f"; every flag of {', '.join(ENV_COMMANDS)} but --set reads an environment variable"
+           if args.bin else "")
+    print(f"ok   {n_flags} flags and {n_keys} config keys named in README.md, BENCHMARKS.md, docs/ and "
+          f"deploy/ exist (flags from {how}; keys from game/src/config.rs){env}")
+    return 0
+
+
+def yaml_args(node):
+    """Every `args:` list of strings in a YAML document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "args" and isinstance(v, list) and all(isinstance(x, str) for x in v):
+                yield v
+            else:
+                yield from yaml_args(v)
+    elif isinstance(node, list):
+        for x in node:
+            yield from yaml_args(x)
+
+
 METRIC = re.compile(r"\bselfplay_[a-z0-9_]*[a-z0-9]")
 
 
@@ -462,6 +790,8 @@ def main():
     k.add_argument("--k8s-version", action="append", required=True)
     k.add_argument("--expect-gpu", action="store_true")
     k.add_argument("--external-secret", action="append", default=[])
+    k.add_argument("--no-crds", action="store_true",
+                   help="fail on Prometheus Operator objects (the render must apply anywhere)")
     k.add_argument("files", nargs="+")
     r = sub.add_parser("rule-groups")
     r.add_argument("file")
@@ -470,9 +800,12 @@ def main():
     c.add_argument("bin")
     c.add_argument("files", nargs="+")
     sub.add_parser("metrics")
+    n = sub.add_parser("names")
+    n.add_argument("--bin", help="a selfplay binary (else the clap definitions in cli/src)")
+    n.add_argument("--extra", action="append", default=[], help="another file to check")
     args = ap.parse_args()
     return {"k8s": cmd_k8s, "rule-groups": cmd_rule_groups, "cli": cmd_cli,
-            "metrics": cmd_metrics}[args.cmd](args)
+            "metrics": cmd_metrics, "names": cmd_names}[args.cmd](args)
 
 
 if __name__ == "__main__":
