@@ -18,13 +18,13 @@ pub enum BenchCommand {
     Score(BenchGenerateArgs),
     /// Self-reward modes compared on the same judgements: parse rate, agreement, speed.
     Judge(crate::bench_judge::BenchJudgeArgs),
-    /// Runtime (issue 4): publish a model's weights to a coordinator once and fetch them with
+    /// Runtime: publish a model's weights to a coordinator once and fetch them with
     /// 1, 2, 4... concurrent light actors over loopback.
     Weights(bench_runtime::WeightsArgs),
-    /// Runtime (issue 4): coordinator capacity with simulated light actors against a
+    /// Runtime: coordinator capacity with simulated light actors against a
     /// coordinator child process (RPCs/s and its CPU use).
     Coordinator(bench_runtime::CoordinatorArgs),
-    /// Runtime (issue 4): learner ingest of synthetic rollout groups (validation + dedup).
+    /// Runtime: learner ingest of synthetic rollout groups (validation + dedup).
     Ingest(bench_runtime::IngestArgs),
 }
 

@@ -237,11 +237,7 @@ fn stratified_sample_is_reproducible_and_proportional() {
 
 #[test]
 fn stratified_sample_of_alpaca_eval() {
-    let path = selfplay_tests::shared_data().join("alpaca_eval/alpaca_eval.json");
-    if !path.exists() {
-        eprintln!("skipping: {} not present", path.display());
-        return;
-    }
+    let path = selfplay_tests::shared_data_file("alpaca_eval/alpaca_eval.json");
     let rows = selfplay_game::data::load_prompt_rows(&path).unwrap();
     let subsets: Vec<String> = rows.iter().map(|r| r.subset.clone()).collect();
     let pick = sample::select(&subsets, Some(10), true, 0).unwrap();

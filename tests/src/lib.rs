@@ -63,11 +63,34 @@ pub fn smollm2_dir() -> PathBuf {
     p
 }
 
-/// ../shared/data from the repository root.
+/// The public evaluation sets (AlpacaEval, MT-bench, Vicuna-80): `$SELFPLAY_DATA`, which
+/// scripts/env.sh points at `../shared/data` beside the clone. They are data the user provides,
+/// not part of the repository, so a missing directory fails the test with what to do.
 pub fn shared_data() -> PathBuf {
-    std::env::var("SELFPLAY_DATA")
+    let dir = std::env::var("SELFPLAY_DATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
+    assert!(
+        dir.is_dir(),
+        "the evaluation sets are missing: SELFPLAY_DATA={} is not a directory. Point SELFPLAY_DATA at a \
+         folder holding alpaca_eval/alpaca_eval.json, mt_bench/question.jsonl and vicuna_bench/question.jsonl \
+         (README, \"Evaluation sets\", says where to get them); scripts/test.sh defaults it to \
+         ../shared/data beside the clone",
+        dir.display()
+    );
+    dir
+}
+
+/// One file of [`shared_data`], e.g. `alpaca_eval/alpaca_eval.json`; fails the test with what to
+/// do when it is missing.
+pub fn shared_data_file(rel: &str) -> PathBuf {
+    let p = shared_data().join(rel);
+    assert!(
+        p.is_file(),
+        "{} is missing from SELFPLAY_DATA (README, \"Evaluation sets\", says where to get it)",
+        p.display()
+    );
+    p
 }
 
 /// A test CA (`ca.pem`) and a server certificate it signed for localhost and 127.0.0.1
