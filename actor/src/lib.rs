@@ -8,12 +8,12 @@ pub mod reward_service;
 use selfplay_game::Player;
 use selfplay_proto::auth::BearerToken;
 use selfplay_proto::client::{coordinator_client, learner_client, AuthChannel};
+use selfplay_proto::error::RpcError;
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
 use selfplay_proto::v1::learner_client::LearnerClient;
 use selfplay_proto::v1::{
     CompleteWorkRequest, FetchWeightsRequest, HeartbeatRequest, JoinRequest, LeaseWorkRequest, LeaveRequest,
 };
-use selfplay_proto::error::RpcError;
 use selfplay_proto::weights::WeightAssembler;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -66,7 +66,7 @@ pub fn describe_metrics() {
     describe_counter!("selfplay_actor_units_done_total", "Units whose group the learner accepted.");
     describe_counter!(
         "selfplay_actor_units_failed_total",
-        "Units that failed, by reason (rejected, play, submit, weights)."
+        "Units that failed, by reason (rejected, play, submit, weights, duplicate: re-issued and delivered by another actor first)."
     );
     describe_gauge!("selfplay_actor_weights_version", "Weights version the actor samples with.");
     describe_histogram!(
@@ -90,7 +90,7 @@ pub fn describe_metrics() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    for reason in ["play", "submit", "rejected", "weights"] {
+    for reason in ["play", "submit", "rejected", "weights", "duplicate"] {
         metrics::counter!("selfplay_actor_units_failed_total", "reason" => reason).increment(0);
     }
     metrics::gauge!("selfplay_actor_weights_version").set(0.0);
@@ -109,9 +109,7 @@ async fn connect(
     tls_ca: Option<&std::path::Path>,
     patience: Duration,
 ) -> Result<tonic::transport::Channel, ActorError> {
-    selfplay_proto::client::connect_with_backoff(address, tls_ca, patience)
-        .await
-        .map_err(ActorError::Connect)
+    selfplay_proto::client::connect_with_backoff(address, tls_ca, patience).await.map_err(ActorError::Connect)
 }
 
 /// Retries a call while the peer is unavailable (restarting), with backoff.
@@ -247,7 +245,8 @@ pub fn run(
                     })
                     .await?
                     .into_inner();
-                    let mut asm = WeightAssembler::with_buffer(std::mem::take(&mut fetch_buffer)).with_limit(max_payload);
+                    let mut asm =
+                        WeightAssembler::with_buffer(std::mem::take(&mut fetch_buffer)).with_limit(max_payload);
                     while let Some(chunk) = stream.next().await {
                         let chunk = chunk.map_err(|s| RpcError::new("FetchWeights", &s))?;
                         asm.push(chunk).map_err(|e| ActorError::Weights(e.to_string()))?;
@@ -340,6 +339,11 @@ pub fn run(
         }));
         match ack {
             Ok(a) if a.accepted || a.duplicate => {
+                if a.duplicate {
+                    // Re-issued while this actor was slow or cut off: the learner keeps one copy.
+                    tracing::info!(unit = %unit_id, "the learner already had this unit; this group was not used");
+                    metrics::counter!("selfplay_actor_units_failed_total", "reason" => "duplicate").increment(1);
+                }
                 if complete(&rt, &conn, &opts, &unit_id, true, epoch) {
                     metrics::counter!("selfplay_actor_units_done_total").increment(1);
                     summary.units_done += 1;

@@ -592,7 +592,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 "open_step": s.open_step, "units_pending": s.units_pending, "units_leased": s.units_leased,
                 "units_issued_total": s.units_issued_total, "units_reissued_total": s.units_reissued_total,
                 "units_done_total": s.units_done_total, "weight_versions": s.weight_versions,
-                "units_per_second": s.units_per_second,
+                "units_per_second": s.units_per_second, "epoch": s.epoch, "run_id": s.run_id,
                 "actors": s.actors.iter().map(|a| serde_json::json!({
                     "actor_id": a.actor_id, "device": a.device, "weights_version": a.weights_version,
                     "units": a.units, "units_done": a.units_done, "last_heartbeat_age_s": a.last_heartbeat_age_s,
@@ -602,7 +602,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "step {}  units: {} pending, {} leased, {} done ({} issued, {} re-issued)  {:.2} units/s  weights {:?}",
+        "run {:?}  learner epoch {}  step {}  units: {} pending, {} leased, {} done ({} issued, {} re-issued)  {:.2} units/s  weights {:?}",
+        s.run_id,
+        s.epoch,
         s.open_step,
         s.units_pending,
         s.units_leased,

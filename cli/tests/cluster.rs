@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use selfplay_proto::auth::BearerToken;
 use std::collections::HashSet;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]

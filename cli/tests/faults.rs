@@ -10,7 +10,7 @@ use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const STEPS: u64 = 6;
+const STEPS: u64 = 9;
 const CHECKPOINT_EVERY: u64 = 3;
 
 /// A small deterministic generator for the schedule.
@@ -53,9 +53,53 @@ fn undisturbed() -> Vec<u8> {
     c.final_weights()
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    KillLearner,
+    KillCoordinator,
+    FreezeLearner,
+    FreezeActor,
+    KillActor,
+    LateJoin,
+}
+
+/// The schedule of a seed: faults keyed to the run's progress (after `k` steps are logged,
+/// plus a random delay), so that every schedule really hits the run. The learner is killed
+/// before its first checkpoint and between two checkpoints, the coordinator twice, plus
+/// random others.
+/// Each entry: (after how many steps, delay, fault, required). A required fault comes early
+/// enough that the run cannot be over by then; an optional one late in the run is skipped
+/// when the run ended first.
+fn schedule(rng: &mut Rng) -> Vec<(u64, Duration, Fault, bool)> {
+    let mut plan = vec![
+        (0, rng.millis(0, 600), Fault::KillLearner, true),
+        (CHECKPOINT_EVERY + 1, rng.millis(0, 300), Fault::KillLearner, true),
+        (rng.below(CHECKPOINT_EVERY + 2), rng.millis(0, 300), Fault::KillCoordinator, true),
+        (rng.below(CHECKPOINT_EVERY + 2), rng.millis(0, 300), Fault::KillCoordinator, true),
+    ];
+    let others = [Fault::FreezeLearner, Fault::FreezeActor, Fault::KillActor, Fault::LateJoin, Fault::KillLearner];
+    for _ in 0..4 {
+        plan.push((rng.below(STEPS - 2), rng.millis(0, 600), others[rng.below(others.len() as u64) as usize], false));
+    }
+    // Required faults first among equals: the others must not push them past the run's end.
+    plan.sort_by_key(|p| (p.0, !p.3));
+    plan
+}
+
+/// SIGSTOP now, SIGCONT after `pause` from another thread: the schedule goes on meanwhile.
+fn freeze(p: &Proc, pause: Duration) {
+    signal(p, "-STOP");
+    let pid = p.child.id().to_string();
+    std::thread::spawn(move || {
+        std::thread::sleep(pause);
+        let _ = Command::new("kill").args(["-CONT", &pid]).stderr(std::process::Stdio::null()).status();
+    });
+}
+
 /// Runs one schedule; returns the final weights and what was done, for the failure message.
 fn faulted(seed: u64) -> (Vec<u8>, Vec<String>, tempfile::TempDir, Cluster) {
     let mut rng = Rng(seed);
+    let plan = schedule(&mut rng);
     let (tmp, mut c) = Cluster::with_run(STEPS, CHECKPOINT_EVERY, &[]);
     let mut coord = c.coordinator("127.0.0.1:0");
     let coord_listen = c.coordinator_addr.clone().unwrap().trim_start_matches("http://").to_string();
@@ -64,73 +108,68 @@ fn faulted(seed: u64) -> (Vec<u8>, Vec<String>, tempfile::TempDir, Cluster) {
     let mut next_actor = 2;
     let mut log: Vec<String> = vec![];
     let t0 = Instant::now();
-    // The learner and the coordinator are each hit several times; the first fault is a
-    // learner kill early in the run, often before its first checkpoint.
-    let mut faults = 0;
-    let max_faults = 10;
-    let mut first = true;
-    while !finished(&mut learner) {
-        assert!(t0.elapsed() < Duration::from_secs(600), "seed {seed}: no end after 600 s; faults: {log:?}");
-        std::thread::sleep(if first { rng.millis(200, 1500) } else { rng.millis(300, 2500) });
-        if finished(&mut learner) || faults >= max_faults {
+    // The most steps the log ever held (a resumed learner truncates it to its checkpoint).
+    let mut reached = 0u64;
+    for (after, delay, fault, required) in plan {
+        while reached < after && !finished(&mut learner) {
+            reached = reached.max(c.steps().len() as u64);
+            assert!(
+                t0.elapsed() < Duration::from_secs(600),
+                "seed {seed}: stuck before step {after}; faults: {log:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(delay);
+        if finished(&mut learner) {
+            assert!(!required, "seed {seed}: the run ended before the required {fault:?}; faults: {log:#?}");
+            log.push(format!("{fault:?} skipped: the run was over"));
             continue;
         }
         let done = c.steps().len();
-        let what = if first { 0 } else { rng.below(7) };
-        first = false;
-        faults += 1;
-        match what {
-            0 | 1 => {
-                log.push(format!("{:?} kill -9 learner at {done} steps", t0.elapsed()));
+        log.push(format!("{:.1?} {fault:?} ({done} steps logged)", t0.elapsed()));
+        match fault {
+            Fault::KillLearner => {
                 kill9(&mut learner);
-                if rng.below(2) == 0 {
-                    std::thread::sleep(rng.millis(0, 1500));
-                }
+                std::thread::sleep(rng.millis(0, 1000));
                 learner = c.learner(&["--resume"]);
             }
-            2 => {
-                log.push(format!("{:?} kill -9 coordinator at {done} steps", t0.elapsed()));
+            Fault::KillCoordinator => {
                 kill9(&mut coord);
-                std::thread::sleep(rng.millis(0, 1500));
+                std::thread::sleep(rng.millis(0, 1000));
                 coord = c.coordinator(&coord_listen);
             }
-            3 => {
-                let i = rng.below(actors.len() as u64) as usize;
-                let pause = rng.millis(200, 4000); // beyond the 1.5 s lease at times
-                log.push(format!("{:?} SIGSTOP {} for {pause:?} at {done} steps", t0.elapsed(), actors[i].name));
-                signal(&actors[i], "-STOP");
-                std::thread::sleep(pause);
-                signal(&actors[i], "-CONT");
+            Fault::FreezeLearner => {
+                let pause = rng.millis(200, 3000);
+                freeze(&learner, pause);
+                log.push(format!("  learner frozen {pause:.1?}"));
             }
-            4 => {
+            Fault::FreezeActor => {
+                // Often past the 1.5 s lease: the unit is re-issued while the actor sleeps.
                 let i = rng.below(actors.len() as u64) as usize;
-                log.push(format!("{:?} kill -9 {} and restart it at {done} steps", t0.elapsed(), actors[i].name));
+                let pause = rng.millis(200, 4000);
+                freeze(&actors[i], pause);
+                log.push(format!("  {} frozen {pause:.1?}", actors[i].name));
+            }
+            Fault::KillActor => {
+                let i = rng.below(actors.len() as u64) as usize;
                 let name = actors[i].name.clone();
                 kill9(&mut actors[i]);
                 actors[i] = c.actor(&name);
+                log.push(format!("  {name} killed and restarted"));
             }
-            5 => {
+            Fault::LateJoin => {
                 let name = format!("actor-{next_actor}");
                 next_actor += 1;
-                log.push(format!("{:?} late join {name} at {done} steps", t0.elapsed()));
                 actors.push(c.actor(&name));
                 if actors.len() > 3 {
                     let mut old = actors.remove(0);
-                    log.push(format!("{:?} kill -9 {}", t0.elapsed(), old.name));
                     kill9(&mut old);
+                    log.push(format!("  {name} joined, {} killed", old.name));
                 }
-            }
-            _ => {
-                let pause = rng.millis(200, 3000);
-                log.push(format!("{:?} SIGSTOP learner for {pause:?} at {done} steps", t0.elapsed()));
-                signal(&learner, "-STOP");
-                std::thread::sleep(pause);
-                signal(&learner, "-CONT");
             }
         }
     }
-    let status = learner.child.wait().unwrap();
-    assert!(status.success(), "seed {seed}: learner failed: {status}\nfaults: {log:#?}\n{}", c.log("learner"));
+    c.wait_exit(&mut learner);
     drop(actors);
     let w = c.final_weights();
     (w, log, tmp, c)
@@ -154,7 +193,12 @@ fn random_kill_schedules_end_bit_identical_to_an_undisturbed_run() {
         let steps = c.check_steps(STEPS as usize);
         for (i, s) in steps.iter().enumerate() {
             for u in s["units"].as_array().unwrap() {
-                assert_eq!(u["weights_version"].as_u64(), Some(i as u64), "seed {seed}: step {} sampled off-policy", i + 1);
+                assert_eq!(
+                    u["weights_version"].as_u64(),
+                    Some(i as u64),
+                    "seed {seed}: step {} sampled off-policy",
+                    i + 1
+                );
             }
         }
         assert!(got == want, "seed {seed}: final weights differ from the undisturbed run; faults: {log:#?}");

@@ -50,9 +50,15 @@ pub fn describe_metrics() {
     describe_gauge!(LEARNER_EPOCH, Unit::Count, "The current learner epoch (0 = none yet)");
     selfplay_proto::auth::describe_metrics();
     // Counters exist from the start (at 0), so dashboards and rate() see them before events.
-    for name in
-        [LEASES_EXPIRED, UNITS_ISSUED, UNITS_REISSUED, UNITS_DONE, WEIGHT_BYTES_SERVED, WEIGHT_VERSIONS_PUBLISHED, LEARNER_EPOCHS]
-    {
+    for name in [
+        LEASES_EXPIRED,
+        UNITS_ISSUED,
+        UNITS_REISSUED,
+        UNITS_DONE,
+        WEIGHT_BYTES_SERVED,
+        WEIGHT_VERSIONS_PUBLISHED,
+        LEARNER_EPOCHS,
+    ] {
         metrics::counter!(name).increment(0);
     }
 }

@@ -10,9 +10,10 @@ use metrics::{counter, gauge, histogram};
 use selfplay_proto::auth::ServerAuth;
 use selfplay_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use selfplay_proto::v1::{
-    weight_chunk, ActorStatus, BeginEpochRequest, BeginEpochResponse, CompleteWorkRequest, CompleteWorkResponse, FetchWeightsRequest, HeartbeatRequest,
-    HeartbeatResponse, JoinRequest, JoinResponse, LeaseWorkRequest, LeaseWorkResponse, LeaveRequest, LeaveResponse,
-    OpenStepRequest, OpenStepResponse, PublishWeightsResponse, StatusRequest, StatusResponse, WeightChunk, WorkUnit,
+    weight_chunk, ActorStatus, BeginEpochRequest, BeginEpochResponse, CompleteWorkRequest, CompleteWorkResponse,
+    FetchWeightsRequest, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, LeaseWorkRequest,
+    LeaseWorkResponse, LeaveRequest, LeaveResponse, OpenStepRequest, OpenStepResponse, PublishWeightsResponse,
+    StatusRequest, StatusResponse, WeightChunk, WorkUnit,
 };
 use selfplay_proto::weights::WeightError;
 use selfplay_proto::{MAX_MESSAGE_BYTES, WEIGHT_CHUNK_BYTES};

@@ -52,9 +52,14 @@ pub enum StateError {
     TooManyUnits { step: u64, units: u32 },
     #[error("{open} steps are open already (limit {MAX_OPEN_STEPS}): step {step} refused")]
     TooManySteps { step: u64, open: usize },
-    #[error("{}: the request carries epoch {got}, the coordinator is at {current}", selfplay_proto::error::SUPERSEDED_EPOCH)]
+    #[error(
+        "{}: the request carries epoch {got}, the coordinator is at {current}",
+        selfplay_proto::error::SUPERSEDED_EPOCH
+    )]
     SupersededEpoch { got: u64, current: u64 },
-    #[error("this coordinator serves run {ours:?}, not {theirs:?} (start it with a fresh state directory for a new run)")]
+    #[error(
+        "this coordinator serves run {ours:?}, not {theirs:?} (start it with a fresh state directory for a new run)"
+    )]
     OtherRun { ours: String, theirs: String },
 }
 

@@ -468,7 +468,10 @@ impl Upload {
         store.check_not_too_old(version)?;
         let previous = store.versions.read().unwrap().get(&version).cloned();
         let outcome = match previous {
-            Some(p) if p.manifest.sha256.eq_ignore_ascii_case(&self.manifest.sha256) && p.manifest.epoch == self.manifest.epoch => {
+            Some(p)
+                if p.manifest.sha256.eq_ignore_ascii_case(&self.manifest.sha256)
+                    && p.manifest.epoch == self.manifest.epoch =>
+            {
                 // Drop removes the temporary file.
                 return Ok(PublishOutcome::AlreadyStored);
             }

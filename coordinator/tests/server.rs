@@ -71,7 +71,10 @@ async fn client(addr: SocketAddr, token: &BearerToken) -> CoordinatorClient<Auth
 }
 
 async fn join(c: &mut CoordinatorClient<AuthChannel>, actor: &str) -> JoinResponse {
-    c.join(JoinRequest { actor_id: actor.into(), device: "cpu".into() }).await.unwrap().into_inner()
+    c.join(JoinRequest { actor_id: actor.into(), device: "cpu".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 async fn lease(c: &mut CoordinatorClient<AuthChannel>, actor: &str) -> Option<WorkUnit> {
@@ -79,7 +82,14 @@ async fn lease(c: &mut CoordinatorClient<AuthChannel>, actor: &str) -> Option<Wo
 }
 
 async fn complete(c: &mut CoordinatorClient<AuthChannel>, actor: &str, unit: &str) {
-    c.complete_work(CompleteWorkRequest { actor_id: actor.into(), unit_id: unit.into(), done: true }).await.unwrap();
+    c.complete_work(CompleteWorkRequest {
+        actor_id: actor.into(),
+        unit_id: unit.into(),
+        done: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 }
 
 async fn status(c: &mut CoordinatorClient<AuthChannel>) -> StatusResponse {
@@ -298,7 +308,7 @@ async fn missing_or_wrong_token_is_unauthenticated_and_health_is_open() {
     let mut anonymous = CoordinatorClient::new(ch.clone());
     let err = anonymous.status(StatusRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let err = anonymous.join(JoinRequest { actor_id: "x".into(), device: String::new() }).await.unwrap_err();
+    let err = anonymous.join(JoinRequest { actor_id: "x".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
     let mut wrong = coordinator_client(ch.clone(), &BearerToken::new("not-the-token").unwrap());
@@ -399,6 +409,83 @@ async fn open_steps_and_weights_survive_a_restart() {
     let (m, p) = fetch(&mut c, 1).await.unwrap();
     assert_eq!(m, manifest);
     assert!(p == payload);
+    drop(c);
+    server.stop().await;
+}
+
+/// A learner restarted from an older checkpoint begins a new epoch: the versions of the lost
+/// future are gone, and nothing of the old epoch (publish, step, completion) acts after it.
+/// A second coordinator cannot open the same state directory; the epoch survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_learner_epoch_supersedes_the_old_future() {
+    use selfplay_proto::v1::BeginEpochRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let token = BearerToken::generate();
+    let server = start(config(dir.path(), 10_000, &token)).await;
+    let mut c = client(server.addr, &token).await;
+    let begin =
+        |version: u64, last_epoch: u64| BeginEpochRequest { version, last_epoch, run_id: "run-a".into(), run_seed: 77 };
+    let e1 = c.begin_epoch(begin(0, 0)).await.unwrap().into_inner();
+    assert_eq!((e1.epoch, e1.run_seed), (1, 77));
+    for v in 0..=3 {
+        let (mut m, p) = weights(v, v);
+        m.epoch = 1;
+        publish(&mut c, m, p).await.unwrap();
+    }
+    join(&mut c, "actor-a").await;
+    c.open_step(OpenStepRequest { step: 3, units: 2, min_weights_version: 3, epoch: 1, ..Default::default() })
+        .await
+        .unwrap();
+    let u = lease(&mut c, "actor-a").await.unwrap();
+    assert_eq!(u.epoch, 1);
+    assert_eq!(u.seed, selfplay_proto::unit::unit_seed(77, 3, 0));
+
+    // The learner comes back from its checkpoint at version 1.
+    let e2 = c.begin_epoch(begin(1, 1)).await.unwrap().into_inner();
+    assert_eq!(e2.epoch, 2);
+    let st = status(&mut c).await;
+    assert_eq!((st.epoch, st.units_pending, st.units_leased), (2, 0, 0));
+    // Versions 0 and 1 were pruned (keep_versions = 2); 2 and 3 belong to the lost future.
+    assert!(st.weight_versions.is_empty(), "{st:?}");
+    // Late acts of epoch 1 are refused and change nothing.
+    let err = c
+        .complete_work(CompleteWorkRequest { actor_id: "actor-a".into(), unit_id: u.unit_id, done: true, epoch: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().starts_with(selfplay_proto::error::SUPERSEDED_EPOCH), "{err:?}");
+    let (mut m, p) = weights(2, 9);
+    m.epoch = 1;
+    assert_eq!(publish(&mut c, m, p).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    let err = c.open_step(OpenStepRequest { step: 3, units: 2, epoch: 1, ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let st = status(&mut c).await;
+    assert_eq!((st.units_done_total, st.weight_versions.len()), (0, 0));
+    // The new epoch publishes its version 1 and goes on.
+    let (mut m, p) = weights(1, 1);
+    m.epoch = 2;
+    publish(&mut c, m.clone(), p).await.unwrap();
+    assert_eq!(fetch(&mut c, 0).await.unwrap().0, m);
+    // Another run is refused, with a clear reason.
+    let err = c.begin_epoch(BeginEpochRequest { run_id: "run-b".into(), ..begin(0, 0) }).await.unwrap_err();
+    assert!(err.message().contains("run-a"), "{err:?}");
+    let err = c.join(JoinRequest { actor_id: "x".into(), run_id: "run-b".into(), ..Default::default() }).await;
+    assert_eq!(err.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    // A hostile step size is refused, not allocated.
+    let err =
+        c.open_step(OpenStepRequest { step: 4, units: u32::MAX, epoch: 2, ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    // A second coordinator on the same state directory is refused while the first runs.
+    let second = selfplay_coordinator::CoordinatorService::open(&config(dir.path(), 10_000, &token));
+    assert!(second.unwrap_err().to_string().contains("in use by another coordinator"));
+    drop(c);
+    server.stop().await;
+    // The epoch and the run survive a restart.
+    let server = start(config(dir.path(), 10_000, &token)).await;
+    let mut c = client(server.addr, &token).await;
+    let st = status(&mut c).await;
+    assert_eq!((st.epoch, st.run_id.as_str(), st.weight_versions.clone()), (2, "run-a", vec![1]));
     drop(c);
     server.stop().await;
 }

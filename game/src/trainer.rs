@@ -263,7 +263,10 @@ impl Trainer {
             tokens += items.iter().map(|it| it.seq.prompt_ids.len() + it.seq.completion_ids.len()).sum::<usize>();
             let loss = self.micro_batch_loss(&items, &mut acc)?;
             if !loss.double_value(&[]).is_finite() {
-                tracing::warn!(step = self.step + 1, "the loss is not finite; the update is skipped, weights unchanged");
+                tracing::warn!(
+                    step = self.step + 1,
+                    "the loss is not finite; the update is skipped, weights unchanged"
+                );
                 skipped = true;
                 break;
             }
@@ -276,7 +279,10 @@ impl Trainer {
             if grad_norm.is_finite() {
                 self.opt.step(params);
             } else {
-                tracing::warn!(step = self.step + 1, "the gradient norm is not finite; the update is skipped, weights unchanged");
+                tracing::warn!(
+                    step = self.step + 1,
+                    "the gradient norm is not finite; the update is skipped, weights unchanged"
+                );
                 skipped = true;
             }
         }

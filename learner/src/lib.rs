@@ -48,9 +48,7 @@ pub enum LearnerError {
     /// The coordinator refused a request of this learner's epoch: it began another one.
     #[error("the coordinator is in another learner epoch: {0}")]
     EpochChanged(String),
-    #[error(
-        "another learner took over (the coordinator is at epoch {theirs}, this learner at {ours}): stopping"
-    )]
+    #[error("another learner took over (the coordinator is at epoch {theirs}, this learner at {ours}): stopping")]
     Superseded { ours: u64, theirs: u64 },
     #[error("run: {0}")]
     Run(String),
@@ -433,7 +431,11 @@ pub fn resolve_run_id(cfg: &Config) -> Result<String, LearnerError> {
         (want, None) => {
             let id = if want.is_empty() {
                 let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                format!("run-{:x}-{:08x}", t.as_secs(), selfplay_proto::unit::mix(t.as_nanos() as u64 ^ u64::from(std::process::id())) as u32)
+                format!(
+                    "run-{:x}-{:08x}",
+                    t.as_secs(),
+                    selfplay_proto::unit::mix(t.as_nanos() as u64 ^ u64::from(std::process::id())) as u32
+                )
             } else {
                 want.to_string()
             };
@@ -543,18 +545,17 @@ pub async fn run(
 
     let rt = tokio::runtime::Handle::current();
     let max_steps = cfg.run.steps;
-    let mut runner =
-        Runner {
-            cfg: cfg.clone(),
-            opts: opts.clone(),
-            client,
-            rt,
-            prompts,
-            last_published: 0,
-            opened_upto: None,
-            epoch: last_epoch,
-            run_id,
-        };
+    let mut runner = Runner {
+        cfg: cfg.clone(),
+        opts: opts.clone(),
+        client,
+        rt,
+        prompts,
+        last_published: 0,
+        opened_upto: None,
+        epoch: last_epoch,
+        run_id,
+    };
     let resumed = resume_from.is_some();
     let thread_shared = shared.clone();
     let thread_stopping = stopping.clone();

@@ -108,7 +108,8 @@ impl BearerToken {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
+            let meta =
+                std::fs::metadata(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o007 != 0 {
                 return Err(AuthError::Permissions { path: path.to_path_buf(), mode });

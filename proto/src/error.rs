@@ -32,10 +32,7 @@ impl RpcError {
 
 /// Codes that a retry may cure.
 pub fn is_retryable(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted
-    )
+    matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted)
 }
 
 /// The message a server puts in a FAILED_PRECONDITION for a request of a superseded learner

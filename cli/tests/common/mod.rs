@@ -29,6 +29,10 @@ pub struct Cluster {
     pub tls: bool,
     pub coordinator_addr: Option<String>,
     pub learner_addr: Option<String>,
+    /// Network namespace the coordinator and the learner run in (None: this one), and the
+    /// address the learner listens on.
+    pub netns: Option<String>,
+    pub host: String,
 }
 
 pub fn bin() -> &'static str {
@@ -79,7 +83,18 @@ impl Cluster {
         }
         let config = dir.join("run.toml");
         std::fs::write(&config, cfg).unwrap();
-        (tmp, Cluster { dir, config, tls: false, coordinator_addr: None, learner_addr: None })
+        (
+            tmp,
+            Cluster {
+                dir,
+                config,
+                tls: false,
+                coordinator_addr: None,
+                learner_addr: None,
+                netns: None,
+                host: "127.0.0.1".into(),
+            },
+        )
     }
 
     pub fn scheme(&self) -> &'static str {
@@ -106,10 +121,23 @@ impl Cluster {
     }
 
     pub fn spawn(&self, name: &str, args: &[String]) -> Proc {
+        self.spawn_in(self.netns.as_deref(), name, args)
+    }
+
+    /// A process of the binary in network namespace `ns` (None: this one).
+    pub fn spawn_in(&self, ns: Option<&str>, name: &str, args: &[String]) -> Proc {
         // Appended: a restarted process adds to its predecessor's log.
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(bin())
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin()]);
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
             .args(["--threads", "1", "--log", "info"])
             .args(args)
             .env("SELFPLAY_TOKEN", TOKEN)
@@ -159,7 +187,7 @@ impl Cluster {
             self.learner_addr
                 .clone()
                 .map(|a| a.split("://").nth(1).unwrap().to_string())
-                .unwrap_or("127.0.0.1:0".into()),
+                .unwrap_or(format!("{}:0", self.host)),
             "--metrics-addr".into(),
             "127.0.0.1:0".into(),
             "--ready-file".into(),
@@ -179,6 +207,11 @@ impl Cluster {
     }
 
     pub fn actor_with(&self, id: &str, extra: &[String]) -> Proc {
+        self.actor_in(self.netns.as_deref(), id, extra)
+    }
+
+    /// An actor in network namespace `ns` (None: this one).
+    pub fn actor_in(&self, ns: Option<&str>, id: &str, extra: &[String]) -> Proc {
         let mut args: Vec<String> = vec![
             "actor".into(),
             "--config".into(),
@@ -194,7 +227,7 @@ impl Cluster {
         ];
         args.extend(self.tls_client_args());
         args.extend(extra.iter().cloned());
-        self.spawn(id, &args)
+        self.spawn_in(ns, id, &args)
     }
 
     pub fn steps(&self) -> Vec<serde_json::Value> {
@@ -261,7 +294,8 @@ impl Cluster {
 pub fn try_status(addr: &str) -> Result<selfplay_proto::v1::StatusResponse, String> {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let ep = tonic::transport::Endpoint::from_shared(addr.to_string()).unwrap().connect_timeout(Duration::from_secs(2));
+        let ep =
+            tonic::transport::Endpoint::from_shared(addr.to_string()).unwrap().connect_timeout(Duration::from_secs(2));
         let ch = ep.connect().await.map_err(|e| e.to_string())?;
         let mut c = selfplay_proto::client::coordinator_client(ch, &BearerToken::new(TOKEN).unwrap());
         let r = tokio::time::timeout(Duration::from_secs(5), c.status(selfplay_proto::v1::StatusRequest {})).await;
@@ -298,4 +332,3 @@ pub fn wait_status(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
-
