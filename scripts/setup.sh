@@ -6,7 +6,8 @@
 #
 # System packages some tests use (Debian names: prometheus, openssl, iproute2, procps) are
 # installed with apt-get only when running as root; otherwise one line names them and the tests
-# that need them, and everything else goes on. Nothing here stops or changes a process it did not start.
+# that need them, and everything else goes on. Nothing here stops or changes a process it did
+# not start.
 set -Eeuo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 trap 'printf "[setup] FAILED (exit %s) at scripts/setup.sh line %s: %s\n" "$?" "$LINENO" "$BASH_COMMAND" >&2' ERR
