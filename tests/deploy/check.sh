@@ -230,6 +230,13 @@ else
   echo "skip container command lines: no selfplay binary at $bin (set SELFPLAY_BIN)"
 fi
 
+# The docs' relative links stay inside the repository.
+if out=$("$py" tests/deploy/validate.py links 2>&1); then
+  ok "${out#ok   }"
+else
+  bad "${out#FAIL }"
+fi
+
 # Every flag and config key the docs and deploy files name exists: flags from the binary's
 # --help per command when there is one, else from the clap definitions in cli/src; config keys
 # from game/src/config.rs.

@@ -16,6 +16,9 @@
   validate.py metrics
       Every selfplay_* metric name used by the dashboard, the alerts and the manifests is
       documented in docs/metrics.md.
+  validate.py links
+      Relative links of README.md, BENCHMARKS.md, docs/ and deploy/ Markdown resolve to files
+      inside the repository (the repository stands alone).
   validate.py names [--bin BIN] [--extra FILE]...
       Every selfplay flag and config key named in README.md, BENCHMARKS.md, docs/ and deploy/
       exists: flags per command from `BIN <command> --help` (without BIN, from the clap
@@ -736,6 +739,34 @@ def cmd_names(args):
     return 0
 
 
+def cmd_links(args):
+    """Relative links of the Markdown files resolve to files inside the repository."""
+    files = [ROOT / "README.md", ROOT / "BENCHMARKS.md"] + sorted((ROOT / "docs").rglob("*.md"))
+    files += sorted((ROOT / "deploy").rglob("*.md"))
+    errs = []
+    n = 0
+    for path in files:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue  # a web address, or an anchor on the same page
+            n += 1
+            dest = (path.parent / target.split("#", 1)[0]).resolve()
+            rel = path.relative_to(ROOT)
+            if not dest.is_relative_to(ROOT):
+                errs.append(f"{rel}: ({target}) points outside the repository")
+            elif not dest.exists():
+                errs.append(f"{rel}: ({target}) does not exist")
+    if errs:
+        print("FAIL links in the docs:")
+        for e in errs:
+            print(f"  - {e}")
+        return 1
+    print(f"ok   {n} relative links in README.md, BENCHMARKS.md, docs/ and deploy/ stay in the "
+          "repository and resolve")
+    return 0
+
+
 def yaml_args(node):
     """Every `args:` list of strings in a YAML document."""
     if isinstance(node, dict):
@@ -803,9 +834,10 @@ def main():
     n = sub.add_parser("names")
     n.add_argument("--bin", help="a selfplay binary (else the clap definitions in cli/src)")
     n.add_argument("--extra", action="append", default=[], help="another file to check")
+    sub.add_parser("links")
     args = ap.parse_args()
     return {"k8s": cmd_k8s, "rule-groups": cmd_rule_groups, "cli": cmd_cli,
-            "metrics": cmd_metrics, "names": cmd_names}[args.cmd](args)
+            "metrics": cmd_metrics, "names": cmd_names, "links": cmd_links}[args.cmd](args)
 
 
 if __name__ == "__main__":
