@@ -4,8 +4,9 @@
 # on clusters without the Prometheus Operator), checks the Prometheus config and rules with
 # promtool (and unit-tests the alerts), checks that the generated files are up to date, that
 # every metric name the dashboard, alerts and manifests use is documented in docs/metrics.md,
-# that every selfplay flag and config key named in README.md, BENCHMARKS.md, docs/ and deploy/
-# exists (and that this check refuses invented ones), and lints the Slurm script. Exits non-zero
+# that the docs' relative links stay inside the repository, that every selfplay flag and config
+# key named in README.md, BENCHMARKS.md, docs/ and deploy/ exists (and that this check refuses
+# invented ones), and lints the Slurm script. Exits non-zero
 # on any failure.
 #
 # Tools (installed on first use, reused after; nothing is downloaded at check time once cached):
