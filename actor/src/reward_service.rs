@@ -54,11 +54,14 @@ impl RewardSource for RemoteReward {
 pub struct RewardService {
     model: Mutex<RewardModel>,
     pub max_pairs: usize,
+    /// The most bytes of one query or answer (the model truncates to its context anyway;
+    /// this bounds what a request can make the server tokenize).
+    pub max_text_bytes: usize,
 }
 
 impl RewardService {
     pub fn new(model: RewardModel) -> Self {
-        RewardService { model: Mutex::new(model), max_pairs: 256 }
+        RewardService { model: Mutex::new(model), max_pairs: 256, max_text_bytes: 256 * 1024 }
     }
 }
 
@@ -74,8 +77,31 @@ impl Reward for RewardService {
                 self.max_pairs
             )));
         }
-        let scores = tokio::task::block_in_place(|| self.model.lock().expect("model lock").score_pairs(&pairs))
-            .map_err(|e| Status::internal(e.to_string()))?;
+        if let Some((i, (q, a))) =
+            pairs.iter().enumerate().find(|(_, (q, a))| q.len() > self.max_text_bytes || a.len() > self.max_text_bytes)
+        {
+            return Err(Status::invalid_argument(format!(
+                "pairs[{i}]: query of {} bytes, answer of {} bytes; at most {} each",
+                q.len(),
+                a.len(),
+                self.max_text_bytes
+            )));
+        }
+        // A panic while scoring (a kernel error, a bug) fails this request only: the model's
+        // weights are not mutated by scoring, so the lock stays usable.
+        let scored = tokio::task::block_in_place(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.model.lock().unwrap_or_else(|p| p.into_inner()).score_pairs(&pairs)
+            }))
+        });
+        let scores = match scored {
+            Ok(r) => r.map_err(|e| Status::internal(e.to_string()))?,
+            Err(_) => {
+                metrics::counter!("selfplay_reward_panics_total").increment(1);
+                tracing::error!("scoring panicked; the request fails, the server goes on");
+                return Err(Status::internal("scoring failed (panic); see the reward server's log"));
+            }
+        };
         Ok(Response::new(ScoreResponse { scores: scores.into_iter().map(|s| s as f32).collect() }))
     }
 }

@@ -54,12 +54,21 @@ impl AuthArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Address of /metrics and /health.
-    #[arg(long, env = "SELFPLAY_METRICS_ADDR", default_value = "127.0.0.1:9464")]
-    pub metrics_addr: String,
+    /// Address of /metrics and /health. Default: port 9464 for train and the coordinator,
+    /// 9465 for the learner, 9466 for an actor, 9467 for the reward server (on 127.0.0.1), so
+    /// that roles sharing a host do not collide.
+    #[arg(long, env = "SELFPLAY_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     /// Write {"grpc": ..., "metrics": ...} here once serving (for scripts and tests).
     #[arg(long, env = "SELFPLAY_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The metrics address, or 127.0.0.1 with the role's default port.
+    fn metrics(&self, default_port: u16) -> String {
+        self.metrics_addr.clone().unwrap_or_else(|| format!("127.0.0.1:{default_port}"))
+    }
 }
 
 fn write_ready(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
@@ -141,7 +150,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
 
     rt.block_on(async {
-        let tele = telemetry::serve(&args.serve.metrics_addr).await?;
+        let tele = telemetry::serve(&args.serve.metrics(9464)).await?;
         selfplay_coordinator::describe_metrics();
         // Coordinator.
         let coord_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -284,6 +293,9 @@ pub struct CoordinatorArgs {
     /// Weight versions kept in the store.
     #[arg(long, env = "SELFPLAY_KEEP_VERSIONS", default_value_t = 2)]
     pub keep_versions: usize,
+    /// The largest weights payload a learner may publish, in bytes.
+    #[arg(long, env = "SELFPLAY_MAX_WEIGHTS_BYTES", default_value_t = selfplay_coordinator::config::DEFAULT_MAX_WEIGHTS_BYTES)]
+    pub max_weights_bytes: u64,
     /// Run seed: every work unit's sampling seed derives from (seed, step, unit); pass the
     /// run config's run.seed.
     #[arg(long, env = "SELFPLAY_SEED", default_value_t = 0)]
@@ -317,7 +329,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     }
     let rt = runtime()?;
     rt.block_on(async {
-        let tele = telemetry::serve(&args.serve.metrics_addr).await?;
+        let tele = telemetry::serve(&args.serve.metrics(9464)).await?;
         selfplay_coordinator::describe_metrics();
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
@@ -330,6 +342,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             state_dir: args.state_dir.clone(),
             lease_ttl_ms: args.lease_ttl_ms,
             keep_versions: args.keep_versions,
+            max_weights_bytes: args.max_weights_bytes,
             run_seed: args.seed,
             token: Some(args.auth.token()?),
             tls,
@@ -391,7 +404,7 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
     let dev = device(&cfg)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let tele = telemetry::serve(&args.serve.metrics_addr).await?;
+        let tele = telemetry::serve(&args.serve.metrics(9465)).await?;
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
         if args.fresh {
@@ -462,7 +475,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
     let dev = device(&cfg)?;
     let rt = runtime()?;
     let token = args.auth.token()?;
-    let tele = rt.block_on(telemetry::serve(&args.serve.metrics_addr))?;
+    let tele = rt.block_on(telemetry::serve(&args.serve.metrics(9466)))?;
     write_ready(&args.serve.ready_file, serde_json::json!({"metrics": tele.addr.to_string()}))?;
     let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
     let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
@@ -516,6 +529,12 @@ pub struct RewardServerArgs {
     /// gRPC address to serve on.
     #[arg(long, env = "SELFPLAY_LISTEN", default_value = "127.0.0.1:50053")]
     pub listen: String,
+    /// Serve TLS: certificate (PEM); needs --tls-key.
+    #[arg(long, env = "SELFPLAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Serve TLS: private key (PEM); needs --tls-cert.
+    #[arg(long, env = "SELFPLAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub auth: AuthArgs,
     #[command(flatten)]
@@ -533,7 +552,7 @@ pub fn reward_server(args: RewardServerArgs) -> Result<()> {
     let token = args.auth.token()?;
     let rt = runtime()?;
     rt.block_on(async {
-        let tele = telemetry::serve(&args.serve.metrics_addr).await?;
+        let tele = telemetry::serve(&args.serve.metrics(9467)).await?;
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
         let (health, health_svc) = tonic_health::server::health_reporter();
@@ -542,7 +561,12 @@ pub fn reward_server(args: RewardServerArgs) -> Result<()> {
         health.set_serving::<selfplay_proto::v1::reward_server::RewardServer<selfplay_actor::reward_service::RewardService>>().await;
         write_ready(&args.serve.ready_file, serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}))?;
         tracing::info!(%addr, "reward server serving");
-        tonic::transport::Server::builder()
+        let tls = args
+            .tls_cert
+            .clone()
+            .zip(args.tls_key.clone())
+            .map(|(cert, key)| selfplay_proto::server::TlsFiles { cert, key });
+        selfplay_proto::server::builder(tls.as_ref())?
             .add_service(health_svc)
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 svc,

@@ -16,6 +16,9 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+/// 256 GiB: a 64B-parameter model in f32.
+pub const DEFAULT_MAX_WEIGHTS_BYTES: u64 = 256 << 30;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
@@ -26,6 +29,9 @@ pub struct CoordinatorConfig {
     pub lease_ttl_ms: u64,
     /// Weight versions kept (the newest ones).
     pub keep_versions: usize,
+    /// The largest weights payload a publish may announce (bytes); bigger ones are refused
+    /// before anything is written.
+    pub max_weights_bytes: u64,
     /// Seed of the run: every unit's seed derives from it, its step and its index. A restart
     /// keeps the seed saved in the state directory.
     pub run_seed: u64,
@@ -45,6 +51,7 @@ impl Default for CoordinatorConfig {
             state_dir: PathBuf::from("selfplay-state/coordinator"),
             lease_ttl_ms: 10_000,
             keep_versions: 2,
+            max_weights_bytes: DEFAULT_MAX_WEIGHTS_BYTES,
             run_seed: 0,
             token_file: None,
             tls: None,

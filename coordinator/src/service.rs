@@ -186,7 +186,8 @@ impl CoordinatorService {
                 return Err(CoordinatorError::Io { context: format!("read {}", snapshot_path.display()), source })
             }
         };
-        let weights = WeightStore::open(dir.join(WEIGHTS_DIR), config.keep_versions)?;
+        let weights =
+            WeightStore::open(dir.join(WEIGHTS_DIR), config.keep_versions)?.with_max_bytes(config.max_weights_bytes);
         set_gauges(&state);
         gauge!(WEIGHTS_VERSION).set(weights.latest_version() as f64);
         let generation = state.generation();

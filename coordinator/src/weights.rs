@@ -133,38 +133,19 @@ impl From<ManifestFile> for WeightManifest {
     }
 }
 
-/// One stored version. Holds its payload file open (and mapped), so a fetch in progress keeps
-/// working when the version is pruned or replaced meanwhile.
+/// One stored version. Holds its payload file open, so a fetch in progress keeps working
+/// when the version is pruned or replaced meanwhile. Chunks are read with `pread`, not from a
+/// memory map: a payload file truncated or damaged under the coordinator then fails the fetch
+/// with an I/O error instead of killing the process with SIGBUS.
 #[derive(Debug)]
 pub struct StoredVersion {
     manifest: WeightManifest,
     file: File,
-    /// The payload mapped read-only: fetches send slices of the page cache instead of reading
-    /// each chunk into fresh memory first. None for an empty payload or where mapping fails.
-    map: Option<Arc<memmap2::Mmap>>,
-}
-
-/// A range of a mapped payload, owned by the `Bytes` handed to the encoder.
-struct MappedPiece(Arc<memmap2::Mmap>, std::ops::Range<usize>);
-impl AsRef<[u8]> for MappedPiece {
-    fn as_ref(&self) -> &[u8] {
-        &self.0[self.1.clone()]
-    }
 }
 
 impl StoredVersion {
     fn new(manifest: WeightManifest, file: File) -> Self {
-        // SAFETY: payload files are written under a temporary name and renamed into place
-        // once complete and fsynced; nothing writes to them afterwards (a replaced version is
-        // a new file renamed over the name, which leaves this mapping's inode untouched).
-        let map = (manifest.total_bytes > 0)
-            .then(|| unsafe { memmap2::Mmap::map(&file) })
-            .and_then(|m| {
-                m.inspect_err(|e| tracing::warn!(error = %e, "cannot map a weights payload; reading it")).ok()
-            })
-            .filter(|m| m.len() as u64 == manifest.total_bytes)
-            .map(Arc::new);
-        Self { manifest, file, map }
+        Self { manifest, file }
     }
 
     pub fn manifest(&self) -> &WeightManifest {
@@ -186,16 +167,13 @@ impl StoredVersion {
         Ok(buf)
     }
 
-    /// `len` payload bytes from `offset` as a chunk for the wire: a slice of the mapping
-    /// without a copy, or a read where the payload is not mapped (may block).
+    /// `len` payload bytes from `offset` as a chunk for the wire (a blocking read).
     pub fn chunk(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
         let end = offset.checked_add(len as u64).filter(|&e| e <= self.manifest.total_bytes).ok_or_else(|| {
             io::Error::new(io::ErrorKind::UnexpectedEof, format!("bytes {offset}..+{len} past the payload's end"))
         })?;
-        match &self.map {
-            Some(m) => Ok(bytes::Bytes::from_owner(MappedPiece(m.clone(), offset as usize..end as usize))),
-            None => self.read_at(offset, len).map(bytes::Bytes::from),
-        }
+        let _ = end;
+        self.read_at(offset, len).map(bytes::Bytes::from)
     }
 }
 
@@ -229,6 +207,7 @@ pub enum PublishOutcome {
 pub struct WeightStore {
     dir: PathBuf,
     keep: usize,
+    max_bytes: u64,
     versions: RwLock<BTreeMap<u64, Arc<StoredVersion>>>,
 }
 
@@ -285,7 +264,7 @@ impl WeightStore {
                 let _ = fs::remove_file(payload_path(&dir, v));
             }
         }
-        let store = Self { dir, keep: keep.max(1), versions: RwLock::new(versions) };
+        let store = Self { dir, keep: keep.max(1), max_bytes: u64::MAX, versions: RwLock::new(versions) };
         store.prune();
         Ok(store)
     }
@@ -316,6 +295,12 @@ impl WeightStore {
         }
         verifier.finish().map_err(|e| e.to_string())?;
         Ok(StoredVersion::new(manifest, file))
+    }
+
+    /// Refuses publishes announcing more than `bytes` of payload.
+    pub fn with_max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = bytes;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -360,6 +345,15 @@ impl WeightStore {
 
     /// Starts receiving a version: checks the manifest and opens a temporary file.
     pub fn begin(&self, manifest: WeightManifest) -> Result<Upload, WeightStoreError> {
+        if manifest.total_bytes > self.max_bytes {
+            return Err(WeightStoreError::Invalid(WeightError::Manifest {
+                field: "total_bytes",
+                reason: format!(
+                    "{} bytes is more than this coordinator accepts ({})",
+                    manifest.total_bytes, self.max_bytes
+                ),
+            }));
+        }
         let verifier = PayloadVerifier::new(&manifest)?;
         self.check_not_too_old(manifest.version)?;
         let tmp = persist::temp_path(&payload_path(&self.dir, manifest.version));
@@ -526,6 +520,30 @@ mod tests {
             fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_damaged_payload_fails_reads_and_is_dropped_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = WeightStore::open(dir.path(), 2).unwrap();
+        let (m, p) = version(1, 7);
+        store.publish(m, &p).unwrap();
+        let v = store.get(1).unwrap();
+        // Truncated under the running store: the read fails, nothing crashes.
+        let bin = dir.path().join("v1.bin");
+        fs::OpenOptions::new().write(true).open(&bin).unwrap().set_len(10).unwrap();
+        assert!(v.chunk(0, v.total_bytes() as usize).is_err());
+        // Same size, one bit flipped: the next open verifies every byte and drops it.
+        fs::write(&bin, {
+            let mut q = p.clone();
+            q[5] ^= 1;
+            q
+        })
+        .unwrap();
+        drop((v, store));
+        let store = WeightStore::open(dir.path(), 2).unwrap();
+        assert!(store.versions().is_empty());
+        assert!(files(dir.path()).is_empty());
     }
 
     #[test]

@@ -500,15 +500,10 @@ pub async fn run(
     let svc = LearnerService { shared: shared.clone() };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<LearnerServer<LearnerService>>().await;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some((cert, key)) = &opts.tls {
-        let read =
-            |p: &PathBuf| std::fs::read(p).map_err(|e| LearnerError::Options(format!("TLS {}: {e}", p.display())));
-        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-        builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(|e| LearnerError::Server(e.to_string()))?;
-    }
+    // The same transport settings as the coordinator's (keepalive, windows, frame size): the
+    // learner receives every rollout.
+    let tls = opts.tls.clone().map(|(cert, key)| selfplay_proto::server::TlsFiles { cert, key });
+    let mut builder = selfplay_proto::server::builder(tls.as_ref()).map_err(|e| LearnerError::Server(e.to_string()))?;
     let server = builder
         .add_service(health_svc)
         .add_service(tonic::service::interceptor::InterceptedService::new(
