@@ -45,8 +45,13 @@ pub fn describe_metrics() {
     );
     describe_counter!(
         "selfplay_learner_republish_total",
-        "Times the learner published its weights again because the coordinator had lost them."
+        "Times the learner began a new epoch because the coordinator had lost its epoch or weights."
     );
+    describe_counter!(
+        "selfplay_learner_steps_skipped_total",
+        "Steps whose loss or gradient was not finite: consumed, weights unchanged."
+    );
+    describe_gauge!("selfplay_learner_epoch", "The learner epoch the coordinator gave this learner.");
     describe_gauge!(
         "selfplay_learner_idle_fraction",
         "Share of the wall time since the previous step spent waiting for groups."
@@ -65,6 +70,8 @@ pub fn describe_metrics() {
         "selfplay_learner_groups_accepted_total",
         "selfplay_learner_weight_publish_bytes_total",
         "selfplay_learner_parse_failures_total",
+        "selfplay_learner_republish_total",
+        "selfplay_learner_steps_skipped_total",
     ] {
         metrics::counter!(name).increment(0);
     }
