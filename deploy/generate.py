@@ -329,6 +329,12 @@ def dashboard():
                      [(f"sum by (role, reason) (rate(selfplay_rpc_rejected_total{{{F}}}[{RI}]))",
                        "{{role}} {{reason}}")], unit="reqps", min0=True), 24, 8)
 
+    L.row("Processes")
+    L.add(timeseries("Process memory", "Resident memory (RSS) of each selfplay process, read "
+                     "from /proc/self/statm at every scrape (Linux only).",
+                     [(f"selfplay_process_resident_memory_bytes{{{F}}}", "{{job}} {{instance}}")],
+                     unit="bytes", min0=True), 24, 8)
+
     variables = [
         {"type": "datasource", "name": "datasource", "label": "Data source", "query": "prometheus",
          "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": [],

@@ -77,7 +77,7 @@ fn report(name: &str, a: &BenchGenerateArgs, tokens: usize, secs: &[f64], extra:
         "{}",
         serde_json::json!({
             "bench": name, "impl": "selfplay", "batch": a.batch, "max_new_tokens": a.max_new_tokens,
-            "dtype": a.model.dtype, "device": a.model.device.as_deref().unwrap_or("default"),
+            "dtype": a.model.dtype, "device": a.model.device,
             "threads": tch::get_num_threads(), "tokens": tokens,
             "secs_mean": mean, "secs_best": best, "tokens_per_s": tokens as f64 / mean, "extra": extra,
         })

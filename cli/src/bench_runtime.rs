@@ -1,4 +1,4 @@
-//! `selfplay bench weights|coordinator|ingest`: the distributed runtime's benchmarks (issue 4).
+//! `selfplay bench weights|coordinator|ingest`: the distributed runtime's benchmarks.
 //!
 //! Everything runs on 127.0.0.1 with ports chosen by the OS, through real tonic clients and
 //! servers and the real coordinator and learner services:

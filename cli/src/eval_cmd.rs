@@ -55,9 +55,9 @@ pub struct EvalArgs {
     /// Answer cache (default: ~/.cache/selfplay/eval-cache).
     #[arg(long, env = "SELFPLAY_EVAL_CACHE")]
     pub cache_dir: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (default: cuda when available).
-    #[arg(long, env = "SELFPLAY_DEVICE")]
-    pub device: Option<String>,
+    /// auto (cuda:0 when available, else cpu), cpu, cuda or cuda:N.
+    #[arg(long, env = "SELFPLAY_DEVICE", default_value = "auto")]
+    pub device: String,
     /// f32, bf16 or f16 (models and judge).
     #[arg(long, env = "SELFPLAY_DTYPE", default_value = "f32")]
     pub dtype: String,
@@ -70,10 +70,7 @@ fn default_cache_dir() -> PathBuf {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let judge: JudgeSpec = args.judge.parse()?;
-    let device = match &args.device {
-        Some(d) => selfplay_policy::parse_device(d)?,
-        None => tch::Device::cuda_if_available(),
-    };
+    let device = selfplay_policy::parse_device(&args.device)?;
     let kind = selfplay_policy::parse_kind(&args.dtype)?;
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let mut cfg = EvalConfig::new(&args.model, &args.baseline, &args.prompts, judge, &args.out, &cache_dir);

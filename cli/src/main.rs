@@ -138,9 +138,9 @@ pub struct ModelArgs {
     /// Hugging Face model directory (default: the imported SmolLM2-135M-Instruct).
     #[arg(long, env = "SELFPLAY_MODEL")]
     pub model: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (default: cuda when available).
-    #[arg(long, env = "SELFPLAY_DEVICE")]
-    pub device: Option<String>,
+    /// auto (cuda:0 when available, else cpu), cpu, cuda or cuda:N.
+    #[arg(long, env = "SELFPLAY_DEVICE", default_value = "auto")]
+    pub device: String,
     /// f32, bf16 or f16.
     #[arg(long, env = "SELFPLAY_DTYPE", default_value = "f32")]
     pub dtype: String,
@@ -149,10 +149,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<selfplay_policy::Policy> {
         let dir = self.model.clone().unwrap_or_else(default_model);
-        let device = match &self.device {
-            Some(d) => selfplay_policy::parse_device(d)?,
-            None => tch::Device::cuda_if_available(),
-        };
+        let device = selfplay_policy::parse_device(&self.device)?;
         let kind = selfplay_policy::parse_kind(&self.dtype)?;
         let t0 = std::time::Instant::now();
         let policy = selfplay_policy::Policy::load(&dir, device, kind)?;

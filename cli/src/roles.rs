@@ -101,10 +101,7 @@ pub async fn shutdown_signal() {
 }
 
 fn device(cfg: &Config) -> Result<tch::Device> {
-    Ok(match cfg.model.device.as_str() {
-        "auto" => tch::Device::cuda_if_available(),
-        d => selfplay_policy::parse_device(d)?,
-    })
+    Ok(selfplay_policy::parse_device(&cfg.model.device)?)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -542,11 +539,7 @@ pub struct RewardServerArgs {
 }
 
 pub fn reward_server(args: RewardServerArgs) -> Result<()> {
-    let dev = if args.device == "auto" {
-        tch::Device::cuda_if_available()
-    } else {
-        selfplay_policy::parse_device(&args.device)?
-    };
+    let dev = selfplay_policy::parse_device(&args.device)?;
     let kind = selfplay_policy::parse_kind(&args.dtype)?;
     let model = selfplay_game::reward::RewardModel::load(&args.model, dev, kind)?;
     let token = args.auth.token()?;

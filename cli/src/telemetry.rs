@@ -22,6 +22,7 @@ pub async fn serve(addr: &str) -> Result<Telemetry> {
         .set_buckets(&VALUE_BUCKETS)?
         .install_recorder()?;
     selfplay_proto::auth::describe_metrics();
+    describe_process_metrics();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let healthy = Arc::new(AtomicBool::new(true));
@@ -38,7 +39,10 @@ pub async fn serve(addr: &str) -> Result<Telemetry> {
             "/metrics",
             axum::routing::get(move || {
                 let h = handle.clone();
-                async move { h.render() }
+                async move {
+                    record_process_metrics();
+                    h.render()
+                }
             }),
         )
         .route(
@@ -61,4 +65,66 @@ pub async fn serve(addr: &str) -> Result<Telemetry> {
     });
     tracing::info!(addr = %bound, "serving /metrics and /health");
     Ok(Telemetry { addr: bound, healthy })
+}
+
+/// Resident memory of the serving process (every role), refreshed at every scrape of /metrics.
+const RESIDENT_MEMORY: &str = "selfplay_process_resident_memory_bytes";
+
+fn describe_process_metrics() {
+    if cfg!(target_os = "linux") {
+        metrics::describe_gauge!(
+            RESIDENT_MEMORY,
+            metrics::Unit::Bytes,
+            "Resident memory (RSS) of this process: /proc/self/statm resident pages x page size"
+        );
+    }
+}
+
+fn record_process_metrics() {
+    if let Some(bytes) = resident_memory_bytes() {
+        metrics::gauge!(RESIDENT_MEMORY).set(bytes as f64);
+    }
+}
+
+/// The resident set size in bytes: the second field of /proc/self/statm (pages) times the
+/// page size. None off Linux or when /proc cannot be read.
+#[cfg(target_os = "linux")]
+fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages.saturating_mul(page_size()))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn resident_memory_bytes() -> Option<u64> {
+    None
+}
+
+#[cfg(target_os = "linux")]
+fn page_size() -> u64 {
+    use std::os::raw::{c_int, c_long};
+    extern "C" {
+        fn sysconf(name: c_int) -> c_long;
+    }
+    // _SC_PAGESIZE on Linux (glibc and musl, every architecture).
+    const SC_PAGESIZE: c_int = 30;
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf only reads a system constant; it has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { sysconf(SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    })
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #[test]
+    fn resident_memory_is_plausible() {
+        let page = super::page_size();
+        assert!(page.is_power_of_two() && page >= 4096, "page size {page}");
+        let rss = super::resident_memory_bytes().expect("read /proc/self/statm");
+        // A test binary linked against libtorch: more than a megabyte, less than a terabyte.
+        assert!(rss > 1 << 20 && rss < 1 << 40, "rss {rss}");
+        assert_eq!(rss % page, 0);
+    }
 }

@@ -19,32 +19,48 @@ pub use tokenizer::{ChatMessage, Tokenizer};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
-/// Parses "cpu", "cuda" or "cuda:N".
+/// The words `parse_device` accepts (for `--device`, `SELFPLAY_DEVICE` and `model.device`).
+pub const DEVICE_WORDS: &str = "auto, cpu, cuda or cuda:N";
+/// The words `parse_kind` accepts (for `--dtype`, `SELFPLAY_DTYPE` and `model.dtype`).
+pub const KIND_WORDS: &str = "f32, bf16 or f16";
+
+/// The one parser of a device for every command: `auto` (cuda:0 when libtorch sees a CUDA
+/// device, else cpu), `cpu`, `cuda` (= cuda:0) or `cuda:N`. A CUDA device that libtorch does
+/// not see is refused here, not at the first tensor.
 pub fn parse_device(s: &str) -> Result<Device> {
     let dev = match s.trim() {
+        "auto" => return Ok(Device::cuda_if_available()),
         "cpu" => return Ok(Device::Cpu),
         "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => return Err(PolicyError::Device(s.into(), "expected cpu, cuda or cuda:N".into())),
+        other => match other.strip_prefix("cuda:") {
+            Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => match n.parse::<usize>() {
+                Ok(i) => Device::Cuda(i),
+                Err(_) => return Err(unknown_device(s)),
+            },
+            _ => return Err(unknown_device(s)),
         },
     };
-    let n = tch::Cuda::device_count() as usize;
+    let n = tch::Cuda::device_count().max(0) as usize;
     match dev {
-        Device::Cuda(i) if i >= n => {
-            Err(PolicyError::Device(s.into(), format!("{n} CUDA device(s) visible to libtorch")))
-        }
+        Device::Cuda(i) if i >= n => Err(PolicyError::Device(
+            s.into(),
+            format!("{n} CUDA device(s) visible to libtorch (use auto or cpu to run without one)"),
+        )),
         d => Ok(d),
     }
 }
 
-/// Parses "f32", "bf16" or "f16" (also the torch names).
+fn unknown_device(s: &str) -> PolicyError {
+    PolicyError::InvalidInput(format!("unknown device {s:?}: expected {DEVICE_WORDS}"))
+}
+
+/// The one parser of a dtype for every command: `f32`, `bf16` or `f16`.
 pub fn parse_kind(s: &str) -> Result<Kind> {
     match s.trim() {
-        "f32" | "float32" | "float" => Ok(Kind::Float),
-        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
-        "f16" | "float16" | "half" => Ok(Kind::Half),
-        other => Err(PolicyError::InvalidInput(format!("unknown dtype {other:?} (f32, bf16, f16)"))),
+        "f32" => Ok(Kind::Float),
+        "bf16" => Ok(Kind::BFloat16),
+        "f16" => Ok(Kind::Half),
+        _ => Err(PolicyError::InvalidInput(format!("unknown dtype {s:?}: expected {KIND_WORDS}"))),
     }
 }
 
@@ -108,4 +124,83 @@ fn eos_ids(dir: &Path, model: &Llama, tok: &Tokenizer) -> Vec<i64> {
         }
     }
     ids
+}
+
+#[cfg(test)]
+mod vocabulary_tests {
+    use super::*;
+
+    fn cuda_count() -> usize {
+        tch::Cuda::device_count().max(0) as usize
+    }
+
+    #[test]
+    fn device_words_accepted() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert_eq!(parse_device(" cpu ").unwrap(), Device::Cpu);
+        let auto = parse_device("auto").unwrap();
+        if tch::Cuda::is_available() {
+            assert_eq!(auto, Device::Cuda(0));
+        } else {
+            assert_eq!(auto, Device::Cpu);
+        }
+        let n = cuda_count();
+        for (word, want) in [("cuda", Device::Cuda(0)), ("cuda:0", Device::Cuda(0))] {
+            match parse_device(word) {
+                Ok(d) => {
+                    assert!(n > 0, "{word} accepted without a CUDA device");
+                    assert_eq!(d, want);
+                }
+                Err(PolicyError::Device(v, why)) => {
+                    assert_eq!(n, 0, "{word} refused with {n} CUDA device(s): {why}");
+                    assert_eq!(v, word);
+                }
+                Err(e) => panic!("{word}: wrong error {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn device_beyond_the_visible_ones_is_refused() {
+        let word = format!("cuda:{}", cuda_count());
+        match parse_device(&word) {
+            Err(PolicyError::Device(v, why)) => {
+                assert_eq!(v, word);
+                assert!(why.contains("visible"), "{why}");
+            }
+            other => panic!("{word}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn device_words_refused() {
+        for word in [
+            "", "gpu", "CPU", "Cuda", "AUTO", "mps", "cuda:", "cuda:x", "cuda:-1", "cuda:+1", "cuda:0:1", "cuda 0",
+            "cpu:0", "cuda:99999999999999999999999",
+        ] {
+            match parse_device(word) {
+                Err(PolicyError::InvalidInput(m)) => {
+                    assert!(m.contains(&format!("{word:?}")), "{word}: {m}");
+                    assert!(m.contains(DEVICE_WORDS), "{word}: {m}");
+                }
+                other => panic!("{word:?} not refused as unknown: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn dtype_words() {
+        assert_eq!(parse_kind("f32").unwrap(), Kind::Float);
+        assert_eq!(parse_kind("bf16").unwrap(), Kind::BFloat16);
+        assert_eq!(parse_kind("f16").unwrap(), Kind::Half);
+        for word in ["", "F32", "fp32", "float", "float32", "bfloat16", "half", "float16", "fp16", "f64", "int8"] {
+            match parse_kind(word) {
+                Err(PolicyError::InvalidInput(m)) => {
+                    assert!(m.contains(&format!("{word:?}")), "{word}: {m}");
+                    assert!(m.contains(KIND_WORDS), "{word}: {m}");
+                }
+                other => panic!("{word:?} not refused: {other:?}"),
+            }
+        }
+    }
 }
