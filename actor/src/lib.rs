@@ -173,6 +173,8 @@ pub fn run(
         Ok(r.into_inner().lease_ttl_ms)
     };
     let ttl_ms = join(&mut conn)?;
+    let health = selfplay_proto::health::health();
+    health.ready("actor");
     let version = Arc::new(AtomicU64::new(0));
     let rejoin = Arc::new(AtomicBool::new(false));
 
@@ -224,6 +226,7 @@ pub fn run(
             }
             Err(e) => return Err(e),
         };
+        health.progress("actor", lease.unit.is_some());
         let Some(unit) = lease.unit else {
             std::thread::sleep(Duration::from_millis(lease.retry_after_ms.clamp(10, 1000)));
             continue;
@@ -300,6 +303,7 @@ pub fn run(
             }
         }
 
+        health.progress("actor", true);
         let unit_id = unit.unit_id.clone();
         let v = version.load(Ordering::SeqCst);
         let played = player.play(&unit.into(), v, &opts.actor_id);
@@ -314,6 +318,7 @@ pub fn run(
             }
         };
         group.epoch = epoch;
+        health.progress("actor", true);
         metrics::counter!("selfplay_actor_tokens_generated_total").increment(stats.generated_tokens);
         metrics::histogram!("selfplay_actor_generation_seconds").record(stats.generation_seconds);
         metrics::histogram!("selfplay_actor_play_seconds").record(group.play_seconds);

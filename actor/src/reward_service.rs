@@ -89,11 +89,14 @@ impl Reward for RewardService {
         }
         // A panic while scoring (a kernel error, a bug) fails this request only: the model's
         // weights are not mutated by scoring, so the lock stays usable.
+        let health = selfplay_proto::health::health();
+        health.progress("reward", true);
         let scored = tokio::task::block_in_place(|| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.model.lock().unwrap_or_else(|p| p.into_inner()).score_pairs(&pairs)
             }))
         });
+        health.progress("reward", false);
         let scores = match scored {
             Ok(r) => r.map_err(|e| Status::internal(e.to_string()))?,
             Err(_) => {

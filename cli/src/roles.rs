@@ -59,14 +59,20 @@ pub struct ServeArgs {
     /// that roles sharing a host do not collide.
     #[arg(long, env = "SELFPLAY_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Liveness (`/health/live`) fails when a busy main loop (training step, unit, score
+    /// request) has made no progress for this many seconds.
+    #[arg(long, env = "SELFPLAY_STALL_AFTER_S", default_value_t = 600)]
+    pub stall_after_s: u64,
     /// Write {"grpc": ..., "metrics": ...} here once serving (for scripts and tests).
     #[arg(long, env = "SELFPLAY_READY_FILE")]
     pub ready_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
-    /// The metrics address, or 127.0.0.1 with the role's default port.
+    /// The metrics address, or 127.0.0.1 with the role's default port. Also registers what
+    /// must be ready before the readiness probe passes.
     fn metrics(&self, default_port: u16) -> String {
+        selfplay_proto::health::health().set_stall_after(Duration::from_secs(self.stall_after_s.max(1)));
         self.metrics_addr.clone().unwrap_or_else(|| format!("127.0.0.1:{default_port}"))
     }
 }
@@ -80,8 +86,13 @@ fn write_ready(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
+/// Resolves on Ctrl-C or SIGTERM; from then on the readiness probe fails.
 pub async fn shutdown_signal() {
+    shutdown_signal_inner().await;
+    selfplay_proto::health::health().stopping();
+}
+
+async fn shutdown_signal_inner() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -147,6 +158,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
 
     rt.block_on(async {
+        selfplay_proto::health::health().expect("learner");
+        selfplay_proto::health::health().expect("coordinator");
+        selfplay_proto::health::health().expect("actor");
         let tele = telemetry::serve(&args.serve.metrics(9464)).await?;
         selfplay_coordinator::describe_metrics();
         // Coordinator.
@@ -240,14 +254,14 @@ pub fn train(args: TrainArgs) -> Result<()> {
             tokio::select! {
                 r = &mut learner => break r,
                 _ = shutdown_signal() => {
-                    tele.healthy.store(false, Ordering::SeqCst);
+                    selfplay_proto::health::health().stopping();
                     let _ = learner_stop_tx.send(());
                     break learner.await;
                 }
                 Some(failure) = failed_rx.recv() => {
                     failures.push(failure);
                     if failures.len() == n_actors {
-                        tele.healthy.store(false, Ordering::SeqCst);
+                        selfplay_proto::health::health().stopping();
                         let _ = learner_stop_tx.send(());
                         break learner.await;
                     }
@@ -326,6 +340,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     }
     let rt = runtime()?;
     rt.block_on(async {
+        selfplay_proto::health::health().expect("coordinator");
         let tele = telemetry::serve(&args.serve.metrics(9464)).await?;
         selfplay_coordinator::describe_metrics();
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
@@ -401,6 +416,7 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
     let dev = device(&cfg)?;
     let rt = runtime()?;
     rt.block_on(async {
+        selfplay_proto::health::health().expect("learner");
         let tele = telemetry::serve(&args.serve.metrics(9465)).await?;
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
@@ -472,6 +488,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
     let dev = device(&cfg)?;
     let rt = runtime()?;
     let token = args.auth.token()?;
+    selfplay_proto::health::health().expect("actor");
     let tele = rt.block_on(telemetry::serve(&args.serve.metrics(9466)))?;
     write_ready(&args.serve.ready_file, serde_json::json!({"metrics": tele.addr.to_string()}))?;
     let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
@@ -545,6 +562,7 @@ pub fn reward_server(args: RewardServerArgs) -> Result<()> {
     let token = args.auth.token()?;
     let rt = runtime()?;
     rt.block_on(async {
+        selfplay_proto::health::health().expect("reward");
         let tele = telemetry::serve(&args.serve.metrics(9467)).await?;
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
         let addr = listener.local_addr()?;
@@ -554,6 +572,7 @@ pub fn reward_server(args: RewardServerArgs) -> Result<()> {
         health.set_serving::<selfplay_proto::v1::reward_server::RewardServer<selfplay_actor::reward_service::RewardService>>().await;
         write_ready(&args.serve.ready_file, serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}))?;
         tracing::info!(%addr, "reward server serving");
+        selfplay_proto::health::health().ready("reward");
         let tls = args
             .tls_cert
             .clone()

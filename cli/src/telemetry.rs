@@ -2,18 +2,40 @@
 use anyhow::Result;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 /// Installs the process-wide Prometheus recorder (once) and serves it with a health flag.
 pub struct Telemetry {
     pub addr: SocketAddr,
-    pub healthy: Arc<AtomicBool>,
 }
 
 const SECONDS_BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 const VALUE_BUCKETS: [f64; 16] =
     [-10.0, -5.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 20.0, 50.0];
+
+#[derive(Clone, Copy)]
+enum Probe {
+    Overall,
+    Ready,
+    Live,
+}
+
+fn probe(which: Probe) -> (axum::http::StatusCode, [(axum::http::header::HeaderName, &'static str); 1], String) {
+    let r = selfplay_proto::health::health().report();
+    let ok = match which {
+        Probe::Overall | Probe::Ready => r.ready && r.live,
+        // A role that is shutting down is still alive: let it finish.
+        Probe::Live => r.live,
+    };
+    let body = serde_json::json!({
+        "state": r.state(),
+        "ready": r.ready,
+        "live": r.live,
+        "waiting_for": r.waiting_for,
+        "stalled": r.stalled.iter().map(|(n, s)| serde_json::json!({"loop": n, "seconds_without_progress": s})).collect::<Vec<_>>(),
+    });
+    let code = if ok { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    (code, [(axum::http::header::CONTENT_TYPE, "application/json")], format!("{body}\n"))
+}
 
 pub async fn serve(addr: &str) -> Result<Telemetry> {
     let handle: PrometheusHandle = PrometheusBuilder::new()
@@ -25,8 +47,6 @@ pub async fn serve(addr: &str) -> Result<Telemetry> {
     describe_process_metrics();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let healthy = Arc::new(AtomicBool::new(true));
-    let h2 = healthy.clone();
     let upkeep = handle.clone();
     tokio::spawn(async move {
         loop {
@@ -45,26 +65,19 @@ pub async fn serve(addr: &str) -> Result<Telemetry> {
                 }
             }),
         )
-        .route(
-            "/health",
-            axum::routing::get(move || {
-                let ok = h2.load(Ordering::SeqCst);
-                async move {
-                    if ok {
-                        (axum::http::StatusCode::OK, "ok\n")
-                    } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
-                    }
-                }
-            }),
-        );
+        // Readiness: the role serves and its model and state are loaded. Liveness: no busy
+        // main loop has gone without progress for longer than --stall-after-s. /health tells
+        // which condition holds (200 when ready).
+        .route("/health", axum::routing::get(|| async { probe(Probe::Overall) }))
+        .route("/health/ready", axum::routing::get(|| async { probe(Probe::Ready) }))
+        .route("/health/live", axum::routing::get(|| async { probe(Probe::Live) }));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
         }
     });
-    tracing::info!(addr = %bound, "serving /metrics and /health");
-    Ok(Telemetry { addr: bound, healthy })
+    tracing::info!(addr = %bound, "serving /metrics, /health, /health/ready and /health/live");
+    Ok(Telemetry { addr: bound })
 }
 
 /// Resident memory of the serving process (every role), refreshed at every scrape of /metrics.

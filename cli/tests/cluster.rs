@@ -408,3 +408,39 @@ fn train_stops_with_an_error_when_every_actor_stops() {
     assert!(!status.success(), "{text}");
     assert!(text.contains("every actor stopped") && text.contains("no-such-reward-model"), "{text}");
 }
+
+/// The probes mean something: a learner whose coordinator is not up yet is alive but not
+/// ready (its /health says what it waits for); once it began its epoch it is ready; the run
+/// then completes.
+#[test]
+fn probes_say_starting_until_the_learner_has_begun_its_epoch() {
+    let (_tmp, mut c) = Cluster::new(&[]);
+    // A port for the coordinator that nothing listens on yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    c.coordinator_addr = Some(format!("http://127.0.0.1:{port}"));
+    let mut learner = c.learner(&[]);
+    let metrics = wait_ready(&c.dir.join("learner.ready"), "learner")["metrics"].as_str().unwrap().to_string();
+    let ready = http_get(&metrics, "/health/ready");
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains(r#""state":"starting""#) && ready.contains(r#""waiting_for":["learner"]"#), "{ready}");
+    let health = http_get(&metrics, "/health");
+    assert!(health.starts_with("HTTP/1.1 503") && health.contains("starting"), "{health}");
+    let live = http_get(&metrics, "/health/live");
+    assert!(live.starts_with("HTTP/1.1 200"), "waiting for a peer is not a stall: {live}");
+
+    let _coord = c.coordinator(&format!("127.0.0.1:{port}"));
+    let t0 = Instant::now();
+    loop {
+        let r = http_get(&metrics, "/health/ready");
+        if r.starts_with("HTTP/1.1 200") {
+            assert!(r.contains(r#""state":"ready""#), "{r}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the learner never became ready: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = c.actor("actor-a");
+    c.wait_exit(&mut learner);
+    c.check_steps(5);
+    drop(a);
+}

@@ -274,6 +274,9 @@ impl CoordinatorService {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
                 CoordinatorService { inner }.expire_now();
+                // The expiry tick is the coordinator's heartbeat: a runtime that stops
+                // running it has stalled.
+                selfplay_proto::health::health().progress("coordinator", true);
             }
         })
     }
@@ -633,6 +636,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    selfplay_proto::health::health().ready("coordinator");
     let tls = config.tls.is_some();
     let tls_files =
         config.tls.as_ref().map(|t| selfplay_proto::server::TlsFiles { cert: t.cert.clone(), key: t.key.clone() });

@@ -278,6 +278,17 @@ impl Runner {
             );
             ::metrics::counter!("selfplay_learner_republish_total").increment(1);
             self.begin_epoch(trainer, shared)?;
+        } else if status.units_pending == 0 && status.units_leased == 0 {
+            // Nothing left to play, yet this learner still lacks groups: some were reported
+            // done but never reached it (a completion that arrived after its group was dropped
+            // as stale). Put the window's units back; the ones it has are refused as
+            // duplicates.
+            tracing::warn!(
+                version = trainer.step,
+                "no unit is pending or leased while groups are missing: reopening the open steps"
+            );
+            ::metrics::counter!("selfplay_learner_reopened_total").increment(1);
+            self.open_window(trainer.step, true)?;
         }
         Ok(())
     }
@@ -562,6 +573,8 @@ pub async fn run(
             let shared = thread_shared;
             let _ = resumed;
             runner.begin_epoch(&trainer, &shared)?;
+            // Loaded, serving, and the coordinator knows this learner's epoch and weights.
+            selfplay_proto::health::health().ready("learner");
             let (ckpt_root, keep) = (runner.cfg.run.out_dir.clone(), runner.cfg.run.keep_checkpoints);
             let save = |trainer: &Trainer| checkpoint(trainer, &shared.inbox, &ckpt_root, keep);
             let mut last = None;
@@ -575,6 +588,8 @@ pub async fn run(
                     let got = {
                         let mut b = shared.inbox.lock().expect("inbox lock");
                         loop {
+                            // Waiting for groups is not a stall.
+                            selfplay_proto::health::health().progress("learner", false);
                             if thread_stopping.load(Ordering::SeqCst) {
                                 break Some(None);
                             }
@@ -602,7 +617,9 @@ pub async fn run(
                     ::metrics::histogram!("selfplay_learner_staleness_steps")
                         .record(version_before.saturating_sub(g.weights_version) as f64);
                 }
+                selfplay_proto::health::health().progress("learner", true);
                 let stats = trainer.train_step(&groups)?;
+                selfplay_proto::health::health().progress("learner", true);
                 if stats.skipped {
                     ::metrics::counter!("selfplay_learner_steps_skipped_total").increment(1);
                 }

@@ -51,6 +51,10 @@ pub fn describe_metrics() {
         "selfplay_learner_steps_skipped_total",
         "Steps whose loss or gradient was not finite: consumed, weights unchanged."
     );
+    describe_counter!(
+        "selfplay_learner_reopened_total",
+        "Times the learner reopened its steps because no unit was left to play while it lacked groups."
+    );
     describe_gauge!("selfplay_learner_epoch", "The learner epoch the coordinator gave this learner.");
     describe_gauge!(
         "selfplay_learner_idle_fraction",
@@ -72,6 +76,7 @@ pub fn describe_metrics() {
         "selfplay_learner_parse_failures_total",
         "selfplay_learner_republish_total",
         "selfplay_learner_steps_skipped_total",
+        "selfplay_learner_reopened_total",
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -255,8 +255,11 @@ def policy_errors(objs, expect_gpu, external_secrets):
                         errs.append(f"{cname}: no {probe}")
                     continue
                 get = p.get("httpGet")
-                if not get or get.get("path") != "/health":
-                    errs.append(f"{cname}: {probe} must be an HTTP GET of /health")
+                # Liveness asks whether the main loop makes progress; startup and readiness
+                # whether the role serves with its model and state loaded.
+                want = "/health/live" if probe == "livenessProbe" else "/health/ready"
+                if not get or get.get("path") != want:
+                    errs.append(f"{cname}: {probe} must be an HTTP GET of {want}")
                 elif isinstance(get.get("port"), str) and get["port"] not in ports:
                     errs.append(f"{cname}: {probe} uses unknown port {get['port']}")
             args = c.get("args", [])
