@@ -179,7 +179,15 @@ pub fn run(
     let rejoin = Arc::new(AtomicBool::new(false));
 
     // Heartbeats on the runtime, independent of how long a unit takes to play.
-    let hb = {
+    /// Stops the heartbeat task however `run` ends: an actor that gave up must not keep its
+    /// lease alive (inside `train`, actors are threads and the runtime outlives them).
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let hb = AbortOnDrop({
         let (mut c, id, version, rejoin) = (conn.coord.clone(), opts.actor_id.clone(), version.clone(), rejoin.clone());
         rt.spawn(async move {
             let every = Duration::from_millis((ttl_ms / 3).max(50));
@@ -195,7 +203,7 @@ pub fn run(
                 }
             }
         })
-    };
+    });
 
     let mut summary = ActorSummary::default();
     // The last fetched payload's memory, reused by the next fetch: faulting in hundreds of
@@ -216,7 +224,9 @@ pub fn run(
         let lease = rt.block_on(retry("LeaseWork", patience, || {
             let mut c = conn.coord.clone();
             let id = opts.actor_id.clone();
-            async move { c.lease_work(LeaseWorkRequest { actor_id: id }).await }
+            // This actor holds no unit when it asks: a unit still leased to it is one whose
+            // lease reply it never got, and goes back to the queue.
+            async move { c.lease_work(LeaseWorkRequest { actor_id: id, holding: vec![], holding_listed: true }).await }
         }));
         let lease = match lease {
             Ok(r) => r.into_inner(),
@@ -232,6 +242,7 @@ pub fn run(
             continue;
         };
         let epoch = unit.epoch;
+        let lease = (unit.epoch, unit.incarnation);
 
         // Weights of the unit's epoch, at least as new as the unit needs. Weights of another
         // epoch may belong to a future the learner no longer has (it restarted from an older
@@ -282,7 +293,7 @@ pub fn run(
                 }
                 Ok(None) => {
                     // Not published yet: give the unit back and try again shortly.
-                    complete(&rt, &conn, &opts, &unit.unit_id, false, epoch);
+                    complete(&rt, &conn, &opts, &unit.unit_id, false, lease);
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
@@ -292,11 +303,12 @@ pub fn run(
                 Err(e) => {
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > patience {
+                        complete(&rt, &conn, &opts, &unit.unit_id, false, lease);
                         return Err(e);
                     }
                     tracing::warn!(actor = %opts.actor_id, unit = %unit.unit_id, error = %e, "loading weights failed; handing the unit back and retrying");
                     metrics::counter!("selfplay_actor_units_failed_total", "reason" => "weights").increment(1);
-                    complete(&rt, &conn, &opts, &unit.unit_id, false, epoch);
+                    complete(&rt, &conn, &opts, &unit.unit_id, false, lease);
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }
@@ -313,11 +325,13 @@ pub fn run(
                 tracing::error!(unit = %unit_id, error = %e, "playing the unit failed; handing it back");
                 metrics::counter!("selfplay_actor_units_failed_total", "reason" => "play").increment(1);
                 summary.units_failed += 1;
-                complete(&rt, &conn, &opts, &unit_id, false, epoch);
+                complete(&rt, &conn, &opts, &unit_id, false, lease);
                 continue;
             }
         };
         group.epoch = epoch;
+        // A unit played: weights troubles, if any, are over.
+        failing_since = None;
         health.progress("actor", true);
         metrics::counter!("selfplay_actor_tokens_generated_total").increment(stats.generated_tokens);
         metrics::histogram!("selfplay_actor_generation_seconds").record(stats.generation_seconds);
@@ -349,31 +363,34 @@ pub fn run(
                     tracing::info!(unit = %unit_id, "the learner already had this unit; this group was not used");
                     metrics::counter!("selfplay_actor_units_failed_total", "reason" => "duplicate").increment(1);
                 }
-                if complete(&rt, &conn, &opts, &unit_id, true, epoch) {
+                if complete(&rt, &conn, &opts, &unit_id, true, lease) {
                     metrics::counter!("selfplay_actor_units_done_total").increment(1);
                     summary.units_done += 1;
                 }
             }
             Ok(a) => {
+                // The weights may be what the learner objects to (too old for its lag, of an
+                // epoch it left): the next unit fetches them afresh.
+                held = None;
                 tracing::warn!(unit = %unit_id, reason = %a.reason, "the learner rejected the group; handing the unit back");
                 metrics::counter!("selfplay_actor_units_failed_total", "reason" => "rejected").increment(1);
                 summary.units_failed += 1;
-                complete(&rt, &conn, &opts, &unit_id, false, epoch);
+                complete(&rt, &conn, &opts, &unit_id, false, lease);
             }
             Err(e) if stop.load(Ordering::SeqCst) => {
                 // Stopping: the learner may already be gone; the unit goes back to the queue.
                 tracing::info!(unit = %unit_id, error = %e, "stopping: the group was not delivered; handing the unit back");
-                complete(&rt, &conn, &opts, &unit_id, false, epoch);
+                complete(&rt, &conn, &opts, &unit_id, false, lease);
             }
             Err(e) => {
                 tracing::warn!(unit = %unit_id, error = %e, "submitting failed; handing the unit back");
                 metrics::counter!("selfplay_actor_units_failed_total", "reason" => "submit").increment(1);
                 summary.units_failed += 1;
-                complete(&rt, &conn, &opts, &unit_id, false, epoch);
+                complete(&rt, &conn, &opts, &unit_id, false, lease);
             }
         }
     }
-    hb.abort();
+    drop(hb);
     let mut c = conn.coord.clone();
     let id = opts.actor_id.clone();
     let _ = rt.block_on(async move {
@@ -393,9 +410,15 @@ fn complete(
     opts: &ActorOptions,
     unit_id: &str,
     done: bool,
-    epoch: u64,
+    (epoch, incarnation): (u64, u32),
 ) -> bool {
-    let req = CompleteWorkRequest { actor_id: opts.actor_id.clone(), unit_id: unit_id.to_string(), done, epoch };
+    let req = CompleteWorkRequest {
+        actor_id: opts.actor_id.clone(),
+        unit_id: unit_id.to_string(),
+        done,
+        epoch,
+        incarnation: Some(incarnation),
+    };
     let r = rt.block_on(retry("CompleteWork", opts.patience, || {
         let mut c = conn.coord.clone();
         let r = req.clone();

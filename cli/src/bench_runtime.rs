@@ -650,7 +650,10 @@ async fn sim_actor(
         let mut c = c.clone();
         async move {
             loop {
-                match c.join(v1::JoinRequest { actor_id: id.clone(), device: "sim".into(), run_id: String::new() }).await {
+                match c
+                    .join(v1::JoinRequest { actor_id: id.clone(), device: "sim".into(), run_id: String::new() })
+                    .await
+                {
                     Ok(_) => {
                         counts.join.fetch_add(1, Relaxed);
                         return;
@@ -666,7 +669,7 @@ async fn sim_actor(
     join(&mut c, id.clone(), counts.clone()).await;
     while !stop.load(Relaxed) {
         let t0 = Instant::now();
-        match c.lease_work(v1::LeaseWorkRequest { actor_id: id.clone() }).await {
+        match c.lease_work(v1::LeaseWorkRequest { actor_id: id.clone(), ..Default::default() }).await {
             Ok(r) => {
                 counts.lease_us.fetch_add(us_since(t0), Relaxed);
                 let r = r.into_inner();
@@ -677,7 +680,13 @@ async fn sim_actor(
                             tokio::time::sleep(play).await;
                         }
                         let t0 = Instant::now();
-                        let req = v1::CompleteWorkRequest { actor_id: id.clone(), unit_id: u.unit_id, done: true, epoch: u.epoch };
+                        let req = v1::CompleteWorkRequest {
+                            actor_id: id.clone(),
+                            unit_id: u.unit_id,
+                            done: true,
+                            epoch: u.epoch,
+                            incarnation: Some(u.incarnation),
+                        };
                         match c.complete_work(req).await {
                             Ok(_) => {
                                 counts.complete_us.fetch_add(us_since(t0), Relaxed);

@@ -188,6 +188,7 @@ impl CoordinatorService {
         };
         let weights =
             WeightStore::open(dir.join(WEIGHTS_DIR), config.keep_versions)?.with_max_bytes(config.max_weights_bytes);
+        weights.set_fence(state.epoch());
         set_gauges(&state);
         gauge!(WEIGHTS_VERSION).set(weights.latest_version() as f64);
         let generation = state.generation();
@@ -310,9 +311,11 @@ impl CoordinatorService {
                 units_per_second: s.throughput(now),
                 epoch: s.epoch(),
                 run_id: s.run_id().to_string(),
+                latest_weights_epoch: 0,
             }
         };
         resp.weight_versions = self.inner.weights.versions();
+        resp.latest_weights_epoch = self.inner.weights.get(0).map(|v| v.manifest().epoch).unwrap_or(0);
         resp
     }
 
@@ -384,7 +387,14 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let unit = {
             let mut s = self.state();
-            let u = s.lease(&req.actor_id, Instant::now())?;
+            let (u, released) = if req.holding_listed {
+                s.lease_holding(&req.actor_id, &req.holding, Instant::now())?
+            } else {
+                (s.lease(&req.actor_id, Instant::now())?, 0)
+            };
+            if released > 0 {
+                tracing::warn!(actor = %req.actor_id, released, "units leased to an actor that no longer holds them went back to the queue");
+            }
             set_gauges(&s);
             u
         };
@@ -406,6 +416,7 @@ impl Coordinator for CoordinatorService {
                 template: String::new(),
                 prompt: u.prompt,
                 epoch: u.epoch,
+                incarnation: u.incarnation,
             }),
             retry_after_ms: 0,
         }))
@@ -419,7 +430,7 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let (outcome, generation) = {
             let mut s = self.state();
-            let o = s.complete_in(&req.actor_id, &req.unit_id, req.done, req.epoch, Instant::now());
+            let o = s.complete_at(&req.actor_id, &req.unit_id, req.done, req.epoch, req.incarnation, Instant::now());
             set_gauges(&s);
             (o, s.generation())
         };
@@ -584,8 +595,10 @@ impl Coordinator for CoordinatorService {
             set_gauges(&s);
             (o, serde_json::to_vec(&s.snapshot()).expect("a snapshot serializes"), s.generation())
         };
-        // Durable before anyone hears of the epoch: a coordinator restarted now must not hand
-        // out an epoch number twice.
+        // The future of the old epoch goes first (fenced: no upload of it lands after this),
+        // then the epoch is made durable, before anyone hears of it: a coordinator restarted
+        // now must not hand out an epoch number twice.
+        let dropped = self.inner.weights.begin_epoch(out.epoch, req.version);
         let path = self.inner.snapshot_path.clone();
         tokio::task::spawn_blocking(move || persist::write_atomic(&path, &bytes))
             .await
@@ -593,7 +606,6 @@ impl Coordinator for CoordinatorService {
             .map_err(|e| Status::internal(format!("cannot save the coordinator state: {e}")))?;
         *persisted = generation;
         drop(persisted);
-        let dropped = self.inner.weights.drop_newer_than(req.version);
         gauge!(WEIGHTS_VERSION).set(self.inner.weights.latest_version() as f64);
         counter!(LEARNER_EPOCHS).increment(1);
         gauge!(LEARNER_EPOCH).set(out.epoch as f64);

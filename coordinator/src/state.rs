@@ -106,6 +106,8 @@ pub struct LeasedUnit {
     pub reissue: bool,
     /// The learner epoch of the lease.
     pub epoch: u64,
+    /// The step's incarnation (times it was reopened) at the lease.
+    pub incarnation: u32,
 }
 
 /// What `complete` did. Every outcome is harmless; only `Done` changes the record.
@@ -124,6 +126,9 @@ pub enum CompleteOutcome {
     /// The report belongs to an older learner epoch: the unit was reset when the learner
     /// restarted, and the learner that accepted the group is gone. Ignored.
     Superseded,
+    /// The report is of a lease from before the step was reopened. Ignored (a unit still
+    /// leased comes back through the holder's next lease request or its lease expiry).
+    OldIncarnation,
 }
 
 /// What `begin_epoch` did.
@@ -177,6 +182,9 @@ struct Step {
     needs_tasks: bool,
     slots: Vec<Slot>,
     done: u32,
+    /// How often the step was reopened. Leases carry it; a completion of an earlier
+    /// incarnation (its group was dropped by the learner before the reopen) is ignored.
+    reopens: u32,
 }
 
 impl Step {
@@ -237,6 +245,8 @@ pub struct StepSnapshot {
     pub needs_prompts: bool,
     #[serde(default)]
     pub needs_tasks: bool,
+    #[serde(default)]
+    pub reopens: u32,
 }
 
 const SNAPSHOT_FORMAT: u32 = 1;
@@ -309,6 +319,7 @@ impl State {
                     needs_tasks: st.needs_tasks,
                     slots,
                     done,
+                    reopens: st.reopens,
                 },
             );
         }
@@ -357,6 +368,7 @@ impl State {
                         .collect(),
                     needs_prompts: st.needs_prompts,
                     needs_tasks: st.needs_tasks,
+                    reopens: st.reopens,
                 })
                 .collect(),
             pending: self.queue.iter().copied().collect(),
@@ -636,6 +648,7 @@ impl State {
                     }
                 }
                 existing.done = 0;
+                existing.reopens += 1;
                 out.queued = requeue.len() as u32;
                 self.queue.extend(requeue);
                 self.generation += 1;
@@ -652,6 +665,7 @@ impl State {
                 needs_tasks: false,
                 slots: vec![Slot { state: UnitState::Pending, issues: 0 }; units as usize],
                 done: 0,
+                reopens: 0,
             },
         );
         self.queue.extend((0..units).map(|i| (step, i)));
@@ -662,6 +676,30 @@ impl State {
 
     /// Hands the next pending unit (FIFO; re-issued units are at the front) to a member.
     /// `Ok(None)` when nothing is pending. Leasing renews the member's lease.
+    /// [`lease`](Self::lease) for an actor that says which units it still works on: every
+    /// other unit leased to it goes back to the front of the queue first (a lease whose reply
+    /// never reached it). Returns the unit and how many were put back.
+    pub fn lease_holding(
+        &mut self,
+        actor: &str,
+        holding: &[String],
+        now: Instant,
+    ) -> Result<(Option<LeasedUnit>, usize), StateError> {
+        let Some(member) = self.members.get_mut(actor) else {
+            return Err(StateError::UnknownActor(actor.to_string()));
+        };
+        let keep: BTreeSet<UnitKey> = holding.iter().filter_map(|id| parse_unit_id(id)).collect();
+        let lost: BTreeSet<UnitKey> = member.units.iter().filter(|k| !keep.contains(k)).copied().collect();
+        for k in &lost {
+            member.units.remove(k);
+        }
+        let released = self.release_units_of(lost);
+        if released > 0 {
+            self.generation += 1;
+        }
+        Ok((self.lease(actor, now)?, released))
+    }
+
     pub fn lease(&mut self, actor: &str, now: Instant) -> Result<Option<LeasedUnit>, StateError> {
         let Some(member) = self.members.get_mut(actor) else {
             return Err(StateError::UnknownActor(actor.to_string()));
@@ -696,6 +734,7 @@ impl State {
                 prompt: st.prompts.get(i).cloned().unwrap_or_default(),
                 reissue,
                 epoch: self.epoch,
+                incarnation: st.reopens,
             }));
         }
         Ok(None)
@@ -713,6 +752,29 @@ impl State {
     /// [`complete`](Self::complete) for a lease of learner epoch `epoch`: a report of another
     /// epoch changes nothing.
     pub fn complete_in(&mut self, actor: &str, unit: &str, done: bool, epoch: u64, now: Instant) -> CompleteOutcome {
+        self.complete_at(actor, unit, done, epoch, None, now)
+    }
+
+    /// [`complete_in`](Self::complete_in) for a lease of a known step incarnation: a "done"
+    /// for an earlier incarnation than the step's (the learner dropped that group and reopened
+    /// the step since) is ignored.
+    pub fn complete_at(
+        &mut self,
+        actor: &str,
+        unit: &str,
+        done: bool,
+        epoch: u64,
+        incarnation: Option<u32>,
+        now: Instant,
+    ) -> CompleteOutcome {
+        if let (Some(inc), Some((step, _))) = (incarnation, parse_unit_id(unit)) {
+            if self.steps.get(&step).is_some_and(|st| st.reopens != inc) {
+                if let Some(m) = self.members.get_mut(actor) {
+                    m.last_seen = now;
+                }
+                return CompleteOutcome::OldIncarnation;
+            }
+        }
         if let Some(m) = self.members.get_mut(actor) {
             m.last_seen = now;
         }
@@ -911,6 +973,46 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_the_actor_never_heard_of_goes_back() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.open_step(spec(1, 3)).unwrap();
+        // The reply to this lease is lost: the actor asks again holding nothing.
+        let lost = s.lease("a", t0).unwrap().unwrap();
+        let (u, released) = s.lease_holding("a", &[], t0).unwrap();
+        let u = u.unwrap();
+        // It went back to the front and came out again, counted as a re-issue.
+        assert_eq!((u.unit_id.as_str(), u.reissue, released), (lost.unit_id.as_str(), true, 1));
+        // An actor that holds its unit keeps it.
+        let (u2, released) = s.lease_holding("a", std::slice::from_ref(&lost.unit_id), t0).unwrap();
+        assert_eq!((u2.unwrap().unit_id.as_str(), released), ("s1-u1", 0));
+        assert_eq!(s.units_leased(), 2);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_late_completion_from_before_a_reopen_is_ignored() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.open_step(spec(1, 2)).unwrap();
+        let u = s.lease("a", t0).unwrap().unwrap();
+        assert_eq!(u.incarnation, 0);
+        // The learner accepted the group, then dropped it as stale and reopened the step
+        // before the actor's report arrived.
+        assert_eq!(s.open_step(StepSpec { reopen: true, ..spec(1, 2) }).unwrap().queued, 0);
+        assert_eq!(s.complete_at("a", &u.unit_id, true, 0, Some(0), t0), CompleteOutcome::OldIncarnation);
+        assert_eq!(s.counters().units_done, 0);
+        // The unit comes back (the actor no longer holds it) and is played in incarnation 1.
+        let (again, released) = s.lease_holding("a", &[], t0).unwrap();
+        let again = again.unwrap();
+        assert_eq!((again.unit_id.as_str(), again.incarnation, released), (u.unit_id.as_str(), 1, 1));
+        assert_eq!(s.complete_at("a", &again.unit_id, true, 0, Some(1), t0), CompleteOutcome::Done);
+        s.check_invariants();
+    }
+
+    #[test]
     fn open_step_is_bounded() {
         let mut s = State::new(0, TTL, Instant::now());
         assert!(matches!(s.open_step(spec(1, u32::MAX)), Err(StateError::TooManyUnits { .. })));
@@ -948,6 +1050,7 @@ mod tests {
                 prompt: "p0".into(),
                 reissue: false,
                 epoch: 0,
+                incarnation: 0,
             }
         );
         // An actor may hold several units.

@@ -34,6 +34,11 @@ pub enum WeightStoreError {
     NoneYet,
     #[error("weights version {version} is not stored (kept: {kept:?})")]
     NotFound { version: u64, kept: Vec<u64> },
+    #[error(
+        "{}: version {version} of epoch {epoch} arrived after epoch {fence} began",
+        selfplay_proto::error::SUPERSEDED_EPOCH
+    )]
+    Superseded { version: u64, epoch: u64, fence: u64 },
     #[error("weight store: {context}: {source}")]
     Io {
         context: String,
@@ -54,7 +59,9 @@ impl From<WeightStoreError> for tonic::Status {
         let msg = e.to_string();
         match e {
             WeightStoreError::Invalid(_) => tonic::Status::invalid_argument(msg),
-            WeightStoreError::TooOld { .. } => tonic::Status::failed_precondition(msg),
+            WeightStoreError::TooOld { .. } | WeightStoreError::Superseded { .. } => {
+                tonic::Status::failed_precondition(msg)
+            }
             WeightStoreError::NoneYet | WeightStoreError::NotFound { .. } => tonic::Status::not_found(msg),
             WeightStoreError::Io { .. } => tonic::Status::internal(msg),
         }
@@ -208,6 +215,11 @@ pub struct WeightStore {
     dir: PathBuf,
     keep: usize,
     max_bytes: u64,
+    /// The current learner epoch: a version of an older epoch is never stored. Held across
+    /// a commit's rename and insert and across an epoch's drop of newer versions, so an
+    /// upload of a dead learner that was already past every check cannot land after the new
+    /// epoch dropped the future it belongs to.
+    fence: std::sync::Mutex<u64>,
     versions: RwLock<BTreeMap<u64, Arc<StoredVersion>>>,
 }
 
@@ -264,7 +276,13 @@ impl WeightStore {
                 let _ = fs::remove_file(payload_path(&dir, v));
             }
         }
-        let store = Self { dir, keep: keep.max(1), max_bytes: u64::MAX, versions: RwLock::new(versions) };
+        let store = Self {
+            dir,
+            keep: keep.max(1),
+            max_bytes: u64::MAX,
+            fence: std::sync::Mutex::new(0),
+            versions: RwLock::new(versions),
+        };
         store.prune();
         Ok(store)
     }
@@ -370,6 +388,19 @@ impl WeightStore {
         upload.commit(self)
     }
 
+    /// The epoch the store starts at (from the coordinator's snapshot).
+    pub fn set_fence(&self, epoch: u64) {
+        *self.fence.lock().unwrap_or_else(|e| e.into_inner()) = epoch;
+    }
+
+    /// Learner epoch `epoch` begins at `version`: versions of older epochs are refused from
+    /// now on and every version newer than `version` is dropped. Returns the versions dropped.
+    pub fn begin_epoch(&self, epoch: u64, version: u64) -> Vec<u64> {
+        let mut fence = self.fence.lock().unwrap_or_else(|e| e.into_inner());
+        *fence = (*fence).max(epoch);
+        self.drop_newer_than(version)
+    }
+
     /// Drops every version newer than `version` (a learner restarted from an older checkpoint:
     /// they belong to a future that no longer happens). Returns the versions dropped.
     pub fn drop_newer_than(&self, version: u64) -> Vec<u64> {
@@ -459,6 +490,10 @@ impl Upload {
         file.sync_all().map_err(WeightStoreError::io(format!("fsync {}", self.tmp.display())))?;
         drop(file);
         let version = self.manifest.version;
+        let fence = store.fence.lock().unwrap_or_else(|e| e.into_inner());
+        if self.manifest.epoch < *fence {
+            return Err(WeightStoreError::Superseded { version, epoch: self.manifest.epoch, fence: *fence });
+        }
         store.check_not_too_old(version)?;
         let previous = store.versions.read().unwrap().get(&version).cloned();
         let outcome = match previous {
@@ -520,6 +555,23 @@ mod tests {
             fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn an_upload_of_a_superseded_epoch_never_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = WeightStore::open(dir.path(), 4).unwrap();
+        store.set_fence(1);
+        let (mut m, p) = version(3, 1);
+        m.epoch = 1;
+        // The old learner's upload passed every check and is about to commit...
+        let mut up = store.begin(m).unwrap();
+        up.write(&p).unwrap();
+        // ...when a restarted learner begins epoch 2 at version 2.
+        assert!(store.begin_epoch(2, 2).is_empty());
+        assert!(matches!(up.commit(&store), Err(WeightStoreError::Superseded { version: 3, epoch: 1, fence: 2 })));
+        assert!(store.versions().is_empty());
+        assert!(files(dir.path()).is_empty(), "no file of the refused upload is left");
     }
 
     #[test]

@@ -78,7 +78,7 @@ async fn join(c: &mut CoordinatorClient<AuthChannel>, actor: &str) -> JoinRespon
 }
 
 async fn lease(c: &mut CoordinatorClient<AuthChannel>, actor: &str) -> Option<WorkUnit> {
-    c.lease_work(LeaseWorkRequest { actor_id: actor.into() }).await.unwrap().into_inner().unit
+    c.lease_work(LeaseWorkRequest { actor_id: actor.into(), ..Default::default() }).await.unwrap().into_inner().unit
 }
 
 async fn complete(c: &mut CoordinatorClient<AuthChannel>, actor: &str, unit: &str) {
@@ -148,7 +148,8 @@ async fn expired_lease_moves_the_unit_to_the_other_actor() {
     assert_eq!(join(&mut a, "actor-a").await.lease_ttl_ms, 300);
     join(&mut b, "actor-b").await;
     // Nothing to do yet: the answer says when to ask again.
-    let empty = a.lease_work(LeaseWorkRequest { actor_id: "actor-a".into() }).await.unwrap().into_inner();
+    let empty =
+        a.lease_work(LeaseWorkRequest { actor_id: "actor-a".into(), ..Default::default() }).await.unwrap().into_inner();
     assert!(empty.unit.is_none() && empty.retry_after_ms > 0);
 
     b.open_step(OpenStepRequest {
@@ -193,7 +194,7 @@ async fn expired_lease_moves_the_unit_to_the_other_actor() {
     let hb =
         a.heartbeat(HeartbeatRequest { actor_id: "actor-a".into(), weights_version: 0 }).await.unwrap().into_inner();
     assert!(!hb.known);
-    let err = a.lease_work(LeaseWorkRequest { actor_id: "actor-a".into() }).await.unwrap_err();
+    let err = a.lease_work(LeaseWorkRequest { actor_id: "actor-a".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
     // Finish the step: every unit done once.
@@ -449,7 +450,13 @@ async fn a_new_learner_epoch_supersedes_the_old_future() {
     assert!(st.weight_versions.is_empty(), "{st:?}");
     // Late acts of epoch 1 are refused and change nothing.
     let err = c
-        .complete_work(CompleteWorkRequest { actor_id: "actor-a".into(), unit_id: u.unit_id, done: true, epoch: 1 })
+        .complete_work(CompleteWorkRequest {
+            actor_id: "actor-a".into(),
+            unit_id: u.unit_id,
+            done: true,
+            epoch: 1,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");

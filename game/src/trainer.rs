@@ -443,8 +443,15 @@ impl Trainer {
             std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
         }
         std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
-        let _ = std::fs::remove_dir_all(dir);
+        // An older copy of this step is moved aside first and removed last: at every moment
+        // one complete copy is under the step's name or beside it.
+        let old = dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(io_err(dir))?;
+        }
         std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
+        let _ = std::fs::remove_dir_all(&old);
         if let Some(parent) = dir.parent() {
             std::fs::File::open(parent).and_then(|f| f.sync_all()).map_err(io_err(parent))?;
         }

@@ -171,7 +171,14 @@ impl Inbox {
         if keys.len() < self.n {
             return None;
         }
-        Some(keys.into_iter().map(|k| self.pending.remove(&k).expect("key listed")).collect())
+        let groups: Vec<RolloutGroup> =
+            keys.into_iter().map(|k| self.pending.remove(&k).expect("key listed")).collect();
+        // Consumed from now on, not from the commit after the step: a re-issued copy that
+        // arrives while the step trains is a duplicate, never pending again.
+        for g in &groups {
+            self.consumed.insert(g.unit_id.clone());
+        }
+        Some(groups)
     }
 
     /// Forgets every group not trained yet (a new epoch: the coordinator reissues them).
@@ -250,6 +257,19 @@ mod tests {
         bad.answers[1].reward = f32::NAN;
         assert!(matches!(b.offer(bad), Verdict::Rejected { reason, .. } if reason.contains("answers[1].reward")));
         assert_eq!(b.pending_len(), 0);
+    }
+
+    #[test]
+    fn a_copy_arriving_while_its_step_trains_is_a_duplicate() {
+        let mut b = Inbox::new(0, 1, 2, lim());
+        assert_eq!(b.offer(group(0, 0, 0)), Verdict::Accepted);
+        assert_eq!(b.offer(group(0, 1, 0)), Verdict::Accepted);
+        let step = b.take_step().unwrap();
+        // The step is training; the unit was re-issued and another actor's copy comes in.
+        assert_eq!(b.offer(group(0, 1, 0)), Verdict::Duplicate);
+        b.commit(&step, 1, 0);
+        assert_eq!(b.pending_len(), 0);
+        assert!(b.take_step().is_none());
     }
 
     #[test]

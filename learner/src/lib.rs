@@ -95,16 +95,32 @@ impl LearnerOptions {
 
 /// The newest complete checkpoint under `<out_dir>/checkpoints`.
 pub fn latest_checkpoint(out_dir: &Path) -> Option<PathBuf> {
-    let dir = out_dir.join("checkpoints");
-    let mut best: Option<(u64, PathBuf)> = None;
-    for e in std::fs::read_dir(&dir).ok()?.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(n) = name.strip_prefix("step-").and_then(|n| n.parse::<u64>().ok()) else { continue };
-        if e.path().join("trainer.json").exists() && best.as_ref().is_none_or(|(b, _)| n > *b) {
-            best = Some((n, e.path()));
-        }
-    }
-    best.map(|(_, p)| p)
+    checkpoints_newest_first(out_dir).into_iter().next()
+}
+
+/// Every complete checkpoint under `<out_dir>/checkpoints`, newest first.
+pub fn checkpoints_newest_first(out_dir: &Path) -> Vec<PathBuf> {
+    let mut all: Vec<(u64, PathBuf)> = std::fs::read_dir(out_dir.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().strip_prefix("step-")?.parse::<u64>().ok()?;
+            e.path().join("trainer.json").exists().then(|| (n, e.path()))
+        })
+        .collect();
+    all.sort();
+    all.into_iter().rev().map(|(_, p)| p).collect()
+}
+
+const EPOCH_FILE: &str = "epoch.json";
+
+fn read_epoch(out_dir: &Path) -> u64 {
+    std::fs::read(out_dir.join(EPOCH_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["epoch"].as_u64())
+        .unwrap_or(0)
 }
 
 fn prune_checkpoints(out_dir: &Path, keep: usize) {
@@ -238,6 +254,12 @@ impl Runner {
             );
         }
         self.epoch = r.epoch;
+        let path = self.cfg.run.out_dir.join(EPOCH_FILE);
+        selfplay_coordinator::persist::write_atomic(
+            &path,
+            serde_json::json!({ "epoch": r.epoch }).to_string().as_bytes(),
+        )
+        .map_err(|e| LearnerError::Run(format!("{}: {e}", path.display())))?;
         let dropped = {
             let mut b = shared.inbox.lock().expect("inbox lock");
             b.epoch = r.epoch;
@@ -268,7 +290,10 @@ impl Runner {
             return Err(LearnerError::Superseded { ours: self.epoch, theirs: status.epoch });
         }
         let latest = status.weight_versions.iter().copied().max();
-        if status.epoch < self.epoch || latest.is_none_or(|v| v < self.last_published) {
+        if status.epoch < self.epoch
+            || latest.is_none_or(|v| v < self.last_published)
+            || status.latest_weights_epoch != self.epoch
+        {
             tracing::warn!(
                 coordinator_epoch = status.epoch,
                 epoch = self.epoch,
@@ -302,11 +327,18 @@ impl Runner {
         let payload = bytes::Bytes::from(payload);
         let mut client = self.client.clone();
         self.rt
-            .block_on(retry("PublishWeights", || {
-                let chunks = into_chunks(manifest.clone(), payload.clone());
-                let mut c = client.clone();
-                async move { c.publish_weights(tokio_stream::iter(chunks)).await }
-            }))
+            // One attempt carries the whole model: no fixed deadline (a slow link to the
+            // coordinator would never make it); keepalive notices a dead peer.
+            .block_on(selfplay_proto::client::retry_with_deadline(
+                "PublishWeights",
+                Duration::from_secs(300),
+                Duration::from_secs(24 * 3600),
+                || {
+                    let chunks = into_chunks(manifest.clone(), payload.clone());
+                    let mut c = client.clone();
+                    async move { c.publish_weights(tokio_stream::iter(chunks)).await }
+                },
+            ))
             .map_err(|e| self.coord_err(e))?;
         let _ = &mut client;
         ::metrics::histogram!("selfplay_learner_weight_publish_seconds").record(t0.elapsed().as_secs_f64());
@@ -477,27 +509,48 @@ pub async fn run(
         vec![]
     };
 
-    // Load (or resume) off the reactor: this reads hundreds of megabytes.
-    let resume_from = if opts.resume { latest_checkpoint(&out_dir) } else { None };
-    let (cfg2, device, resume_from2) = (cfg.clone(), opts.device, resume_from.clone());
-    let (trainer, extra) = tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
-        match resume_from2 {
-            Some(dir) => {
-                tracing::info!(checkpoint = %dir.display(), "resuming");
-                Ok(Trainer::resume(&dir, Some(cfg2), device)?)
-            }
-            None => {
-                let kind = selfplay_policy::parse_kind(&cfg2.model.dtype)?;
-                let policy = selfplay_policy::Policy::load(&cfg2.model.path, device, kind)?;
-                Ok((Trainer::new(policy, cfg2)?, serde_json::Value::Null))
+    // One learner per output directory: a second one (a frozen predecessor come back, a
+    // second pod on the same volume) would interleave checkpoints and step logs.
+    std::fs::create_dir_all(&out_dir).map_err(|e| LearnerError::Run(format!("{}: {e}", out_dir.display())))?;
+    let lock_path = out_dir.join("LOCK");
+    let out_lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| LearnerError::Run(format!("{}: {e}", lock_path.display())))?;
+    if let Err(e) = out_lock.try_lock() {
+        return Err(LearnerError::Run(format!(
+            "{} is in use by another learner ({}): {e}",
+            out_dir.display(),
+            lock_path.display()
+        )));
+    }
+
+    // Load (or resume) off the reactor: this reads hundreds of megabytes. A checkpoint that
+    // cannot be loaded (damaged outside selfplay's control) falls back to the one before it.
+    let candidates = if opts.resume { checkpoints_newest_first(&out_dir) } else { Vec::new() };
+    let (cfg2, device) = (cfg.clone(), opts.device);
+    let (trainer, extra, resume_from) = tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
+        for dir in candidates {
+            tracing::info!(checkpoint = %dir.display(), "resuming");
+            match Trainer::resume(&dir, Some(cfg2.clone()), device) {
+                Ok((t, extra)) => return Ok((t, extra, Some(dir))),
+                Err(e) => tracing::error!(checkpoint = %dir.display(), error = %e, "cannot resume from this checkpoint; trying the one before"),
             }
         }
+        let kind = selfplay_policy::parse_kind(&cfg2.model.dtype)?;
+        let policy = selfplay_policy::Policy::load(&cfg2.model.path, device, kind)?;
+        Ok((Trainer::new(policy, cfg2)?, serde_json::Value::Null, None))
     })
     .await
     .map_err(|e| LearnerError::Thread(e.to_string()))??;
 
     let run_id = resolve_run_id(&cfg)?;
-    let last_epoch = extra.get("epoch").and_then(|v| v.as_u64()).unwrap_or(0);
+    // The newest epoch this output directory has seen: the checkpoint's, or the one recorded
+    // at every BeginEpoch (a coordinator that lost its state must not hand out an epoch
+    // number a dead timeline already used).
+    let last_epoch = extra.get("epoch").and_then(|v| v.as_u64()).unwrap_or(0).max(read_epoch(&out_dir));
     truncate_step_log(&out_dir, trainer.step);
     let mut inbox = Inbox::new(trainer.step, opts.max_policy_lag, cfg.game.queries_per_step, trainer.limits());
     if let Some(ids) = extra.get("consumed").and_then(|c| c.as_array()) {
@@ -649,8 +702,12 @@ pub async fn run(
                     }
                     if max_steps == 0 || trainer.step < max_steps {
                         runner.open_window(trainer.step, false)?;
-                        for s in &stale_steps {
-                            runner.open_step(*s, true)?;
+                        // Asynchronous only: a synchronous learner holds groups of its current
+                        // step alone, which never go stale.
+                        if opts.max_policy_lag > 0 {
+                            for s in &stale_steps {
+                                runner.open_step(*s, true)?;
+                            }
                         }
                     }
                     Ok(())
@@ -670,7 +727,9 @@ pub async fn run(
             }
             // Final checkpoint (also on Ctrl-C), unless this step was just written.
             let final_dir = runner.cfg.run.out_dir.join("checkpoints").join(format!("step-{:08}", trainer.step));
-            if trainer.step > 0 && last_ckpt.as_ref() != Some(&final_dir) {
+            // A checkpoint of this very step already on disk (a resumed learner that stops
+            // before training) holds these weights: never rewrite it in place.
+            if trainer.step > 0 && last_ckpt.as_ref() != Some(&final_dir) && !final_dir.join("trainer.json").exists() {
                 last_ckpt = Some(save(&trainer)?);
             }
             Ok(LearnerSummary { steps: trainer.step, last, checkpoint: last_ckpt })
