@@ -143,3 +143,30 @@ fn bad_groups_are_refused_and_change_nothing() {
     trainer.train_step(&good).unwrap();
     assert_eq!(trainer.step, 1);
 }
+
+/// A step whose loss is not finite (here: a KL weight so large that beta * KL overflows) is
+/// skipped: the step counts and its groups are consumed, the weights and the optimizer state do
+/// not change, and the next step trains normally. The learner stays up.
+#[test]
+fn a_non_finite_step_is_skipped_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = setup(tmp.path());
+    let initial = cfg.model.path.clone();
+    cfg.loss.beta = 1e308;
+    let mut trainer = Trainer::new(load(&cfg, &initial), cfg.clone()).unwrap();
+    let mut player = Player::new(load(&cfg, &initial), None, cfg.clone()).unwrap();
+    let groups: Vec<_> = units_for_step(&cfg, 0, &[]).iter().map(|u| player.play(u, 0, "t").unwrap().0).collect();
+    let before = params(&trainer);
+    let adam_t = trainer.opt.t;
+    let stats = trainer.train_step(&groups).unwrap();
+    assert!(stats.skipped, "{stats:?}");
+    assert_eq!((trainer.step, trainer.opt.t), (1, adam_t));
+    for ((n, a), (_, b)) in params(&trainer).iter().zip(&before) {
+        assert!(a.equal(b), "{n} changed in a skipped step");
+    }
+    // With a sane beta the next step updates the weights.
+    trainer.cfg.loss.beta = 0.05;
+    let stats = trainer.train_step(&groups).unwrap();
+    assert!(!stats.skipped && trainer.step == 2);
+    assert!(params(&trainer).iter().zip(&before).any(|((_, a), (_, b))| !a.equal(b)));
+}

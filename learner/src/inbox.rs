@@ -260,6 +260,20 @@ mod tests {
     }
 
     #[test]
+    fn only_open_steps_of_the_current_epoch_are_taken() {
+        // Synchronous, at version 3: only step 3 is open; a future step never displaces it.
+        let mut b = Inbox::new(3, 0, 2, lim());
+        assert!(matches!(b.offer(group(4, 0, 3)), Verdict::Rejected { kind: RejectKind::Stale, .. }));
+        assert!(matches!(b.offer(group(9, 0, 3)), Verdict::Rejected { kind: RejectKind::Stale, .. }));
+        assert_eq!(b.offer(group(3, 0, 3)), Verdict::Accepted);
+        // A group leased in another learner epoch is refused.
+        let mut g = group(3, 1, 3);
+        g.epoch = 7;
+        assert!(matches!(b.offer(g), Verdict::Rejected { reason, .. } if reason.contains("superseded learner epoch")));
+        assert_eq!(b.pending_len(), 1);
+    }
+
+    #[test]
     fn a_copy_arriving_while_its_step_trains_is_a_duplicate() {
         let mut b = Inbox::new(0, 1, 2, lim());
         assert_eq!(b.offer(group(0, 0, 0)), Verdict::Accepted);
