@@ -10,8 +10,10 @@ use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const STEPS: u64 = 9;
-const CHECKPOINT_EVERY: u64 = 3;
+/// Long enough that the required faults, all triggered by step 6, meet a run that is far from
+/// over even when its steps are fast (a tiny model on an idle machine trains several a second).
+const STEPS: u64 = 24;
+const CHECKPOINT_EVERY: u64 = 4;
 
 /// A small deterministic generator for the schedule.
 struct Rng(u64);
@@ -64,22 +66,24 @@ enum Fault {
 }
 
 /// The schedule of a seed: faults keyed to the run's progress (after `k` steps are logged,
-/// plus a random delay), so that every schedule really hits the run. The learner is killed
-/// before its first checkpoint and between two checkpoints, the coordinator twice, plus
-/// random others.
-/// Each entry: (after how many steps, delay, fault, required). A required fault comes early
-/// enough that the run cannot be over by then; an optional one late in the run is skipped
-/// when the run ended first.
+/// plus a random delay), so that every schedule really hits the run. Each entry: (after how
+/// many steps, delay, fault, required). Required faults come early, far from the run's end;
+/// an optional one late in the run is skipped when the run ended first.
 fn schedule(rng: &mut Rng) -> Vec<(u64, Duration, Fault, bool)> {
+    // Required: the learner before its first checkpoint and between two checkpoints, the
+    // coordinator twice. All of them early, and nothing else before them.
     let mut plan = vec![
         (0, rng.millis(0, 600), Fault::KillLearner, true),
         (CHECKPOINT_EVERY + 1, rng.millis(0, 300), Fault::KillLearner, true),
-        (rng.below(CHECKPOINT_EVERY + 2), rng.millis(0, 300), Fault::KillCoordinator, true),
-        (rng.below(CHECKPOINT_EVERY + 2), rng.millis(0, 300), Fault::KillCoordinator, true),
+        (1 + rng.below(CHECKPOINT_EVERY + 1), rng.millis(0, 300), Fault::KillCoordinator, true),
+        (1 + rng.below(CHECKPOINT_EVERY + 1), rng.millis(0, 300), Fault::KillCoordinator, true),
     ];
+    // Then random others, later in the run.
     let others = [Fault::FreezeLearner, Fault::FreezeActor, Fault::KillActor, Fault::LateJoin, Fault::KillLearner];
+    let first_optional = CHECKPOINT_EVERY + 2;
     for _ in 0..4 {
-        plan.push((rng.below(STEPS - 2), rng.millis(0, 600), others[rng.below(others.len() as u64) as usize], false));
+        let at = first_optional + rng.below(STEPS - 4 - first_optional);
+        plan.push((at, rng.millis(0, 600), others[rng.below(others.len() as u64) as usize], false));
     }
     // Required faults first among equals: the others must not push them past the run's end.
     plan.sort_by_key(|p| (p.0, !p.3));
