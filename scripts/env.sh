@@ -20,3 +20,9 @@ unset _torch_lib
 export SELFPLAY_GGUF="$SELFPLAY_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
 export SELFPLAY_MODEL="${SELFPLAY_MODEL:-$SELFPLAY_CACHE/models/SmolLM2-135M-Instruct}"
 export SELFPLAY_DATA="${SELFPLAY_DATA:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/shared/data}"
+# libtorch's OpenMP threads wait for work passively instead of spinning: on a machine whose
+# cores are shared (other jobs, or the learner and actors of `selfplay train` in one process)
+# spinning threads steal the cores the working ones need. Measured on the 2-core AMD EPYC VM
+# with two other processes busy: 24 generated tokens on SmolLM2 took 8.2-10.9 s spinning and
+# 1.6-2.1 s passive. Set OMP_WAIT_POLICY=ACTIVE to go back.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
