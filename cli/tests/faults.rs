@@ -179,6 +179,11 @@ fn faulted(seed: u64) -> (Vec<u8>, Vec<String>, tempfile::TempDir, Cluster) {
     (w, log, tmp, c)
 }
 
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 #[test]
 fn random_kill_schedules_end_bit_identical_to_an_undisturbed_run() {
     let seeds: Vec<u64> = match std::env::var("SELFPLAY_FAULT_SEED") {
@@ -191,9 +196,11 @@ fn random_kill_schedules_end_bit_identical_to_an_undisturbed_run() {
     };
     let want = undisturbed();
     for seed in seeds {
-        eprintln!("fault schedule seed {seed} (reproduce: SELFPLAY_FAULT_SEED={seed})");
+        // Straight to the process's stderr, past the test harness's capture: CI's log shows
+        // every seed, passing or not.
+        say(&format!("fault schedule seed {seed} (reproduce: SELFPLAY_FAULT_SEED={seed} scripts/test.sh -p selfplay --test faults)"));
         let (got, log, _tmp, c) = faulted(seed);
-        eprintln!("seed {seed}: {}", log.join("; "));
+        say(&format!("seed {seed}: {}", log.join("; ")));
         let steps = c.check_steps(STEPS as usize);
         for (i, s) in steps.iter().enumerate() {
             for u in s["units"].as_array().unwrap() {
