@@ -226,16 +226,22 @@ impl CoordinatorService {
             let s = self.state();
             (s.generation(), serde_json::to_vec(&s.snapshot()).expect("a snapshot serializes"))
         };
+        self.write_snapshot(bytes).await?;
+        *persisted = current;
+        Ok(())
+    }
+
+    /// Writes serialized state to the snapshot file, durably, off the runtime. The caller
+    /// holds `persisted`.
+    async fn write_snapshot(&self, bytes: Vec<u8>) -> Result<(), Status> {
         let path = self.inner.snapshot_path.clone();
         let written = tokio::task::spawn_blocking(move || persist::write_atomic(&path, &bytes))
             .await
             .map_err(|e| Status::internal(format!("snapshot writer failed: {e}")))?;
-        if let Err(e) = written {
+        written.map_err(|e| {
             tracing::error!(path = %self.inner.snapshot_path.display(), error = %e, "cannot save the coordinator state");
-            return Err(Status::internal(format!("cannot save the coordinator state: {e}")));
-        }
-        *persisted = current;
-        Ok(())
+            Status::internal(format!("cannot save the coordinator state: {e}"))
+        })
     }
 
     /// Writes the current state to disk (used at shutdown).
@@ -599,11 +605,7 @@ impl Coordinator for CoordinatorService {
         // then the epoch is made durable, before anyone hears of it: a coordinator restarted
         // now must not hand out an epoch number twice.
         let dropped = self.inner.weights.begin_epoch(out.epoch, req.version);
-        let path = self.inner.snapshot_path.clone();
-        tokio::task::spawn_blocking(move || persist::write_atomic(&path, &bytes))
-            .await
-            .map_err(join_error)?
-            .map_err(|e| Status::internal(format!("cannot save the coordinator state: {e}")))?;
+        self.write_snapshot(bytes).await?;
         *persisted = generation;
         drop(persisted);
         gauge!(WEIGHTS_VERSION).set(self.inner.weights.latest_version() as f64);

@@ -746,18 +746,13 @@ impl State {
     /// holder. Unknown units are ignored.
     pub fn complete(&mut self, actor: &str, unit: &str, done: bool, now: Instant) -> CompleteOutcome {
         let epoch = self.epoch;
-        self.complete_in(actor, unit, done, epoch, now)
-    }
-
-    /// [`complete`](Self::complete) for a lease of learner epoch `epoch`: a report of another
-    /// epoch changes nothing.
-    pub fn complete_in(&mut self, actor: &str, unit: &str, done: bool, epoch: u64, now: Instant) -> CompleteOutcome {
         self.complete_at(actor, unit, done, epoch, None, now)
     }
 
-    /// [`complete_in`](Self::complete_in) for a lease of a known step incarnation: a "done"
-    /// for an earlier incarnation than the step's (the learner dropped that group and reopened
-    /// the step since) is ignored.
+    /// [`complete`](Self::complete) for a lease of learner epoch `epoch` and, when known, step
+    /// incarnation `incarnation`: a report of another epoch changes nothing, and a "done" for
+    /// an earlier incarnation than the step's (the learner dropped that group and reopened the
+    /// step since) is ignored.
     pub fn complete_at(
         &mut self,
         actor: &str,
@@ -948,14 +943,14 @@ mod tests {
         let u = s.lease("a", t0).unwrap().unwrap();
         assert_eq!((u.epoch, u.seed), (1, unit_seed(99, 4, 0)));
         let u1 = s.lease("a", t0).unwrap().unwrap();
-        assert_eq!(s.complete_in("a", &u1.unit_id, true, 1, t0), CompleteOutcome::Done);
+        assert_eq!(s.complete_at("a", &u1.unit_id, true, 1, None, t0), CompleteOutcome::Done);
         // The learner restarts from an older checkpoint; it knew of epoch 5 already.
         let e = s.begin_epoch(5, "run-x", 7).unwrap();
         assert_eq!((e.epoch, e.run_seed, e.steps_dropped, e.leases_cancelled), (6, 99, 1, 1));
         assert_eq!((s.units_pending(), s.units_leased()), (0, 0));
         s.check_invariants();
         // Reports and openings of the old epoch change nothing.
-        assert_eq!(s.complete_in("a", &u.unit_id, true, 1, t0), CompleteOutcome::Superseded);
+        assert_eq!(s.complete_at("a", &u.unit_id, true, 1, None, t0), CompleteOutcome::Superseded);
         assert!(matches!(
             s.open_step(StepSpec { epoch: 1, ..spec(4, 2) }),
             Err(StateError::SupersededEpoch { got: 1, current: 6 })

@@ -176,10 +176,9 @@ impl StoredVersion {
 
     /// `len` payload bytes from `offset` as a chunk for the wire (a blocking read).
     pub fn chunk(&self, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
-        let end = offset.checked_add(len as u64).filter(|&e| e <= self.manifest.total_bytes).ok_or_else(|| {
+        offset.checked_add(len as u64).filter(|&e| e <= self.manifest.total_bytes).ok_or_else(|| {
             io::Error::new(io::ErrorKind::UnexpectedEof, format!("bytes {offset}..+{len} past the payload's end"))
         })?;
-        let _ = end;
         self.read_at(offset, len).map(bytes::Bytes::from)
     }
 }
@@ -403,7 +402,7 @@ impl WeightStore {
 
     /// Drops every version newer than `version` (a learner restarted from an older checkpoint:
     /// they belong to a future that no longer happens). Returns the versions dropped.
-    pub fn drop_newer_than(&self, version: u64) -> Vec<u64> {
+    fn drop_newer_than(&self, version: u64) -> Vec<u64> {
         let removed: Vec<u64> = {
             let mut versions = self.versions.write().unwrap();
             let newer: Vec<u64> = versions.range(version + 1..).map(|(&v, _)| v).collect();

@@ -531,7 +531,7 @@ pub async fn run(
     // cannot be loaded (damaged outside selfplay's control) falls back to the one before it.
     let candidates = if opts.resume { checkpoints_newest_first(&out_dir) } else { Vec::new() };
     let (cfg2, device) = (cfg.clone(), opts.device);
-    let (trainer, extra, resume_from) = tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
+    let (trainer, extra, _resumed_from) = tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
         for dir in candidates {
             tracing::info!(checkpoint = %dir.display(), "resuming");
             match Trainer::resume(&dir, Some(cfg2.clone()), device) {
@@ -615,7 +615,6 @@ pub async fn run(
         epoch: last_epoch,
         run_id,
     };
-    let resumed = resume_from.is_some();
     let thread_shared = shared.clone();
     let thread_stopping = stopping.clone();
     let mut on_step = on_step;
@@ -624,7 +623,6 @@ pub async fn run(
         .spawn(move || -> Result<LearnerSummary, LearnerError> {
             let mut trainer = trainer;
             let shared = thread_shared;
-            let _ = resumed;
             runner.begin_epoch(&trainer, &shared)?;
             // Loaded, serving, and the coordinator knows this learner's epoch and weights.
             selfplay_proto::health::health().ready("learner");

@@ -175,8 +175,20 @@ mod vocabulary_tests {
     #[test]
     fn device_words_refused() {
         for word in [
-            "", "gpu", "CPU", "Cuda", "AUTO", "mps", "cuda:", "cuda:x", "cuda:-1", "cuda:+1", "cuda:0:1", "cuda 0",
-            "cpu:0", "cuda:99999999999999999999999",
+            "",
+            "gpu",
+            "CPU",
+            "Cuda",
+            "AUTO",
+            "mps",
+            "cuda:",
+            "cuda:x",
+            "cuda:-1",
+            "cuda:+1",
+            "cuda:0:1",
+            "cuda 0",
+            "cpu:0",
+            "cuda:99999999999999999999999",
         ] {
             match parse_device(word) {
                 Err(PolicyError::InvalidInput(m)) => {

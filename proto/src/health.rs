@@ -16,7 +16,6 @@ pub struct Health {
     start: Instant,
     /// Components that must be ready, and those that are.
     pending: Mutex<Vec<&'static str>>,
-    ready: AtomicBool,
     stopping: AtomicBool,
     /// Milliseconds since `start` of the last progress, per busy loop.
     loops: Mutex<Vec<(&'static str, u64, bool)>>,
@@ -55,7 +54,6 @@ impl Health {
         Self {
             start: Instant::now(),
             pending: Mutex::new(Vec::new()),
-            ready: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             loops: Mutex::new(Vec::new()),
             stall_after_ms: AtomicU64::new(DEFAULT_STALL_AFTER.as_millis() as u64),
@@ -72,14 +70,12 @@ impl Health {
         if !p.contains(&component) {
             p.push(component);
         }
-        self.ready.store(false, Ordering::SeqCst);
     }
 
     /// `component` is up (its service serves, its model and state are loaded).
     pub fn ready(&self, component: &'static str) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.retain(|c| *c != component);
-        self.ready.store(p.is_empty(), Ordering::SeqCst);
     }
 
     /// The main loop `name` made progress; `busy` says whether it has work now (a loop that
@@ -118,13 +114,8 @@ impl Health {
             .map(|(n, at, _)| (*n, now.saturating_sub(*at) as f64 / 1000.0))
             .collect();
         let stopping = self.stopping.load(Ordering::SeqCst);
-        Report {
-            ready: self.ready.load(Ordering::SeqCst) && !stopping,
-            live: stalled.is_empty(),
-            stopping,
-            waiting_for: self.pending.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-            stalled,
-        }
+        let waiting_for = self.pending.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Report { ready: waiting_for.is_empty() && !stopping, live: stalled.is_empty(), stopping, waiting_for, stalled }
     }
 }
 
