@@ -557,6 +557,17 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_larger_than_the_limit_is_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, p) = version(1, 3);
+        let store = WeightStore::open(dir.path(), 2).unwrap().with_max_bytes(m.total_bytes - 1);
+        assert!(matches!(store.publish(m.clone(), &p), Err(WeightStoreError::Invalid(_))));
+        assert!(files(dir.path()).is_empty());
+        let store = store.with_max_bytes(m.total_bytes);
+        assert_eq!(store.publish(m, &p).unwrap(), PublishOutcome::Stored);
+    }
+
+    #[test]
     fn an_upload_of_a_superseded_epoch_never_lands() {
         let dir = tempfile::tempdir().unwrap();
         let store = WeightStore::open(dir.path(), 4).unwrap();

@@ -377,6 +377,21 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_larger_than_the_fetcher_allows_is_refused_before_any_reserve() {
+        let (m, p) = sample();
+        let mut asm = WeightAssembler::new().with_limit(m.total_bytes - 1);
+        let err = asm.push(WeightChunk { part: Some(weight_chunk::Part::Manifest(m.clone())) }).unwrap_err();
+        assert!(err.to_string().contains("total_bytes"), "{err}");
+        assert_eq!(asm.payload.capacity(), 0);
+        // At the limit it is taken.
+        let mut asm = WeightAssembler::new().with_limit(m.total_bytes);
+        for c in into_chunks(m.clone(), p.into()) {
+            asm.push(c).unwrap();
+        }
+        assert_eq!(asm.finish().unwrap().0, m);
+    }
+
+    #[test]
     fn round_trip_in_odd_pieces() {
         let (m, p) = sample();
         let mut v = PayloadVerifier::new(&m).unwrap();
