@@ -1,6 +1,7 @@
 //! `selfplay`: argument parsing and wiring only; the work lives in the library crates.
 mod bench;
 mod bench_judge;
+mod device_check;
 mod eval_cmd;
 mod generate_cmd;
 mod progress;
@@ -63,6 +64,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The checks scripts/gpu_check.sh runs on an accelerator (JSON out).
+    #[command(subcommand)]
+    DeviceCheck(device_check::DeviceCheck),
 }
 
 fn init_logging(filter: &str, format: &str) -> Result<()> {
@@ -96,6 +100,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => eval_cmd::run(args),
         Command::ImportGguf { file, out_dir } => import_gguf(&file, &out_dir),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::DeviceCheck(cmd) => device_check::run(cmd),
         Command::PlotCurves { runs, out } => plot_curves(&runs, &out),
     };
     match result {
