@@ -169,13 +169,20 @@ fn logits(a: LogitsArgs) -> Result<()> {
 /// and log-probs, so that two devices train on exactly the same input.
 fn synthetic_groups(vocab: i64, n: usize, g: usize, prompt_len: usize, completion_len: usize) -> Vec<RolloutGroup> {
     let mut rng = SplitMix64::new(42);
-    let mut ids = |len: usize| -> Vec<i64> { (0..len).map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as i64).collect() };
+    let mut ids =
+        |len: usize| -> Vec<i64> { (0..len).map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as i64).collect() };
     let seq = |p: Vec<i64>, c: Vec<i64>| {
         let n = c.len();
         // Behaviour and reference log-probs near a real model's (uniform-ish), identical on
         // both devices.
         let lp: Vec<f32> = (0..n).map(|t| -((vocab as f32).ln()) + 0.01 * (t % 7) as f32).collect();
-        SequenceData { prompt_ids: p, completion_ids: c, behaviour_logprobs: lp.clone(), ref_logprobs: lp, text: String::new() }
+        SequenceData {
+            prompt_ids: p,
+            completion_ids: c,
+            behaviour_logprobs: lp.clone(),
+            ref_logprobs: lp,
+            text: String::new(),
+        }
     };
     (0..n)
         .map(|u| {
