@@ -26,6 +26,8 @@ pub enum BenchCommand {
     Coordinator(bench_runtime::CoordinatorArgs),
     /// Runtime: learner ingest of synthetic rollout groups (validation + dedup).
     Ingest(bench_runtime::IngestArgs),
+    /// Continuous against static batching on one sampled workload of mixed lengths.
+    Batching(crate::bench_batching::BatchingArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -55,6 +57,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Coordinator(a) => bench_runtime::coordinator(a),
         BenchCommand::Ingest(a) => bench_runtime::ingest(a),
         BenchCommand::Judge(a) => crate::bench_judge::run(a),
+        BenchCommand::Batching(a) => crate::bench_batching::run(a),
     }
 }
 

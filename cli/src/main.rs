@@ -1,5 +1,6 @@
 //! `selfplay`: argument parsing and wiring only; the work lives in the library crates.
 mod bench;
+mod bench_batching;
 mod bench_judge;
 mod device_check;
 mod eval_cmd;
