@@ -4,9 +4,8 @@
 //! Parameters held in bf16 get f32 master copies, or updates of lr ~ 1e-6 would round away.
 use crate::error::{GameError, Result};
 use selfplay_policy::weights;
-use std::collections::HashMap;
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 pub struct AdamW {
     pub lr: f64,
@@ -50,7 +49,11 @@ impl AdamW {
                 .iter()
                 .map(|(_, p)| p.grad())
                 .filter(|g| g.defined())
-                .map(|g| g.to_kind(Kind::Float).norm())
+                .map(|g| match g.kind() {
+                    Kind::Float => g.norm(),
+                    // Accumulated in f32 without an f32 copy of the gradient.
+                    _ => g.norm_scalaropt_dtype(2, Kind::Float),
+                })
                 .collect();
             if norms.is_empty() {
                 return 0.0;
@@ -69,7 +72,10 @@ impl AdamW {
         })
     }
 
-    /// One update from the parameters' gradients, then clears them.
+    /// One update from the parameters' gradients, then clears them. Everything is in place:
+    /// an f32 gradient is itself the scratch space (it is cleared afterwards anyway), so an
+    /// f32 parameter's update allocates nothing of its size; a bf16 gradient is widened into
+    /// one f32 temporary, which then serves as the scratch.
     pub fn step(&mut self, params: &[(String, Tensor)]) {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
@@ -82,20 +88,26 @@ impl AdamW {
                 if !g.defined() {
                     continue;
                 }
-                let gf = g.to_kind(Kind::Float);
+                let mut scratch = if g.kind() == Kind::Float { g.shallow_clone() } else { g.to_kind(Kind::Float) };
                 let mut target = match &self.master[i] {
                     Some(m) => m.shallow_clone(),
                     None => p.shallow_clone(),
                 };
                 let _ = target.g_mul_scalar_(1.0 - self.lr * self.weight_decay);
+                // m = beta1 m + (1 - beta1) g, as torch.optim.AdamW writes it.
                 let m = &mut self.exp_avg[i];
-                let _ = m.g_mul_scalar_(self.beta1);
-                let _ = m.g_add_(&(&gf * (1.0 - self.beta1)));
+                let _ = m.lerp_(&scratch, 1.0 - self.beta1);
+                // v = beta2 v + (1 - beta2) g^2, with g^2 squared in place.
+                let _ = scratch.g_mul_(&scratch.shallow_clone());
                 let v = &mut self.exp_avg_sq[i];
-                let _ = v.g_mul_scalar_(self.beta2);
-                let _ = v.g_add_(&(&gf * &gf * (1.0 - self.beta2)));
-                let denom = v.sqrt() / bc2_sqrt + self.eps;
-                let _ = target.g_sub_(&(&*m / denom * step_size));
+                let _ = v.lerp_(&scratch, 1.0 - self.beta2);
+                // denom = sqrt(v) / sqrt(bc2) + eps, scaled by -1 / step_size so that
+                // addcdiv (which has no factor in tch) subtracts step_size * m / denom.
+                let _ = v.sqrt_out(&scratch);
+                let _ = scratch.g_div_scalar_(bc2_sqrt);
+                let _ = scratch.g_add_scalar_(self.eps);
+                let _ = scratch.g_div_scalar_(-step_size);
+                let _ = target.addcdiv_(m, &scratch);
                 if self.master[i].is_some() {
                     let mut pp = p.shallow_clone();
                     let _ = pp.copy_(&target);
@@ -119,32 +131,22 @@ impl AdamW {
         Ok(())
     }
 
-    /// Restores the state written by [`AdamW::save`] for the same parameters.
-    pub fn load(&mut self, path: &Path, t: u64, device: Device) -> Result<()> {
-        let mut map: HashMap<String, Tensor> =
-            weights::load_tensors(&[path.to_path_buf()], Kind::Float, device, |_| true)?;
-        let mut take = |name: String, like: &Tensor| -> Result<Tensor> {
-            let t = map.remove(&name).ok_or_else(|| GameError::Checkpoint {
-                path: path.to_path_buf(),
-                message: format!("optimizer state has no {name}"),
-            })?;
-            if t.size() != like.size() {
-                return Err(GameError::Checkpoint {
-                    path: path.to_path_buf(),
-                    message: format!("{name} has shape {:?}, parameter has {:?}", t.size(), like.size()),
-                });
-            }
-            Ok(t)
-        };
-        for i in 0..self.names.len() {
-            let n = self.names[i].clone();
-            self.exp_avg[i] = take(format!("{n}.exp_avg"), &self.exp_avg[i])?;
-            self.exp_avg_sq[i] = take(format!("{n}.exp_avg_sq"), &self.exp_avg_sq[i])?;
+    /// Restores the state written by [`AdamW::save`] for the same parameters, straight into
+    /// the tensors this optimizer already holds: the device never has a second copy of the
+    /// state, and a file that does not match (a missing or misshapen entry) changes nothing.
+    pub fn load(&mut self, path: &Path, t: u64) -> Result<()> {
+        let mut dst: Vec<(String, &Tensor)> = vec![];
+        for (i, n) in self.names.iter().enumerate() {
+            dst.push((format!("{n}.exp_avg"), &self.exp_avg[i]));
+            dst.push((format!("{n}.exp_avg_sq"), &self.exp_avg_sq[i]));
             if let Some(m) = &self.master[i] {
-                let loaded = take(format!("{n}.master"), m)?;
-                self.master[i] = Some(loaded);
+                dst.push((format!("{n}.master"), m));
             }
         }
+        weights::read_into(path, &dst).map_err(|e| GameError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("optimizer state: {e}"),
+        })?;
         self.t = t;
         Ok(())
     }
