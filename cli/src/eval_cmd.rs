@@ -58,8 +58,8 @@ pub struct EvalArgs {
     /// auto (cuda:0 when available, else cpu), cpu, cuda or cuda:N.
     #[arg(long, env = "SELFPLAY_DEVICE", default_value = "auto")]
     pub device: String,
-    /// f32, bf16 or f16 (models and judge).
-    #[arg(long, env = "SELFPLAY_DTYPE", default_value = "f32")]
+    /// auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16 (models and judge).
+    #[arg(long, env = "SELFPLAY_DTYPE", default_value = "auto")]
     pub dtype: String,
 }
 
@@ -71,7 +71,7 @@ fn default_cache_dir() -> PathBuf {
 pub fn run(args: EvalArgs) -> Result<()> {
     let judge: JudgeSpec = args.judge.parse()?;
     let device = selfplay_policy::parse_device(&args.device)?;
-    let kind = selfplay_policy::parse_kind(&args.dtype)?;
+    let kind = selfplay_policy::parse_kind_on(&args.dtype, device)?;
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let mut cfg = EvalConfig::new(&args.model, &args.baseline, &args.prompts, judge, &args.out, &cache_dir);
     cfg.limit = args.limit;

@@ -147,8 +147,8 @@ pub struct ModelArgs {
     /// auto (cuda:0 when available, else cpu), cpu, cuda or cuda:N.
     #[arg(long, env = "SELFPLAY_DEVICE", default_value = "auto")]
     pub device: String,
-    /// f32, bf16 or f16.
-    #[arg(long, env = "SELFPLAY_DTYPE", default_value = "f32")]
+    /// auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16.
+    #[arg(long, env = "SELFPLAY_DTYPE", default_value = "auto")]
     pub dtype: String,
 }
 
@@ -156,7 +156,7 @@ impl ModelArgs {
     pub fn load(&self) -> Result<selfplay_policy::Policy> {
         let dir = self.model.clone().unwrap_or_else(default_model);
         let device = selfplay_policy::parse_device(&self.device)?;
-        let kind = selfplay_policy::parse_kind(&self.dtype)?;
+        let kind = selfplay_policy::parse_kind_on(&self.dtype, device)?;
         let t0 = std::time::Instant::now();
         let policy = selfplay_policy::Policy::load(&dir, device, kind)?;
         tracing::info!(

@@ -233,7 +233,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             actors.push(std::thread::Builder::new().name(format!("actor-{i}")).spawn(move || -> Result<()> {
                 let id = opts.actor_id.clone();
                 let played = (|| -> Result<()> {
-                    let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
+                    let kind = cfg.kind_on(dev)?;
                     let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
                     let player = Player::new(policy, None, cfg.clone())?;
                     selfplay_actor::run(player, opts, rt, stop)?;
@@ -491,7 +491,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
     selfplay_proto::health::health().expect("actor");
     let tele = rt.block_on(telemetry::serve(&args.serve.metrics(9466)))?;
     write_ready(&args.serve.ready_file, serde_json::json!({"metrics": tele.addr.to_string()}))?;
-    let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
+    let kind = cfg.kind_on(dev)?;
     let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
     let remote: Option<Box<dyn selfplay_game::reward::RewardSource>> =
         if cfg.reward.kind == selfplay_game::config::RewardKind::Remote {

@@ -14,9 +14,10 @@
 use crate::error::{io_err, GameError, Result};
 use crate::prompts::ParseFailure;
 use crate::rewards::Mode;
-use selfplay_policy::SamplingConfig;
+use selfplay_policy::{PolicyError, SamplingConfig, DEVICE_WORDS};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -57,8 +58,12 @@ pub struct ModelConfig {
     pub path: PathBuf,
     /// cpu, cuda, cuda:N, or "auto" (cuda when available).
     pub device: String,
-    /// f32 or bf16 (f16 trains poorly without loss scaling and is refused for training).
+    /// auto (bf16 on CUDA, f32 on the CPU), f32 or bf16 (f16 trains poorly without loss
+    /// scaling and is refused for training). The actors' policy and reference use it too.
     pub dtype: String,
+    /// The actors' reference model (reference log-probs, self-reward judge): cpu, cuda,
+    /// cuda:N or auto; empty = beside the policy on `device`.
+    pub reference_device: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,6 +203,13 @@ pub struct OptimConfig {
     pub grad_accum: usize,
     /// Global gradient-norm clip (0 = off).
     pub max_grad_norm: f64,
+    /// Cuts each micro-batch further so that its padded tokens (sequences x longest sequence)
+    /// stay within this bound: activation memory follows it. 0 = no bound. The step's result
+    /// does not depend on it.
+    pub micro_batch_tokens: usize,
+    /// Completion positions whose full-vocabulary logits exist at once, in the forward pass
+    /// and in the gradient (0 = all). The step's result does not depend on it.
+    pub logprob_chunk_tokens: usize,
 }
 
 impl Default for RunConfig {
@@ -214,7 +226,12 @@ impl Default for RunConfig {
 }
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { path: PathBuf::new(), device: "auto".into(), dtype: "f32".into() }
+        ModelConfig {
+            path: PathBuf::new(),
+            device: "auto".into(),
+            dtype: "auto".into(),
+            reference_device: String::new(),
+        }
     }
 }
 impl Default for GameConfig {
@@ -275,6 +292,8 @@ impl Default for OptimConfig {
             eps: 1e-8,
             grad_accum: 2,
             max_grad_norm: 1.0,
+            micro_batch_tokens: 0,
+            logprob_chunk_tokens: selfplay_policy::scoring::DEFAULT_CHUNK_POSITIONS,
         }
     }
 }
@@ -337,6 +356,23 @@ impl Config {
         }
     }
 
+    /// The dtype of the models on `device`: `model.dtype`, with auto = bf16 on CUDA and f32
+    /// on the CPU.
+    pub fn kind_on(&self, device: Device) -> Result<Kind> {
+        selfplay_policy::parse_kind_on(&self.model.dtype, device)
+            .map_err(|e| GameError::Config(format!("model.dtype: {e}")))
+    }
+
+    /// The device of the actors' reference model: `model.reference_device`, or `policy`'s
+    /// when it is empty. A device libtorch does not see is refused here, with the key named.
+    pub fn reference_device(&self, policy: Device) -> Result<Device> {
+        match self.model.reference_device.trim() {
+            "" => Ok(policy),
+            word => selfplay_policy::parse_device(word)
+                .map_err(|e| GameError::Config(format!("model.reference_device: {e}"))),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let mut errs = vec![];
         let mut need = |ok: bool, msg: String| {
@@ -389,8 +425,14 @@ impl Config {
         );
         need(o.max_grad_norm.is_finite() && o.max_grad_norm >= 0.0, "optim.max_grad_norm must be >= 0".into());
         need(
-            matches!(self.model.dtype.as_str(), "f32" | "bf16"),
-            format!("model.dtype must be f32 or bf16, got {:?}", self.model.dtype),
+            matches!(self.model.dtype.as_str(), "auto" | "f32" | "bf16"),
+            format!("model.dtype must be auto, f32 or bf16, got {:?}", self.model.dtype),
+        );
+        // The word only: whether that device exists is known where the actor starts.
+        let r = &self.model.reference_device;
+        need(
+            r.is_empty() || !matches!(selfplay_policy::parse_device(r), Err(PolicyError::InvalidInput(_))),
+            format!("model.reference_device must be empty, {DEVICE_WORDS}; got {r:?}"),
         );
         need(self.reward.scale.is_finite(), "reward.scale must be finite".into());
         need(
@@ -471,5 +513,38 @@ mod tests {
         assert!(e.contains("k4"), "{e}");
         let e = Config::load(None, &["game.mode=grpo".into()]).unwrap_err().to_string();
         assert!(e.contains("prompts_file"), "{e}");
+        let e = Config::load(None, &["model.dtype=f16".into()]).unwrap_err().to_string();
+        assert!(e.contains("model.dtype") && e.contains("f16"), "{e}");
+        for word in ["gpu", "cuda:x", "CPU"] {
+            let e = Config::load(None, &[format!("model.reference_device={word:?}")]).unwrap_err().to_string();
+            assert!(e.contains("model.reference_device") && e.contains(word), "{e}");
+        }
+    }
+
+    #[test]
+    fn dtype_auto_follows_the_device() {
+        let c = Config::load(None, &[]).unwrap();
+        assert_eq!(c.model.dtype, "auto");
+        assert_eq!(c.kind_on(Device::Cpu).unwrap(), Kind::Float);
+        assert_eq!(c.kind_on(Device::Cuda(0)).unwrap(), Kind::BFloat16);
+        let f = Config::load(None, &["model.dtype=f32".into()]).unwrap();
+        assert_eq!(f.kind_on(Device::Cuda(0)).unwrap(), Kind::Float);
+        let b = Config::load(None, &["model.dtype=bf16".into()]).unwrap();
+        assert_eq!(b.kind_on(Device::Cpu).unwrap(), Kind::BFloat16);
+    }
+
+    #[test]
+    fn reference_device_defaults_to_the_policy_device() {
+        let c = Config::load(None, &[]).unwrap();
+        assert_eq!(c.reference_device(Device::Cpu).unwrap(), Device::Cpu);
+        assert_eq!(c.reference_device(Device::Cuda(1)).unwrap(), Device::Cuda(1));
+        let c = Config::load(None, &["model.reference_device=cpu".into()]).unwrap();
+        assert_eq!(c.reference_device(Device::Cuda(0)).unwrap(), Device::Cpu);
+        // A well-formed word for a device this machine does not have passes the config check
+        // (the config is shared by every role) and is refused where the reference is placed.
+        let n = tch::Cuda::device_count().max(0);
+        let c = Config::load(None, &[format!("model.reference_device=\"cuda:{n}\"")]).unwrap();
+        let e = c.reference_device(Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("model.reference_device") && e.contains(&format!("cuda:{n}")), "{e}");
     }
 }

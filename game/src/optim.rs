@@ -4,9 +4,8 @@
 //! Parameters held in bf16 get f32 master copies, or updates of lr ~ 1e-6 would round away.
 use crate::error::{GameError, Result};
 use selfplay_policy::weights;
-use std::collections::HashMap;
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 pub struct AdamW {
     pub lr: f64,
@@ -50,7 +49,11 @@ impl AdamW {
                 .iter()
                 .map(|(_, p)| p.grad())
                 .filter(|g| g.defined())
-                .map(|g| g.to_kind(Kind::Float).norm())
+                .map(|g| match g.kind() {
+                    Kind::Float => g.norm(),
+                    // Accumulated in f32 without an f32 copy of the gradient.
+                    _ => g.norm_scalaropt_dtype(2, Kind::Float),
+                })
                 .collect();
             if norms.is_empty() {
                 return 0.0;
@@ -69,7 +72,10 @@ impl AdamW {
         })
     }
 
-    /// One update from the parameters' gradients, then clears them.
+    /// One update from the parameters' gradients, then clears them. Everything is in place:
+    /// an f32 gradient is itself the scratch space (it is cleared afterwards anyway), so an
+    /// f32 parameter's update allocates nothing of its size; a bf16 gradient is widened into
+    /// one f32 temporary, which then serves as the scratch.
     pub fn step(&mut self, params: &[(String, Tensor)]) {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
@@ -82,20 +88,26 @@ impl AdamW {
                 if !g.defined() {
                     continue;
                 }
-                let gf = g.to_kind(Kind::Float);
+                let mut scratch = if g.kind() == Kind::Float { g.shallow_clone() } else { g.to_kind(Kind::Float) };
                 let mut target = match &self.master[i] {
                     Some(m) => m.shallow_clone(),
                     None => p.shallow_clone(),
                 };
                 let _ = target.g_mul_scalar_(1.0 - self.lr * self.weight_decay);
+                // m = beta1 m + (1 - beta1) g, as torch.optim.AdamW writes it.
                 let m = &mut self.exp_avg[i];
-                let _ = m.g_mul_scalar_(self.beta1);
-                let _ = m.g_add_(&(&gf * (1.0 - self.beta1)));
+                let _ = m.lerp_(&scratch, 1.0 - self.beta1);
+                // v = beta2 v + (1 - beta2) g^2, with g^2 squared in place.
+                let _ = scratch.g_mul_(&scratch.shallow_clone());
                 let v = &mut self.exp_avg_sq[i];
-                let _ = v.g_mul_scalar_(self.beta2);
-                let _ = v.g_add_(&(&gf * &gf * (1.0 - self.beta2)));
-                let denom = v.sqrt() / bc2_sqrt + self.eps;
-                let _ = target.g_sub_(&(&*m / denom * step_size));
+                let _ = v.lerp_(&scratch, 1.0 - self.beta2);
+                // denom = sqrt(v) / sqrt(bc2) + eps, scaled by -1 / step_size so that
+                // addcdiv (which has no factor in tch) subtracts step_size * m / denom.
+                let _ = v.sqrt_out(&scratch);
+                let _ = scratch.g_div_scalar_(bc2_sqrt);
+                let _ = scratch.g_add_scalar_(self.eps);
+                let _ = scratch.g_div_scalar_(-step_size);
+                let _ = target.addcdiv_(m, &scratch);
                 if self.master[i].is_some() {
                     let mut pp = p.shallow_clone();
                     let _ = pp.copy_(&target);
@@ -119,33 +131,169 @@ impl AdamW {
         Ok(())
     }
 
-    /// Restores the state written by [`AdamW::save`] for the same parameters.
-    pub fn load(&mut self, path: &Path, t: u64, device: Device) -> Result<()> {
-        let mut map: HashMap<String, Tensor> =
-            weights::load_tensors(&[path.to_path_buf()], Kind::Float, device, |_| true)?;
-        let mut take = |name: String, like: &Tensor| -> Result<Tensor> {
-            let t = map.remove(&name).ok_or_else(|| GameError::Checkpoint {
-                path: path.to_path_buf(),
-                message: format!("optimizer state has no {name}"),
-            })?;
-            if t.size() != like.size() {
-                return Err(GameError::Checkpoint {
-                    path: path.to_path_buf(),
-                    message: format!("{name} has shape {:?}, parameter has {:?}", t.size(), like.size()),
-                });
-            }
-            Ok(t)
-        };
-        for i in 0..self.names.len() {
-            let n = self.names[i].clone();
-            self.exp_avg[i] = take(format!("{n}.exp_avg"), &self.exp_avg[i])?;
-            self.exp_avg_sq[i] = take(format!("{n}.exp_avg_sq"), &self.exp_avg_sq[i])?;
+    /// Restores the state written by [`AdamW::save`] for the same parameters, straight into
+    /// the tensors this optimizer already holds: the device never has a second copy of the
+    /// state, and a file that does not match (a missing or misshapen entry) changes nothing.
+    pub fn load(&mut self, path: &Path, t: u64) -> Result<()> {
+        let mut dst: Vec<(String, &Tensor)> = vec![];
+        for (i, n) in self.names.iter().enumerate() {
+            dst.push((format!("{n}.exp_avg"), &self.exp_avg[i]));
+            dst.push((format!("{n}.exp_avg_sq"), &self.exp_avg_sq[i]));
             if let Some(m) = &self.master[i] {
-                let loaded = take(format!("{n}.master"), m)?;
-                self.master[i] = Some(loaded);
+                dst.push((format!("{n}.master"), m));
             }
         }
+        weights::read_into(path, &dst).map_err(|e| GameError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("optimizer state: {e}"),
+        })?;
         self.t = t;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn param(values: &[f32], kind: Kind) -> Tensor {
+        Tensor::from_slice(values).to_kind(kind).set_requires_grad(true)
+    }
+
+    fn set_grad(p: &Tensor, g: &[f32]) {
+        // A backward pass of sum(p * g) leaves exactly g (in p's kind) as p's gradient.
+        let g = Tensor::from_slice(g).to_kind(p.kind());
+        let mut old = p.grad();
+        if old.defined() {
+            let _ = old.zero_();
+        }
+        (p * g).sum(p.kind()).backward();
+    }
+
+    fn floats(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.detach().to_kind(Kind::Float)).unwrap()
+    }
+
+    /// torch.optim.AdamW's update written out in f64 for one parameter.
+    fn textbook(p0: &[f32], grads: &[Vec<f32>], lr: f64, b1: f64, b2: f64, eps: f64, wd: f64) -> Vec<f64> {
+        let mut p: Vec<f64> = p0.iter().map(|&x| x as f64).collect();
+        let mut m = vec![0.0; p.len()];
+        let mut v = vec![0.0; p.len()];
+        for (t, g) in grads.iter().enumerate() {
+            let t = (t + 1) as i32;
+            for i in 0..p.len() {
+                let g = g[i] as f64;
+                p[i] *= 1.0 - lr * wd;
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let denom = (v[i] / (1.0 - b2.powi(t))).sqrt() + eps;
+                p[i] -= lr / (1.0 - b1.powi(t)) * m[i] / denom;
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn in_place_update_is_adamw() {
+        let p0 = [0.5f32, -1.25, 3.0, 0.0, -0.001];
+        let grads: Vec<Vec<f32>> =
+            (0..5).map(|s| (0..5).map(|i| ((s * 7 + i * 3) % 11) as f32 * 0.1 - 0.45).collect()).collect();
+        let p = param(&p0, Kind::Float);
+        let params = vec![("w".to_string(), p.shallow_clone())];
+        let mut opt = AdamW::new(&params, 1e-2, 0.9, 0.999, 1e-8, 0.1);
+        for g in &grads {
+            set_grad(&p, g);
+            opt.step(&params);
+            assert!(floats(&p.grad()).iter().all(|&x| x == 0.0), "the step clears the gradient");
+        }
+        let want = textbook(&p0, &grads, 1e-2, 0.9, 0.999, 1e-8, 0.1);
+        for (got, want) in floats(&p).iter().zip(&want) {
+            assert!((*got as f64 - want).abs() < 1e-6 * (1.0 + want.abs()), "{got} vs {want}");
+        }
+        assert_eq!(opt.t, grads.len() as u64);
+    }
+
+    #[test]
+    fn bf16_parameters_keep_f32_masters() {
+        // Updates of about lr = 1e-5 on weights near 1: far below bf16's resolution there
+        // (2^-7), so a bf16 parameter updated directly would never move.
+        let p0 = [1.0f32, -1.0, 0.75, 2.0];
+        let grads: Vec<Vec<f32>> = (0..300).map(|_| vec![0.5, -0.25, 1.0, -0.5]).collect();
+        let (lr, wd) = (1e-5, 0.0);
+        let p16 = param(&p0, Kind::BFloat16);
+        let p32 = param(&p0, Kind::Float);
+        let (params16, params32) =
+            (vec![("w".to_string(), p16.shallow_clone())], vec![("w".to_string(), p32.shallow_clone())]);
+        let mut o16 = AdamW::new(&params16, lr, 0.9, 0.999, 1e-8, wd);
+        let mut o32 = AdamW::new(&params32, lr, 0.9, 0.999, 1e-8, wd);
+        assert!(o16.master[0].is_some() && o32.master[0].is_none());
+        for g in &grads {
+            set_grad(&p16, g);
+            set_grad(&p32, g);
+            assert_eq!(p16.grad().kind(), Kind::BFloat16);
+            o16.step(&params16);
+            o32.step(&params32);
+        }
+        // The gradients are exact in bf16, so the master follows the f32 run bit for bit...
+        let master = o16.master[0].as_ref().unwrap();
+        assert_eq!(master.kind(), Kind::Float);
+        assert!(master.equal(&p32), "master {:?} vs f32 run {:?}", floats(master), floats(&p32));
+        // ... the moments are f32 ...
+        assert_eq!(o16.exp_avg[0].kind(), Kind::Float);
+        assert_eq!(o16.exp_avg_sq[0].kind(), Kind::Float);
+        // ... and the bf16 weights are the masters rounded, which moved by about 300 x 1e-5.
+        assert!(p16.detach().equal(&master.to_kind(Kind::BFloat16)));
+        assert!(floats(master).iter().zip(&p0).all(|(m, p)| (m - p).abs() > 2e-4));
+        assert!(!p16.detach().to_kind(Kind::Float).equal(&Tensor::from_slice(&p0)), "the bf16 weights moved");
+    }
+
+    #[test]
+    fn load_writes_into_place_and_a_mismatch_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = param(&[0.5, -1.0, 2.0], Kind::BFloat16);
+        let q = param(&[1.0, 2.0], Kind::Float);
+        let params = vec![("p".to_string(), p.shallow_clone()), ("q".to_string(), q.shallow_clone())];
+        let mut opt = AdamW::new(&params, 1e-2, 0.9, 0.999, 1e-8, 0.0);
+        for g in [[0.25f32, -0.5, 1.0], [1.0, 0.5, -0.25]] {
+            set_grad(&p, &g);
+            set_grad(&q, &g[..2]);
+            opt.step(&params);
+        }
+        let path = tmp.path().join("opt.safetensors");
+        opt.save(&path).unwrap();
+
+        let mut fresh = AdamW::new(&params, 1e-2, 0.9, 0.999, 1e-8, 0.0);
+        let ptrs = |o: &AdamW| {
+            let mut v: Vec<usize> = o.exp_avg.iter().chain(&o.exp_avg_sq).map(|t| t.data_ptr() as usize).collect();
+            v.extend(o.master.iter().flatten().map(|t| t.data_ptr() as usize));
+            v
+        };
+        let before = ptrs(&fresh);
+        fresh.load(&path, opt.t).unwrap();
+        assert_eq!(ptrs(&fresh), before, "the state was loaded into the tensors already there");
+        for i in 0..2 {
+            assert!(fresh.exp_avg[i].equal(&opt.exp_avg[i]) && fresh.exp_avg_sq[i].equal(&opt.exp_avg_sq[i]));
+        }
+        assert!(fresh.master[0].as_ref().unwrap().equal(opt.master[0].as_ref().unwrap()));
+        assert_eq!(fresh.t, 2);
+
+        // A file of another model: the error names the entry, and nothing was overwritten.
+        let other = vec![("p".to_string(), param(&[0.0, 0.0], Kind::BFloat16)), ("q".to_string(), q.shallow_clone())];
+        let wrong = AdamW::new(&other, 1e-2, 0.9, 0.999, 1e-8, 0.0);
+        let wrong_path = tmp.path().join("wrong.safetensors");
+        wrong.save(&wrong_path).unwrap();
+        let mut third = AdamW::new(&params, 1e-2, 0.9, 0.999, 1e-8, 0.0);
+        third.load(&path, 2).unwrap();
+        let e = third.load(&wrong_path, 7).unwrap_err().to_string();
+        assert!(e.contains("p.exp_avg") && e.contains("shape"), "{e}");
+        assert_eq!(third.t, 2);
+        assert!(third.exp_avg[1].equal(&opt.exp_avg[1]), "q's moments were overwritten by a refused file");
+        let missing = tmp.path().join("missing.safetensors");
+        weights::save_tensors(&missing, [("q.exp_avg", &opt.exp_avg[1])]).unwrap();
+        let e = third.load(&missing, 7).unwrap_err().to_string();
+        assert!(e.contains("p.exp_avg"), "{e}");
+        assert!(third.exp_avg[1].equal(&opt.exp_avg[1]));
+        let _ = Device::Cpu;
     }
 }

@@ -75,7 +75,7 @@ impl Player {
     ) -> Result<Self> {
         let reference = match reference {
             Some(r) => r,
-            None => policy.frozen_copy()?,
+            None => policy.frozen_copy_on(cfg.reference_device(policy.model.device())?)?,
         };
         let judge_prompt = read_prompt(&cfg.game.judge_prompt_file, DEFAULT_JUDGE_PROMPT)?;
         let judge = if cfg.game.mode.uses_self_reward() {

@@ -18,7 +18,8 @@ use crate::optim::AdamW;
 use crate::prompts::ParseFailure;
 use crate::rewards::{advantages, Advantages, GroupRewards};
 use crate::rollout::{GroupLimits, RolloutGroup, SequenceData};
-use selfplay_policy::{scoring, Policy};
+use selfplay_policy::scoring::{self, ChunkedLogprobs};
+use selfplay_policy::Policy;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -255,22 +256,27 @@ impl Trainer {
         // A non-finite loss or gradient (a numerical blow-up, a kernel's NaN) skips the
         // update: nothing is applied, the step still counts, the learner stays up.
         let mut skipped = false;
-        for chunk in items_per_group.chunks(per) {
+        'micro: for chunk in items_per_group.chunks(per) {
             let items: Vec<&LossItem> = chunk.iter().flatten().collect();
-            if items.is_empty() {
-                continue;
+            // Each micro-batch is cut further so that its padded tokens stay within
+            // `optim.micro_batch_tokens`: the losses use the step's global weights, so this
+            // bounds activations without changing the result.
+            let lens = items.iter().map(|it| it.seq.prompt_ids.len() + it.seq.completion_ids.len());
+            for range in scoring::token_batches(lens, self.cfg.optim.micro_batch_tokens) {
+                let items = &items[range];
+                tokens += items.iter().map(|it| it.seq.prompt_ids.len() + it.seq.completion_ids.len()).sum::<usize>();
+                let (loss, scored) = self.micro_batch_loss(items, &mut acc)?;
+                if !loss.double_value(&[]).is_finite() {
+                    tracing::warn!(
+                        step = self.step + 1,
+                        "the loss is not finite; the update is skipped, weights unchanged"
+                    );
+                    skipped = true;
+                    break 'micro;
+                }
+                loss.backward();
+                scored.backward(&self.policy.model)?;
             }
-            tokens += items.iter().map(|it| it.seq.prompt_ids.len() + it.seq.completion_ids.len()).sum::<usize>();
-            let loss = self.micro_batch_loss(&items, &mut acc)?;
-            if !loss.double_value(&[]).is_finite() {
-                tracing::warn!(
-                    step = self.step + 1,
-                    "the loss is not finite; the update is skipped, weights unchanged"
-                );
-                skipped = true;
-                break;
-            }
-            loss.backward();
         }
         let mut grad_norm = f64::NAN;
         if !skipped {
@@ -332,11 +338,18 @@ impl Trainer {
         }
     }
 
-    fn micro_batch_loss(&self, items: &[&LossItem], acc: &mut Accum) -> Result<Tensor> {
+    /// The loss of one micro-batch, built on the chunked log-probs' leaf: the caller runs
+    /// `loss.backward()` and then the log-probs' own backward (scoring.rs).
+    fn micro_batch_loss(&self, items: &[&LossItem], acc: &mut Accum) -> Result<(Tensor, ChunkedLogprobs)> {
         let dev = self.policy.model.device();
         let pairs: Vec<(Vec<i64>, Vec<i64>)> =
             items.iter().map(|it| (it.seq.prompt_ids.clone(), it.seq.completion_ids.clone())).collect();
-        let scored = scoring::completion_logprobs(&self.policy.model, &pairs, true)?;
+        let scored = scoring::completion_logprobs_chunked(
+            &self.policy.model,
+            &pairs,
+            true,
+            self.cfg.optim.logprob_chunk_tokens,
+        )?;
         let (lp, mask) = (&scored.logprobs, scored.mask.to_kind(Kind::Float));
         let c = lp.size()[1] as usize;
         let pad = |v: &[f32]| {
@@ -416,7 +429,7 @@ impl Trainer {
                 acc.tok_sol += ntok;
             }
         }
-        Ok(loss)
+        Ok((loss, scored))
     }
 
     /// Writes a checkpoint directory: HF-layout weights (loadable by transformers and by
@@ -470,10 +483,9 @@ impl Trainer {
             None => toml::from_str(&state.config)
                 .map_err(|e| GameError::Checkpoint { path: state_path.clone(), message: format!("config: {e}") })?,
         };
-        let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
-        let policy = Policy::load(dir, device, kind)?;
+        let policy = Policy::load(dir, device, cfg.kind_on(device)?)?;
         let mut t = Trainer::new(policy, cfg)?;
-        t.opt.load(&dir.join("optimizer.safetensors"), state.adam_t, device)?;
+        t.opt.load(&dir.join("optimizer.safetensors"), state.adam_t)?;
         t.step = state.step;
         Ok((t, state.extra))
     }

@@ -539,7 +539,7 @@ pub async fn run(
                 Err(e) => tracing::error!(checkpoint = %dir.display(), error = %e, "cannot resume from this checkpoint; trying the one before"),
             }
         }
-        let kind = selfplay_policy::parse_kind(&cfg2.model.dtype)?;
+        let kind = cfg2.kind_on(device)?;
         let policy = selfplay_policy::Policy::load(&cfg2.model.path, device, kind)?;
         Ok((Trainer::new(policy, cfg2)?, serde_json::Value::Null, None))
     })

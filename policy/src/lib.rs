@@ -64,6 +64,21 @@ pub fn parse_kind(s: &str) -> Result<Kind> {
     }
 }
 
+/// The words `parse_kind_on` accepts: `auto` (bf16 on CUDA, f32 on the CPU) and `KIND_WORDS`.
+pub const KIND_OR_AUTO_WORDS: &str = "auto, f32, bf16 or f16";
+
+/// [`parse_kind`] for a model placed on `device`, also accepting `auto`: bf16 on a CUDA
+/// device (half the memory and the tensor cores' rate; the learner keeps f32 master weights),
+/// f32 on the CPU (where bf16 matmuls are slower than f32 ones).
+pub fn parse_kind_on(s: &str, device: Device) -> Result<Kind> {
+    match s.trim() {
+        "auto" if device.is_cuda() => Ok(Kind::BFloat16),
+        "auto" => Ok(Kind::Float),
+        other => parse_kind(other)
+            .map_err(|_| PolicyError::InvalidInput(format!("unknown dtype {s:?}: expected {KIND_OR_AUTO_WORDS}"))),
+    }
+}
+
 /// A causal language model together with its tokenizer: what the actors and the learner hold.
 pub struct Policy {
     pub model: Llama,
@@ -88,7 +103,26 @@ impl Policy {
 
     /// A frozen deep copy (the reference model): same weights, no gradients.
     pub fn frozen_copy(&self) -> Result<Self> {
-        let model = self.model.deep_clone()?;
+        self.frozen_copy_on(self.model.device())
+    }
+
+    /// A frozen deep copy on `device` (the reference model on another GPU, or on the CPU),
+    /// in the same dtype. Tensors are copied one at a time, so the source device never holds
+    /// a second model.
+    pub fn frozen_copy_on(&self, device: Device) -> Result<Self> {
+        let model = if device == self.model.device() {
+            self.model.deep_clone()?
+        } else {
+            let mut tensors: std::collections::HashMap<String, tch::Tensor> =
+                self.model.parameters().iter().map(|(n, t)| (n.clone(), t.detach().to_device(device))).collect();
+            Llama::from_tensors(
+                self.model.config().clone(),
+                &mut tensors,
+                device,
+                self.model.kind(),
+                Path::new("<reference copy>"),
+            )?
+        };
         Ok(Policy {
             model,
             tokenizer: Tokenizer::load(&self.dir)?,
@@ -213,6 +247,26 @@ mod vocabulary_tests {
                 }
                 other => panic!("{word:?} not refused: {other:?}"),
             }
+            match parse_kind_on(word, Device::Cpu) {
+                Err(PolicyError::InvalidInput(m)) => {
+                    assert!(m.contains(&format!("{word:?}")), "{word}: {m}");
+                    assert!(m.contains(KIND_OR_AUTO_WORDS), "{word}: {m}");
+                }
+                other => panic!("{word:?} not refused on a device: {other:?}"),
+            }
+        }
+        assert!(parse_kind("auto").is_err(), "auto needs a device");
+    }
+
+    #[test]
+    fn auto_dtype_is_bf16_on_cuda_and_f32_on_the_cpu() {
+        assert_eq!(parse_kind_on("auto", Device::Cpu).unwrap(), Kind::Float);
+        assert_eq!(parse_kind_on("auto", Device::Cuda(0)).unwrap(), Kind::BFloat16);
+        assert_eq!(parse_kind_on("auto", Device::Cuda(3)).unwrap(), Kind::BFloat16);
+        for dev in [Device::Cpu, Device::Cuda(0)] {
+            assert_eq!(parse_kind_on("f32", dev).unwrap(), Kind::Float);
+            assert_eq!(parse_kind_on("bf16", dev).unwrap(), Kind::BFloat16);
+            assert_eq!(parse_kind_on(" f16 ", dev).unwrap(), Kind::Half);
         }
     }
 }

@@ -1,8 +1,23 @@
-//! Training-side scoring: per-token log-probs of given (prompt, completion) sequences in one
-//! batch, differentiable, masked to the completion tokens.
+//! Training-side scoring: per-token log-probs of given (prompt, completion) sequences, masked
+//! to the completion tokens.
+//!
+//! The output head is where a long batch's memory goes: full-vocabulary f32 logits are
+//! V x 4 bytes per position (0.5 MB for Llama-3's 128k vocabulary), several times over once
+//! log-softmax and its gradient are counted. So the head runs over at most `chunk_positions`
+//! positions at a time, also for the gradient ([`completion_logprobs_chunked`]):
+//! 1. the trunk runs with its graph; the head runs chunk by chunk without one, giving the
+//!    log-probs, which become a leaf tensor the loss is built on;
+//! 2. `loss.backward()` leaves dL/dlogp on that leaf;
+//! 3. [`ChunkedLogprobs::backward`] recomputes each chunk's logits from the (detached) final
+//!    hidden states with a graph, back-propagates sum(dL/dlogp * logp) through the head, and
+//!    collects the hidden states' gradient;
+//! 4. that gradient goes back through the trunk in one backward pass.
+//!
+//! The chain rule makes this the same gradient as one graph through everything; only the
+//! order of floating-point sums differs (tests compare them in f32).
 use crate::error::{PolicyError, Result};
 use crate::model::{Llama, PaddedBatch};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Completion log-probs of a batch, right-padded to the longest completion.
 pub struct TokenLogprobs {
@@ -14,24 +29,69 @@ pub struct TokenLogprobs {
     pub entropy: Option<Tensor>,
 }
 
-/// Log-probs of every completion token. Gradients flow when the model's parameters require
-/// them. Only completion positions go through the output head, which saves most of the
-/// vocabulary-sized work on long prompts.
-pub fn completion_logprobs(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)], with_entropy: bool) -> Result<TokenLogprobs> {
+/// How much of a scoring call exists at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoreLimits {
+    /// Completion positions whose full-vocabulary logits exist at once (0 = all).
+    pub chunk_positions: usize,
+    /// Padded tokens (sequences x longest sequence) per forward pass of the trunk (0 = one
+    /// pass). Only inference splits by it; the learner splits its micro-batches itself.
+    pub batch_tokens: usize,
+}
+
+/// Positions per head chunk by default: 1024 x 128k x 4 bytes = 0.5 GB per f32 logits tensor
+/// for Llama-3, 0.2 GB for SmolLM2.
+pub const DEFAULT_CHUNK_POSITIONS: usize = 1024;
+/// Padded tokens per inference forward pass by default.
+pub const DEFAULT_BATCH_TOKENS: usize = 16384;
+
+impl Default for ScoreLimits {
+    fn default() -> Self {
+        ScoreLimits { chunk_positions: DEFAULT_CHUNK_POSITIONS, batch_tokens: DEFAULT_BATCH_TOKENS }
+    }
+}
+
+/// Completion log-probs whose gradient is taken in chunks (module docs). The loss is built on
+/// `logprobs`; after `loss.backward()`, [`ChunkedLogprobs::backward`] finishes the gradient.
+pub struct ChunkedLogprobs {
+    /// [B, C] f32 leaf tensor (requires grad when the model's parameters do); 0 off the mask.
+    pub logprobs: Tensor,
+    /// [B, C] bool: true on real completion tokens.
+    pub mask: Tensor,
+    /// [B, C] f32 entropy at each completion position (detached), when asked for.
+    pub entropy: Option<Tensor>,
+    /// [R, H] final hidden states of the R real completion positions, with the trunk's graph.
+    rows: Tensor,
+    /// [R] the completion token at each of those positions.
+    targets: Tensor,
+    chunk: i64,
+}
+
+fn validate(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<()> {
     if pairs.is_empty() {
         return Err(PolicyError::InvalidInput("no sequences to score".into()));
     }
+    let vocab = model.config().vocab_size;
     for (i, (p, c)) in pairs.iter().enumerate() {
         if p.is_empty() || c.is_empty() {
             return Err(PolicyError::InvalidInput(format!(
                 "sequence {i}: prompt and completion must both be non-empty"
             )));
         }
+        if let Some(&id) = p.iter().chain(c).find(|&&id| id < 0 || id >= vocab) {
+            return Err(PolicyError::TokenOutOfRange { id, vocab_size: vocab });
+        }
     }
+    Ok(())
+}
+
+/// The trunk over a right-padded batch of prompt + completion, and which of its positions
+/// predict completion tokens: ([B, T, H] hidden, [B, C] source positions, [B, C] targets,
+/// [B, C] mask).
+fn trunk(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let dev = model.device();
     let seqs: Vec<Vec<i64>> = pairs.iter().map(|(p, c)| [p.as_slice(), c.as_slice()].concat()).collect();
     let batch = PaddedBatch::right_padded(&seqs, 0, dev)?;
-    model.check_ids(&batch.ids)?;
     let hidden = model.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None)?;
     let b = pairs.len() as i64;
     let cmax = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0) as i64;
@@ -50,6 +110,86 @@ pub fn completion_logprobs(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)], with_e
     let src = Tensor::from_slice(&src).view([b, cmax]).to_device(dev);
     let tgt = Tensor::from_slice(&tgt).view([b, cmax]).to_device(dev);
     let mask = Tensor::from_slice(&mask).view([b, cmax]).to_device(dev);
+    Ok((hidden, src, tgt, mask))
+}
+
+/// Log-probs (and entropies) of `targets` [R] under the head applied to `rows` [R, H], at most
+/// `chunk` rows at a time, without a graph.
+fn head_logprobs(
+    model: &Llama,
+    rows: &Tensor,
+    targets: &Tensor,
+    chunk: i64,
+    entropy: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    tch::no_grad(|| {
+        let r = rows.size()[0];
+        let mut lps = vec![];
+        let mut ents = vec![];
+        let mut at = 0;
+        while at < r {
+            let n = chunk.min(r - at);
+            let logp_all = model.logits(&rows.narrow(0, at, n))?.log_softmax(-1, Kind::Float);
+            lps.push(logp_all.gather(1, &targets.narrow(0, at, n).unsqueeze(-1), false).squeeze_dim(-1));
+            if entropy {
+                ents.push(-(logp_all.exp() * &logp_all).sum_dim_intlist(-1, false, Kind::Float));
+            }
+            at += n;
+        }
+        let cat = |v: Vec<Tensor>| {
+            if v.is_empty() {
+                Tensor::zeros([0], (Kind::Float, rows.device()))
+            } else {
+                Tensor::cat(&v, 0)
+            }
+        };
+        Ok((cat(lps), entropy.then(|| cat(ents))))
+    })
+}
+
+/// [R] values at the true entries of `mask` [B, C] spread into [B, C] with zeros elsewhere.
+fn spread(mask: &Tensor, values: &Tensor) -> Tensor {
+    Tensor::zeros(mask.size(), (Kind::Float, mask.device())).masked_scatter(mask, values)
+}
+
+fn chunk_of(chunk_positions: usize) -> i64 {
+    if chunk_positions == 0 {
+        i64::MAX
+    } else {
+        chunk_positions as i64
+    }
+}
+
+/// Whether autograd records operations here (false inside `tch::no_grad`).
+fn grad_enabled() -> bool {
+    let probe = Tensor::zeros([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    (&probe * 1.0).requires_grad()
+}
+
+/// Log-probs of every completion token. With a graph (grad enabled and the model's
+/// parameters requiring grad) the result is differentiable through one graph over the whole
+/// head, whose full-vocabulary logits then all exist at once: the learner uses
+/// [`completion_logprobs_chunked`] instead. Without a graph (reference model, evaluation) the
+/// work is split by [`ScoreLimits::default`].
+pub fn completion_logprobs(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)], with_entropy: bool) -> Result<TokenLogprobs> {
+    let differentiable = grad_enabled() && model.parameters().iter().any(|(_, p)| p.requires_grad());
+    if differentiable {
+        completion_logprobs_graph(model, pairs, with_entropy)
+    } else {
+        completion_logprobs_limited(model, pairs, with_entropy, ScoreLimits::default())
+    }
+}
+
+/// One graph through the trunk and the whole head. Only completion positions go through the
+/// output head, which saves most of the vocabulary-sized work on long prompts.
+pub fn completion_logprobs_graph(
+    model: &Llama,
+    pairs: &[(Vec<i64>, Vec<i64>)],
+    with_entropy: bool,
+) -> Result<TokenLogprobs> {
+    validate(model, pairs)?;
+    let (hidden, src, tgt, mask) = trunk(model, pairs)?;
+    let (b, cmax) = src.size2()?;
     let h = hidden.size()[2];
     let picked = hidden.gather(1, &src.unsqueeze(-1).expand([b, cmax, h], true), false);
     let logits = model.logits(&picked)?;
@@ -61,6 +201,144 @@ pub fn completion_logprobs(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)], with_e
         e.where_self(&mask, &e.zeros_like()).detach()
     });
     Ok(TokenLogprobs { logprobs, mask, entropy })
+}
+
+/// Log-probs without a graph, the trunk run over batches of at most `limits.batch_tokens`
+/// padded tokens and the head over at most `limits.chunk_positions` positions at a time.
+/// Rows come back in the order of `pairs`, padded to the longest completion of all.
+pub fn completion_logprobs_limited(
+    model: &Llama,
+    pairs: &[(Vec<i64>, Vec<i64>)],
+    with_entropy: bool,
+    limits: ScoreLimits,
+) -> Result<TokenLogprobs> {
+    validate(model, pairs)?;
+    let cmax = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0) as i64;
+    let mut lps = vec![];
+    let mut ents = vec![];
+    let mut masks = vec![];
+    for range in token_batches(pairs.iter().map(|(p, c)| p.len() + c.len()), limits.batch_tokens) {
+        let part = &pairs[range];
+        let scored = tch::no_grad(|| -> Result<TokenLogprobs> {
+            let (hidden, src, tgt, mask) = trunk(model, part)?;
+            let rows = real_rows(&hidden, &src, &mask);
+            let (lp, ent) =
+                head_logprobs(model, &rows, &tgt.masked_select(&mask), chunk_of(limits.chunk_positions), with_entropy)?;
+            Ok(TokenLogprobs { logprobs: spread(&mask, &lp), entropy: ent.map(|e| spread(&mask, &e)), mask })
+        })?;
+        let width = scored.mask.size()[1];
+        let pad = |t: &Tensor| t.constant_pad_nd([0, cmax - width]);
+        lps.push(pad(&scored.logprobs));
+        masks.push(pad(&scored.mask));
+        if let Some(e) = &scored.entropy {
+            ents.push(pad(e));
+        }
+    }
+    Ok(TokenLogprobs {
+        logprobs: Tensor::cat(&lps, 0),
+        mask: Tensor::cat(&masks, 0),
+        entropy: with_entropy.then(|| Tensor::cat(&ents, 0)),
+    })
+}
+
+/// Consecutive ranges of sequences (given by their lengths) whose padded size (sequences x
+/// longest) stays within `budget` tokens; a sequence longer than the budget goes alone.
+/// 0 = one range.
+pub fn token_batches(lengths: impl IntoIterator<Item = usize>, budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = vec![];
+    let mut start = 0;
+    let mut longest = 0;
+    let mut n = 0;
+    for (i, len) in lengths.into_iter().enumerate() {
+        n = i + 1;
+        let wider = longest.max(len);
+        if budget > 0 && i > start && wider * (i + 1 - start) > budget {
+            out.push(start..i);
+            start = i;
+            longest = len;
+        } else {
+            longest = wider;
+        }
+    }
+    if start < n {
+        out.push(start..n);
+    }
+    out
+}
+
+/// [R, H]: the hidden states predicting the R real completion tokens, in row-major order.
+fn real_rows(hidden: &Tensor, src: &Tensor, mask: &Tensor) -> Tensor {
+    let (b, cmax) = src.size2().expect("src is [B, C]");
+    let h = hidden.size()[2];
+    let picked = hidden.gather(1, &src.unsqueeze(-1).expand([b, cmax, h], true), false);
+    picked.reshape([b * cmax, h]).index_select(0, &mask.reshape([-1]).nonzero().squeeze_dim(1))
+}
+
+/// Log-probs for the learner: the trunk with its graph, the head in chunks of at most
+/// `chunk_positions` positions (0 = all at once), for the forward pass and for the gradient
+/// (module docs).
+pub fn completion_logprobs_chunked(
+    model: &Llama,
+    pairs: &[(Vec<i64>, Vec<i64>)],
+    with_entropy: bool,
+    chunk_positions: usize,
+) -> Result<ChunkedLogprobs> {
+    validate(model, pairs)?;
+    let (hidden, src, tgt, mask) = trunk(model, pairs)?;
+    let rows = real_rows(&hidden, &src, &mask);
+    drop(hidden);
+    let targets = tgt.masked_select(&mask);
+    let chunk = chunk_of(chunk_positions);
+    let (lp, ent) = head_logprobs(model, &rows, &targets, chunk, with_entropy)?;
+    let logprobs = spread(&mask, &lp).set_requires_grad(rows.requires_grad());
+    let entropy = ent.map(|e| spread(&mask, &e));
+    Ok(ChunkedLogprobs { logprobs, mask, entropy, rows, targets, chunk })
+}
+
+impl ChunkedLogprobs {
+    /// Finishes the gradient once the loss's backward pass has reached `logprobs`: through
+    /// the head chunk by chunk, then through the trunk. Gradients accumulate into the
+    /// parameters' `.grad` as with any backward pass. A loss that did not use the log-probs
+    /// leaves nothing to do.
+    pub fn backward(self, model: &Llama) -> Result<()> {
+        if !self.logprobs.requires_grad() {
+            return Err(PolicyError::InvalidInput(
+                "backward through log-probs of a model whose parameters do not require grad".into(),
+            ));
+        }
+        let upstream = self.logprobs.grad();
+        if !upstream.defined() {
+            return Ok(());
+        }
+        let upstream = upstream.masked_select(&self.mask);
+        let detached = self.rows.detach();
+        let r = detached.size()[0];
+        let mut grads = vec![];
+        let mut at = 0;
+        while at < r {
+            let n = self.chunk.min(r - at);
+            let x = detached.narrow(0, at, n).detach().set_requires_grad(true);
+            tch::with_grad(|| -> Result<()> {
+                let lp = model
+                    .logits(&x)?
+                    .log_softmax(-1, Kind::Float)
+                    .gather(1, &self.targets.narrow(0, at, n).unsqueeze(-1), false)
+                    .squeeze_dim(-1);
+                (lp * upstream.narrow(0, at, n)).sum(Kind::Float).backward();
+                Ok(())
+            })?;
+            grads.push(x.grad());
+            at += n;
+        }
+        if grads.is_empty() {
+            return Ok(());
+        }
+        let d_rows = Tensor::cat(&grads, 0);
+        drop(grads);
+        // The gradient of sum(rows * d) with respect to rows is exactly d.
+        tch::with_grad(|| (&self.rows * d_rows).sum(Kind::Float).backward());
+        Ok(())
+    }
 }
 
 /// Reward-model scores: the `score` head read at the last real token of each sequence.
@@ -78,4 +356,34 @@ pub fn sequence_scores(model: &Llama, seqs: &[Vec<i64>]) -> Result<Vec<f32>> {
         let s = model.scores(&picked)?.select(1, 0);
         Ok(Vec::<f32>::try_from(s.to_device(tch::Device::Cpu))?)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_batches;
+
+    #[test]
+    fn token_batches_bound_the_padded_size() {
+        let lens = [4, 2, 6, 1, 1, 9, 3];
+        assert_eq!(token_batches(lens, 0), vec![0..7]);
+        // 4,2 -> 2 x 4 = 8; adding 6 -> 3 x 6 = 18 > 12.
+        assert_eq!(token_batches(lens, 12), vec![0..2, 2..4, 4..5, 5..6, 6..7]);
+        assert_eq!(token_batches(lens, 18), vec![0..3, 3..5, 5..7]);
+        // A sequence longer than the budget goes alone; nothing is dropped.
+        assert_eq!(token_batches(lens, 1), (0..7).map(|i| i..i + 1).collect::<Vec<_>>());
+        assert_eq!(token_batches(lens, 1000), vec![0..7]);
+        assert!(token_batches([0usize; 0], 5).is_empty());
+        for budget in 1..30 {
+            let ranges = token_batches(lens, budget);
+            assert_eq!(ranges.first().unwrap().start, 0);
+            assert_eq!(ranges.last().unwrap().end, lens.len());
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            for r in ranges {
+                let padded = lens[r.clone()].iter().max().unwrap() * r.len();
+                assert!(r.len() == 1 || padded <= budget, "{budget}: {r:?}");
+            }
+        }
+    }
 }

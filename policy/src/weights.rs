@@ -100,6 +100,46 @@ pub fn load_tensors(
     Ok(out)
 }
 
+/// Reads named floating-point tensors of one safetensors file straight into existing tensors
+/// (any device, any floating-point kind; values are converted on copy). Every name and shape
+/// is checked before anything is written, so a file that does not match changes nothing; then
+/// one tensor at a time goes through host memory, so the destination device never holds a
+/// second copy. Names in the file that are not asked for are ignored.
+pub fn read_into(path: &Path, dst: &[(String, &Tensor)]) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    // Safety: the file is opened read-only and not modified while mapped by this process.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
+    let st = SafeTensors::deserialize(&mmap)
+        .map_err(|e| PolicyError::Safetensors { path: path.to_path_buf(), message: e.to_string() })?;
+    let mut views = Vec::with_capacity(dst.len());
+    for (name, t) in dst {
+        let view =
+            st.tensor(name).map_err(|_| PolicyError::MissingTensor { name: name.clone(), path: path.to_path_buf() })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        if shape != t.size() {
+            return Err(PolicyError::WeightMismatch {
+                name: name.clone(),
+                message: format!("{} has shape {shape:?}, the destination {:?}", path.display(), t.size()),
+            });
+        }
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F64) {
+            return Err(PolicyError::WeightMismatch {
+                name: name.clone(),
+                message: format!("{} stores it as {:?}, not a floating-point type", path.display(), view.dtype()),
+            });
+        }
+        views.push(view);
+    }
+    tch::no_grad(|| {
+        for ((name, t), view) in dst.iter().zip(&views) {
+            let host = view_to_tensor(view, name, path)?;
+            let mut d = t.shallow_clone();
+            d.f_copy_(&host)?;
+        }
+        Ok(())
+    })
+}
+
 /// Writes tensors as one safetensors file with `{"format": "pt"}` metadata, the layout
 /// transformers expects. Tensors are copied to the CPU first.
 pub fn save_tensors<'a>(path: &Path, tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>) -> Result<()> {
