@@ -8,7 +8,9 @@
 //! - alpha_ch = 1: both roles weigh the same, as in L = L_sol + L_ch without a factor.
 //! - temperature 1.0 and top-p 1.0 for both roles: sampling from pi itself keeps the policy
 //!   gradient unbiased (a sharpened sampler would not be the policy being differentiated).
-//! - challenger 96 new tokens (one instruction), solver 256, judge 160 (~100 words + tags).
+//! - challenger 96 new tokens (one instruction), solver 256, judge 256: ~100 words of
+//!   justification (~140 tokens) plus `<Calculation>..</Calculation>` and `<Score>N</Score>`
+//!   (~30 tokens), with room for a judge that overruns its word limit (160 cut off the tag).
 //! - KL as the per-token k3 estimator summed over each sequence (see METHOD.md: the literal
 //!   log-ratio has zero expected gradient on-policy).
 use crate::error::{io_err, GameError, Result};
@@ -238,7 +240,7 @@ impl Default for RoleSampling {
 }
 impl Default for SelfRewardConfig {
     fn default() -> Self {
-        SelfRewardConfig { mode: SelfRewardMode::Generate, max_new_tokens: 160, parse_failure: ParseFailure::Zero }
+        SelfRewardConfig { mode: SelfRewardMode::Generate, max_new_tokens: 256, parse_failure: ParseFailure::Zero }
     }
 }
 impl Default for RewardConfig {
@@ -345,9 +347,15 @@ impl Config {
         };
         let g = &self.game;
         need(g.queries_per_step >= 1, format!("game.queries_per_step must be >= 1, got {}", g.queries_per_step));
+        // Every mode's solver baseline is the group mean: with one answer the advantage is
+        // always 0 and only the challenger (LSP, LSP-Zero) or nothing (GRPO) would learn.
         need(
-            g.group_size >= 2 || g.mode == Mode::LspZero && g.group_size >= 1,
-            format!("game.group_size must be >= 2 (a baseline needs two answers), got {}", g.group_size),
+            g.group_size >= 2,
+            format!(
+                "game.group_size must be >= 2 in {} mode (the baseline is the group's mean reward: one answer always has advantage 0), got {}",
+                g.mode.name(),
+                g.group_size
+            ),
         );
         need(g.alpha_ch.is_finite() && g.alpha_ch >= 0.0, format!("game.alpha_ch must be >= 0, got {}", g.alpha_ch));
         need(
@@ -470,5 +478,11 @@ mod tests {
         assert!(e.contains("k4"), "{e}");
         let e = Config::load(None, &["game.mode=grpo".into()]).unwrap_err().to_string();
         assert!(e.contains("prompts_file"), "{e}");
+        for mode in ["lsp", "lsp-zero"] {
+            let e = Config::load(None, &[format!("game.mode={mode:?}"), "game.group_size=1".into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("game.group_size must be >= 2") && e.contains(mode), "{e}");
+        }
     }
 }

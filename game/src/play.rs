@@ -38,6 +38,9 @@ pub struct PlayStats {
     pub judge_seconds: f64,
     pub reference_seconds: f64,
     pub parse_failures: u64,
+    /// Written judgements without a score, graded by the expected score after their text.
+    #[serde(default)]
+    pub judge_fallbacks: u64,
 }
 
 pub struct Player {
@@ -182,6 +185,7 @@ impl Player {
             Some(j) => j.judge(&self.reference, &pairs)?,
             None => vec![],
         };
+        stats.judge_fallbacks = judgements.iter().filter(|j| j.fallback).count() as u64;
         stats.judge_seconds = t.elapsed().as_secs_f64();
 
         // 4. Reference log-probs of every sequence, in one batch.

@@ -501,6 +501,14 @@ pub async fn run(
     on_step: impl FnMut(&StepStats) + Send + 'static,
 ) -> Result<LearnerSummary, LearnerError> {
     opts.validate()?;
+    if opts.max_policy_lag > 0 && cfg.loss.importance_cap == 0.0 {
+        // Stale groups then train as if on-policy: the gradient is biased by the lag.
+        tracing::warn!(
+            max_policy_lag = opts.max_policy_lag,
+            "asynchronous run with loss.importance_cap = 0: groups sampled by older weights get no \
+             importance correction (set loss.importance_cap, e.g. 2, to weight them by min(pi/mu, c))"
+        );
+    }
     metrics::describe_metrics();
     let out_dir = cfg.run.out_dir.clone();
     let prompts = if cfg.game.mode == selfplay_game::Mode::Grpo {
