@@ -486,6 +486,25 @@ impl Trainer {
     }
 }
 
+impl Trainer {
+    /// Starts a new run (step 0) from the weights of a checkpoint written by
+    /// [`Trainer::save_checkpoint`] (or any Hugging Face directory), with a fresh AdamW, or
+    /// with the checkpoint's AdamW moments and step count when `keep_optimizer` is set.
+    pub fn init_from(dir: &Path, cfg: Config, device: tch::Device, keep_optimizer: bool) -> Result<Self> {
+        let kind = selfplay_policy::parse_kind(&cfg.model.dtype)?;
+        let policy = Policy::load(dir, device, kind)?;
+        let mut t = Trainer::new(policy, cfg)?;
+        if keep_optimizer {
+            let state_path = dir.join("trainer.json");
+            let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+            let state: TrainerState = serde_json::from_str(&text)
+                .map_err(|e| GameError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
+            t.opt.load(&dir.join("optimizer.safetensors"), state.adam_t, device)?;
+        }
+        Ok(t)
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct TrainerState {
     step: u64,
