@@ -39,6 +39,25 @@ fn a_learner_trains_on_a_python_reward_server() {
         client.score(selfplay_proto::v1::ScoreRequest { pairs: vec![] }).await.unwrap_err()
     });
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    // With it, oversized requests are refused and the server goes on.
+    let (too_many, too_long, ok) = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(addr.clone()).unwrap().connect().await.unwrap();
+        let mut client = selfplay_proto::client::reward_client(ch, &BearerToken::new(TOKEN).unwrap());
+        let pair = |answer: String| selfplay_proto::v1::ScorePair { query: "q".into(), answer };
+        let many = selfplay_proto::v1::ScoreRequest { pairs: (0..257).map(|_| pair("a".into())).collect() };
+        let long = selfplay_proto::v1::ScoreRequest { pairs: vec![pair("a ".repeat(150_000))] };
+        let fine = selfplay_proto::v1::ScoreRequest { pairs: vec![pair("one two".into()), pair("w ".repeat(15))] };
+        (
+            client.score(many).await.unwrap_err(),
+            client.score(long).await.unwrap_err(),
+            client.score(fine).await.unwrap().into_inner().scores,
+        )
+    });
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument, "{too_many:?}");
+    assert_eq!(too_long.code(), tonic::Code::InvalidArgument, "{too_long:?}");
+    // score(): 1.0 up to 12 words, then 0.1 less per word (15 words: 0.7).
+    assert_eq!(ok.len(), 2);
+    assert!((ok[0] - 1.0).abs() < 1e-6 && (ok[1] - 0.7).abs() < 1e-6, "{ok:?}");
 
     // Answers of up to 24 words, so that the example's reward (1 up to 12 words, then 0.1 less
     // per word) spreads.
@@ -73,6 +92,6 @@ fn a_learner_trains_on_a_python_reward_server() {
         .filter_map(|t| t.trim_end_matches(')').parse().ok())
         .max()
         .unwrap_or(0);
-    assert!(total >= (5 * N * 2) as u64, "the Python server scored {total} pairs:\n{log}");
+    assert!(total >= (5 * N * 2 + 2) as u64, "the Python server scored {total} pairs:\n{log}");
     drop(actor);
 }
