@@ -82,11 +82,16 @@ pub fn describe_metrics() {
     describe_histogram!("selfplay_actor_reward", "Reward R of each answer.");
     describe_histogram!("selfplay_actor_self_reward", "Self-reward R_Q of each answer (LSP).");
     describe_counter!("selfplay_actor_judge_parse_failures_total", "Self-reward judgements that could not be parsed.");
+    describe_counter!(
+        "selfplay_actor_judge_fallbacks_total",
+        "Written self-reward judgements without a score, graded by the expected score after their text."
+    );
     for name in [
         "selfplay_actor_tokens_generated_total",
         "selfplay_actor_units_done_total",
         "selfplay_actor_weight_fetch_bytes_total",
         "selfplay_actor_judge_parse_failures_total",
+        "selfplay_actor_judge_fallbacks_total",
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -337,6 +342,7 @@ pub fn run(
         metrics::histogram!("selfplay_actor_generation_seconds").record(stats.generation_seconds);
         metrics::histogram!("selfplay_actor_play_seconds").record(group.play_seconds);
         metrics::counter!("selfplay_actor_judge_parse_failures_total").increment(stats.parse_failures);
+        metrics::counter!("selfplay_actor_judge_fallbacks_total").increment(stats.judge_fallbacks);
         for a in &group.answers {
             metrics::histogram!("selfplay_actor_reward").record(a.reward as f64);
             metrics::histogram!("selfplay_actor_self_reward").record(a.self_reward as f64);

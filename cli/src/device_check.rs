@@ -9,7 +9,7 @@ use selfplay_game::trainer::Trainer;
 use selfplay_game::Config;
 use selfplay_policy::generate::{generate_requests_stats, GenRequest, SplitMix64};
 use selfplay_policy::model::{Llama, PaddedBatch};
-use selfplay_policy::{parse_device, parse_kind, scoring, weights, Policy, SamplingConfig, Tokenizer};
+use selfplay_policy::{parse_device, parse_kind_on, scoring, weights, Policy, SamplingConfig, Tokenizer};
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -42,7 +42,8 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     fn device(&self) -> Result<(Device, Kind)> {
-        Ok((parse_device(&self.device)?, parse_kind(&self.dtype)?))
+        let dev = parse_device(&self.device)?;
+        Ok((dev, parse_kind_on(&self.dtype, dev)?))
     }
 }
 

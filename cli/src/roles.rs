@@ -137,6 +137,15 @@ pub struct TrainArgs {
     /// Dtype of weights on the wire: auto (the model's), f32 or bf16.
     #[arg(long, env = "SELFPLAY_WIRE_DTYPE", default_value = "auto")]
     pub wire_dtype: String,
+    /// Start a new run from this checkpoint's weights (a checkpoint directory, or any Hugging
+    /// Face directory of model.path's architecture) instead of model.path's; steps count from 0
+    /// and the reference stays model.reference_path, else model.path.
+    #[arg(long, env = "SELFPLAY_INIT_FROM")]
+    pub init_from: Option<PathBuf>,
+    /// With --init-from: keep the checkpoint's AdamW state (moments and step count) instead of
+    /// starting the optimizer fresh.
+    #[arg(long, env = "SELFPLAY_KEEP_OPTIMIZER", requires = "init_from")]
+    pub keep_optimizer: bool,
 }
 
 /// Everything in one process on 127.0.0.1: coordinator, learner and K actors.
@@ -193,6 +202,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
             resume: args.resume,
             tls: None,
             tls_ca: None,
+            init_from: args.init_from.clone(),
+            keep_optimizer: args.keep_optimizer,
         };
         let progress = Progress::new(cfg.run.steps);
         let (learner_stop_tx, learner_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -396,6 +407,15 @@ pub struct LearnerArgs {
     /// Dtype of weights on the wire: auto (the model's), f32 or bf16.
     #[arg(long, env = "SELFPLAY_WIRE_DTYPE", default_value = "auto")]
     pub wire_dtype: String,
+    /// Start a new run from this checkpoint's weights (a checkpoint directory, or any Hugging
+    /// Face directory of model.path's architecture) instead of model.path's; steps count from 0
+    /// and the reference stays model.reference_path, else model.path.
+    #[arg(long, env = "SELFPLAY_INIT_FROM")]
+    pub init_from: Option<PathBuf>,
+    /// With --init-from: keep the checkpoint's AdamW state (moments and step count) instead of
+    /// starting the optimizer fresh.
+    #[arg(long, env = "SELFPLAY_KEEP_OPTIMIZER", requires = "init_from")]
+    pub keep_optimizer: bool,
     /// Serve TLS: certificate (PEM); needs --tls-key.
     #[arg(long, env = "SELFPLAY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -446,6 +466,8 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
             resume: args.resume,
             tls: args.tls_cert.clone().zip(args.tls_key.clone()),
             tls_ca: args.tls_ca.clone(),
+            init_from: args.init_from.clone(),
+            keep_optimizer: args.keep_optimizer,
         };
         write_ready(
             &args.serve.ready_file,
@@ -468,7 +490,7 @@ pub struct ActorArgs {
     /// Learner URL (https:// with --tls-ca).
     #[arg(long, env = "SELFPLAY_LEARNER", default_value = "http://127.0.0.1:50052")]
     pub learner: String,
-    /// Remote reward server (reward.kind = remote).
+    /// Remote reward server (the address of the remote reward source; replaces the config's).
     #[arg(long, env = "SELFPLAY_REWARD")]
     pub reward: Option<String>,
     /// Name at the coordinator (default: host name and process id).
@@ -493,9 +515,10 @@ pub fn actor(args: ActorArgs) -> Result<()> {
     write_ready(&args.serve.ready_file, serde_json::json!({"metrics": tele.addr.to_string()}))?;
     let kind = cfg.kind_on(dev)?;
     let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
+    // The remote source of R (`reward.kind = "remote"`, or one of a combined reward's sources).
     let remote: Option<Box<dyn selfplay_game::reward::RewardSource>> =
-        if cfg.reward.kind == selfplay_game::config::RewardKind::Remote {
-            let address = args.reward.clone().unwrap_or_else(|| cfg.reward.address.clone());
+        if let Some(configured) = cfg.reward.remote_address() {
+            let address = args.reward.clone().unwrap_or(configured);
             let ep = selfplay_proto::client::endpoint(&address, args.tls_ca.as_deref()).map_err(anyhow::Error::msg)?;
             let channel = rt.block_on(ep.connect()).with_context(|| format!("reward server {address}"))?;
             let client = selfplay_proto::client::reward_client(channel, &token);

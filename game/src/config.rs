@@ -8,7 +8,9 @@
 //! - alpha_ch = 1: both roles weigh the same, as in L = L_sol + L_ch without a factor.
 //! - temperature 1.0 and top-p 1.0 for both roles: sampling from pi itself keeps the policy
 //!   gradient unbiased (a sharpened sampler would not be the policy being differentiated).
-//! - challenger 96 new tokens (one instruction), solver 256, judge 160 (~100 words + tags).
+//! - challenger 96 new tokens (one instruction), solver 256, judge 256: ~100 words of
+//!   justification (~140 tokens) plus `<Calculation>..</Calculation>` and `<Score>N</Score>`
+//!   (~30 tokens), with room for a judge that overruns its word limit (160 cut off the tag).
 //! - KL as the per-token k3 estimator summed over each sequence (see METHOD.md: the literal
 //!   log-ratio has zero expected gradient on-policy).
 use crate::error::{io_err, GameError, Result};
@@ -56,6 +58,10 @@ pub struct RunConfig {
 pub struct ModelConfig {
     /// Hugging Face directory of the initial policy (empty = the embedded default model).
     pub path: PathBuf,
+    /// The frozen reference pi_ref (KL terms, self-reward judge); empty = `path`, the initial
+    /// policy. Set it when a run starts from other weights (`--init-from`) but should stay
+    /// close to another model. It must share the policy's tokenizer.
+    pub reference_path: PathBuf,
     /// cpu, cuda, cuda:N, or "auto" (cuda when available).
     pub device: String,
     /// auto (bf16 on CUDA, f32 on the CPU), f32 or bf16 (f16 trains poorly without loss
@@ -140,6 +146,88 @@ pub enum RewardKind {
     None,
     /// A remote `Reward` gRPC service.
     Remote,
+    /// Built-in rules on the answer's text (`reward.rules`), no model.
+    Rule,
+    /// A weighted sum of several sources (`reward.sources`).
+    Combined,
+}
+
+/// One check of a `rule` reward. Each scores 1 (satisfied) or 0, times its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuleKind {
+    /// The answer has `words` words, give or take `tolerance`.
+    Length,
+    /// The answer matches the regular expression `pattern` (anywhere, unless anchored).
+    Regex,
+    /// The answer contains `text`.
+    Contains,
+    /// The answer does not contain `text`.
+    NotContains,
+    /// The answer (without a surrounding ``` fence) parses as JSON; with `keys`, as an object
+    /// holding each of them.
+    Json,
+    /// GRPO: the answer's final answer equals the prompt row's `answer` field.
+    Exact,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub rule: RuleKind,
+    /// Multiplies the rule's 0 or 1 (default 1; negative weights penalise).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// `length`: the target number of words (whitespace-separated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub words: Option<u64>,
+    /// `length`: how many words off the target still pass (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<u64>,
+    /// `regex`: the pattern (Rust regex syntax; `(?i)` for case-insensitive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// `contains`, `not-contains`: the text to look for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// `contains`, `not-contains`: compare case-insensitively (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_case: Option<bool>,
+    /// `json`: keys the top-level object must have (empty: any JSON value passes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<String>>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// One part of a `combined` reward: a source like the top-level ones, and its weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardSourceConfig {
+    pub kind: RewardKind,
+    pub weight: f64,
+    pub path: PathBuf,
+    pub address: String,
+    pub judge_mode: SelfRewardMode,
+    pub prompt_file: PathBuf,
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for RewardSourceConfig {
+    fn default() -> Self {
+        let r = RewardConfig::default();
+        RewardSourceConfig {
+            kind: r.kind,
+            weight: 1.0,
+            path: r.path,
+            address: r.address,
+            judge_mode: r.judge_mode,
+            prompt_file: r.prompt_file,
+            rules: vec![],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +244,38 @@ pub struct RewardConfig {
     pub judge_mode: SelfRewardMode,
     /// `judge`: a file replacing the built-in grading prompt (empty = built-in).
     pub prompt_file: PathBuf,
+    /// `rule`: the checks, summed with their weights.
+    pub rules: Vec<RuleConfig>,
+    /// `combined`: the sources, summed with their weights.
+    pub sources: Vec<RewardSourceConfig>,
+}
+
+impl RewardConfig {
+    /// The weighted sources R sums: the `combined` list, or the top-level source alone.
+    pub fn parts(&self) -> Vec<RewardSourceConfig> {
+        if self.kind == RewardKind::Combined {
+            return self.sources.clone();
+        }
+        vec![RewardSourceConfig {
+            kind: self.kind,
+            weight: 1.0,
+            path: self.path.clone(),
+            address: self.address.clone(),
+            judge_mode: self.judge_mode,
+            prompt_file: self.prompt_file.clone(),
+            rules: self.rules.clone(),
+        }]
+    }
+
+    /// The address of the remote source, if R has one (the actor connects to it).
+    pub fn remote_address(&self) -> Option<String> {
+        self.parts().into_iter().find(|p| p.kind == RewardKind::Remote).map(|p| p.address)
+    }
+
+    /// Whether a rule needs the prompt rows' `answer` field.
+    pub fn needs_answers(&self) -> bool {
+        self.parts().iter().any(|p| p.kind == RewardKind::Rule && p.rules.iter().any(|r| r.rule == RuleKind::Exact))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +348,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             path: PathBuf::new(),
+            reference_path: PathBuf::new(),
             device: "auto".into(),
             dtype: "auto".into(),
             reference_device: String::new(),
@@ -256,7 +377,7 @@ impl Default for RoleSampling {
 }
 impl Default for SelfRewardConfig {
     fn default() -> Self {
-        SelfRewardConfig { mode: SelfRewardMode::Generate, max_new_tokens: 160, parse_failure: ParseFailure::Zero }
+        SelfRewardConfig { mode: SelfRewardMode::Generate, max_new_tokens: 256, parse_failure: ParseFailure::Zero }
     }
 }
 impl Default for RewardConfig {
@@ -268,6 +389,8 @@ impl Default for RewardConfig {
             scale: 1.0,
             judge_mode: SelfRewardMode::Expected,
             prompt_file: PathBuf::new(),
+            rules: vec![],
+            sources: vec![],
         }
     }
 }
@@ -382,9 +505,15 @@ impl Config {
         };
         let g = &self.game;
         need(g.queries_per_step >= 1, format!("game.queries_per_step must be >= 1, got {}", g.queries_per_step));
+        // Every mode's solver baseline is the group mean: with one answer the advantage is
+        // always 0 and only the challenger (LSP, LSP-Zero) or nothing (GRPO) would learn.
         need(
-            g.group_size >= 2 || g.mode == Mode::LspZero && g.group_size >= 1,
-            format!("game.group_size must be >= 2 (a baseline needs two answers), got {}", g.group_size),
+            g.group_size >= 2,
+            format!(
+                "game.group_size must be >= 2 in {} mode (the baseline is the group's mean reward: one answer always has advantage 0), got {}",
+                g.mode.name(),
+                g.group_size
+            ),
         );
         need(g.alpha_ch.is_finite() && g.alpha_ch >= 0.0, format!("game.alpha_ch must be >= 0, got {}", g.alpha_ch));
         need(
@@ -435,19 +564,122 @@ impl Config {
             format!("model.reference_device must be empty, {DEVICE_WORDS}; got {r:?}"),
         );
         need(self.reward.scale.is_finite(), "reward.scale must be finite".into());
-        need(
-            self.reward.kind != RewardKind::Model || !self.reward.path.as_os_str().is_empty(),
-            "reward.path is required for reward.kind = \"model\"".into(),
-        );
-        need(
-            self.reward.kind != RewardKind::Remote || !self.reward.address.is_empty(),
-            "reward.address is required for reward.kind = \"remote\"".into(),
-        );
+        errs.extend(self.reward_errors());
         if errs.is_empty() {
             Ok(())
         } else {
             Err(GameError::Config(errs.join("; ")))
         }
+    }
+}
+
+impl Config {
+    fn reward_errors(&self) -> Vec<String> {
+        let r = &self.reward;
+        let mut errs = vec![];
+        if r.kind == RewardKind::Combined {
+            if r.sources.is_empty() {
+                errs.push("reward.kind = \"combined\" needs at least one [[reward.sources]]".into());
+            }
+            if !r.rules.is_empty() {
+                errs.push("reward.rules belong in a [[reward.sources]] entry of kind \"rule\" when reward.kind = \"combined\"".into());
+            }
+        } else if !r.sources.is_empty() {
+            errs.push("reward.sources are only read with reward.kind = \"combined\"".into());
+        }
+        let parts = r.parts();
+        let remotes = parts.iter().filter(|p| p.kind == RewardKind::Remote).count();
+        if remotes > 1 {
+            errs.push(format!("reward.sources has {remotes} remote sources; at most one is supported"));
+        }
+        for (i, p) in parts.iter().enumerate() {
+            let at = if r.kind == RewardKind::Combined { format!("reward.sources[{i}]") } else { "reward".into() };
+            match p.kind {
+                RewardKind::Combined => errs.push(format!("{at}.kind = \"combined\" cannot be nested")),
+                RewardKind::Model if p.path.as_os_str().is_empty() => {
+                    errs.push(format!("{at}.path is required for kind = \"model\""))
+                }
+                RewardKind::Remote if p.address.is_empty() => {
+                    errs.push(format!("{at}.address is required for kind = \"remote\""))
+                }
+                RewardKind::Rule if p.rules.is_empty() => {
+                    errs.push(format!("{at}.rules: kind = \"rule\" needs at least one rule"))
+                }
+                _ => {}
+            }
+            if p.kind != RewardKind::Rule && !p.rules.is_empty() {
+                errs.push(format!("{at}.rules are only read with kind = \"rule\""));
+            }
+            if !p.weight.is_finite() {
+                errs.push(format!("{at}.weight must be finite, got {}", p.weight));
+            }
+            for (j, rule) in p.rules.iter().enumerate() {
+                if let Err(e) = rule.check() {
+                    errs.push(format!("{at}.rules[{j}] ({}): {e}", rule.rule.name()));
+                }
+                if rule.rule == RuleKind::Exact && self.game.mode != Mode::Grpo {
+                    errs.push(format!(
+                        "{at}.rules[{j}] (exact) needs game.mode = \"grpo\": only data prompts carry an answer"
+                    ));
+                }
+            }
+        }
+        errs
+    }
+}
+
+impl RuleKind {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            RuleKind::Length => "length",
+            RuleKind::Regex => "regex",
+            RuleKind::Contains => "contains",
+            RuleKind::NotContains => "not-contains",
+            RuleKind::Json => "json",
+            RuleKind::Exact => "exact",
+        }
+    }
+}
+
+impl RuleConfig {
+    /// The rule's parameters are the ones its kind reads, and valid.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !self.weight.is_finite() {
+            return Err(format!("weight must be finite, got {}", self.weight));
+        }
+        let given: Vec<&str> = [
+            ("words", self.words.is_some()),
+            ("tolerance", self.tolerance.is_some()),
+            ("pattern", self.pattern.is_some()),
+            ("text", self.text.is_some()),
+            ("ignore_case", self.ignore_case.is_some()),
+            ("keys", self.keys.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(k, _)| k)
+        .collect();
+        let (required, allowed): (&[&str], &[&str]) = match self.rule {
+            RuleKind::Length => (&["words"], &["words", "tolerance"]),
+            RuleKind::Regex => (&["pattern"], &["pattern"]),
+            RuleKind::Contains | RuleKind::NotContains => (&["text"], &["text", "ignore_case"]),
+            RuleKind::Json => (&[], &["keys"]),
+            RuleKind::Exact => (&[], &[]),
+        };
+        if let Some(k) = required.iter().find(|k| !given.contains(k)) {
+            return Err(format!("needs {k}"));
+        }
+        if let Some(k) = given.iter().find(|k| !allowed.contains(k)) {
+            return Err(format!("{k} is not read by this rule (it reads {})", allowed.join(", ")));
+        }
+        if let Some(p) = &self.pattern {
+            regex::Regex::new(p).map_err(|e| format!("pattern {p:?}: {e}"))?;
+        }
+        if self.text.as_deref() == Some("") {
+            return Err("text is empty".into());
+        }
+        Ok(())
     }
 }
 
@@ -502,6 +734,79 @@ mod tests {
     }
 
     #[test]
+    fn rule_and_combined_rewards() {
+        let text = r#"
+[reward]
+kind = "combined"
+[[reward.sources]]
+kind = "model"
+path = "rm"
+weight = 0.5
+[[reward.sources]]
+kind = "rule"
+weight = 2.0
+rules = [
+  { rule = "length", words = 50, tolerance = 10 },
+  { rule = "regex", pattern = "^\\{", weight = 0.5 },
+  { rule = "not-contains", text = "As an AI", ignore_case = true },
+  { rule = "json", keys = ["answer"] },
+]
+[[reward.sources]]
+kind = "remote"
+address = "http://127.0.0.1:50053"
+"#;
+        let c = Config::from_toml_str(text, &[]).unwrap();
+        let parts = c.reward.parts();
+        assert_eq!(
+            parts.iter().map(|p| (p.kind, p.weight)).collect::<Vec<_>>(),
+            vec![(RewardKind::Model, 0.5), (RewardKind::Rule, 2.0), (RewardKind::Remote, 1.0)]
+        );
+        assert_eq!(parts[1].rules[0].words, Some(50));
+        assert_eq!(parts[1].rules[1].weight, 0.5);
+        assert_eq!(c.reward.remote_address().as_deref(), Some("http://127.0.0.1:50053"));
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+
+        let rule =
+            Config::from_toml_str("[reward]\nkind = \"rule\"\nrules = [{ rule = \"contains\", text = \"yes\" }]", &[])
+                .unwrap();
+        assert_eq!(rule.reward.parts()[0].rules.len(), 1);
+        assert!(!rule.reward.needs_answers() && rule.reward.remote_address().is_none());
+
+        for (bad, want) in [
+            ("[reward]\nkind = \"rule\"", "reward.rules: kind = \"rule\" needs at least one rule"),
+            ("[reward]\nkind = \"combined\"", "needs at least one [[reward.sources]]"),
+            ("[reward]\nkind = \"rule\"\nrules = [{ rule = \"length\" }]", "reward.rules[0] (length): needs words"),
+            (
+                "[reward]\nkind = \"rule\"\nrules = [{ rule = \"exact\" }]",
+                "reward.rules[0] (exact) needs game.mode = \"grpo\"",
+            ),
+            (
+                "[reward]\nkind = \"combined\"\n[[reward.sources]]\nkind = \"combined\"",
+                "reward.sources[0].kind = \"combined\" cannot be nested",
+            ),
+            (
+                "[reward]\nkind = \"combined\"\n[[reward.sources]]\nkind = \"model\"",
+                "reward.sources[0].path is required",
+            ),
+            (
+                "[reward]\nkind = \"model\"\npath = \"rm\"\n[[reward.sources]]\nkind = \"none\"",
+                "reward.sources are only read",
+            ),
+            (
+                "[reward]\nkind = \"none\"\nrules = [{ rule = \"json\" }]",
+                "reward.rules are only read with kind = \"rule\"",
+            ),
+            ("[reward]\nkind = \"rule\"\nrules = [{ rule = \"json\", pattern = \"x\" }]", "pattern is not read"),
+            ("[reward]\nkind = \"rule\"\nrules = [{ rule = \"jsn\" }]", "jsn"),
+            ("[reward]\nkind = \"rule\"\nrules = [{ rule = \"json\", keyz = [] }]", "keyz"),
+        ] {
+            let e = Config::from_toml_str(bad, &[]).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}:\n{e}");
+        }
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_the_key_named() {
         let e = Config::load(None, &["game.group_sise=4".into()]).unwrap_err().to_string();
         assert!(e.contains("group_sise"), "{e}");
@@ -513,6 +818,12 @@ mod tests {
         assert!(e.contains("k4"), "{e}");
         let e = Config::load(None, &["game.mode=grpo".into()]).unwrap_err().to_string();
         assert!(e.contains("prompts_file"), "{e}");
+        for mode in ["lsp", "lsp-zero"] {
+            let e = Config::load(None, &[format!("game.mode={mode:?}"), "game.group_size=1".into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("game.group_size must be >= 2") && e.contains(mode), "{e}");
+        }
         let e = Config::load(None, &["model.dtype=f16".into()]).unwrap_err().to_string();
         assert!(e.contains("model.dtype") && e.contains("f16"), "{e}");
         for word in ["gpu", "cuda:x", "CPU"] {

@@ -1,6 +1,8 @@
 //! The self-reward judge: the reference model grades (instruction, response) pairs with the
 //! 7-point rubric, either by writing a judgement (the paper's way) or by one forward pass that
-//! reads the expected score from the next-token distribution after `<Score>`.
+//! reads the expected score from the next-token distribution after `<Score>`. A written
+//! judgement without a readable score (small judges often omit the tag, or run out of tokens
+//! before it) falls back to the expected score after its own text plus `<Score>`.
 use crate::config::SelfRewardMode;
 use crate::error::{GameError, Result};
 use crate::prompts::{judge_prompt, parse_score};
@@ -13,6 +15,8 @@ pub struct Judgement {
     pub score: Option<f64>,
     /// The judge's text (empty in expected mode).
     pub text: String,
+    /// Generate mode: the text held no score, and `score` is the expected score read after it.
+    pub fallback: bool,
 }
 
 pub struct Judge {
@@ -62,18 +66,33 @@ impl Judge {
         let prompts = pairs.iter().map(|(q, a)| self.prompt_ids(judge, q, a)).collect::<Result<Vec<_>>>()?;
         let cfg = SamplingConfig { stop: vec!["</Score>".into()], ..SamplingConfig::greedy(self.max_new_tokens) };
         let out = judge.generate(&prompts, &cfg)?;
-        Ok(out
-            .into_iter()
-            .map(|c| {
-                // The stop string is cut from the text; put it back for the parser and logs.
-                let text = if c.finish_reason == selfplay_policy::FinishReason::Stop {
-                    format!("{}</Score>", c.text)
-                } else {
-                    c.text
-                };
-                Judgement { score: parse_score(&text), text }
-            })
-            .collect())
+        let mut judgements = vec![];
+        let mut missing = vec![];
+        for c in out {
+            // The stop string is cut from the text; put it back for the parser and logs.
+            let text = if c.finish_reason == selfplay_policy::FinishReason::Stop {
+                format!("{}</Score>", c.text)
+            } else {
+                c.text
+            };
+            let score = parse_score(&text);
+            if score.is_none() && !self.digit_ids.is_empty() {
+                // The judge's own reasoning, then the tag it did not write (unless it wrote the
+                // tag and stopped before the number).
+                let tag = if text.trim_end().ends_with("<Score>") { "" } else { "\n<Score>" };
+                let tag_ids = if tag.is_empty() { vec![] } else { judge.tokenizer.encode(tag, false)? };
+                missing.push((judgements.len(), [c.prompt_ids, c.completion_ids, tag_ids].concat()));
+            }
+            judgements.push(Judgement { score, text, fallback: false });
+        }
+        if !missing.is_empty() {
+            let seqs: Vec<Vec<i64>> = missing.iter().map(|(_, s)| s.clone()).collect();
+            for ((i, _), s) in missing.iter().zip(self.expected_at_end(judge, &seqs)?) {
+                judgements[*i].score = s;
+                judgements[*i].fallback = s.is_some();
+            }
+        }
+        Ok(judgements)
     }
 
     fn judge_expected(&self, judge: &Policy, pairs: &[(String, String)]) -> Result<Vec<Judgement>> {
@@ -82,6 +101,16 @@ impl Judge {
             .iter()
             .map(|(q, a)| Ok([self.prompt_ids(judge, q, a)?, score_tag.clone()].concat()))
             .collect::<Result<_>>()?;
+        Ok(self
+            .expected_at_end(judge, &seqs)?
+            .into_iter()
+            .map(|score| Judgement { score, text: String::new(), fallback: false })
+            .collect())
+    }
+
+    /// The probability-weighted mean over the digits 0..7 of the next token after each
+    /// sequence (None when not finite).
+    fn expected_at_end(&self, judge: &Policy, seqs: &[Vec<i64>]) -> Result<Vec<Option<f64>>> {
         let model = &judge.model;
         let probs = tch::no_grad(|| -> Result<tch::Tensor> {
             let batch = selfplay_policy::model::PaddedBatch::right_padded(&seqs, 0, model.device())?;
@@ -100,7 +129,7 @@ impl Judge {
             .into_iter()
             .map(|p| {
                 let s: f64 = p.iter().enumerate().map(|(k, v)| k as f64 * *v as f64).sum();
-                Judgement { score: s.is_finite().then_some(s), text: String::new() }
+                s.is_finite().then_some(s)
             })
             .collect())
     }

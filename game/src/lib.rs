@@ -16,6 +16,7 @@ pub mod prompts;
 pub mod reward;
 pub mod rewards;
 pub mod rollout;
+pub mod rules;
 pub mod sizing;
 pub mod trainer;
 pub mod wire;

@@ -1,11 +1,11 @@
 //! The actor side of the game: one work unit played into a [`RolloutGroup`]: a challenger
 //! query (or a data prompt in GRPO mode), G solver answers, rewards, self-rewards (LSP) and
 //! the reference model's log-probs of every sequence.
-use crate::config::{Config, RewardKind};
+use crate::config::Config;
 use crate::error::{io_err, GameError, Result};
 use crate::judge::Judge;
-use crate::prompts::{challenger_prompt, DEFAULT_CHALLENGER_PROMPT, DEFAULT_JUDGE_PROMPT, DEFAULT_REWARD_PROMPT};
-use crate::reward::{JudgeReward, NoReward, RewardModel, RewardSource};
+use crate::prompts::{challenger_prompt, DEFAULT_CHALLENGER_PROMPT, DEFAULT_JUDGE_PROMPT};
+use crate::reward::RewardSource;
 use crate::rollout::{AnswerData, RolloutGroup, SequenceData};
 use selfplay_policy::{scoring, ChatMessage, Policy};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,9 @@ pub struct PlayStats {
     pub judge_seconds: f64,
     pub reference_seconds: f64,
     pub parse_failures: u64,
+    /// Written judgements without a score, graded by the expected score after their text.
+    #[serde(default)]
+    pub judge_fallbacks: u64,
 }
 
 pub struct Player {
@@ -50,7 +53,7 @@ pub struct Player {
     pub cfg: Config,
 }
 
-fn read_prompt(file: &Path, default: &str) -> Result<String> {
+pub(crate) fn read_prompt(file: &Path, default: &str) -> Result<String> {
     if file.as_os_str().is_empty() {
         Ok(default.to_string())
     } else {
@@ -59,8 +62,8 @@ fn read_prompt(file: &Path, default: &str) -> Result<String> {
 }
 
 impl Player {
-    /// Builds the actor's side from a loaded policy. The reference is the given model, or a
-    /// frozen deep copy of the policy when starting from the initial weights.
+    /// Builds the actor's side from a loaded policy. The reference is the given model, else the
+    /// one at `model.reference_path`, else a frozen deep copy of the policy (the initial weights).
     pub fn new(policy: Policy, reference: Option<Policy>, cfg: Config) -> Result<Self> {
         Self::new_with_remote(policy, reference, cfg, None)
     }
@@ -75,38 +78,26 @@ impl Player {
     ) -> Result<Self> {
         let reference = match reference {
             Some(r) => r,
+            None if !cfg.model.reference_path.as_os_str().is_empty() => {
+                let dev = cfg.reference_device(policy.model.device())?;
+                Policy::load(&cfg.model.reference_path, dev, policy.model.kind())?
+            }
             None => policy.frozen_copy_on(cfg.reference_device(policy.model.device())?)?,
         };
+        // KL terms compare log-probs of the same token ids: the two must share a vocabulary.
+        let (pv, rv) = (policy.model.config().vocab_size, reference.model.config().vocab_size);
+        if pv != rv {
+            return Err(GameError::Config(format!(
+                "the reference model has a vocabulary of {rv} tokens, the policy {pv}: they must share a tokenizer"
+            )));
+        }
         let judge_prompt = read_prompt(&cfg.game.judge_prompt_file, DEFAULT_JUDGE_PROMPT)?;
         let judge = if cfg.game.mode.uses_self_reward() {
             Some(Judge::new(&reference, judge_prompt.clone(), cfg.self_reward.mode, cfg.self_reward.max_new_tokens)?)
         } else {
             None
         };
-        let reward: Box<dyn RewardSource> = match cfg.reward.kind {
-            RewardKind::None => Box::new(NoReward),
-            RewardKind::Model => {
-                Box::new(RewardModel::load(&cfg.reward.path, policy.model.device(), policy.model.kind())?)
-            }
-            RewardKind::Judge => {
-                let own = if cfg.reward.path.as_os_str().is_empty() {
-                    None
-                } else {
-                    Some(Policy::load(&cfg.reward.path, policy.model.device(), policy.model.kind())?)
-                };
-                let prompt = read_prompt(&cfg.reward.prompt_file, DEFAULT_REWARD_PROMPT)?;
-                Box::new(JudgeReward::new(
-                    own,
-                    &reference,
-                    prompt,
-                    cfg.reward.judge_mode,
-                    cfg.self_reward.max_new_tokens,
-                )?)
-            }
-            RewardKind::Remote => remote.ok_or_else(|| {
-                GameError::Config("reward.kind = remote needs a reward client (the actor runtime builds it)".into())
-            })?,
-        };
+        let reward = crate::reward::build(&cfg, &policy, &reference, remote)?;
         Self::with_reward(policy, reference, reward, judge, cfg)
     }
 
@@ -182,6 +173,7 @@ impl Player {
             Some(j) => j.judge(&self.reference, &pairs)?,
             None => vec![],
         };
+        stats.judge_fallbacks = judgements.iter().filter(|j| j.fallback).count() as u64;
         stats.judge_seconds = t.elapsed().as_secs_f64();
 
         // 4. Reference log-probs of every sequence, in one batch.

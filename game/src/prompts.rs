@@ -67,20 +67,42 @@ pub fn challenger_prompt(prompt: &str, task: &str, template: &str) -> String {
     } else {
         format!("- The instruction must follow this pattern, filling in the blanks: {}\n", template.trim())
     };
-    prompt
-        .replace("{task_rule}", &task_rule)
-        .replace("{template_rule}", &template_rule)
-        .replace("{task}", task)
-        .replace("{template}", template)
+    fill(
+        prompt,
+        &[("task_rule", &task_rule), ("template_rule", &template_rule), ("task", task), ("template", template)],
+    )
 }
 
 pub fn judge_prompt(prompt: &str, instruction: &str, response: &str) -> String {
-    // Replace the response last so that a response quoting "{instruction}" stays literal.
-    let (a, b) = match prompt.find("{response}") {
-        Some(i) => prompt.split_at(i),
-        None => (prompt, ""),
-    };
-    format!("{}{}", a.replace("{instruction}", instruction), b.replacen("{response}", response, 1))
+    fill(prompt, &[("instruction", instruction), ("response", response)])
+}
+
+/// Substitutes every `{name}` of `vars` in one pass over `prompt`: substituted text is never
+/// scanned again, so a task, query or answer that contains `{response}` or `{template}` stays
+/// literal. Braces around any other word are left as they are.
+pub fn fill(prompt: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(prompt.len());
+    let mut rest = prompt;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let value = after.find('}').and_then(|close| {
+            let name = &after[..close];
+            vars.iter().find(|(n, _)| *n == name).map(|(_, v)| (*v, close))
+        });
+        match value {
+            Some((v, close)) => {
+                out.push_str(v);
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What an unparsable judgement gets.
@@ -142,5 +164,11 @@ mod tests {
         assert!(p.contains("Pure & Applied Mathematics") && p.contains("Prove that ___."));
         let j = judge_prompt(DEFAULT_JUDGE_PROMPT, "Say {response}", "I said {instruction}");
         assert!(j.contains("Say {response}") && j.contains("I said {instruction}"));
+        // One pass: a task naming another placeholder stays literal, in any order of the
+        // placeholders in a custom prompt, and every occurrence is filled.
+        let p = challenger_prompt("{template} / {task} / {task}", "write {template} {task_rule}", "T {task}");
+        assert_eq!(p, "T {task} / write {template} {task_rule} / write {template} {task_rule}");
+        let j = judge_prompt("A: {response} Q: {instruction} {other} {", "q {response}", "a {instruction}");
+        assert_eq!(j, "A: a {instruction} Q: q {response} {other} {");
     }
 }

@@ -1,7 +1,8 @@
 //! Reward sources behind one trait: the built-in reward model (a Llama sequence classifier in
 //! the format of Skywork-Reward-V2), a judge language model prompted with the rubric, none,
-//! and (in the actor crate) a remote `Reward` service.
-use crate::config::SelfRewardMode;
+//! rules on the text ([`crate::rules`]), a weighted sum of several, and (in the actor crate) a
+//! remote `Reward` service.
+use crate::config::{Config, RewardKind, RewardSourceConfig, SelfRewardMode};
 use crate::error::{GameError, Result};
 use crate::judge::Judge;
 use selfplay_policy::{scoring, ChatMessage, Llama, Policy, Tokenizer};
@@ -114,4 +115,68 @@ impl RewardSource for NoReward {
     fn score(&mut self, pairs: &[(String, String)], _reference: &Policy) -> Result<Vec<f64>> {
         Ok(vec![0.0; pairs.len()])
     }
+}
+
+/// R = sum of weight x source over several sources (`reward.kind = "combined"`).
+pub struct CombinedReward {
+    parts: Vec<(f64, Box<dyn RewardSource>)>,
+}
+
+impl RewardSource for CombinedReward {
+    fn name(&self) -> &str {
+        "combined"
+    }
+    fn score(&mut self, pairs: &[(String, String)], reference: &Policy) -> Result<Vec<f64>> {
+        let mut total = vec![0.0; pairs.len()];
+        for (w, source) in &mut self.parts {
+            let s = source.score(pairs, reference)?;
+            let s = check_finite(source.name(), s, pairs.len())?;
+            for (t, v) in total.iter_mut().zip(s) {
+                *t += *w * v;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// The reward source a config asks for. `remote` is the client of the remote source when R has
+/// one (the actor runtime connects it); `reference` is the frozen reference model.
+pub fn build(
+    cfg: &Config,
+    policy: &Policy,
+    reference: &Policy,
+    mut remote: Option<Box<dyn RewardSource>>,
+) -> Result<Box<dyn RewardSource>> {
+    let answers = if cfg.reward.needs_answers() {
+        crate::rules::RuleReward::load_answers(&cfg.game.prompts_file)?
+    } else {
+        Default::default()
+    };
+    let mut one = |p: &RewardSourceConfig| -> Result<Box<dyn RewardSource>> {
+        Ok(match p.kind {
+            RewardKind::None => Box::new(NoReward),
+            RewardKind::Model => Box::new(RewardModel::load(&p.path, policy.model.device(), policy.model.kind())?),
+            RewardKind::Judge => {
+                let own = if p.path.as_os_str().is_empty() {
+                    None
+                } else {
+                    Some(Policy::load(&p.path, policy.model.device(), policy.model.kind())?)
+                };
+                let prompt = crate::play::read_prompt(&p.prompt_file, crate::prompts::DEFAULT_REWARD_PROMPT)?;
+                Box::new(JudgeReward::new(own, reference, prompt, p.judge_mode, cfg.self_reward.max_new_tokens)?)
+            }
+            RewardKind::Rule => Box::new(crate::rules::RuleReward::new(&p.rules, answers.clone())?),
+            RewardKind::Remote => remote.take().ok_or_else(|| {
+                GameError::Config("a remote reward needs a reward client (the actor runtime builds it)".into())
+            })?,
+            RewardKind::Combined => {
+                return Err(GameError::Config("reward sources of kind \"combined\" cannot be nested".into()))
+            }
+        })
+    };
+    if cfg.reward.kind != RewardKind::Combined {
+        return one(&cfg.reward.parts()[0]);
+    }
+    let parts = cfg.reward.parts().iter().map(|p| Ok((p.weight, one(p)?))).collect::<Result<Vec<_>>>()?;
+    Ok(Box::new(CombinedReward { parts }))
 }

@@ -5,6 +5,8 @@
 //! GRPO:     no challenger; solver advantage (R - mean) / (std + eps) within the group.
 //! Solver advantage (LSP, LSP-Zero): reward minus its mean over the group's answers.
 //! Challenger advantage: reward minus its mean over the step's queries. No std division.
+//! A query whose answers were all dropped has no value V(q): its challenger gets no reward, no
+//! advantage and no gradient, and stays out of the other queries' baseline.
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +23,14 @@ impl Mode {
     }
     pub fn uses_self_reward(self) -> bool {
         self == Mode::Lsp
+    }
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::LspZero => "lsp-zero",
+            Mode::Lsp => "lsp",
+            Mode::Grpo => "grpo",
+        }
     }
 }
 
@@ -54,8 +64,10 @@ pub struct Advantages {
     pub challenger: Vec<f64>,
     /// [N][G] solver rewards before the baseline.
     pub solver_reward: Vec<Vec<f64>>,
-    /// [N] challenger rewards before the baseline.
+    /// [N] challenger rewards before the baseline (0 for a query left out).
     pub challenger_reward: Vec<f64>,
+    /// [N] false: every answer to the query was dropped, so its challenger is left out.
+    pub challenger_keep: Vec<bool>,
 }
 
 fn mean_kept(x: &[f64], keep: &[bool]) -> Option<f64> {
@@ -78,6 +90,7 @@ pub fn advantages(mode: Mode, groups: &[GroupRewards], grpo_eps: f64) -> Advanta
     let mut solver = Vec::with_capacity(groups.len());
     let mut solver_reward = Vec::with_capacity(groups.len());
     let mut challenger_reward = Vec::with_capacity(groups.len());
+    let mut challenger_keep = Vec::with_capacity(groups.len());
     for g in groups {
         let r: Vec<f64> = match mode {
             Mode::Lsp => g.reward.iter().zip(&g.self_reward).map(|(r, q)| r + q).collect(),
@@ -93,25 +106,31 @@ pub fn advantages(mode: Mode, groups: &[GroupRewards], grpo_eps: f64) -> Advanta
             }
             (_, Some(m)) => r.iter().zip(&g.keep).map(|(v, &k)| if k { v - m } else { 0.0 }).collect(),
         };
-        let v = mean_kept(&g.reward, &g.keep).unwrap_or(0.0);
-        let vq = mean_kept(&g.self_reward, &g.keep).unwrap_or(0.0);
-        challenger_reward.push(
-            match mode {
-                Mode::LspZero => -v,
-                Mode::Lsp => -v + vq,
-                Mode::Grpo => 0.0,
-            } - g.challenger_penalty,
-        );
+        let c = match (mean_kept(&g.reward, &g.keep), mean_kept(&g.self_reward, &g.keep)) {
+            (Some(v), Some(vq)) => Some(
+                match mode {
+                    Mode::LspZero => -v,
+                    Mode::Lsp => -v + vq,
+                    Mode::Grpo => 0.0,
+                } - g.challenger_penalty,
+            ),
+            _ => None,
+        };
+        challenger_keep.push(c.is_some());
+        challenger_reward.push(c.unwrap_or(0.0));
         solver.push(adv);
         solver_reward.push(r);
     }
-    let challenger = if mode.has_challenger() && !groups.is_empty() {
-        let m = challenger_reward.iter().sum::<f64>() / groups.len() as f64;
-        challenger_reward.iter().map(|r| r - m).collect()
+    let kept: Vec<f64> = challenger_reward.iter().zip(&challenger_keep).filter(|(_, &k)| k).map(|(r, _)| *r).collect();
+    let challenger = if mode.has_challenger() && !kept.is_empty() {
+        let m = kept.iter().sum::<f64>() / kept.len() as f64;
+        challenger_reward.iter().zip(&challenger_keep).map(|(r, &k)| if k { r - m } else { 0.0 }).collect()
+    } else if mode.has_challenger() {
+        vec![0.0; groups.len()]
     } else {
         vec![]
     };
-    Advantages { solver, challenger, solver_reward, challenger_reward }
+    Advantages { solver, challenger, solver_reward, challenger_reward, challenger_keep }
 }
 
 #[cfg(test)]
@@ -172,6 +191,25 @@ mod tests {
         let a = advantages(Mode::Lsp, &[grp], 1e-4);
         close(&a.solver[0], &[-1.0, 1.0, 0.0]);
         close(&a.challenger, &[0.0]);
+    }
+
+    #[test]
+    fn an_all_dropped_group_gives_its_challenger_nothing() {
+        // Query 0: both answers dropped -> no V, no challenger reward, not in the baseline.
+        // Queries 1, 2 (LSP-Zero): V = 2 and 6 -> rewards -2, -6, mean -4 -> advantages 2, -2.
+        let mut dropped = g(&[100.0, -100.0], &[0.0, 0.0]);
+        dropped.keep = vec![false, false];
+        let a = advantages(Mode::LspZero, &[dropped, g(&[1.0, 3.0], &[0.0, 0.0]), g(&[5.0, 7.0], &[0.0, 0.0])], 1e-4);
+        assert_eq!(a.challenger_keep, vec![false, true, true]);
+        close(&a.solver[0], &[0.0, 0.0]);
+        close(&a.challenger, &[0.0, 2.0, -2.0]);
+        close(&a.challenger_reward, &[0.0, -2.0, -6.0]);
+        // Every group dropped: no challenger advantage at all, and no NaN.
+        let mut d = g(&[1.0, 2.0], &[0.0, 0.0]);
+        d.keep = vec![false, false];
+        let a = advantages(Mode::Lsp, &[d], 1e-4);
+        close(&a.challenger, &[0.0]);
+        assert_eq!(a.challenger_keep, vec![false]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!   kl_i (paper) = agg_t [lp_t - ref_t]
 //!   kl_i (reward-penalty) = 0; beta * agg_t [mu_t - ref_t] comes off the reward instead
 //!   L_sol = -1/|answers| sum_answers (pg_i - beta kl_i),  L_ch = -1/N sum_queries (pg_i - beta kl_i)
+//! (kept answers only; a query whose answers were all dropped leaves L_ch and its N).
 //!   L = L_sol + alpha_ch L_ch
 //! With an importance cap c > 0, pg is weighted by min(pi/mu, c) (per sequence or per token).
 //! Groups are split into `grad_accum` micro-batches whose losses use the step's global
@@ -219,16 +220,18 @@ impl Trainer {
         let kept_answers: usize = groups.len() * self.cfg.game.group_size - dropped as usize;
         let alpha = self.cfg.game.alpha_ch;
         let has_ch = self.cfg.game.mode.has_challenger();
+        // A challenger whose answers were all dropped is left out: L_ch averages the others.
+        let kept_challengers = adv.challenger_keep.iter().filter(|&&k| k).count();
 
         // Every sequence of the step with its advantage and its weight in the loss.
         let mut items_per_group: Vec<Vec<LossItem>> = vec![];
         for (i, g) in groups.iter().enumerate() {
             let mut items = vec![];
-            if let (true, Some(c)) = (has_ch, &g.challenger) {
+            if let (true, true, Some(c)) = (has_ch, adv.challenger_keep[i], &g.challenger) {
                 items.push(LossItem {
                     seq: c,
                     advantage: adv.challenger[i],
-                    weight: alpha / n as f64,
+                    weight: alpha / kept_challengers as f64,
                     challenger: true,
                 });
             }
@@ -307,9 +310,13 @@ impl Trainer {
             reward: Moments::of(all_answers().map(|a| a.reward as f64)),
             self_reward: Moments::of(all_answers().map(|a| a.self_reward as f64)),
             solver_reward: Moments::of(adv.solver_reward.iter().flatten().copied()),
-            challenger_reward: Moments::of(adv.challenger_reward.iter().copied().filter(|_| has_ch)),
+            challenger_reward: Moments::of(
+                adv.challenger_reward.iter().zip(&adv.challenger_keep).filter(|(_, &k)| k && has_ch).map(|(r, _)| *r),
+            ),
             solver_advantage: Moments::of(adv.solver.iter().flatten().copied()),
-            challenger_advantage: Moments::of(adv.challenger.iter().copied()),
+            challenger_advantage: Moments::of(
+                adv.challenger.iter().zip(&adv.challenger_keep).filter(|(_, &k)| k).map(|(a, _)| *a),
+            ),
             kl_solver: acc.kl_sol / acc.n_sol.max(1) as f64,
             kl_challenger: acc.kl_ch / acc.n_ch.max(1) as f64,
             entropy_solver: acc.ent_sol / acc.tok_sol.max(1) as f64,
@@ -488,6 +495,25 @@ impl Trainer {
         t.opt.load(&dir.join("optimizer.safetensors"), state.adam_t)?;
         t.step = state.step;
         Ok((t, state.extra))
+    }
+}
+
+impl Trainer {
+    /// Starts a new run (step 0) from the weights of a checkpoint written by
+    /// [`Trainer::save_checkpoint`] (or any Hugging Face directory), with a fresh AdamW, or
+    /// with the checkpoint's AdamW moments and step count when `keep_optimizer` is set.
+    pub fn init_from(dir: &Path, cfg: Config, device: tch::Device, keep_optimizer: bool) -> Result<Self> {
+        let kind = cfg.kind_on(device)?;
+        let policy = Policy::load(dir, device, kind)?;
+        let mut t = Trainer::new(policy, cfg)?;
+        if keep_optimizer {
+            let state_path = dir.join("trainer.json");
+            let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+            let state: TrainerState = serde_json::from_str(&text)
+                .map_err(|e| GameError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
+            t.opt.load(&dir.join("optimizer.safetensors"), state.adam_t, device)?;
+        }
+        Ok(t)
     }
 }
 

@@ -13,7 +13,17 @@ use tch::{Device, Kind};
 const N: usize = 4;
 const G: usize = 3;
 
-fn seq(rng: &mut SplitMix64, policy: &Policy, plen: usize, clen: usize) -> SequenceData {
+/// How the step's groups deviate from the plain on-policy case.
+#[derive(Debug, Clone, Copy, Default)]
+struct Case {
+    /// Behaviour log-probs are the policy's plus noise (a stale sampler), so that
+    /// pi/mu ranges over about 0.2..5 and a truncation cap binds on some sequences.
+    stale: bool,
+    /// Every judgement of query 2 is unparsable: with `drop`, the whole group leaves the step.
+    drop_group: bool,
+}
+
+fn seq(rng: &mut SplitMix64, policy: &Policy, plen: usize, clen: usize, stale: bool) -> SequenceData {
     let ids = |n: usize, rng: &mut SplitMix64| (0..n).map(|_| 5 + (rng.next_u64() % 200) as i64).collect::<Vec<_>>();
     let prompt_ids = ids(plen, rng);
     let completion_ids = ids(clen, rng);
@@ -22,26 +32,28 @@ fn seq(rng: &mut SplitMix64, policy: &Policy, plen: usize, clen: usize) -> Seque
     let lp = tch::no_grad(|| {
         scoring::completion_logprobs(&policy.model, &[(prompt_ids.clone(), completion_ids.clone())], false).unwrap()
     });
-    let beh: Vec<f32> = Vec::<Vec<f32>>::try_from(lp.logprobs).unwrap().remove(0);
-    let ref_lp: Vec<f32> = beh.iter().map(|v| (v - 0.3 + 0.6 * rng.next_f64() as f32).min(-1e-3)).collect();
+    let own: Vec<f32> = Vec::<Vec<f32>>::try_from(lp.logprobs).unwrap().remove(0);
+    let ref_lp: Vec<f32> = own.iter().map(|v| (v - 0.3 + 0.6 * rng.next_f64() as f32).min(-1e-3)).collect();
+    let beh: Vec<f32> =
+        if stale { own.iter().map(|v| (v - 0.5 + 0.8 * rng.next_f64() as f32).min(-1e-3)).collect() } else { own };
     SequenceData { prompt_ids, completion_ids, behaviour_logprobs: beh, ref_logprobs: ref_lp, text: String::new() }
 }
 
-fn groups(policy: &Policy, mode: Mode, seed: u64) -> Vec<RolloutGroup> {
+fn groups(policy: &Policy, mode: Mode, seed: u64, case: Case) -> Vec<RolloutGroup> {
     let mut rng = SplitMix64::new(seed);
     (0..N)
         .map(|i| RolloutGroup {
             unit_id: format!("s0-u{i}"),
-            challenger: (mode != Mode::Grpo).then(|| seq(&mut rng, policy, 6, 5)),
+            challenger: (mode != Mode::Grpo).then(|| seq(&mut rng, policy, 6, 5, case.stale)),
             answers: (0..G)
                 .map(|j| {
                     let len = 3 + (rng.next_u64() % 6) as usize;
                     AnswerData {
-                        sequence: seq(&mut rng, policy, 4 + i, len),
+                        sequence: seq(&mut rng, policy, 4 + i, len, case.stale),
                         reward: (rng.next_f64() * 4.0 - 2.0) as f32,
                         self_reward: (rng.next_u64() % 8) as f32,
                         // One unparsable judgement in the step.
-                        self_reward_parsed: !(i == 1 && j == 2),
+                        self_reward_parsed: !(i == 1 && j == 2 || case.drop_group && i == 2),
                     }
                 })
                 .collect(),
@@ -100,11 +112,42 @@ fn reference_step(dir: &Path, cfg: &Config, groups: &[RolloutGroup]) -> (HashMap
 }
 
 fn check(mode: Mode, kl: KlMode, agg: Aggregation, extra: &[&str]) {
+    check_case(mode, kl, agg, extra, Case::default())
+}
+
+fn check_case(mode: Mode, kl: KlMode, agg: Aggregation, extra: &[&str], case: Case) {
     let tmp = tempfile::tempdir().unwrap();
     selfplay_tests::tiny_model(tmp.path(), "gqa_tied", 1);
     let cfg = config(mode, kl, agg, extra);
     let policy = Policy::load(tmp.path(), Device::Cpu, Kind::Float).unwrap();
-    let groups = groups(&policy, mode, 42);
+    let groups = groups(&policy, mode, 42, case);
+    if case.stale {
+        // The cap must bind on some sequences and not on others, or the case tests nothing.
+        let cap = cfg.loss.importance_cap;
+        let (mut above, mut below) = (0, 0);
+        for g in &groups {
+            for s in g.answers.iter().map(|a| &a.sequence).chain(&g.challenger) {
+                let own = scoring::completion_logprobs(
+                    &policy.model,
+                    &[(s.prompt_ids.clone(), s.completion_ids.clone())],
+                    false,
+                )
+                .unwrap();
+                let own: Vec<f32> = Vec::<Vec<f32>>::try_from(own.logprobs).unwrap().remove(0);
+                let ratios: Vec<f64> = match agg {
+                    Aggregation::SequenceSum => {
+                        vec![own.iter().zip(&s.behaviour_logprobs).map(|(p, m)| (p - m) as f64).sum::<f64>().exp()]
+                    }
+                    Aggregation::TokenMean => {
+                        own.iter().zip(&s.behaviour_logprobs).map(|(p, m)| ((p - m) as f64).exp()).collect()
+                    }
+                };
+                above += ratios.iter().filter(|r| **r > cap).count();
+                below += ratios.iter().filter(|r| **r < cap).count();
+            }
+        }
+        assert!(above > 0 && below > 0, "cap {cap}: {above} ratios above, {below} below");
+    }
     let (want, want_loss) = reference_step(tmp.path(), &cfg, &groups);
     let mut trainer = Trainer::new(policy, cfg).unwrap();
     let before: Vec<tch::Tensor> = trainer.policy.model.parameters().iter().map(|(_, p)| p.detach().copy()).collect();
@@ -116,7 +159,7 @@ fn check(mode: Mode, kl: KlMode, agg: Aggregation, extra: &[&str]) {
         worst = worst.max((p - w).abs().max().double_value(&[]));
         moved = moved.max((p - b).abs().max().double_value(&[]));
     }
-    let label = format!("{mode:?}/{kl:?}/{agg:?}/{extra:?}");
+    let label = format!("{mode:?}/{kl:?}/{agg:?}/{extra:?}/{case:?}");
     eprintln!("{label}: loss {} vs {want_loss}; diff {worst:e}", stats.loss);
     assert!(moved > 1e-4, "{label}: the step did not move the weights ({moved:e})");
     assert!(worst < 2e-6, "{label}: max |param diff| vs PyTorch = {worst:e} (step moved {moved:e})");
@@ -156,4 +199,22 @@ fn token_mean_and_importance_cap_match_pytorch() {
     check(Mode::Lsp, KlMode::K3, Aggregation::TokenMean, &[]);
     check(Mode::LspZero, KlMode::Paper, Aggregation::TokenMean, &["loss.importance_cap=2.0"]);
     check(Mode::LspZero, KlMode::K3, Aggregation::SequenceSum, &["loss.importance_cap=1.5"]);
+}
+
+#[test]
+fn a_stale_sampler_with_a_binding_cap_matches_pytorch() {
+    // pi/mu spans about 0.2..5 per sequence: caps of 1.5 and 1.2 cut some weights and not others.
+    let stale = Case { stale: true, ..Case::default() };
+    check_case(Mode::LspZero, KlMode::K3, Aggregation::SequenceSum, &["loss.importance_cap=1.5"], stale);
+    check_case(Mode::Lsp, KlMode::K3, Aggregation::TokenMean, &["loss.importance_cap=1.2"], stale);
+    check_case(Mode::Grpo, KlMode::RewardPenalty, Aggregation::SequenceSum, &["loss.importance_cap=1.5"], stale);
+}
+
+#[test]
+fn an_all_dropped_group_matches_pytorch() {
+    // LSP with `drop`: query 2's answers all leave the step, and so does its challenger.
+    let case = Case { drop_group: true, ..Case::default() };
+    for kl in [KlMode::K3, KlMode::RewardPenalty] {
+        check_case(Mode::Lsp, kl, Aggregation::SequenceSum, &["self_reward.parse_failure=drop"], case);
+    }
 }

@@ -72,6 +72,11 @@ pub struct LearnerOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// CA that signed the coordinator's certificate (https coordinator address).
     pub tls_ca: Option<PathBuf>,
+    /// A new run starts from this checkpoint's weights instead of `model.path` (actors fetch
+    /// them as version 0). A resumed run ignores it: its own checkpoints come first.
+    pub init_from: Option<PathBuf>,
+    /// With `init_from`: keep the checkpoint's AdamW state instead of a fresh optimizer.
+    pub keep_optimizer: bool,
 }
 
 impl LearnerOptions {
@@ -501,6 +506,14 @@ pub async fn run(
     on_step: impl FnMut(&StepStats) + Send + 'static,
 ) -> Result<LearnerSummary, LearnerError> {
     opts.validate()?;
+    if opts.max_policy_lag > 0 && cfg.loss.importance_cap == 0.0 {
+        // Stale groups then train as if on-policy: the gradient is biased by the lag.
+        tracing::warn!(
+            max_policy_lag = opts.max_policy_lag,
+            "asynchronous run with loss.importance_cap = 0: groups sampled by older weights get no \
+             importance correction (set loss.importance_cap, e.g. 2, to weight them by min(pi/mu, c))"
+        );
+    }
     metrics::describe_metrics();
     let out_dir = cfg.run.out_dir.clone();
     let prompts = if cfg.game.mode == selfplay_game::Mode::Grpo {
@@ -531,6 +544,7 @@ pub async fn run(
     // cannot be loaded (damaged outside selfplay's control) falls back to the one before it.
     let candidates = if opts.resume { checkpoints_newest_first(&out_dir) } else { Vec::new() };
     let (cfg2, device) = (cfg.clone(), opts.device);
+    let (init_from, keep_optimizer) = (opts.init_from.clone(), opts.keep_optimizer);
     let (trainer, extra, _resumed_from) = tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
         for dir in candidates {
             tracing::info!(checkpoint = %dir.display(), "resuming");
@@ -538,6 +552,24 @@ pub async fn run(
                 Ok((t, extra)) => return Ok((t, extra, Some(dir))),
                 Err(e) => tracing::error!(checkpoint = %dir.display(), error = %e, "cannot resume from this checkpoint; trying the one before"),
             }
+        }
+        if let Some(dir) = &init_from {
+            tracing::info!(checkpoint = %dir.display(), keep_optimizer, "a new run from a checkpoint's weights");
+            let t = Trainer::init_from(dir, cfg2.clone(), device, keep_optimizer)?;
+            // The actors build the model from model.path and then load these weights into it.
+            let want = selfplay_policy::ModelConfig::from_file(&cfg2.model.path.join("config.json"))?;
+            let shape = |c: &selfplay_policy::ModelConfig| {
+                let heads = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+                (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, heads, c.tie_word_embeddings)
+            };
+            if shape(&want) != shape(t.policy.model.config()) {
+                return Err(LearnerError::Run(format!(
+                    "--init-from {}: its model is not the architecture of model.path {} (the actors build that one and load these weights into it)",
+                    dir.display(),
+                    cfg2.model.path.display()
+                )));
+            }
+            return Ok((t, serde_json::Value::Null, None));
         }
         let kind = cfg2.kind_on(device)?;
         let policy = selfplay_policy::Policy::load(&cfg2.model.path, device, kind)?;

@@ -251,11 +251,13 @@ fi
 # ... and that check refuses names that do not exist.
 # shellcheck disable=SC2016 # backquotes are Markdown here
 printf '%s\n' 'Run `selfplay learner --config run.toml --no-such-flag` with `--set game.no_such_key=1`.' \
+  '```toml' '[reward]' 'kind = "rule"' 'rules = [{ rule = "length", no_such_rule_key = 3 }]' '```' \
   >"$work/invented.md"
 if out=$("$py" tests/deploy/validate.py names "${names_bin[@]}" --extra "$work/invented.md" 2>&1); then
   bad "the names check accepted an invented flag and config key"
-elif grep -q -- "--no-such-flag is not a flag of selfplay" <<<"$out" && grep -q "game.no_such_key does not exist" <<<"$out"; then
-  ok "the names check refuses an invented flag (--no-such-flag) and config key (game.no_such_key)"
+elif grep -q -- "--no-such-flag is not a flag of selfplay" <<<"$out" && grep -q "game.no_such_key does not exist" <<<"$out" \
+  && grep -qF "reward.rules[0].no_such_rule_key is not a config key" <<<"$out"; then
+  ok "the names check refuses an invented flag (--no-such-flag), config key (game.no_such_key) and rule key (reward.rules[0].no_such_rule_key)"
 else
   bad "the names check on invented names: $out"
 fi

@@ -479,7 +479,7 @@ def cmd_cli(args):
 # ---------------------------------------------------------------------------------------------
 SECTIONS = ("run", "model", "game", "challenger", "solver", "self_reward", "reward", "loss", "optim")
 # `model.safetensors`, `run.toml`: file names, not config keys.
-FILE_SUFFIXES = {"toml", "sh", "json", "jsonl", "yaml", "yml", "safetensors", "md", "py", "rs",
+FILE_SUFFIXES = {"toml", "sh", "json", "jsonl", "yaml", "yml", "safetensors", "md", "py", "rs", "proto",
                  "gguf", "png", "log", "out", "txt", "pem", "key", "bin", "pt", "sbatch", "env"}
 # section.key, not part of a longer name (host.example.org, model.model(...), a/run.sh).
 CONFIG_KEY = re.compile(r"(?<![\w./$-])(" + "|".join(SECTIONS) + r")\.([a-z_][a-z0-9_]*)(?![\w(-]|\.\w)")
@@ -509,18 +509,60 @@ OTHER_FLAGS = {
 
 def config_keys():
     """{section: {key}} from the serde structs of game/src/config.rs."""
+    structs = config_structs()
+    return {sec: {f for f, _ in structs.get(ty, [])} for sec, ty in structs["Config"]}
+
+
+def config_structs():
+    """{struct name: [(field, type)]} of the serde structs of game/src/config.rs (the type is
+    the innermost name: Vec<RuleConfig> gives RuleConfig)."""
     src = (ROOT / "game/src/config.rs").read_text()
     structs = {}
     for m in re.finditer(r"pub struct (\w+)\s*\{(.*?)\n\}", src, re.S):
         fields = []
         for line in m.group(2).splitlines():
-            f = re.match(r"\s*pub (\w+)\s*:\s*([\w:]+)", line)
+            f = re.match(r"\s*pub (\w+)\s*:\s*([\w:<>]+)", line)
             if f:
-                fields.append((f.group(1), f.group(2).split("::")[-1]))
+                inner = re.findall(r"\w+", f.group(2).split("::")[-1])
+                fields.append((f.group(1), inner[-1] if inner else f.group(2)))
         structs[m.group(1)] = fields
     if "rename =" in src or "serde(alias" in src:
         raise SystemExit("game/src/config.rs renames a field: teach validate.py names about it")
-    return {sec: {f for f, _ in structs.get(ty, [])} for sec, ty in structs["Config"]}
+    return structs
+
+
+def toml_blocks(path):
+    """(line, text) of the ```toml fences of a Markdown file."""
+    out, block = [], None
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        t = line.strip()
+        if block is None and t.startswith("```toml"):
+            block = (i + 1, [])
+        elif block is not None and t.startswith("```"):
+            out.append((block[0], "\n".join(block[1])))
+            block = None
+        elif block is not None:
+            block[1].append(line)
+    return out
+
+
+def check_table(table, struct, structs, where):
+    """Every key of a parsed TOML table is a field of `struct`, recursively through tables and
+    lists of tables whose field type is another config struct. Returns (keys checked, errors)."""
+    fields = dict(structs.get(struct, []))
+    n, errs = 0, []
+    for k, v in table.items():
+        n += 1
+        if k not in fields:
+            errs.append(f"{where}{k} is not a config key")
+            continue
+        sub = fields[k] if fields[k] in structs else None
+        items = v if isinstance(v, list) else [v]
+        for j, item in enumerate(items):
+            if sub and isinstance(item, dict):
+                m, e = check_table(item, sub, structs, f"{where}{k}{f'[{j}]' if isinstance(v, list) else ''}.")
+                n, errs = n + m, errs + e
+    return n, errs
 
 
 def cli_flags(bin_path):
@@ -674,6 +716,7 @@ def check_flags(toks, per_cmd, globals_, union, subcommands):
 
 def cmd_names(args):
     keys = config_keys()
+    structs = config_structs()
     if args.bin:
         per_cmd, globals_, no_env = cli_flags(args.bin)
         union = set().union(*per_cmd.values())
@@ -687,6 +730,7 @@ def cmd_names(args):
                        for v in re.findall(r"^    ([A-Z]\w*)", enum, re.M)}
         how = "the clap definitions in cli/src (no binary: flags checked against all commands)"
     files = [ROOT / "README.md", ROOT / "BENCHMARKS.md"] + sorted((ROOT / "docs").rglob("*.md"))
+    files += sorted((ROOT / "examples").rglob("*.md"))
     files += sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file()
                     and p.suffix in (".md", ".yaml", ".yml", ".toml", ".sbatch", "")
                     and p.name != "Dockerfile.dockerignore")
@@ -709,6 +753,16 @@ def cmd_names(args):
                     n_keys += 1
                     if k not in keys[sec]:
                         errs.append(f"{rel}: {sec}.{k} is not a config key")
+        if path.suffix == ".md":  # TOML examples: every key, down to reward rules and sources
+            for line, text in toml_blocks(path):
+                try:
+                    doc = toml_loads(text)
+                except Exception as e:
+                    errs.append(f"{rel}:{line}: a TOML example does not parse: {e}")
+                    continue
+                m, e = check_table(doc, "Config", structs, "")
+                n_keys += m
+                errs += [f"{rel}:{line}: {x}" for x in e]
         for line, text in code_chunks(path):
             for sec, key in CONFIG_KEY.findall(text):
                 if key in FILE_SUFFIXES:
@@ -737,14 +791,15 @@ def cmd_names(args):
         return 1
     env = (f"; every flag of {', '.join(ENV_COMMANDS)} but --set reads an environment variable"
            if args.bin else "")
-    print(f"ok   {n_flags} flags and {n_keys} config keys named in README.md, BENCHMARKS.md, docs/ and "
-          f"deploy/ exist (flags from {how}; keys from game/src/config.rs){env}")
+    print(f"ok   {n_flags} flags and {n_keys} config keys named in README.md, BENCHMARKS.md, docs/, examples/ "
+          f"and deploy/ exist (TOML examples down to reward rules and sources) (flags from {how}; keys from game/src/config.rs){env}")
     return 0
 
 
 def cmd_links(args):
     """Relative links of the Markdown files resolve to files inside the repository."""
     files = [ROOT / "README.md", ROOT / "BENCHMARKS.md"] + sorted((ROOT / "docs").rglob("*.md"))
+    files += sorted((ROOT / "examples").rglob("*.md"))
     files += sorted((ROOT / "deploy").rglob("*.md"))
     errs = []
     n = 0

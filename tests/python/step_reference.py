@@ -38,6 +38,13 @@ def advantages(cfg, groups):
         r = [x + q for x, q in zip(R, RQ)] if mode == "lsp" else list(R)
         r = [x - kl_pen(a["sequence"]) for x, a in zip(r, ans)]
         kept = [x for x, k in zip(r, keep) if k]
+        if not kept:
+            # Every answer dropped: no gradient for the answers, and the challenger has no
+            # reward and leaves the challengers' baseline and mean.
+            sol_adv.append([0.0] * len(ans))
+            ch_rew.append(None)
+            keeps.append(keep)
+            continue
         m = mean(kept)
         if mode == "grpo":
             sd = torch.tensor(kept, dtype=torch.float64).std().item() if len(kept) > 1 else 0.0
@@ -52,8 +59,9 @@ def advantages(cfg, groups):
         ch_rew.append(c)
         sol_adv.append(adv)
         keeps.append(keep)
-    cm = mean(ch_rew)
-    return sol_adv, [c - cm for c in ch_rew], keeps
+    kept_ch = [c for c in ch_rew if c is not None]
+    cm = mean(kept_ch) if kept_ch else 0.0
+    return sol_adv, [None if c is None else c - cm for c in ch_rew], keeps
 
 
 def seq_terms(model, cfg, seq, adv):
@@ -94,14 +102,14 @@ def main(model_dir, spec_path, out_path):
     model = transformers.LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager")
     model.train()
     sol_adv, ch_adv, keeps = advantages(cfg, groups)
-    n = len(groups)
+    n = sum(1 for a in ch_adv if a is not None)
     n_kept = sum(sum(k) for k in keeps)
     l_sol, l_ch = 0.0, 0.0
     for i, g in enumerate(groups):
         for j, a in enumerate(g["answers"]):
             if keeps[i][j]:
                 l_sol = l_sol - seq_terms(model, cfg, a["sequence"], sol_adv[i][j]) / n_kept
-        if cfg["mode"] != "grpo":
+        if cfg["mode"] != "grpo" and ch_adv[i] is not None:
             l_ch = l_ch - seq_terms(model, cfg, g["challenger"], ch_adv[i]) / n
     loss = l_sol + cfg["alpha_ch"] * l_ch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
