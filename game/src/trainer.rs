@@ -511,7 +511,7 @@ impl Trainer {
             let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
             let state: TrainerState = serde_json::from_str(&text)
                 .map_err(|e| GameError::Checkpoint { path: state_path.clone(), message: e.to_string() })?;
-            t.opt.load(&dir.join("optimizer.safetensors"), state.adam_t, device)?;
+            t.opt.load(&dir.join("optimizer.safetensors"), state.adam_t)?;
         }
         Ok(t)
     }
