@@ -300,6 +300,8 @@ fn run(
         .collect();
     // Host view of the slots: which request each holds.
     let mut holder: Vec<Option<usize>> = vec![None; slots];
+    // Host copy of each slot's next position (kept in step with the device's, no reads).
+    let mut host_position: Vec<i64> = vec![0; slots];
     let mut waiting = 0..n;
 
     let result = tch::no_grad(|| -> Result<()> {
@@ -314,6 +316,7 @@ fn run(
 
         let mut state = SlotState {
             holder: &mut holder,
+            host_position: &mut host_position,
             cache: &mut cache,
             logits: &mut logits,
             position: &mut position,
@@ -322,7 +325,7 @@ fn run(
         };
         let all: Vec<usize> = (0..slots).collect();
         state.fill(&all, &mut waiting, reqs, model, pad, max_new, &mut io)?;
-        let SlotState { holder, cache, logits, position, cell, active } = state;
+        let SlotState { holder, host_position, cache, logits, position, cell, active } = state;
 
         loop {
             // Sample every slot's next token on the device; read back only the ids.
@@ -386,7 +389,19 @@ fn run(
             if holder.iter().any(|h| h.is_some()) {
                 // Feed the sampled ids back; finished and empty slots compute on unchanged
                 // positions and their outputs are ignored.
-                let mask = key_index.le_tensor(&position.unsqueeze(1)).view([slots as i64, 1, 1, capacity]);
+                // Attend over the positions in use, rounded up: the shape changes once per
+                // CAPACITY_QUANTUM positions, not at every step.
+                let used = holder
+                    .iter()
+                    .zip(host_position.iter())
+                    .filter(|(h, _)| h.is_some())
+                    .map(|(_, &p)| p + 1)
+                    .max()
+                    .unwrap_or(1);
+                let span = ((used + CAPACITY_QUANTUM - 1) / CAPACITY_QUANTUM * CAPACITY_QUANTUM).min(capacity);
+                cache.set_span(span);
+                let mask =
+                    key_index.narrow(1, 0, span).le_tensor(&position.unsqueeze(1)).view([slots as i64, 1, 1, span]);
                 let hidden = model.forward_hidden(
                     &next.unsqueeze(1),
                     &position.unsqueeze(1),
@@ -395,11 +410,17 @@ fn run(
                 )?;
                 *logits = model.decode_logits(&hidden.squeeze_dim(1))?;
                 *position = &*position + &*active;
+                for (p, h) in host_position.iter_mut().zip(holder.iter()) {
+                    if h.is_some() {
+                        *p += 1;
+                    }
+                }
             }
             if more && !finished.is_empty() {
                 io.stats.refills += finished.len().min(waiting.len()) as u64;
                 let mut state = SlotState {
                     holder: &mut *holder,
+                    host_position: &mut *host_position,
                     cache: &mut *cache,
                     logits: &mut *logits,
                     position: &mut *position,
@@ -430,6 +451,7 @@ fn run(
 /// The device state of the decoding slots, with the host's record of which request each holds.
 struct SlotState<'a> {
     holder: &'a mut Vec<Option<usize>>,
+    host_position: &'a mut Vec<i64>,
     cache: &'a mut KvCache,
     logits: &'a mut Tensor,
     /// Position of the token each slot feeds next.
@@ -478,6 +500,7 @@ impl SlotState<'_> {
             let len = prompts[i].len() as i64;
             self.cache.copy_row_from(slot as i64, &pre, i as i64, len)?;
             self.holder[slot] = Some(r);
+            self.host_position[slot] = len;
             meta.extend([slot as i64, i as i64 * t + len - 1, len, r as i64 * max_new]);
         }
         let meta = io.up(&meta).view([m, 4]);

@@ -48,6 +48,9 @@ pub struct KvCache {
     len: i64,
     capacity: i64,
     slotted: bool,
+    /// Slot cache: attention reads keys 0..span (the caller keeps every generating row's
+    /// positions below it); the capacity by default.
+    span: i64,
     cos: Tensor,
     sin: Tensor,
 }
@@ -64,6 +67,13 @@ impl KvCache {
     }
     pub fn is_slotted(&self) -> bool {
         self.slotted
+    }
+
+    /// Slot cache: attend over the first `span` positions only (clamped to 1..=capacity), so
+    /// that short sequences in a large cache do not pay for its unused tail. Keep it rounded:
+    /// each new span is a new attention shape.
+    pub fn set_span(&mut self, span: i64) {
+        self.span = span.clamp(1, self.capacity);
     }
 
     /// Copies the first `len` cached positions of `src`'s row `src_row` into row `row` (how a
@@ -406,6 +416,7 @@ impl Llama {
             len: 0,
             capacity,
             slotted,
+            span: capacity,
             cos: cos.view([capacity, hd]),
             sin: sin.view([capacity, hd]),
         }
@@ -507,7 +518,7 @@ impl Llama {
                     let idx = positions.view([b, 1, t, 1]).expand([b, nkv, t, hd], false);
                     let _ = c.keys[l].scatter_(2, &idx, &k);
                     let _ = c.values[l].scatter_(2, &idx, &v);
-                    (c.keys[l].shallow_clone(), c.values[l].shallow_clone())
+                    (c.keys[l].narrow(2, 0, c.span), c.values[l].narrow(2, 0, c.span))
                 }
                 Some(c) => {
                     c.keys[l].narrow(2, c.len, t).copy_(&k);
