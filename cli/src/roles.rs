@@ -229,6 +229,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
                 actor_id: format!("local-{i}"),
                 patience: Duration::from_secs(120),
                 tls_ca: None,
+                units_in_flight: cfg.actor.units_for(dev),
             };
             actors.push(std::thread::Builder::new().name(format!("actor-{i}")).spawn(move || -> Result<()> {
                 let id = opts.actor_id.clone();
@@ -520,6 +521,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
         actor_id: args.actor_id.clone().unwrap_or_else(selfplay_actor::default_actor_id),
         patience: Duration::from_secs(300),
         tls_ca: args.tls_ca.clone(),
+        units_in_flight: cfg.actor.units_for(dev),
     };
     let summary = selfplay_actor::run(player, opts, rt.handle().clone(), stop)?;
     eprintln!(
