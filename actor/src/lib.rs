@@ -13,8 +13,7 @@ use selfplay_proto::error::RpcError;
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
 use selfplay_proto::v1::learner_client::LearnerClient;
 use selfplay_proto::v1::{
-    CompleteWorkRequest, FetchWeightsRequest, HeartbeatRequest, JoinRequest, LeaseWorkRequest, LeaveRequest,
-    WorkUnit,
+    CompleteWorkRequest, FetchWeightsRequest, HeartbeatRequest, JoinRequest, LeaseWorkRequest, LeaveRequest, WorkUnit,
 };
 use selfplay_proto::weights::WeightAssembler;
 use std::collections::HashMap;
@@ -243,7 +242,11 @@ pub fn run(
             let holding: Vec<String> = units.iter().map(|u| u.unit_id.clone()).collect();
             let lease = rt.block_on(retry("LeaseWork", patience, || {
                 let mut c = conn.coord.clone();
-                let req = LeaseWorkRequest { actor_id: opts.actor_id.clone(), holding: holding.clone(), holding_listed: true };
+                let req = LeaseWorkRequest {
+                    actor_id: opts.actor_id.clone(),
+                    holding: holding.clone(),
+                    holding_listed: true,
+                };
                 async move { c.lease_work(req).await }
             }));
             let lease = match lease {
@@ -346,7 +349,8 @@ pub fn run(
                         return Err(e);
                     }
                     tracing::warn!(actor = %opts.actor_id, units = units.len(), error = %e, "loading weights failed; handing the units back and retrying");
-                    metrics::counter!("selfplay_actor_units_failed_total", "reason" => "weights").increment(units.len() as u64);
+                    metrics::counter!("selfplay_actor_units_failed_total", "reason" => "weights")
+                        .increment(units.len() as u64);
                     hand_back(&units);
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
@@ -364,7 +368,8 @@ pub fn run(
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(units = units.len(), first = %units[0].unit_id, error = %e, "playing the units failed; handing them back");
-                metrics::counter!("selfplay_actor_units_failed_total", "reason" => "play").increment(units.len() as u64);
+                metrics::counter!("selfplay_actor_units_failed_total", "reason" => "play")
+                    .increment(units.len() as u64);
                 summary.units_failed += units.len() as u64;
                 hand_back(&units);
                 continue;

@@ -7,9 +7,9 @@ use crate::judge::Judge;
 use crate::prompts::{challenger_prompt, DEFAULT_CHALLENGER_PROMPT, DEFAULT_JUDGE_PROMPT, DEFAULT_REWARD_PROMPT};
 use crate::reward::{JudgeReward, NoReward, RewardModel, RewardSource};
 use crate::rollout::{AnswerData, RolloutGroup, SequenceData};
-use shim::{generate_requests, row_seed, GenRequest};
 use selfplay_policy::{scoring, ChatMessage, Policy};
 use serde::{Deserialize, Serialize};
+use shim::{generate_requests, row_seed, GenRequest};
 use std::path::Path;
 use std::time::Instant;
 
