@@ -48,6 +48,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         seed: args.seed,
         stop: args.stop.clone(),
+        max_batch: 0,
     };
     let mut ids = Vec::new();
     let mut printed = 0usize;

@@ -244,6 +244,7 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalReport> {
         max_new_tokens: settings.max_new_tokens,
         seed: settings.seed,
         stop: vec![],
+        max_batch: 0,
     }
     .validate()?;
     // Cheap checks first: a bad judge, model or prompt file fails before any generation.
@@ -464,6 +465,7 @@ fn answers(
                 max_new_tokens: settings.max_new_tokens,
                 seed,
                 stop: settings.stop.clone(),
+                max_batch: 0,
             };
             let ids: Vec<Vec<i64>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
             let completions = policy.generate(&ids, &sampling)?;

@@ -129,6 +129,7 @@ impl RoleSampling {
             max_new_tokens: self.max_new_tokens,
             seed,
             stop: vec![],
+            max_batch: 0,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! filtering): the behaviour log-probs the learner uses for importance weights, equal to the
 //! training-side scoring of the same sequence.
 use crate::error::{PolicyError, Result};
-use crate::model::{attention_mask, Llama};
+use crate::model::{AttnMask, KvCache, Llama};
 use crate::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -21,11 +21,22 @@ pub struct SamplingConfig {
     pub max_new_tokens: i64,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// At most this many sequences decode at once; finished ones are replaced by waiting ones
+    /// (continuous batching). 0 = all at once.
+    pub max_batch: usize,
 }
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        SamplingConfig { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 256, seed: 0, stop: vec![] }
+        SamplingConfig {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens: 256,
+            seed: 0,
+            stop: vec![],
+            max_batch: 0,
+        }
     }
 }
 
@@ -117,7 +128,62 @@ pub fn sampling_probs(logits: &Tensor, cfg: &SamplingConfig) -> Tensor {
     l.softmax(-1, Kind::Float)
 }
 
+/// One sequence to generate: chat-rendered prompt ids and the seed of its own random stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenRequest {
+    pub prompt_ids: Vec<i64>,
+    pub seed: u64,
+}
+
+/// The seed of row `row` when a whole batch is given one seed ([`generate`]).
+pub fn row_seed(seed: u64, row: usize) -> u64 {
+    let mut g = SplitMix64::new(seed ^ (row as u64).wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    g.next_u64()
+}
+
+/// What one generation call did, for benchmarks and the transfer test.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GenStats {
+    /// Decoding steps (one sampled token per active row each).
+    pub steps: u64,
+    /// Blocking device-to-host reads.
+    pub device_to_host: u64,
+    /// Host-to-device uploads.
+    pub host_to_device: u64,
+    /// Prefill passes (the first one, then one per refill of finished slots).
+    pub prefills: u64,
+    /// Sequences that entered a slot freed by another (continuous batching).
+    pub refills: u64,
+    /// Sum over steps of the rows that were generating, and of all slots: their ratio is how
+    /// full the batch was.
+    pub active_row_steps: u64,
+    pub slot_steps: u64,
+}
+
+/// Every host-device transfer of the generator goes through here, so that tests can count
+/// them (on a GPU each read is a synchronisation).
+struct Transfers<'a> {
+    stats: &'a mut GenStats,
+    device: tch::Device,
+}
+
+impl Transfers<'_> {
+    fn up<T: tch::kind::Element>(&mut self, data: &[T]) -> Tensor {
+        self.stats.host_to_device += 1;
+        Tensor::from_slice(data).to_device(self.device)
+    }
+    fn down_ids(&mut self, t: &Tensor) -> Result<Vec<i64>> {
+        self.stats.device_to_host += 1;
+        Ok(Vec::<i64>::try_from(t.to_device(tch::Device::Cpu).reshape([-1]))?)
+    }
+    fn down_f32(&mut self, t: &Tensor) -> Result<Vec<f32>> {
+        self.stats.device_to_host += 1;
+        Ok(Vec::<f32>::try_from(t.to_device(tch::Device::Cpu).reshape([-1]))?)
+    }
+}
+
 /// Generates one completion per prompt (token ids, already chat-rendered), all in one batch.
+/// Row r samples from the stream `row_seed(cfg.seed, r)`.
 pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -135,115 +201,221 @@ pub fn generate_with(
     prompts: &[Vec<i64>],
     cfg: &SamplingConfig,
     eos_ids: &[i64],
-    mut on_token: impl FnMut(usize, i64),
+    on_token: impl FnMut(usize, i64),
 ) -> Result<Vec<Completion>> {
+    let reqs: Vec<GenRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(r, p)| GenRequest { prompt_ids: p.clone(), seed: row_seed(cfg.seed, r) })
+        .collect();
+    Ok(run(model, tokenizer, &reqs, cfg, eos_ids, on_token)?.0)
+}
+
+/// Generates one completion per request, in order. Each request samples from its own stream
+/// `SplitMix64(seed)` (`cfg.seed` is not used), so its tokens do not depend on the other
+/// requests in the batch except through floating-point effects. At most `cfg.max_batch` rows
+/// run at once (0 = all); a row that finishes is refilled at once with a waiting request
+/// (continuous batching).
+pub fn generate_requests(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    reqs: &[GenRequest],
+    cfg: &SamplingConfig,
+    eos_ids: &[i64],
+) -> Result<Vec<Completion>> {
+    Ok(run(model, tokenizer, reqs, cfg, eos_ids, |_, _| {})?.0)
+}
+
+/// As [`generate_requests`], also returning what the call did.
+pub fn generate_requests_stats(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    reqs: &[GenRequest],
+    cfg: &SamplingConfig,
+    eos_ids: &[i64],
+) -> Result<(Vec<Completion>, GenStats)> {
+    run(model, tokenizer, reqs, cfg, eos_ids, |_, _| {})
+}
+
+/// Decoding capacities are rounded up to this many positions, so that calls with similar
+/// lengths share attention shapes (and kernels).
+const CAPACITY_QUANTUM: i64 = 64;
+
+fn run(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    reqs: &[GenRequest],
+    cfg: &SamplingConfig,
+    eos_ids: &[i64],
+    mut on_token: impl FnMut(usize, i64),
+) -> Result<(Vec<Completion>, GenStats)> {
     cfg.validate()?;
-    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+    if reqs.is_empty() || reqs.iter().any(|r| r.prompt_ids.is_empty()) {
         return Err(PolicyError::InvalidInput("generate needs non-empty prompts".into()));
     }
+    let vocab = model.config().vocab_size;
+    if let Some(&id) = reqs.iter().flat_map(|r| &r.prompt_ids).find(|&&id| id < 0 || id >= vocab) {
+        return Err(PolicyError::TokenOutOfRange { id, vocab_size: vocab });
+    }
     let dev = model.device();
-    let b = prompts.len() as i64;
-    let plen = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
-    let cap = plen + cfg.max_new_tokens;
+    let n = reqs.len();
+    let max_new = cfg.max_new_tokens;
+    let slots = if cfg.max_batch == 0 { n } else { cfg.max_batch.min(n) };
+    let longest = reqs.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0) as i64;
+    // The last sampled token is never fed back, so a row needs prompt + max_new - 1 positions.
+    let capacity = (longest + max_new + CAPACITY_QUANTUM - 1) / CAPACITY_QUANTUM * CAPACITY_QUANTUM;
     let max_pos = model.config().max_position_embeddings;
-    if cap > max_pos && model.config().rope.scaling.is_none() && max_pos > 0 {
-        tracing::debug!(cap, max_pos, "generating past max_position_embeddings");
+    if longest + max_new > max_pos && model.config().rope.scaling.is_none() && max_pos > 0 {
+        tracing::debug!(longest, max_new, max_pos, "generating past max_position_embeddings");
     }
     let pad = eos_ids.first().copied().unwrap_or(0);
-    // Left padding: every row's last prompt token sits at column plen - 1.
-    let mut flat = Vec::with_capacity((b * plen) as usize);
-    let mut valid = Vec::with_capacity((b * cap) as usize);
-    let mut pos = Vec::with_capacity((b * plen) as usize);
-    for p in prompts {
-        let padn = plen as usize - p.len();
-        flat.extend(std::iter::repeat_n(pad, padn));
-        flat.extend_from_slice(p);
-        valid.extend(std::iter::repeat_n(false, padn));
-        valid.extend(std::iter::repeat_n(true, p.len() + cfg.max_new_tokens as usize));
-        pos.extend(std::iter::repeat_n(0i64, padn));
-        pos.extend(0..p.len() as i64);
-    }
-    let ids = Tensor::from_slice(&flat).view([b, plen]).to_device(dev);
-    model.check_ids(&ids)?;
-    let key_valid = Tensor::from_slice(&valid).view([b, cap]).to_device(dev);
-    let positions = Tensor::from_slice(&pos).view([b, plen]).to_device(dev);
-    let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    let mut stats = GenStats::default();
+    let mut io = Transfers { stats: &mut stats, device: dev };
 
-    let mut rng = SplitMix64::new(cfg.seed);
-    let mut out: Vec<Completion> = prompts
+    // Every uniform the call can need, from each request's own stream, uploaded once. Cell
+    // n * max_new is a sink for the slots that hold no request.
+    let sink = n as i64 * max_new;
+    let sampling = cfg.temperature != 0.0;
+    let uniforms = sampling.then(|| {
+        let mut u: Vec<f32> = Vec::with_capacity(n * max_new as usize + 1);
+        for r in reqs {
+            let mut g = SplitMix64::new(r.seed);
+            u.extend((0..max_new).map(|_| g.next_f64() as f32));
+        }
+        u.push(0.5);
+        u
+    });
+    let uniforms = uniforms.map(|u| io.up(&u));
+    let mut logprob_cells = Tensor::zeros([sink + 1], (Kind::Float, dev));
+
+    let mut out: Vec<Completion> = reqs
         .iter()
-        .map(|p| Completion {
-            prompt_ids: p.clone(),
+        .map(|r| Completion {
+            prompt_ids: r.prompt_ids.clone(),
             completion_ids: vec![],
             text: String::new(),
             logprobs: vec![],
             finish_reason: FinishReason::Length,
         })
         .collect();
-    let mut done = vec![false; prompts.len()];
+    // Host view of the slots: which request each holds.
+    let mut holder: Vec<Option<usize>> = vec![None; slots];
+    let mut waiting = 0..n;
 
-    tch::no_grad(|| -> Result<()> {
-        let mut cache = model.new_cache(b, cap);
-        let mask = attention_mask(&key_valid.narrow(1, 0, plen), 0);
-        let hidden = model.forward_hidden(&ids, &positions, &mask, Some(&mut cache))?;
-        let mut logits = model.decode_logits(&hidden.narrow(1, plen - 1, 1).squeeze_dim(1))?;
-        for step in 0..cfg.max_new_tokens {
+    let result = tch::no_grad(|| -> Result<()> {
+        let mut cache = model.new_slot_cache(slots as i64, capacity);
+        let key_index = Tensor::arange(capacity, (Kind::Int64, dev)).view([1, capacity]);
+        // Device state per slot: the position of the next fed token, the cell of the next
+        // sampled token, and whether the slot is generating.
+        let mut position = Tensor::zeros([slots as i64], (Kind::Int64, dev));
+        let mut cell = Tensor::full([slots as i64], sink, (Kind::Int64, dev));
+        let mut active = Tensor::zeros([slots as i64], (Kind::Int64, dev));
+        let mut logits = Tensor::zeros([slots as i64, vocab], (Kind::Float, dev));
+
+        let mut state = SlotState {
+            holder: &mut holder,
+            cache: &mut cache,
+            logits: &mut logits,
+            position: &mut position,
+            cell: &mut cell,
+            active: &mut active,
+        };
+        let all: Vec<usize> = (0..slots).collect();
+        state.fill(&all, &mut waiting, reqs, model, pad, max_new, &mut io)?;
+        let SlotState { holder, cache, logits, position, cell, active } = state;
+
+        loop {
+            // Sample every slot's next token on the device; read back only the ids.
             let logp = logits.log_softmax(-1, Kind::Float);
-            let next = if cfg.temperature == 0.0 {
-                logits.argmax(-1, false)
-            } else {
-                let probs = sampling_probs(&logits, cfg);
-                let u: Vec<f32> = (0..b).map(|_| rng.next_f64() as f32).collect();
-                let u = Tensor::from_slice(&u).to_device(dev).unsqueeze(1);
-                let cum = probs.cumsum(-1, Kind::Float);
-                let total = cum.narrow(1, cum.size()[1] - 1, 1);
-                // Inverse-CDF sampling; clamp guards against rounding past the last token.
-                (u * &total)
-                    .searchsorted(&cum, false, true, "right", None::<Tensor>)
-                    .squeeze_dim(1)
-                    .clamp_max(cum.size()[1] - 1)
+            let next = match &uniforms {
+                None => logits.argmax(-1, false),
+                Some(u) => {
+                    let probs = sampling_probs(&logits, cfg);
+                    let cum = probs.cumsum(-1, Kind::Float);
+                    let total = cum.narrow(1, vocab - 1, 1);
+                    let u = u.index_select(0, &cell).unsqueeze(1);
+                    // Inverse-CDF sampling; clamp guards against rounding past the last token.
+                    (u * &total)
+                        .searchsorted(&cum, false, true, "right", None::<Tensor>)
+                        .squeeze_dim(1)
+                        .clamp_max(vocab - 1)
+                }
             };
             let lp = logp.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
-            let next_v: Vec<i64> = Vec::<i64>::try_from(next.to_device(tch::Device::Cpu))?;
-            let lp_v: Vec<f32> = Vec::<f32>::try_from(lp.to_device(tch::Device::Cpu))?;
-            for (r, c) in out.iter_mut().enumerate() {
-                if done[r] {
-                    continue;
-                }
-                let id = next_v[r];
+            let _ = logprob_cells.index_copy_(0, &cell, &lp);
+            let ids = io.down_ids(&next)?;
+            io.stats.steps += 1;
+            io.stats.slot_steps += slots as u64;
+            let mut finished = Vec::new();
+            for (slot, held) in holder.iter_mut().enumerate() {
+                let Some(r) = *held else { continue };
+                io.stats.active_row_steps += 1;
+                let c = &mut out[r];
+                let id = ids[slot];
                 c.completion_ids.push(id);
-                c.logprobs.push(lp_v[r]);
                 on_token(r, id);
-                if eos_ids.contains(&id) {
-                    done[r] = true;
+                let done = if eos_ids.contains(&id) {
                     c.finish_reason = FinishReason::Eos;
-                } else if !cfg.stop.is_empty() {
+                    true
+                } else if !cfg.stop.is_empty() && {
                     let text = tokenizer.decode(&c.completion_ids, true)?;
-                    if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
-                        done[r] = true;
-                        c.finish_reason = FinishReason::Stop;
-                    }
+                    cfg.stop.iter().any(|s| text.contains(s.as_str()))
+                } {
+                    c.finish_reason = FinishReason::Stop;
+                    true
+                } else {
+                    c.completion_ids.len() as i64 == max_new
+                };
+                if done {
+                    *held = None;
+                    finished.push(slot);
                 }
             }
-            if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
+            let more = waiting.len() > 0;
+            if holder.iter().all(|h| h.is_none()) && !more {
                 break;
             }
-            // Feed the sampled tokens (finished rows feed EOS; their outputs are ignored).
-            let feed: Vec<i64> = next_v.iter().enumerate().map(|(r, &id)| if done[r] { pad } else { id }).collect();
-            let feed = Tensor::from_slice(&feed).view([b, 1]).to_device(dev);
-            let p = Tensor::from_slice(&next_pos).view([b, 1]).to_device(dev);
-            for np in next_pos.iter_mut() {
-                *np += 1;
+            if !finished.is_empty() {
+                let f: Vec<i64> = finished.iter().map(|&s| s as i64).collect();
+                let f = io.up(&f);
+                let _ = active.index_fill_(0, &f, 0);
+                let _ = cell.index_fill_(0, &f, sink);
             }
-            let past = cache.len();
-            let mask = attention_mask(&key_valid.narrow(1, 0, past + 1), past);
-            let hidden = model.forward_hidden(&feed, &p, &mask, Some(&mut cache))?;
-            logits = model.decode_logits(&hidden.squeeze_dim(1))?;
+            // The next cell of every generating slot; the sink stays the sink.
+            *cell = &*cell + &*active;
+            if holder.iter().any(|h| h.is_some()) {
+                // Feed the sampled ids back; finished and empty slots compute on unchanged
+                // positions and their outputs are ignored.
+                let mask = key_index.le_tensor(&position.unsqueeze(1)).view([slots as i64, 1, 1, capacity]);
+                let hidden = model.forward_hidden(
+                    &next.unsqueeze(1),
+                    &position.unsqueeze(1),
+                    &AttnMask::Explicit(mask),
+                    Some(&mut *cache),
+                )?;
+                *logits = model.decode_logits(&hidden.squeeze_dim(1))?;
+                *position = &*position + &*active;
+            }
+            if more && !finished.is_empty() {
+                io.stats.refills += finished.len().min(waiting.len()) as u64;
+                let mut state = SlotState {
+                    holder: &mut *holder,
+                    cache: &mut *cache,
+                    logits: &mut *logits,
+                    position: &mut *position,
+                    cell: &mut *cell,
+                    active: &mut *active,
+                };
+                state.fill(&finished, &mut waiting, reqs, model, pad, max_new, &mut io)?;
+            }
         }
         Ok(())
-    })?;
-
-    for c in out.iter_mut() {
+    });
+    result?;
+    let cells = io.down_f32(&logprob_cells)?;
+    for (r, c) in out.iter_mut().enumerate() {
+        let at = r * max_new as usize;
+        c.logprobs = cells[at..at + c.completion_ids.len()].to_vec();
         let mut text = tokenizer.decode(&c.completion_ids, true)?;
         if c.finish_reason == FinishReason::Stop {
             if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
@@ -252,5 +424,71 @@ pub fn generate_with(
         }
         c.text = text;
     }
-    Ok(out)
+    Ok((out, stats))
+}
+
+/// The device state of the decoding slots, with the host's record of which request each holds.
+struct SlotState<'a> {
+    holder: &'a mut Vec<Option<usize>>,
+    cache: &'a mut KvCache,
+    logits: &'a mut Tensor,
+    /// Position of the token each slot feeds next.
+    position: &'a mut Tensor,
+    /// Cell (request * max_new + step) of the token each slot samples next; the sink if none.
+    cell: &'a mut Tensor,
+    /// 1 while the slot generates.
+    active: &'a mut Tensor,
+}
+
+impl SlotState<'_> {
+    /// Fills the given free slots with the next waiting requests: one prefill pass for all of
+    /// them (right-padded, causal), then their cache rows, positions, cells and first logits.
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &mut self,
+        free: &[usize],
+        waiting: &mut std::ops::Range<usize>,
+        reqs: &[GenRequest],
+        model: &Llama,
+        pad: i64,
+        max_new: i64,
+        io: &mut Transfers,
+    ) -> Result<()> {
+        let take: Vec<(usize, usize)> = free.iter().copied().zip(waiting.by_ref()).collect();
+        if take.is_empty() {
+            return Ok(());
+        }
+        let dev = model.device();
+        let prompts: Vec<&[i64]> = take.iter().map(|&(_, r)| reqs[r].prompt_ids.as_slice()).collect();
+        let m = prompts.len() as i64;
+        let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
+        let mut flat = Vec::with_capacity((m * t) as usize);
+        for p in &prompts {
+            flat.extend_from_slice(p);
+            flat.extend(std::iter::repeat_n(pad, t as usize - p.len()));
+        }
+        let ids = io.up(&flat).view([m, t]);
+        let pos = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0).expand([m, t], true);
+        let mut pre = model.new_cache(m, t);
+        let hidden = model.forward_hidden(&ids, &pos, &AttnMask::Causal, Some(&mut pre))?;
+        // Per new row: slot, index of its last prompt token in the flattened batch, prompt
+        // length (= position of the first fed token), first cell.
+        let mut meta: Vec<i64> = Vec::with_capacity(4 * take.len());
+        for (i, &(slot, r)) in take.iter().enumerate() {
+            let len = prompts[i].len() as i64;
+            self.cache.copy_row_from(slot as i64, &pre, i as i64, len)?;
+            self.holder[slot] = Some(r);
+            meta.extend([slot as i64, i as i64 * t + len - 1, len, r as i64 * max_new]);
+        }
+        let meta = io.up(&meta).view([m, 4]);
+        let (slot, last, len, first) = (meta.select(1, 0), meta.select(1, 1), meta.select(1, 2), meta.select(1, 3));
+        let h = hidden.size()[2];
+        let first_logits = model.decode_logits(&hidden.reshape([m * t, h]).index_select(0, &last))?;
+        let _ = self.logits.index_copy_(0, &slot, &first_logits);
+        let _ = self.position.index_copy_(0, &slot, &len);
+        let _ = self.cell.index_copy_(0, &slot, &first);
+        let _ = self.active.index_fill_(0, &slot, 1);
+        io.stats.prefills += 1;
+        Ok(())
+    }
 }

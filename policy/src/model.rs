@@ -35,12 +35,21 @@ struct Layer {
     gate_up: Option<Tensor>,
 }
 
-/// Per-layer key/value tensors of shape [batch, kv_heads, capacity, head_dim].
+/// Per-layer key/value tensors of shape [batch, kv_heads, capacity, head_dim], with the rotary
+/// tables for positions 0..capacity built once when the cache is made.
+///
+/// A contiguous cache appends every call's keys after the cached ones (all rows share one
+/// length). A slot cache (decoding with continuous batching) writes each row's keys at that
+/// row's own positions and attends over the whole capacity under the caller's mask, so that
+/// every decoding step has the same shapes and rows can be refilled independently.
 pub struct KvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
     len: i64,
     capacity: i64,
+    slotted: bool,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl KvCache {
@@ -53,6 +62,37 @@ impl KvCache {
     pub fn capacity(&self) -> i64 {
         self.capacity
     }
+    pub fn is_slotted(&self) -> bool {
+        self.slotted
+    }
+
+    /// Copies the first `len` cached positions of `src`'s row `src_row` into row `row` (how a
+    /// prefilled sequence enters a decoding slot).
+    pub fn copy_row_from(&mut self, row: i64, src: &KvCache, src_row: i64, len: i64) -> Result<()> {
+        if self.keys.len() != src.keys.len() || len > self.capacity || len > src.capacity {
+            return Err(PolicyError::InvalidInput(format!(
+                "cannot copy {len} cached positions between caches of capacity {} and {}",
+                src.capacity, self.capacity
+            )));
+        }
+        tch::no_grad(|| {
+            for (dst, s) in self.keys.iter().zip(&src.keys).chain(self.values.iter().zip(&src.values)) {
+                dst.narrow(0, row, 1).narrow(2, 0, len).copy_(&s.narrow(0, src_row, 1).narrow(2, 0, len));
+            }
+        });
+        Ok(())
+    }
+}
+
+/// How the queries of one forward pass may attend.
+pub enum AttnMask {
+    /// Causal over this call's own keys, with no mask tensor: right-padded batches (padding
+    /// comes after every real token, so no real query sees it) and prefill into an empty cache.
+    /// Without a mask the fused kernels (flash attention on CUDA) apply.
+    Causal,
+    /// A bool mask [B, 1, T, S], true = may attend, where S is the number of keys after this
+    /// call (the cache length plus T, or the whole capacity of a slot cache).
+    Explicit(Tensor),
 }
 
 pub struct Llama {
@@ -341,11 +381,34 @@ impl Llama {
         weights::save_tensors(path, self.params.iter().map(|(n, t)| (n.as_str(), t)))
     }
 
+    /// A contiguous cache (see [`KvCache`]).
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        self.make_cache(batch, capacity, false)
+    }
+
+    /// A slot cache for decoding (see [`KvCache`]): the caller passes per-row positions below
+    /// `capacity` and an explicit mask over all `capacity` keys.
+    pub fn new_slot_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        self.make_cache(batch, capacity, true)
+    }
+
+    fn make_cache(&self, batch: i64, capacity: i64, slotted: bool) -> KvCache {
         let shape = [batch, self.cfg.num_key_value_heads, capacity, self.cfg.head_dim];
+        // Zeros, not uninitialised memory: masked keys get weight 0, and 0 * NaN would be NaN.
         let mk = || Tensor::zeros(shape, (self.kind, self.device));
         let n = self.cfg.num_hidden_layers as usize;
-        KvCache { keys: (0..n).map(|_| mk()).collect(), values: (0..n).map(|_| mk()).collect(), len: 0, capacity }
+        let positions = Tensor::arange(capacity, (Kind::Int64, self.device)).unsqueeze(0);
+        let (cos, sin) = self.rope_tables(&positions);
+        let hd = self.cfg.head_dim;
+        KvCache {
+            keys: (0..n).map(|_| mk()).collect(),
+            values: (0..n).map(|_| mk()).collect(),
+            len: 0,
+            capacity,
+            slotted,
+            cos: cos.view([capacity, hd]),
+            sin: sin.view([capacity, hd]),
+        }
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Tensor {
@@ -362,39 +425,72 @@ impl Llama {
         (emb.cos().to_kind(self.kind), emb.sin().to_kind(self.kind))
     }
 
-    /// The transformer body. `ids` [B, T] and `positions` [B, T] are int64; `mask` is a bool
-    /// tensor [B, 1, T, S] (true = may attend) where S is the number of keys after this call
-    /// (the cache length plus T when a cache is given, else T). Returns hidden states [B, T, H]
-    /// after the final norm.
+    /// The transformer body. `ids` [B, T] and `positions` [B, T] are int64; `mask` says what
+    /// each query may attend to (see [`AttnMask`]). Returns hidden states [B, T, H] after the
+    /// final norm.
+    ///
+    /// With a slot cache, row r's new keys go to cache positions `positions[r]`, which the
+    /// caller keeps below the capacity.
     pub fn forward_hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        mask: &Tensor,
+        mask: &AttnMask,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.size2()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         if let Some(c) = cache.as_deref() {
-            if c.len + t > c.capacity {
+            if !c.slotted && c.len + t > c.capacity {
                 return Err(PolicyError::InvalidInput(format!(
                     "KV cache full: {} cached + {t} new > capacity {}",
                     c.len, c.capacity
                 )));
             }
+            if c.slotted && t > c.capacity {
+                return Err(PolicyError::InvalidInput(format!("{t} new positions > slot capacity {}", c.capacity)));
+            }
+            if matches!(mask, AttnMask::Causal) && (c.slotted || c.len > 0) {
+                return Err(PolicyError::InvalidInput(
+                    "causal attention without a mask needs an empty contiguous cache".into(),
+                ));
+            }
         }
         let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
-        let (cos, sin) = self.rope_tables(positions);
+        let (cos, sin) = match cache.as_deref() {
+            // Tables built once per cache; a lookup per step instead of trigonometry.
+            Some(c) => {
+                let flat = positions.reshape([-1]);
+                let pick = |tab: &Tensor| tab.index_select(0, &flat).view([b, 1, t, hd]);
+                (pick(&c.cos), pick(&c.sin))
+            }
+            None => self.rope_tables(positions),
+        };
         let rope = |v: &Tensor| v * &cos + rotate_half(v) * &sin;
-        // Decoding a few rows on the CPU without gradients: the weight-on-the-left GEMMs over
-        // the stacked weights. Prefill and training keep plain `linear` (compute-bound there).
+        // Grouped-query attention under a mask: the query heads that share a key/value head go
+        // into the query-length dimension, so the cache is never repeated and no `enable_gqa`
+        // kernel restriction applies. Built once for all layers.
+        let group = nh / nkv;
+        let grouped_mask = match mask {
+            AttnMask::Explicit(m) if group > 1 => {
+                let s = m.size()[3];
+                Some(m.unsqueeze(2).expand([b, 1, group, t, s], false).reshape([b, 1, group * t, s]))
+            }
+            _ => None,
+        };
+        // Projections without gradients use the stacked q/k/v and gate/up weights (one GEMM
+        // each instead of three and two). Decoding a few rows on the CPU uses the
+        // weight-on-the-left GEMM. Training keeps the per-name weights, which own the gradients.
         let few_rows = self.device == Device::Cpu && b * t <= FEW_ROWS && cache.is_some();
+        let project =
+            |h: &Tensor, w: &Tensor| if few_rows { linear_few_rows(h, w) } else { h.linear(w, None::<Tensor>) };
+        let scale = Some(1.0 / (hd as f64).sqrt());
         for (l, layer) in self.layers.iter().enumerate() {
-            let fast = few_rows && !layer.q.requires_grad();
+            let frozen = !layer.q.requires_grad();
             let h = self.rms_norm(&x, &layer.input_norm);
-            let (q, k, v) = match (&layer.qkv, fast) {
+            let (q, k, v) = match (&layer.qkv, frozen) {
                 (Some(qkv), true) => {
-                    let y = linear_few_rows(&h, qkv);
+                    let y = project(&h, qkv);
                     let split =
                         |at: i64, heads: i64| y.narrow(2, at, heads * hd).view([b, t, heads, hd]).transpose(1, 2);
                     (split(0, nh), split(nh * hd, nkv), split((nh + nkv) * hd, nkv))
@@ -407,6 +503,12 @@ impl Llama {
             };
             let (q, k) = (rope(&q), rope(&k));
             let (k, v) = match cache.as_deref_mut() {
+                Some(c) if c.slotted => {
+                    let idx = positions.view([b, 1, t, 1]).expand([b, nkv, t, hd], false);
+                    let _ = c.keys[l].scatter_(2, &idx, &k);
+                    let _ = c.values[l].scatter_(2, &idx, &v);
+                    (c.keys[l].shallow_clone(), c.values[l].shallow_clone())
+                }
                 Some(c) => {
                     c.keys[l].narrow(2, c.len, t).copy_(&k);
                     c.values[l].narrow(2, c.len, t).copy_(&v);
@@ -414,25 +516,28 @@ impl Llama {
                 }
                 None => (k, v),
             };
-            let attn = Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(mask),
-                0.0,
-                false,
-                Some(1.0 / (hd as f64).sqrt()),
-                nh != nkv,
-            )?;
+            let attn = match (mask, &grouped_mask) {
+                (AttnMask::Causal, _) => {
+                    Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, group > 1)?
+                }
+                (AttnMask::Explicit(_), Some(gm)) => {
+                    let qg = q.reshape([b, nkv, group * t, hd]);
+                    Tensor::f_scaled_dot_product_attention(&qg, &k, &v, Some(gm), 0.0, false, scale, false)?
+                        .reshape([b, nh, t, hd])
+                }
+                (AttnMask::Explicit(m), None) => {
+                    Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)?
+                }
+            };
             let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
-            x = x + match (fast, &layer.o_b) {
+            x = x + match (few_rows && frozen, &layer.o_b) {
                 (true, None) => linear_few_rows(&attn, &layer.o),
                 _ => linear(&attn, &layer.o, &layer.o_b),
             };
             let h = self.rms_norm(&x, &layer.post_norm);
-            let (gate, up) = match (&layer.gate_up, fast) {
+            let (gate, up) = match (&layer.gate_up, frozen) {
                 (Some(gu), true) => {
-                    let y = linear_few_rows(&h, gu);
+                    let y = project(&h, gu);
                     let i = self.cfg.intermediate_size;
                     (y.narrow(2, 0, i), y.narrow(2, i, i))
                 }
@@ -442,7 +547,9 @@ impl Llama {
             x = x + linear(&(gate.silu() * up), &layer.down, &layer.down_b);
         }
         if let Some(c) = cache {
-            c.len += t;
+            if !c.slotted {
+                c.len += t;
+            }
         }
         Ok(self.rms_norm(&x, &self.norm))
     }
@@ -508,8 +615,8 @@ impl Llama {
 pub struct PaddedBatch {
     pub ids: Tensor,
     pub positions: Tensor,
-    /// [B, 1, T, T] bool: causal and not padding.
-    pub mask: Tensor,
+    /// Causal, with no mask tensor: padding comes after every real token.
+    pub mask: AttnMask,
     /// [B, T] bool: real tokens.
     pub valid: Tensor,
     pub lengths: Vec<i64>,
@@ -536,25 +643,9 @@ impl PaddedBatch {
         Ok(PaddedBatch {
             ids,
             positions,
-            mask: attention_mask(&valid, 0),
+            mask: AttnMask::Causal,
             valid,
             lengths: seqs.iter().map(|s| s.len() as i64).collect(),
         })
     }
-}
-
-/// Bool attention mask [B, 1, T, S] for T new queries after `past` cached keys, given which of
-/// the S = past + T keys are real tokens (`key_valid` [B, S]). The diagonal is always open so
-/// that padding rows stay finite (their outputs are ignored).
-pub fn attention_mask(key_valid: &Tensor, past: i64) -> Tensor {
-    let (_, s) = key_valid.size2().expect("key_valid is [B, S]");
-    let t = s - past;
-    let dev = key_valid.device();
-    let q = Tensor::arange_start(past, s, (Kind::Int64, dev)).unsqueeze(1);
-    let k = Tensor::arange(s, (Kind::Int64, dev)).unsqueeze(0);
-    let causal = k.le_tensor(&q); // [T, S]
-    let diag = k.eq_tensor(&q);
-    let m = causal.unsqueeze(0).logical_and(&key_valid.unsqueeze(1)); // [B, T, S]
-    let _ = t;
-    m.logical_or(&diag.unsqueeze(0)).unsqueeze(1)
 }

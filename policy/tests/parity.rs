@@ -100,7 +100,15 @@ fn sampling_is_seeded_and_logprobs_match_scoring() {
     let model = tiny("gqa_tied", tmp.path());
     let tok = tiny_tokenizer(tmp.path());
     let prompts = prompts();
-    let cfg = SamplingConfig { temperature: 0.9, top_p: 0.95, top_k: 50, max_new_tokens: 20, seed: 11, stop: vec![] };
+    let cfg = SamplingConfig {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 50,
+        max_new_tokens: 20,
+        seed: 11,
+        stop: vec![],
+        max_batch: 0,
+    };
     let a = generate::generate(&model, &tok, &prompts, &cfg, &[2]).unwrap();
     let b = generate::generate(&model, &tok, &prompts, &cfg, &[2]).unwrap();
     let c = generate::generate(&model, &tok, &prompts, &SamplingConfig { seed: 12, ..cfg.clone() }, &[2]).unwrap();
@@ -169,4 +177,93 @@ fn decoding_follows_weight_updates() {
         }
     }
     assert_eq!(ids(&after), ids(&generate::generate(&b, &tok, &prompts(), &cfg, &[]).unwrap()));
+}
+
+/// Continuous batching: with fewer slots than requests, finished rows are refilled at once, and
+/// every request still gets what it would get alone (same tokens, log-probs within 1e-4), also
+/// when sampling, since each request has its own random stream.
+#[test]
+fn continuous_batching_equals_generating_alone() {
+    for variant in ["gqa_tied", "mha_untied"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tiny(variant, tmp.path());
+        let tok = tiny_tokenizer(tmp.path());
+        let mut prompts = prompts();
+        prompts.extend([vec![1, 9, 9, 12, 40], vec![1, 3], vec![1, 120, 121, 122, 123, 124, 125, 126, 127]]);
+        let reqs: Vec<generate::GenRequest> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| generate::GenRequest { prompt_ids: p.clone(), seed: 1000 + i as u64 })
+            .collect();
+        for temperature in [0.0, 0.9] {
+            let base = SamplingConfig { temperature, top_k: 40, max_new_tokens: 16, ..Default::default() };
+            // Mixed lengths: end rows on the token the first free run samples most often.
+            let free = generate::generate_requests(&model, &tok, &reqs, &base, &[]).unwrap();
+            let mut counts = std::collections::HashMap::new();
+            for c in &free {
+                for &id in &c.completion_ids {
+                    *counts.entry(id).or_insert(0) += 1;
+                }
+            }
+            let eos = *counts.iter().max_by_key(|(id, n)| (**n, -**id)).unwrap().0;
+            let alone: Vec<_> = reqs
+                .iter()
+                .map(|r| {
+                    generate::generate_requests(&model, &tok, std::slice::from_ref(r), &base, &[eos]).unwrap().remove(0)
+                })
+                .collect();
+            let lens: Vec<usize> = alone.iter().map(|c| c.completion_ids.len()).collect();
+            assert!(lens.iter().min() < lens.iter().max(), "{variant}: the workload needs mixed lengths: {lens:?}");
+            for max_batch in [0, 2, 3] {
+                let cfg = SamplingConfig { max_batch, ..base.clone() };
+                let (got, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[eos]).unwrap();
+                if max_batch > 0 {
+                    assert!(stats.refills > 0, "{variant} max_batch {max_batch}: no slot was refilled");
+                }
+                for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
+                    assert_eq!(
+                        g.completion_ids, a.completion_ids,
+                        "{variant} t={temperature} batch {max_batch} row {i}"
+                    );
+                    assert_eq!(g.finish_reason, a.finish_reason);
+                    for (x, y) in g.logprobs.iter().zip(&a.logprobs) {
+                        assert!((x - y).abs() < 1e-4, "{variant} row {i}: log-prob {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The decoding loop reads back one thing per generated token (the sampled ids) and uploads
+/// nothing per token: inputs, positions and random numbers go up once, or once per refill.
+#[test]
+fn one_device_read_per_generated_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny("gqa_tied", tmp.path());
+    let tok = tiny_tokenizer(tmp.path());
+    let reqs: Vec<generate::GenRequest> = prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| generate::GenRequest { prompt_ids: p, seed: i as u64 })
+        .collect();
+    for (temperature, uploads) in [(0.0, 2), (1.0, 3)] {
+        let cfg = SamplingConfig { temperature, max_new_tokens: 24, ..Default::default() };
+        let (out, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[]).unwrap();
+        assert!(out.iter().all(|c| c.completion_ids.len() == 24));
+        assert_eq!(stats.steps, 24);
+        // The ids of every step, and the log-probs once at the end.
+        assert_eq!(stats.device_to_host, stats.steps + 1, "{stats:?}");
+        // Prompt ids and slot metadata (and the uniforms when sampling), once.
+        assert_eq!(stats.host_to_device, uploads, "{stats:?}");
+        assert_eq!(stats.prefills, 1);
+    }
+    // With refills: a constant number of uploads per refill, none per token.
+    let cfg = SamplingConfig { max_new_tokens: 24, max_batch: 1, ..SamplingConfig::greedy(24) };
+    let (_, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[]).unwrap();
+    assert_eq!(stats.steps, 24 * reqs.len() as u64);
+    assert_eq!(stats.device_to_host, stats.steps + 1, "{stats:?}");
+    assert_eq!(stats.prefills, reqs.len() as u64);
+    // Per refill: the finished slot, the prompt ids and the slot metadata.
+    assert_eq!(stats.host_to_device, 2 + 3 * (reqs.len() as u64 - 1), "{stats:?}");
 }
