@@ -7,9 +7,9 @@ use crate::judge::Judge;
 use crate::prompts::{challenger_prompt, DEFAULT_CHALLENGER_PROMPT, DEFAULT_JUDGE_PROMPT, DEFAULT_REWARD_PROMPT};
 use crate::reward::{JudgeReward, NoReward, RewardModel, RewardSource};
 use crate::rollout::{AnswerData, RolloutGroup, SequenceData};
+use selfplay_policy::generate::{generate_requests, row_seed, GenRequest};
 use selfplay_policy::{scoring, ChatMessage, Policy};
 use serde::{Deserialize, Serialize};
-use shim::{generate_requests, row_seed, GenRequest};
 use std::path::Path;
 use std::time::Instant;
 
@@ -289,32 +289,4 @@ pub fn challenger_seed(unit_seed: u64) -> u64 {
 /// sampled together with `seed = unit.seed + 1` draw.
 pub fn answer_seed(unit_seed: u64, j: usize) -> u64 {
     row_seed(unit_seed.wrapping_add(1), j)
-}
-
-// TEMPORARY until policy::generate::generate_requests lands on main: same contract, one
-// request at a time.
-mod shim {
-    use selfplay_policy::generate::generate;
-    use selfplay_policy::{Completion, Llama, SamplingConfig, Tokenizer};
-    pub struct GenRequest {
-        pub prompt_ids: Vec<i64>,
-        pub seed: u64,
-    }
-    pub fn row_seed(seed: u64, r: usize) -> u64 {
-        selfplay_proto::unit::mix(seed ^ selfplay_proto::unit::mix(r as u64))
-    }
-    pub fn generate_requests(
-        model: &Llama,
-        tok: &Tokenizer,
-        reqs: &[GenRequest],
-        cfg: &SamplingConfig,
-        eos: &[i64],
-    ) -> selfplay_policy::Result<Vec<Completion>> {
-        let mut out = vec![];
-        for r in reqs {
-            let c = SamplingConfig { seed: r.seed, ..cfg.clone() };
-            out.extend(generate(model, tok, std::slice::from_ref(&r.prompt_ids), &c, eos)?);
-        }
-        Ok(out)
-    }
 }

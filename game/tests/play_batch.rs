@@ -115,3 +115,24 @@ fn an_empty_batch_plays_nothing() {
     assert!(groups.is_empty());
     assert_eq!(stats.generated_tokens, 0);
 }
+
+/// A batch of one samples exactly what one `generate` call per role did before units were
+/// batched: the challenger turn with `seed = unit.seed`, the G answers with `unit.seed + 1`.
+#[test]
+fn one_unit_samples_what_one_generate_call_per_role_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), "expected");
+    let unit = units_for_step(&cfg, 4, &[]).remove(1);
+    let mut p = player(&cfg);
+    let (group, _) = p.play(&unit, 4, "t").unwrap();
+    let prompt = selfplay_game::prompts::challenger_prompt(&p.challenger_prompt, &unit.task, &unit.template);
+    let ids = p.policy.user_prompt(&prompt).unwrap();
+    let c = p.policy.generate(&[ids], &cfg.challenger.to_sampling(unit.seed)).unwrap().remove(0);
+    let ch = group.challenger.as_ref().unwrap();
+    assert_eq!((&ch.completion_ids, &ch.behaviour_logprobs), (&c.completion_ids, &c.logprobs));
+    let query = p.policy.user_prompt(c.text.trim()).unwrap();
+    let answers = p.policy.generate(&vec![query; cfg.game.group_size], &cfg.solver.to_sampling(unit.seed + 1)).unwrap();
+    for (a, b) in group.answers.iter().zip(&answers) {
+        assert_eq!((&a.sequence.completion_ids, &a.sequence.behaviour_logprobs), (&b.completion_ids, &b.logprobs));
+    }
+}
