@@ -112,6 +112,9 @@ pub struct ActorSummary {
     pub units_done: u64,
     pub units_failed: u64,
     pub weights_version: u64,
+    /// Batches of units played, and the most units one of them held.
+    pub batches: u64,
+    pub largest_batch: usize,
 }
 
 async fn connect(
@@ -377,6 +380,8 @@ pub fn run(
         };
         // Units played: weights troubles, if any, are over.
         failing_since = None;
+        summary.batches += 1;
+        summary.largest_batch = summary.largest_batch.max(units.len());
         health.progress("actor", true);
         metrics::counter!("selfplay_actor_tokens_generated_total").increment(stats.generated_tokens);
         metrics::histogram!("selfplay_actor_generation_seconds").record(stats.generation_seconds);
