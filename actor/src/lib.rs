@@ -265,10 +265,16 @@ pub fn run(
                 retry_after_ms = lease.retry_after_ms;
                 break;
             };
-            if units.first().is_some_and(|u| u.epoch != unit.epoch) {
-                // The learner began a new epoch meanwhile: one epoch's weights per batch.
-                complete(&rt, &conn, &opts, &unit.unit_id, false, (unit.epoch, unit.incarnation));
-                break;
+            // One epoch's weights per batch.
+            match units.first().map(|u| u.epoch) {
+                // The learner began a new epoch meanwhile, which cancelled the leases of the
+                // old one: those units are void.
+                Some(e) if e < unit.epoch => units.clear(),
+                Some(e) if e > unit.epoch => {
+                    complete(&rt, &conn, &opts, &unit.unit_id, false, (unit.epoch, unit.incarnation));
+                    break;
+                }
+                _ => {}
             }
             units.push(unit);
         }
