@@ -54,7 +54,7 @@ pub struct DevicePlan {
 ///   (`actors` of them round-robin, when given).
 /// - Else: `actors` (default 1) on the learner's device. On a CPU they share its cores with
 ///   the learner; in synchronous mode the learner waits while the actors play and the other
-///   way round, so one actor playing K units at once keeps the cores busy.
+///   way round, so one actor keeps the cores busy.
 pub fn plan_devices(
     learner: Device,
     cuda_devices: usize,

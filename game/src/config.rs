@@ -95,8 +95,11 @@ pub struct ActorConfig {
 }
 
 impl ActorConfig {
-    /// Default K on a CPU: measured with `selfplay bench rollout` (BENCHMARKS.md).
-    pub const CPU_UNITS_IN_FLIGHT: usize = 8;
+    /// Default K on a CPU: one unit at a time. On the 2-core development VM, shared with other
+    /// jobs, `selfplay bench rollout` played 8 units at K = 8 no faster than at K = 1 (0.74x and
+    /// 0.88x in two runs, BENCHMARKS.md): with the cores busy, the rows of a batch that finished
+    /// early still cost compute. Set `actor.units_in_flight` to batch anyway.
+    pub const CPU_UNITS_IN_FLIGHT: usize = 1;
     /// Default K on a CUDA device: K x G = 128 answers in flight keeps a GPU busy with a small
     /// model, and the generator caps what runs at once anyway.
     pub const CUDA_UNITS_IN_FLIGHT: usize = 32;
