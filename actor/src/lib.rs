@@ -1,8 +1,9 @@
 //! The actor role. [`run`] is a blocking loop for a dedicated thread: join the coordinator,
-//! lease a unit, make sure the weights are at least the unit's version (fetch, verify every
-//! checksum, load), play the group with [`selfplay_game::Player`], stream it to the learner,
-//! report the unit done. It reconnects with backoff, rejoins when the coordinator forgets it,
-//! and on stop finishes its unit (or hands it back) and leaves.
+//! lease up to K units (`actor.units_in_flight`), make sure the weights are at least the
+//! units' version (fetch, verify every checksum, load), play them together with
+//! [`selfplay_game::Player::play_batch`], stream each group to the learner, report each unit
+//! done. It reconnects with backoff, rejoins when the coordinator forgets it, and on stop
+//! finishes its units (or hands them back) and leaves.
 pub mod reward_service;
 
 use selfplay_game::Player;
@@ -12,7 +13,7 @@ use selfplay_proto::error::RpcError;
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
 use selfplay_proto::v1::learner_client::LearnerClient;
 use selfplay_proto::v1::{
-    CompleteWorkRequest, FetchWeightsRequest, HeartbeatRequest, JoinRequest, LeaseWorkRequest, LeaveRequest,
+    CompleteWorkRequest, FetchWeightsRequest, HeartbeatRequest, JoinRequest, LeaseWorkRequest, LeaveRequest, WorkUnit,
 };
 use selfplay_proto::weights::WeightAssembler;
 use std::collections::HashMap;
@@ -48,6 +49,9 @@ pub struct ActorOptions {
     pub patience: Duration,
     /// CA that signed the coordinator's and learner's certificates (https addresses).
     pub tls_ca: Option<std::path::PathBuf>,
+    /// K: units leased and played together (at least 1). The coordinator gives an actor at
+    /// most its share of the outstanding units, so a step's units spread over the actors.
+    pub units_in_flight: usize,
 }
 
 pub fn describe_metrics() {
@@ -56,12 +60,17 @@ pub fn describe_metrics() {
     describe_histogram!(
         "selfplay_actor_generation_seconds",
         Unit::Seconds,
-        "Time spent sampling one unit's query and answers."
+        "Time spent sampling the queries and answers of one batch of units."
     );
     describe_histogram!(
         "selfplay_actor_play_seconds",
         Unit::Seconds,
-        "Time to play one whole unit (sampling, rewards, judge, reference)."
+        "Time to play one whole batch of units (sampling, rewards, judge, reference)."
+    );
+    describe_gauge!(
+        "selfplay_actor_units_in_flight",
+        Unit::Count,
+        "Units in the batch being played (at most actor.units_in_flight)."
     );
     describe_counter!("selfplay_actor_units_done_total", "Units whose group the learner accepted.");
     describe_counter!(
@@ -99,6 +108,7 @@ pub fn describe_metrics() {
         metrics::counter!("selfplay_actor_units_failed_total", "reason" => reason).increment(0);
     }
     metrics::gauge!("selfplay_actor_weights_version").set(0.0);
+    metrics::gauge!("selfplay_actor_units_in_flight").set(0.0);
 }
 
 /// What a stopped actor reports.
@@ -107,6 +117,9 @@ pub struct ActorSummary {
     pub units_done: u64,
     pub units_failed: u64,
     pub weights_version: u64,
+    /// Batches of units played, and the most units one of them held.
+    pub batches: u64,
+    pub largest_batch: usize,
 }
 
 async fn connect(
@@ -221,38 +234,76 @@ pub fn run(
     let mut held: Option<(u64, u64)> = None;
     // No payload can be larger than the model in f32: refused before anything is reserved.
     let max_payload: u64 = player.policy.model.parameters().iter().map(|(_, t)| t.numel() as u64 * 4).sum();
+    let k = opts.units_in_flight.max(1);
     while !stop.load(Ordering::SeqCst) {
         if rejoin.swap(false, Ordering::SeqCst) {
             tracing::info!(actor = %opts.actor_id, "the coordinator forgot this actor; joining again");
             join(&mut conn)?;
         }
-        let lease = rt.block_on(retry("LeaseWork", patience, || {
-            let mut c = conn.coord.clone();
-            let id = opts.actor_id.clone();
-            // This actor holds no unit when it asks: a unit still leased to it is one whose
-            // lease reply it never got, and goes back to the queue.
-            async move { c.lease_work(LeaseWorkRequest { actor_id: id, holding: vec![], holding_listed: true }).await }
-        }));
-        let lease = match lease {
-            Ok(r) => r.into_inner(),
-            Err(ActorError::Rpc(e)) if e.is_precondition() => {
-                rejoin.store(true, Ordering::SeqCst);
-                continue;
+        // Up to K units of one learner epoch. Each request lists the units already taken: any
+        // other unit leased to this actor is one whose lease reply it never got, and goes back
+        // to the queue.
+        let mut units: Vec<WorkUnit> = Vec::with_capacity(k);
+        let mut retry_after_ms = 0;
+        let mut forgotten = false;
+        while units.len() < k {
+            let holding: Vec<String> = units.iter().map(|u| u.unit_id.clone()).collect();
+            let lease = rt.block_on(retry("LeaseWork", patience, || {
+                let mut c = conn.coord.clone();
+                let req = LeaseWorkRequest {
+                    actor_id: opts.actor_id.clone(),
+                    holding: holding.clone(),
+                    holding_listed: true,
+                };
+                async move { c.lease_work(req).await }
+            }));
+            let lease = match lease {
+                Ok(r) => r.into_inner(),
+                Err(ActorError::Rpc(e)) if e.is_precondition() => {
+                    // Forgotten: the coordinator released whatever this actor held.
+                    forgotten = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(unit) = lease.unit else {
+                retry_after_ms = lease.retry_after_ms;
+                break;
+            };
+            // One epoch's weights per batch.
+            match units.first().map(|u| u.epoch) {
+                // The learner began a new epoch meanwhile, which cancelled the leases of the
+                // old one: those units are void.
+                Some(e) if e < unit.epoch => units.clear(),
+                Some(e) if e > unit.epoch => {
+                    complete(&rt, &conn, &opts, &unit.unit_id, false, (unit.epoch, unit.incarnation));
+                    break;
+                }
+                _ => {}
             }
-            Err(e) => return Err(e),
-        };
-        health.progress("actor", lease.unit.is_some());
-        let Some(unit) = lease.unit else {
-            std::thread::sleep(Duration::from_millis(lease.retry_after_ms.clamp(10, 1000)));
+            units.push(unit);
+        }
+        if forgotten {
+            rejoin.store(true, Ordering::SeqCst);
             continue;
+        }
+        health.progress("actor", !units.is_empty());
+        if units.is_empty() {
+            std::thread::sleep(Duration::from_millis(retry_after_ms.clamp(10, 1000)));
+            continue;
+        }
+        let epoch = units[0].epoch;
+        let min_weights_version = units.iter().map(|u| u.min_weights_version).max().unwrap_or(0);
+        let hand_back = |units: &[WorkUnit]| {
+            for u in units {
+                complete(&rt, &conn, &opts, &u.unit_id, false, (u.epoch, u.incarnation));
+            }
         };
-        let epoch = unit.epoch;
-        let lease = (unit.epoch, unit.incarnation);
 
-        // Weights of the unit's epoch, at least as new as the unit needs. Weights of another
+        // Weights of the units' epoch, at least as new as every unit needs. Weights of another
         // epoch may belong to a future the learner no longer has (it restarted from an older
         // checkpoint): they are never used for a unit of this one.
-        let usable = |h: Option<(u64, u64)>| h.is_some_and(|(e, v)| e == epoch && v >= unit.min_weights_version);
+        let usable = |h: Option<(u64, u64)>| h.is_some_and(|(e, v)| e == epoch && v >= min_weights_version);
         if !usable(held) {
             let t0 = Instant::now();
             let loaded = (|| -> Result<Option<(u64, usize)>, ActorError> {
@@ -272,7 +323,7 @@ pub fn run(
                     }
                     asm.finish().map_err(|e| ActorError::Weights(e.to_string()))
                 })?;
-                if manifest.epoch != epoch || manifest.version < unit.min_weights_version {
+                if manifest.epoch != epoch || manifest.version < min_weights_version {
                     // The epoch's weights are not published yet.
                     fetch_buffer = payload;
                     return Ok(None);
@@ -297,23 +348,24 @@ pub fn run(
                     tracing::info!(actor = %opts.actor_id, version = v, epoch, bytes, secs = t0.elapsed().as_secs_f64(), "weights loaded");
                 }
                 Ok(None) => {
-                    // Not published yet: give the unit back and try again shortly.
-                    complete(&rt, &conn, &opts, &unit.unit_id, false, lease);
+                    // Not published yet: give the units back and try again shortly.
+                    hand_back(&units);
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
                 // No version stored yet (a coordinator that restarted before the learner
                 // republished), a stream cut short, a corrupt chunk, a payload that does not
-                // fit the model: hand the unit back and try again, for up to `patience`.
+                // fit the model: hand the units back and try again, for up to `patience`.
                 Err(e) => {
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > patience {
-                        complete(&rt, &conn, &opts, &unit.unit_id, false, lease);
+                        hand_back(&units);
                         return Err(e);
                     }
-                    tracing::warn!(actor = %opts.actor_id, unit = %unit.unit_id, error = %e, "loading weights failed; handing the unit back and retrying");
-                    metrics::counter!("selfplay_actor_units_failed_total", "reason" => "weights").increment(1);
-                    complete(&rt, &conn, &opts, &unit.unit_id, false, lease);
+                    tracing::warn!(actor = %opts.actor_id, units = units.len(), error = %e, "loading weights failed; handing the units back and retrying");
+                    metrics::counter!("selfplay_actor_units_failed_total", "reason" => "weights")
+                        .increment(units.len() as u64);
+                    hand_back(&units);
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }
@@ -321,78 +373,50 @@ pub fn run(
         }
 
         health.progress("actor", true);
-        let unit_id = unit.unit_id.clone();
         let v = version.load(Ordering::SeqCst);
-        let played = player.play(&unit.into(), v, &opts.actor_id);
-        let (mut group, stats) = match played {
+        let game_units: Vec<selfplay_game::Unit> = units.iter().cloned().map(Into::into).collect();
+        metrics::gauge!("selfplay_actor_units_in_flight").set(units.len() as f64);
+        let played = player.play_batch(&game_units, v, &opts.actor_id);
+        metrics::gauge!("selfplay_actor_units_in_flight").set(0.0);
+        let (groups, stats) = match played {
             Ok(x) => x,
             Err(e) => {
-                tracing::error!(unit = %unit_id, error = %e, "playing the unit failed; handing it back");
-                metrics::counter!("selfplay_actor_units_failed_total", "reason" => "play").increment(1);
-                summary.units_failed += 1;
-                complete(&rt, &conn, &opts, &unit_id, false, lease);
+                tracing::error!(units = units.len(), first = %units[0].unit_id, error = %e, "playing the units failed; handing them back");
+                metrics::counter!("selfplay_actor_units_failed_total", "reason" => "play")
+                    .increment(units.len() as u64);
+                summary.units_failed += units.len() as u64;
+                hand_back(&units);
                 continue;
             }
         };
-        group.epoch = epoch;
-        // A unit played: weights troubles, if any, are over.
+        // Units played: weights troubles, if any, are over.
         failing_since = None;
+        summary.batches += 1;
+        summary.largest_batch = summary.largest_batch.max(units.len());
         health.progress("actor", true);
         metrics::counter!("selfplay_actor_tokens_generated_total").increment(stats.generated_tokens);
         metrics::histogram!("selfplay_actor_generation_seconds").record(stats.generation_seconds);
-        metrics::histogram!("selfplay_actor_play_seconds").record(group.play_seconds);
         metrics::counter!("selfplay_actor_judge_parse_failures_total").increment(stats.parse_failures);
         metrics::counter!("selfplay_actor_judge_fallbacks_total").increment(stats.judge_fallbacks);
-        for a in &group.answers {
-            metrics::histogram!("selfplay_actor_reward").record(a.reward as f64);
-            metrics::histogram!("selfplay_actor_self_reward").record(a.self_reward as f64);
+        if let Some(g) = groups.first() {
+            metrics::histogram!("selfplay_actor_play_seconds").record(g.play_seconds);
         }
-
-        let wire: selfplay_proto::v1::RolloutGroup = group.into();
-        // Stopping: one try only (the learner may already be gone); the unit is handed back.
-        let submit_patience = if stop.load(Ordering::SeqCst) { Duration::ZERO } else { patience };
-        let ack = rt.block_on(retry("SubmitRollouts", submit_patience, || {
-            let mut l = conn.learner.clone();
-            let g = wire.clone();
-            async move {
-                let mut acks = l.submit_rollouts(tokio_stream::iter([g])).await?.into_inner();
-                match acks.next().await {
-                    Some(a) => a,
-                    None => Err(tonic::Status::unavailable("the learner closed the stream without an ack")),
+        for (unit, mut group) in units.iter().zip(groups) {
+            group.epoch = epoch;
+            for a in &group.answers {
+                metrics::histogram!("selfplay_actor_reward").record(a.reward as f64);
+                metrics::histogram!("selfplay_actor_self_reward").record(a.self_reward as f64);
+            }
+            match deliver(&rt, &conn, &opts, &stop, unit, group) {
+                Delivered::Done => summary.units_done += 1,
+                Delivered::Failed => summary.units_failed += 1,
+                Delivered::Rejected => {
+                    // The weights may be what the learner objects to (too old for its lag, of
+                    // an epoch it left): the next batch fetches them afresh.
+                    held = None;
+                    summary.units_failed += 1;
                 }
-            }
-        }));
-        match ack {
-            Ok(a) if a.accepted || a.duplicate => {
-                if a.duplicate {
-                    // Re-issued while this actor was slow or cut off: the learner keeps one copy.
-                    tracing::info!(unit = %unit_id, "the learner already had this unit; this group was not used");
-                    metrics::counter!("selfplay_actor_units_failed_total", "reason" => "duplicate").increment(1);
-                }
-                if complete(&rt, &conn, &opts, &unit_id, true, lease) {
-                    metrics::counter!("selfplay_actor_units_done_total").increment(1);
-                    summary.units_done += 1;
-                }
-            }
-            Ok(a) => {
-                // The weights may be what the learner objects to (too old for its lag, of an
-                // epoch it left): the next unit fetches them afresh.
-                held = None;
-                tracing::warn!(unit = %unit_id, reason = %a.reason, "the learner rejected the group; handing the unit back");
-                metrics::counter!("selfplay_actor_units_failed_total", "reason" => "rejected").increment(1);
-                summary.units_failed += 1;
-                complete(&rt, &conn, &opts, &unit_id, false, lease);
-            }
-            Err(e) if stop.load(Ordering::SeqCst) => {
-                // Stopping: the learner may already be gone; the unit goes back to the queue.
-                tracing::info!(unit = %unit_id, error = %e, "stopping: the group was not delivered; handing the unit back");
-                complete(&rt, &conn, &opts, &unit_id, false, lease);
-            }
-            Err(e) => {
-                tracing::warn!(unit = %unit_id, error = %e, "submitting failed; handing the unit back");
-                metrics::counter!("selfplay_actor_units_failed_total", "reason" => "submit").increment(1);
-                summary.units_failed += 1;
-                complete(&rt, &conn, &opts, &unit_id, false, lease);
+                Delivered::NotRecorded | Delivered::Stopping => {}
             }
         }
     }
@@ -404,6 +428,81 @@ pub fn run(
     });
     summary.weights_version = version.load(Ordering::SeqCst);
     Ok(summary)
+}
+
+/// What became of one played group.
+enum Delivered {
+    /// The learner has it (accepted now or earlier) and the coordinator recorded the unit.
+    Done,
+    /// The learner has it; the coordinator's record did not go through (the unit comes back
+    /// by itself and the learner keeps one copy).
+    NotRecorded,
+    /// The learner refused it; the unit was handed back.
+    Rejected,
+    /// Submitting failed; the unit was handed back.
+    Failed,
+    /// Stopping and the learner could not be reached; the unit was handed back.
+    Stopping,
+}
+
+/// Streams one group to the learner, then reports its unit to the coordinator.
+fn deliver(
+    rt: &tokio::runtime::Handle,
+    conn: &Conn,
+    opts: &ActorOptions,
+    stop: &AtomicBool,
+    unit: &WorkUnit,
+    group: selfplay_game::RolloutGroup,
+) -> Delivered {
+    let unit_id = unit.unit_id.as_str();
+    let lease = (unit.epoch, unit.incarnation);
+    let wire: selfplay_proto::v1::RolloutGroup = group.into();
+    // Stopping: one try only (the learner may already be gone); the unit is handed back.
+    let submit_patience = if stop.load(Ordering::SeqCst) { Duration::ZERO } else { opts.patience };
+    let ack = rt.block_on(retry("SubmitRollouts", submit_patience, || {
+        let mut l = conn.learner.clone();
+        let g = wire.clone();
+        async move {
+            let mut acks = l.submit_rollouts(tokio_stream::iter([g])).await?.into_inner();
+            match acks.next().await {
+                Some(a) => a,
+                None => Err(tonic::Status::unavailable("the learner closed the stream without an ack")),
+            }
+        }
+    }));
+    match ack {
+        Ok(a) if a.accepted || a.duplicate => {
+            if a.duplicate {
+                // Re-issued while this actor was slow or cut off: the learner keeps one copy.
+                tracing::info!(unit = %unit_id, "the learner already had this unit; this group was not used");
+                metrics::counter!("selfplay_actor_units_failed_total", "reason" => "duplicate").increment(1);
+            }
+            if complete(rt, conn, opts, unit_id, true, lease) {
+                metrics::counter!("selfplay_actor_units_done_total").increment(1);
+                Delivered::Done
+            } else {
+                Delivered::NotRecorded
+            }
+        }
+        Ok(a) => {
+            tracing::warn!(unit = %unit_id, reason = %a.reason, "the learner rejected the group; handing the unit back");
+            metrics::counter!("selfplay_actor_units_failed_total", "reason" => "rejected").increment(1);
+            complete(rt, conn, opts, unit_id, false, lease);
+            Delivered::Rejected
+        }
+        Err(e) if stop.load(Ordering::SeqCst) => {
+            // Stopping: the learner may already be gone; the unit goes back to the queue.
+            tracing::info!(unit = %unit_id, error = %e, "stopping: the group was not delivered; handing the unit back");
+            complete(rt, conn, opts, unit_id, false, lease);
+            Delivered::Stopping
+        }
+        Err(e) => {
+            tracing::warn!(unit = %unit_id, error = %e, "submitting failed; handing the unit back");
+            metrics::counter!("selfplay_actor_units_failed_total", "reason" => "submit").increment(1);
+            complete(rt, conn, opts, unit_id, false, lease);
+            Delivered::Failed
+        }
+    }
 }
 
 /// Reports a unit (done, or handed back). Whether it was recorded: a report the coordinator

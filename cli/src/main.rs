@@ -1,7 +1,4 @@
 //! `selfplay`: argument parsing and wiring only; the work lives in the library crates.
-mod bench;
-mod bench_batching;
-mod bench_judge;
 mod device_check;
 mod eval_cmd;
 mod generate_cmd;
@@ -11,6 +8,7 @@ mod telemetry;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+pub use selfplay_bench::{default_model, ModelArgs};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -64,7 +62,7 @@ enum Command {
     },
     /// Benchmarks.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(selfplay_bench::BenchCommand),
     /// The checks scripts/gpu_check.sh runs on an accelerator (JSON out).
     #[command(subcommand)]
     DeviceCheck(device_check::DeviceCheck),
@@ -100,7 +98,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Eval(args) => eval_cmd::run(args),
         Command::ImportGguf { file, out_dir } => import_gguf(&file, &out_dir),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Bench(cmd) => selfplay_bench::run(cmd),
         Command::DeviceCheck(cmd) => device_check::run(cmd),
         Command::PlotCurves { runs, out } => plot_curves(&runs, &out),
     };
@@ -127,47 +125,4 @@ fn plot_curves(runs: &[String], out: &std::path::Path) -> Result<()> {
     }
     selfplay_eval::curves::training_curves(&data, out)?;
     Ok(())
-}
-
-/// The default model: $SELFPLAY_MODEL, else the SmolLM2 import in the cache.
-pub fn default_model() -> PathBuf {
-    if let Ok(p) = std::env::var("SELFPLAY_MODEL") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    PathBuf::from(home).join(".cache/selfplay/models/SmolLM2-135M-Instruct")
-}
-
-/// Device and dtype flags shared by every command that loads a model.
-#[derive(clap::Args, Clone, Debug)]
-pub struct ModelArgs {
-    /// Hugging Face model directory (default: the imported SmolLM2-135M-Instruct).
-    #[arg(long, env = "SELFPLAY_MODEL")]
-    pub model: Option<PathBuf>,
-    /// auto (cuda:0 when available, else cpu), cpu, cuda or cuda:N.
-    #[arg(long, env = "SELFPLAY_DEVICE", default_value = "auto")]
-    pub device: String,
-    /// auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16.
-    #[arg(long, env = "SELFPLAY_DTYPE", default_value = "auto")]
-    pub dtype: String,
-}
-
-impl ModelArgs {
-    pub fn load(&self) -> Result<selfplay_policy::Policy> {
-        let dir = self.model.clone().unwrap_or_else(default_model);
-        let device = selfplay_policy::parse_device(&self.device)?;
-        let kind = selfplay_policy::parse_kind_on(&self.dtype, device)?;
-        let t0 = std::time::Instant::now();
-        let policy = selfplay_policy::Policy::load(&dir, device, kind)?;
-        tracing::info!(
-            model = %dir.display(),
-            ?device,
-            ?kind,
-            params = policy.model.num_parameters(),
-            cuda_available = tch::Cuda::is_available(),
-            secs = t0.elapsed().as_secs_f64(),
-            "model loaded"
-        );
-        Ok(policy)
-    }
 }

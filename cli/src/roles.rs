@@ -125,9 +125,14 @@ pub struct TrainArgs {
     pub config: ConfigArgs,
     #[command(flatten)]
     pub serve: ServeArgs,
-    /// Actors in this process (default: 1).
+    /// Actors in this process (default: one per CUDA device besides the learner's on a
+    /// multi-GPU machine, else 1). Each plays actor.units_in_flight units at once.
     #[arg(long, env = "SELFPLAY_ACTORS")]
     pub actors: Option<usize>,
+    /// Devices of the actors, comma-separated (cpu, cuda, cuda:N); with --actors, used
+    /// round-robin. Default: see --actors.
+    #[arg(long, env = "SELFPLAY_ACTOR_DEVICES", value_delimiter = ',')]
+    pub actor_devices: Vec<String>,
     /// Continue from the newest checkpoint in run.out_dir.
     #[arg(long, env = "SELFPLAY_RESUME")]
     pub resume: bool,
@@ -148,10 +153,18 @@ pub struct TrainArgs {
     pub keep_optimizer: bool,
 }
 
-/// Everything in one process on 127.0.0.1: coordinator, learner and K actors.
+/// Everything in one process on 127.0.0.1: a [`selfplay_cluster::LocalCluster`].
 pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = args.config.load()?;
     let dev = device(&cfg)?;
+    let actor_devices = args
+        .actor_devices
+        .iter()
+        .map(|d| selfplay_policy::parse_device(d))
+        .collect::<Result<Vec<_>, _>>()
+        .context("--actor-devices")?;
+    let plan =
+        selfplay_cluster::plan_devices(dev, tch::Cuda::device_count().max(0) as usize, args.actors, &actor_devices)?;
     let rt = runtime()?;
     let out_dir = cfg.run.out_dir.clone();
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -162,136 +175,33 @@ pub fn train(args: TrainArgs) -> Result<()> {
         );
     }
     std::fs::write(out_dir.join("config.toml"), cfg.to_toml())?;
-    let token = BearerToken::generate();
-    let n_actors = args.actors.unwrap_or(1).max(1);
-    let stop = Arc::new(AtomicBool::new(false));
+    tracing::info!(
+        learner = ?plan.learner,
+        actors = ?plan.actors,
+        units_in_flight = ?plan.actors.iter().map(|d| cfg.actor.units_for(*d)).collect::<Vec<_>>(),
+        "local run"
+    );
+    let mut opts = selfplay_cluster::LocalClusterOptions::new(cfg.clone(), plan);
+    opts.resume = args.resume;
+    opts.max_policy_lag = args.max_policy_lag;
+    opts.wire_dtype = args.wire_dtype.clone();
+    opts.init_from = args.init_from.clone();
+    opts.keep_optimizer = args.keep_optimizer;
 
     rt.block_on(async {
-        selfplay_proto::health::health().expect("learner");
-        selfplay_proto::health::health().expect("coordinator");
-        selfplay_proto::health::health().expect("actor");
-        let tele = telemetry::serve(&args.serve.metrics(9464)).await?;
-        selfplay_coordinator::describe_metrics();
-        // Coordinator.
-        let coord_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let coord_addr = format!("http://{}", coord_listener.local_addr()?);
-        let ccfg = selfplay_coordinator::CoordinatorConfig {
-            state_dir: out_dir.join("coordinator"),
-            run_seed: cfg.run.seed,
-            token: Some(token.clone()),
-            ..Default::default()
-        };
-        if !args.resume {
-            let _ = std::fs::remove_dir_all(&ccfg.state_dir);
+        for role in ["learner", "coordinator", "actor"] {
+            selfplay_proto::health::health().expect(role);
         }
-        let (coord_stop_tx, coord_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let coordinator = tokio::spawn(selfplay_coordinator::serve(ccfg, coord_listener, async move {
-            let _ = coord_stop_rx.await;
-        }));
-
-        // Learner.
-        let learner_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let learner_addr = format!("http://{}", learner_listener.local_addr()?);
-        let opts = selfplay_learner::LearnerOptions {
-            coordinator: coord_addr.clone(),
-            token: token.clone(),
-            max_policy_lag: args.max_policy_lag,
-            publish_every: 1,
-            wire_dtype: args.wire_dtype.clone(),
-            device: dev,
-            resume: args.resume,
-            tls: None,
-            tls_ca: None,
-            init_from: args.init_from.clone(),
-            keep_optimizer: args.keep_optimizer,
-        };
+        let tele = telemetry::serve(&args.serve.metrics(9464)).await?;
         let progress = Progress::new(cfg.run.steps);
-        let (learner_stop_tx, learner_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let learner = tokio::spawn(selfplay_learner::run(
-            cfg.clone(),
-            opts,
-            learner_listener,
-            async move {
-                let _ = learner_stop_rx.await;
-            },
-            move |s| progress.step(s),
-        ));
+        let cluster = selfplay_cluster::LocalCluster::start(opts, move |s| progress.step(s)).await?;
         write_ready(
             &args.serve.ready_file,
             serde_json::json!({
-                "coordinator": coord_addr, "learner": learner_addr, "metrics": tele.addr.to_string(),
+                "coordinator": cluster.coordinator_addr, "learner": cluster.learner_addr, "metrics": tele.addr.to_string(),
             }),
         )?;
-
-        // Actors: each on its own thread with its own policy and reference model. The initial
-        // weights are the model on disk (version 0); a resumed run fetches the latest version.
-        let mut actors = vec![];
-        // An actor that stops with an error says so here; when every actor has, the run stops
-        // with their errors instead of waiting forever for rollouts.
-        let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        for i in 0..n_actors {
-            let failed_tx = failed_tx.clone();
-            let (cfg, stop, token, rt) = (cfg.clone(), stop.clone(), token.clone(), tokio::runtime::Handle::current());
-            let opts = selfplay_actor::ActorOptions {
-                run_id: String::new(),
-                coordinator: coord_addr.clone(),
-                learner: learner_addr.clone(),
-                token,
-                actor_id: format!("local-{i}"),
-                patience: Duration::from_secs(120),
-                tls_ca: None,
-            };
-            actors.push(std::thread::Builder::new().name(format!("actor-{i}")).spawn(move || -> Result<()> {
-                let id = opts.actor_id.clone();
-                let played = (|| -> Result<()> {
-                    let kind = cfg.kind_on(dev)?;
-                    let policy = selfplay_policy::Policy::load(&cfg.model.path, dev, kind)?;
-                    let player = Player::new(policy, None, cfg.clone())?;
-                    selfplay_actor::run(player, opts, rt, stop)?;
-                    Ok(())
-                })();
-                if let Err(e) = &played {
-                    tracing::error!(actor = %id, error = %format!("{e:#}"), "actor stopped");
-                    let _ = failed_tx.send(format!("{id}: {e:#}"));
-                }
-                played
-            })?);
-        }
-        drop(failed_tx);
-
-        let mut learner = learner;
-        let mut failures: Vec<String> = vec![];
-        let result = loop {
-            tokio::select! {
-                r = &mut learner => break r,
-                _ = shutdown_signal() => {
-                    selfplay_proto::health::health().stopping();
-                    let _ = learner_stop_tx.send(());
-                    break learner.await;
-                }
-                Some(failure) = failed_rx.recv() => {
-                    failures.push(failure);
-                    if failures.len() == n_actors {
-                        selfplay_proto::health::health().stopping();
-                        let _ = learner_stop_tx.send(());
-                        break learner.await;
-                    }
-                }
-            }
-        };
-        stop.store(true, Ordering::SeqCst);
-        if failures.len() == n_actors {
-            let _ = coord_stop_tx.send(());
-            let _ = coordinator.await;
-            anyhow::bail!("every actor stopped, so the run cannot go on: {}", failures.join("; "));
-        }
-        let summary = result??;
-        for a in actors {
-            // Actors finish their unit and leave; a unit cut short is re-issued on resume.
-            let _ = tokio::task::spawn_blocking(move || a.join()).await;
-        }
-        let _ = coord_stop_tx.send(());
-        let _ = coordinator.await;
+        let summary = cluster.run(shutdown_signal()).await?.learner;
         eprintln!(
             "done: {} steps; checkpoint {}",
             summary.steps,
@@ -543,6 +453,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
         actor_id: args.actor_id.clone().unwrap_or_else(selfplay_actor::default_actor_id),
         patience: Duration::from_secs(300),
         tls_ca: args.tls_ca.clone(),
+        units_in_flight: cfg.actor.units_for(dev),
     };
     let summary = selfplay_actor::run(player, opts, rt.handle().clone(), stop)?;
     eprintln!(

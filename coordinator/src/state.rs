@@ -697,6 +697,16 @@ impl State {
         if released > 0 {
             self.generation += 1;
         }
+        // An actor that plays several units at once takes no more than its share of the
+        // outstanding work, so that the units of a step spread over every actor instead of
+        // filling the first one's batch. Its first unit is never refused.
+        let share = (self.units_pending() + self.units_leased()).div_ceil(self.members.len().max(1));
+        if let Some(member) = self.members.get_mut(actor) {
+            if !member.units.is_empty() && member.units.len() >= share {
+                member.last_seen = now;
+                return Ok((None, released));
+            }
+        }
         Ok((self.lease(actor, now)?, released))
     }
 
@@ -983,6 +993,40 @@ mod tests {
         let (u2, released) = s.lease_holding("a", std::slice::from_ref(&lost.unit_id), t0).unwrap();
         assert_eq!((u2.unwrap().unit_id.as_str(), released), ("s1-u1", 0));
         assert_eq!(s.units_leased(), 2);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn units_of_a_step_spread_over_the_actors_that_list_their_holdings() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.join("b", "", t0).unwrap();
+        s.open_step(spec(1, 8)).unwrap();
+        // "a" asks for as many as it can play; it gets its share of the 8, 4.
+        let mut held: Vec<String> = vec![];
+        while let (Some(u), _) = s.lease_holding("a", &held, t0).unwrap() {
+            held.push(u.unit_id);
+        }
+        assert_eq!(held.len(), 4);
+        let mut held_b: Vec<String> = vec![];
+        while let (Some(u), _) = s.lease_holding("b", &held_b, t0).unwrap() {
+            held_b.push(u.unit_id);
+        }
+        assert_eq!((held_b.len(), s.units_pending()), (4, 0));
+        s.check_invariants();
+        // Alone, an actor takes every unit; a first unit is never refused.
+        let mut s = State::new(0, TTL, t0);
+        s.join("a", "", t0).unwrap();
+        s.open_step(spec(1, 3)).unwrap();
+        let mut held: Vec<String> = vec![];
+        while let (Some(u), _) = s.lease_holding("a", &held, t0).unwrap() {
+            held.push(u.unit_id);
+        }
+        assert_eq!(held.len(), 3);
+        s.join("b", "", t0).unwrap();
+        s.open_step(spec(2, 1)).unwrap();
+        assert!(s.lease_holding("b", &[], t0).unwrap().0.is_some());
         s.check_invariants();
     }
 

@@ -33,6 +33,7 @@ pub struct Config {
     pub reward: RewardConfig,
     pub loss: LossConfig,
     pub optim: OptimConfig,
+    pub actor: ActorConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +93,36 @@ pub struct GameConfig {
     /// GRPO mode: the training prompts, a JSON list or JSONL of objects with "instruction"
     /// (or "prompt"), or of strings.
     pub prompts_file: PathBuf,
+}
+
+/// How an actor plays: how many units it plays together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActorConfig {
+    /// K: units an actor leases and plays at once (their queries in one batch, their K x G
+    /// answers in one, and so on). 0 = the device's default ([`ActorConfig::units_for`]);
+    /// 1 = one unit at a time.
+    pub units_in_flight: usize,
+}
+
+impl ActorConfig {
+    /// Default K on a CPU: one unit at a time. On the 2-core development VM, shared with other
+    /// jobs, `selfplay bench rollout` played 8 units at K = 8 no faster than at K = 1 (0.74x and
+    /// 0.88x in two runs, BENCHMARKS.md): with the cores busy, the rows of a batch that finished
+    /// early still cost compute. Set `actor.units_in_flight` to batch anyway.
+    pub const CPU_UNITS_IN_FLIGHT: usize = 1;
+    /// Default K on a CUDA device: K x G = 128 answers in flight keeps a GPU busy with a small
+    /// model, and the generator caps what runs at once anyway.
+    pub const CUDA_UNITS_IN_FLIGHT: usize = 32;
+
+    /// K in effect on `device`.
+    pub fn units_for(&self, device: tch::Device) -> usize {
+        match (self.units_in_flight, device) {
+            (0, tch::Device::Cpu) => Self::CPU_UNITS_IN_FLIGHT,
+            (0, _) => Self::CUDA_UNITS_IN_FLIGHT,
+            (k, _) => k,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -370,6 +401,11 @@ impl Default for GameConfig {
         }
     }
 }
+impl Default for ActorConfig {
+    fn default() -> Self {
+        ActorConfig { units_in_flight: 0 }
+    }
+}
 impl Default for RoleSampling {
     fn default() -> Self {
         RoleSampling { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 256 }
@@ -435,6 +471,7 @@ impl Default for Config {
             reward: RewardConfig::default(),
             loss: LossConfig::default(),
             optim: OptimConfig::default(),
+            actor: ActorConfig::default(),
         }
     }
 }
@@ -564,6 +601,10 @@ impl Config {
             format!("model.reference_device must be empty, {DEVICE_WORDS}; got {r:?}"),
         );
         need(self.reward.scale.is_finite(), "reward.scale must be finite".into());
+        need(
+            self.actor.units_in_flight <= MAX_UNITS_IN_FLIGHT,
+            format!("actor.units_in_flight must be in 0..={MAX_UNITS_IN_FLIGHT}, got {}", self.actor.units_in_flight),
+        );
         errs.extend(self.reward_errors());
         if errs.is_empty() {
             Ok(())
@@ -682,6 +723,9 @@ impl RuleConfig {
         Ok(())
     }
 }
+/// The most units one actor may hold at once (the coordinator's per-step limit is larger;
+/// this bounds the memory of one batch).
+pub const MAX_UNITS_IN_FLIGHT: usize = 1024;
 
 /// `a.b.c=value`: value parsed as TOML (numbers, booleans, arrays, quoted strings), else taken
 /// as a bare string.
@@ -857,5 +901,17 @@ address = "http://127.0.0.1:50053"
         let c = Config::load(None, &[format!("model.reference_device=\"cuda:{n}\"")]).unwrap();
         let e = c.reference_device(Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("model.reference_device") && e.contains(&format!("cuda:{n}")), "{e}");
+        let e = Config::load(None, &["actor.units_in_flight=5000".into()]).unwrap_err().to_string();
+        assert!(e.contains("actor.units_in_flight"), "{e}");
+    }
+
+    #[test]
+    fn units_in_flight_defaults_per_device() {
+        let c = Config::load(None, &[]).unwrap();
+        assert_eq!(c.actor.units_for(tch::Device::Cpu), ActorConfig::CPU_UNITS_IN_FLIGHT);
+        assert_eq!(c.actor.units_for(tch::Device::Cuda(0)), ActorConfig::CUDA_UNITS_IN_FLIGHT);
+        let one = Config::load(None, &["actor.units_in_flight=1".into()]).unwrap();
+        assert_eq!(one.actor.units_for(tch::Device::Cpu), 1);
+        assert_eq!(one.actor.units_for(tch::Device::Cuda(0)), 1);
     }
 }

@@ -7,6 +7,7 @@ use crate::judge::Judge;
 use crate::prompts::{challenger_prompt, DEFAULT_CHALLENGER_PROMPT, DEFAULT_JUDGE_PROMPT};
 use crate::reward::RewardSource;
 use crate::rollout::{AnswerData, RolloutGroup, SequenceData};
+use selfplay_policy::generate::{generate_requests, row_seed, GenRequest};
 use selfplay_policy::{scoring, ChatMessage, Policy};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -125,47 +126,82 @@ impl Player {
             .collect())
     }
 
-    /// Plays one unit with the current policy weights (`weights_version`).
+    /// Plays one unit with the current policy weights (`weights_version`): a batch of one.
     pub fn play(&mut self, unit: &Unit, weights_version: u64, actor_id: &str) -> Result<(RolloutGroup, PlayStats)> {
+        let (mut groups, stats) = self.play_batch(std::slice::from_ref(unit), weights_version, actor_id)?;
+        Ok((groups.pop().expect("one unit, one group"), stats))
+    }
+
+    /// Plays several units at once, one group per unit in order: the K challenger queries in
+    /// one generation, then all K x G answers in one, then the rewards, the self-reward
+    /// judgements and the reference log-probs of every sequence, each over the whole batch.
+    ///
+    /// Every sampled row draws from its own random stream, derived from its unit's seed alone
+    /// ([`challenger_seed`], [`answer_seed`]), so which units share a batch changes a unit's
+    /// tokens only through floating-point effects, and a batch of one is exactly [`Self::play`].
+    /// `play_seconds` of each group is the wall time of the whole batch.
+    pub fn play_batch(
+        &mut self,
+        units: &[Unit],
+        weights_version: u64,
+        actor_id: &str,
+    ) -> Result<(Vec<RolloutGroup>, PlayStats)> {
         let t_start = Instant::now();
         let mut stats = PlayStats::default();
+        if units.is_empty() {
+            return Ok((vec![], stats));
+        }
         let g = self.cfg.game.group_size;
         let mode = self.cfg.game.mode;
+        let (model, tok, eos) = (&self.policy.model, &self.policy.tokenizer, self.policy.eos_ids.as_slice());
 
-        // 1. The query: the challenger's instruction, or the data prompt.
+        // 1. The queries: the challengers' instructions in one batch, or the data prompts.
         let t = Instant::now();
-        let (challenger, query) = if mode.has_challenger() {
-            let text = challenger_prompt(&self.challenger_prompt, &unit.task, &unit.template);
-            let ids = self.policy.tokenizer.encode_chat(&[ChatMessage::user(text)], true)?;
-            let out = self.policy.generate(&[ids], &self.cfg.challenger.to_sampling(unit.seed))?;
-            let c = out.into_iter().next().expect("one prompt, one completion");
-            stats.generated_tokens += c.completion_ids.len() as u64;
-            let query = c.text.trim().to_string();
-            let seq = SequenceData {
-                prompt_ids: c.prompt_ids,
-                completion_ids: c.completion_ids,
-                behaviour_logprobs: c.logprobs,
-                ref_logprobs: vec![],
-                text: c.text,
-            };
-            (Some(seq), query)
+        let (challengers, queries): (Vec<Option<SequenceData>>, Vec<String>) = if mode.has_challenger() {
+            let reqs = units
+                .iter()
+                .map(|u| {
+                    let text = challenger_prompt(&self.challenger_prompt, &u.task, &u.template);
+                    let prompt_ids = tok.encode_chat(&[ChatMessage::user(text)], true)?;
+                    Ok(GenRequest { prompt_ids, seed: challenger_seed(u.seed) })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = generate_requests(model, tok, &reqs, &self.cfg.challenger.to_sampling(0), eos)?;
+            out.into_iter()
+                .map(|c| {
+                    stats.generated_tokens += c.completion_ids.len() as u64;
+                    let query = c.text.trim().to_string();
+                    let seq = SequenceData {
+                        prompt_ids: c.prompt_ids,
+                        completion_ids: c.completion_ids,
+                        behaviour_logprobs: c.logprobs,
+                        ref_logprobs: vec![],
+                        text: c.text,
+                    };
+                    (Some(seq), query)
+                })
+                .unzip()
         } else {
-            if unit.prompt.trim().is_empty() {
-                return Err(GameError::Config(format!("unit {} has no prompt (grpo mode)", unit.unit_id)));
+            if let Some(u) = units.iter().find(|u| u.prompt.trim().is_empty()) {
+                return Err(GameError::Config(format!("unit {} has no prompt (grpo mode)", u.unit_id)));
             }
-            (None, unit.prompt.clone())
+            (vec![None; units.len()], units.iter().map(|u| u.prompt.clone()).collect())
         };
 
-        // 2. G answers in one batch.
-        let solver_prompt = self.policy.tokenizer.encode_chat(&[ChatMessage::user(query.clone())], true)?;
-        let prompts = vec![solver_prompt; g];
-        let answers = self.policy.generate(&prompts, &self.cfg.solver.to_sampling(unit.seed.wrapping_add(1)))?;
+        // 2. G answers per unit, all in one batch.
+        let mut reqs = Vec::with_capacity(units.len() * g);
+        for (u, query) in units.iter().zip(&queries) {
+            let prompt_ids = tok.encode_chat(&[ChatMessage::user(query.clone())], true)?;
+            reqs.extend((0..g).map(|j| GenRequest { prompt_ids: prompt_ids.clone(), seed: answer_seed(u.seed, j) }));
+        }
+        let answers = generate_requests(model, tok, &reqs, &self.cfg.solver.to_sampling(0), eos)?;
         stats.generated_tokens += answers.iter().map(|a| a.completion_ids.len() as u64).sum::<u64>();
         stats.generation_seconds = t.elapsed().as_secs_f64();
 
-        // 3. Rewards.
+        // 3. Rewards and self-rewards of every answer of every unit.
         let t = Instant::now();
-        let pairs: Vec<(String, String)> = answers.iter().map(|a| (query.clone(), a.text.clone())).collect();
+        let pairs: Vec<(String, String)> =
+            answers.iter().enumerate().map(|(i, a)| (queries[i / g].clone(), a.text.clone())).collect();
         let rewards = self.reward.score(&pairs, &self.reference)?;
         stats.reward_seconds = t.elapsed().as_secs_f64();
         let t = Instant::now();
@@ -176,57 +212,73 @@ impl Player {
         stats.judge_fallbacks = judgements.iter().filter(|j| j.fallback).count() as u64;
         stats.judge_seconds = t.elapsed().as_secs_f64();
 
-        // 4. Reference log-probs of every sequence, in one batch.
+        // 4. Reference log-probs of every sequence, in one batch: each unit's answers, then its
+        // challenger turn.
         let t = Instant::now();
-        let mut seqs: Vec<(Vec<i64>, Vec<i64>)> =
-            answers.iter().map(|a| (a.prompt_ids.clone(), a.completion_ids.clone())).collect();
-        if let Some(c) = &challenger {
-            seqs.push((c.prompt_ids.clone(), c.completion_ids.clone()));
+        let mut seqs: Vec<(Vec<i64>, Vec<i64>)> = Vec::with_capacity(units.len() * (g + 1));
+        for (k, c) in challengers.iter().enumerate() {
+            seqs.extend(answers[k * g..(k + 1) * g].iter().map(|a| (a.prompt_ids.clone(), a.completion_ids.clone())));
+            if let Some(c) = c {
+                seqs.push((c.prompt_ids.clone(), c.completion_ids.clone()));
+            }
         }
-        let mut ref_lps = self.reference_logprobs(&seqs)?;
+        let mut ref_lps = self.reference_logprobs(&seqs)?.into_iter();
         stats.reference_seconds = t.elapsed().as_secs_f64();
-        let challenger = challenger.map(|mut c| {
-            c.ref_logprobs = ref_lps.pop().expect("challenger row");
-            c
-        });
 
         let scale = self.cfg.reward.scale;
-        let answers: Vec<AnswerData> = answers
-            .into_iter()
-            .zip(ref_lps)
-            .enumerate()
-            .map(|(j, (a, ref_lp))| {
-                let (self_reward, parsed) = match judgements.get(j) {
+        let play_seconds = t_start.elapsed().as_secs_f64();
+        let mut answers = answers.into_iter().enumerate();
+        let mut groups = Vec::with_capacity(units.len());
+        for (unit, challenger) in units.iter().zip(challengers) {
+            let mut group_answers = Vec::with_capacity(g);
+            for (i, a) in answers.by_ref().take(g) {
+                let (self_reward, parsed) = match judgements.get(i) {
                     Some(jd) => (jd.score.unwrap_or(0.0), jd.score.is_some()),
                     None => (0.0, true),
                 };
                 if !parsed {
                     stats.parse_failures += 1;
                 }
-                AnswerData {
+                group_answers.push(AnswerData {
                     sequence: SequenceData {
                         prompt_ids: a.prompt_ids,
                         completion_ids: a.completion_ids,
                         behaviour_logprobs: a.logprobs,
-                        ref_logprobs: ref_lp,
+                        ref_logprobs: ref_lps.next().expect("one reference row per answer"),
                         text: a.text,
                     },
-                    reward: (rewards[j] * scale) as f32,
+                    reward: (rewards[i] * scale) as f32,
                     self_reward: self_reward as f32,
                     self_reward_parsed: parsed,
-                }
-            })
-            .collect();
-        let group = RolloutGroup {
-            unit_id: unit.unit_id.clone(),
-            step: unit.step,
-            weights_version,
-            actor_id: actor_id.to_string(),
-            challenger,
-            answers,
-            play_seconds: t_start.elapsed().as_secs_f64(),
-            epoch: 0,
-        };
-        Ok((group, stats))
+                });
+            }
+            let challenger = challenger.map(|mut c| {
+                c.ref_logprobs = ref_lps.next().expect("one reference row per challenger turn");
+                c
+            });
+            groups.push(RolloutGroup {
+                unit_id: unit.unit_id.clone(),
+                step: unit.step,
+                weights_version,
+                actor_id: actor_id.to_string(),
+                challenger,
+                answers: group_answers,
+                play_seconds,
+                epoch: 0,
+            });
+        }
+        Ok((groups, stats))
     }
+}
+
+/// The random stream of a unit's challenger turn: row 0 of the unit's seed, as a batch of one
+/// sampled with `seed = unit.seed` draws.
+pub fn challenger_seed(unit_seed: u64) -> u64 {
+    row_seed(unit_seed, 0)
+}
+
+/// The random stream of answer `j` of a unit: row `j` of the unit's seed + 1, as the G answers
+/// sampled together with `seed = unit.seed + 1` draw.
+pub fn answer_seed(unit_seed: u64, j: usize) -> u64 {
+    row_seed(unit_seed.wrapping_add(1), j)
 }

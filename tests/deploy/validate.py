@@ -616,7 +616,7 @@ ENV_EXCEPTIONS = {"--set"}
 def source_flags():
     """Every long flag declared in cli/src (no binary at hand: one set for all commands)."""
     flags = {"--help", "--version"}
-    for f in sorted((ROOT / "cli/src").glob("*.rs")):
+    for f in sorted([*(ROOT / "cli/src").glob("*.rs"), *(ROOT / "bench/src").glob("*.rs")]):
         for m in re.finditer(r"#\[arg\((.*?)\)\]\s*(?:pub\s+)?(\w+)\s*:", f.read_text(), re.S):
             if not re.search(r"\blong\b", m.group(1)):
                 continue

@@ -3,7 +3,7 @@
   python bench_hf.py generate [options]   batched sampling with `model.generate` (KV cache on)
   python bench_hf.py score [options]      forward + backward of completion log-probs
 
-The workload mirrors cli/src/bench.rs exactly:
+The workload mirrors bench/src/generate.rs exactly:
   * model: the Hugging Face directory --model (default $SELFPLAY_MODEL), --dtype, --device;
   * prompts: the first --batch AlpacaEval instructions (field "instruction"), each rendered as
     one user turn with the tokenizer's chat template (add_generation_prompt=True);

@@ -1,34 +1,10 @@
-//! `selfplay bench`: generation and training-side scoring throughput, printed as JSON so that
-//! scripts/bench.sh can put them beside transformers' figures.
-#[path = "bench_runtime.rs"]
-mod bench_runtime;
-
+//! `selfplay bench generate|score`: generation and training-side scoring throughput, printed
+//! as JSON so that scripts/bench.sh can put them beside transformers' figures.
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
 use selfplay_policy::{generate::generate, scoring::completion_logprobs, SamplingConfig};
 use std::path::PathBuf;
 use std::time::Instant;
-
-#[derive(clap::Subcommand)]
-pub enum BenchCommand {
-    /// Batched sampling throughput on AlpacaEval prompts (EOS ignored: every row makes
-    /// exactly --max-new-tokens tokens, so runs are comparable).
-    Generate(BenchGenerateArgs),
-    /// Training-side scoring: forward + backward of completion log-probs.
-    Score(BenchGenerateArgs),
-    /// Self-reward modes compared on the same judgements: parse rate, agreement, speed.
-    Judge(crate::bench_judge::BenchJudgeArgs),
-    /// Runtime: publish a model's weights to a coordinator once and fetch them with
-    /// 1, 2, 4... concurrent light actors over loopback.
-    Weights(bench_runtime::WeightsArgs),
-    /// Runtime: coordinator capacity with simulated light actors against a
-    /// coordinator child process (RPCs/s and its CPU use).
-    Coordinator(bench_runtime::CoordinatorArgs),
-    /// Runtime: learner ingest of synthetic rollout groups (validation + dedup).
-    Ingest(bench_runtime::IngestArgs),
-    /// Continuous against static batching on one sampled workload of mixed lengths.
-    Batching(crate::bench_batching::BatchingArgs),
-}
 
 #[derive(clap::Args, Debug)]
 pub struct BenchGenerateArgs {
@@ -47,18 +23,6 @@ pub struct BenchGenerateArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-}
-
-pub fn run(cmd: BenchCommand) -> Result<()> {
-    match cmd {
-        BenchCommand::Generate(a) => bench_generate(a),
-        BenchCommand::Score(a) => bench_score(a),
-        BenchCommand::Weights(a) => bench_runtime::weights(a),
-        BenchCommand::Coordinator(a) => bench_runtime::coordinator(a),
-        BenchCommand::Ingest(a) => bench_runtime::ingest(a),
-        BenchCommand::Judge(a) => crate::bench_judge::run(a),
-        BenchCommand::Batching(a) => crate::bench_batching::run(a),
-    }
 }
 
 fn load_prompts(path: &PathBuf, n: usize) -> Result<Vec<String>> {
@@ -87,7 +51,7 @@ fn report(name: &str, a: &BenchGenerateArgs, tokens: usize, secs: &[f64], extra:
     );
 }
 
-fn bench_generate(a: BenchGenerateArgs) -> Result<()> {
+pub fn bench_generate(a: BenchGenerateArgs) -> Result<()> {
     let policy = a.model.load()?;
     let prompts: Vec<Vec<i64>> =
         load_prompts(&a.prompts, a.batch)?.iter().map(|p| policy.user_prompt(p)).collect::<Result<_, _>>()?;
@@ -112,7 +76,7 @@ fn bench_generate(a: BenchGenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_score(a: BenchGenerateArgs) -> Result<()> {
+pub fn bench_score(a: BenchGenerateArgs) -> Result<()> {
     let mut policy = a.model.load()?;
     let prompts: Vec<Vec<i64>> =
         load_prompts(&a.prompts, a.batch)?.iter().map(|p| policy.user_prompt(p)).collect::<Result<_, _>>()?;

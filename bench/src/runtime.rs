@@ -63,7 +63,7 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-fn machine() -> serde_json::Value {
+pub(crate) fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -1,0 +1,113 @@
+//! A [`LocalCluster`] on tiny random models: every role in this process over loopback gRPC,
+//! actors playing several units at once. The runs that kill nothing live here; crashes and
+//! partitions need real processes (cli/tests).
+use selfplay_cluster::{plan_devices, LocalCluster, LocalClusterOptions, RunSummary};
+use selfplay_game::Config;
+use std::collections::HashSet;
+use std::path::Path;
+use tch::Device;
+
+const N: usize = 4;
+const STEPS: u64 = 4;
+
+fn config(dir: &Path, extra: &[&str]) -> Config {
+    let model = dir.join("model");
+    let rm = dir.join("rm");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::create_dir_all(&rm).unwrap();
+    selfplay_tests::tiny_model(&model, "gqa_tied", 7);
+    selfplay_tests::tiny_reward_model(&rm, "gqa_tied", 8);
+    let mut set: Vec<String> = vec![
+        "run.seed=3".into(),
+        format!("run.steps={STEPS}"),
+        format!("run.out_dir={:?}", dir.join("run").to_str().unwrap()),
+        "run.checkpoint_every=0".into(),
+        format!("model.path={:?}", model.to_str().unwrap()),
+        "model.device=\"cpu\"".into(),
+        "game.mode=\"lsp-zero\"".into(),
+        format!("game.queries_per_step={N}"),
+        "game.group_size=2".into(),
+        "challenger.max_new_tokens=6".into(),
+        "solver.max_new_tokens=8".into(),
+        "reward.kind=\"model\"".into(),
+        format!("reward.path={:?}", rm.to_str().unwrap()),
+        "optim.lr=1e-3".into(),
+        "optim.grad_accum=1".into(),
+    ];
+    set.extend(extra.iter().map(|s| s.to_string()));
+    Config::load(None, &set).unwrap()
+}
+
+fn run(cfg: &Config, actors: usize, max_policy_lag: u64) -> RunSummary {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut opts = LocalClusterOptions::new(cfg.clone(), plan_devices(Device::Cpu, 0, Some(actors), &[]).unwrap());
+    opts.max_policy_lag = max_policy_lag;
+    rt.block_on(async {
+        let cluster = LocalCluster::start(opts, |_| {}).await.unwrap();
+        cluster.run(std::future::pending()).await.unwrap()
+    })
+}
+
+/// The step log; every step trained exactly N distinct units of the run, none twice.
+fn steps(cfg: &Config) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(cfg.run.out_dir.join("steps.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(steps.len(), STEPS as usize, "steps logged");
+    let mut seen = HashSet::new();
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["stats"]["step"].as_u64(), Some(i as u64 + 1));
+        let units = s["units"].as_array().unwrap();
+        assert_eq!(units.len(), N, "step {} has {} groups", i + 1, units.len());
+        for u in units {
+            assert!(seen.insert(u["unit_id"].as_str().unwrap().to_string()), "unit {u} consumed twice");
+        }
+    }
+    steps
+}
+
+#[test]
+fn two_actors_playing_two_units_at_once_share_every_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &["actor.units_in_flight=2"]);
+    let summary = run(&cfg, 2, 0);
+    assert_eq!(summary.learner.steps, STEPS);
+    let steps = steps(&cfg);
+    let actors: HashSet<&str> = steps
+        .iter()
+        .flat_map(|s| s["units"].as_array().unwrap().iter().map(|u| u["actor_id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(actors, HashSet::from(["local-0", "local-1"]), "both actors contributed");
+    // Synchronous mode: every group was sampled by the version it trained.
+    for (i, s) in steps.iter().enumerate() {
+        for u in s["units"].as_array().unwrap() {
+            assert_eq!(u["weights_version"].as_u64(), Some(i as u64), "{u}");
+        }
+    }
+    // Units were played two at a time, never more: K = 2.
+    let actors: Vec<_> = summary.actors.into_iter().map(|a| a.unwrap()).collect();
+    assert!(actors.iter().all(|a| a.largest_batch <= 2), "{actors:?}");
+    assert!(actors.iter().any(|a| a.largest_batch == 2), "no batch of two units: {actors:?}");
+    let done: u64 = actors.iter().map(|a| a.units_done).sum();
+    assert!(done >= N as u64 * STEPS, "{actors:?}");
+}
+
+#[test]
+fn in_asynchronous_mode_one_batch_takes_units_of_several_open_steps_within_the_lag() {
+    let tmp = tempfile::tempdir().unwrap();
+    // K = 8 > N: with steps opened two versions ahead, one batch takes units of several steps.
+    let cfg = config(tmp.path(), &["actor.units_in_flight=8"]);
+    let summary = run(&cfg, 1, 2);
+    let steps = steps(&cfg);
+    let mut stale = 0;
+    for s in &steps {
+        let v = s["stats"]["step"].as_u64().unwrap() - 1;
+        for u in s["units"].as_array().unwrap() {
+            let lag = v - u["weights_version"].as_u64().unwrap();
+            assert!(lag <= 2, "a group {lag} versions old trained with lag 2");
+            stale += lag;
+        }
+    }
+    assert!(stale > 0, "asynchronous mode never trained on an older version");
+    let actor = summary.actors.into_iter().next().unwrap().unwrap();
+    assert!(actor.largest_batch > N, "a batch never reached past one step's units: {actor:?}");
+}
