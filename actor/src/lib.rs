@@ -6,7 +6,7 @@
 pub mod reward_service;
 
 use selfplay_game::Player;
-use selfplay_proto::auth::BearerToken;
+use selfplay_proto::auth::Credential;
 use selfplay_proto::client::{coordinator_client, learner_client, AuthChannel};
 use selfplay_proto::error::RpcError;
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
@@ -42,7 +42,8 @@ pub struct ActorOptions {
     pub run_id: String,
     pub coordinator: String,
     pub learner: String,
-    pub token: BearerToken,
+    /// The actor credential (a file credential follows its file through a rotation).
+    pub credential: Credential,
     pub actor_id: String,
     /// Give up when the coordinator stays unreachable this long.
     pub patience: Duration,
@@ -160,7 +161,10 @@ pub fn run(
     let mut conn = rt.block_on(async {
         let c = connect(&opts.coordinator, opts.tls_ca.as_deref(), patience).await?;
         let l = connect(&opts.learner, opts.tls_ca.as_deref(), patience).await?;
-        Ok::<_, ActorError>(Conn { coord: coordinator_client(c, &opts.token), learner: learner_client(l, &opts.token) })
+        Ok::<_, ActorError>(Conn {
+            coord: coordinator_client(c, &opts.credential),
+            learner: learner_client(l, &opts.credential),
+        })
     })?;
     let device = format!("{:?}", player.policy.model.device());
     let join = |conn: &mut Conn| -> Result<u64, ActorError> {
@@ -242,7 +246,10 @@ pub fn run(
             continue;
         };
         let epoch = unit.epoch;
-        let lease = (unit.epoch, unit.incarnation);
+        // The lease's ticket goes back with the group and the report: proof that they come
+        // from the actor the unit was leased to.
+        let ticket = unit.ticket.clone();
+        let lease = (unit.epoch, unit.incarnation, ticket.as_str());
 
         // Weights of the unit's epoch, at least as new as the unit needs. Weights of another
         // epoch may belong to a future the learner no longer has (it restarted from an older
@@ -342,7 +349,7 @@ pub fn run(
             metrics::histogram!("selfplay_actor_self_reward").record(a.self_reward as f64);
         }
 
-        let wire: selfplay_proto::v1::RolloutGroup = group.into();
+        let wire = selfplay_proto::v1::RolloutGroup { ticket: ticket.clone(), ..group.into() };
         // Stopping: one try only (the learner may already be gone); the unit is handed back.
         let submit_patience = if stop.load(Ordering::SeqCst) { Duration::ZERO } else { patience };
         let ack = rt.block_on(retry("SubmitRollouts", submit_patience, || {
@@ -410,7 +417,7 @@ fn complete(
     opts: &ActorOptions,
     unit_id: &str,
     done: bool,
-    (epoch, incarnation): (u64, u32),
+    (epoch, incarnation, ticket): (u64, u32, &str),
 ) -> bool {
     let req = CompleteWorkRequest {
         actor_id: opts.actor_id.clone(),
@@ -418,6 +425,7 @@ fn complete(
         done,
         epoch,
         incarnation: Some(incarnation),
+        ticket: ticket.to_string(),
     };
     let r = rt.block_on(retry("CompleteWork", opts.patience, || {
         let mut c = conn.coord.clone();
