@@ -890,3 +890,17 @@ async fn credentials_rotate_without_a_restart() {
     drop((actor, learner, old_only, new_only));
     server.stop().await;
 }
+
+/// A coordinator refuses to start when two roles share a token (the lesser role would get the
+/// greater one's rights) or when a required credential file is not given.
+#[test]
+fn roles_sharing_a_token_or_missing_credentials_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = Credential::generate();
+    let creds = Creds { learner: shared.clone(), actor: shared, operator: Credential::generate() };
+    let err = selfplay_coordinator::CoordinatorService::open(&config(dir.path(), 10_000, &creds)).unwrap_err();
+    assert!(err.to_string().contains("share a token"), "{err}");
+    let no_files = CoordinatorConfig { state_dir: dir.path().join("s"), ..CoordinatorConfig::default() };
+    let err = selfplay_coordinator::CoordinatorService::open(&no_files).unwrap_err();
+    assert!(err.to_string().contains("learner_tokens_file"), "{err}");
+}

@@ -224,10 +224,10 @@ def credential_errors(cname, o, c, volumes):
         if m.get("subPath"):
             errs.append(f"{cname}: Secret {sec['secretName']} mounted with subPath (a rotated Secret never arrives)")
         if role not in may:
-            errs.append(f"{cname}: a {component} must not mount the {role} credential ({sec['secretName']})")
+            errs.append(f"{cname}: {component} pods must not mount the {role} credential ({sec['secretName']})")
         mounted[m["mountPath"].rstrip("/") + "/"] = role
     for role in must - set(mounted.values()):
-        errs.append(f"{cname}: a {component} needs the {role} credential ({ROLE_SECRET[role]}) mounted")
+        errs.append(f"{cname}: {component} pods need the {role} credential ({ROLE_SECRET[role]}) mounted")
     for a in args:
         flag, _, path = a.partition("=")
         if flag not in CREDENTIAL_FLAGS:
