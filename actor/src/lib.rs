@@ -7,7 +7,7 @@
 pub mod reward_service;
 
 use selfplay_game::Player;
-use selfplay_proto::auth::BearerToken;
+use selfplay_proto::auth::Credential;
 use selfplay_proto::client::{coordinator_client, learner_client, AuthChannel};
 use selfplay_proto::error::RpcError;
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
@@ -43,7 +43,8 @@ pub struct ActorOptions {
     pub run_id: String,
     pub coordinator: String,
     pub learner: String,
-    pub token: BearerToken,
+    /// The actor credential (a file credential follows its file through a rotation).
+    pub credential: Credential,
     pub actor_id: String,
     /// Give up when the coordinator stays unreachable this long.
     pub patience: Duration,
@@ -178,7 +179,10 @@ pub fn run(
     let mut conn = rt.block_on(async {
         let c = connect(&opts.coordinator, opts.tls_ca.as_deref(), patience).await?;
         let l = connect(&opts.learner, opts.tls_ca.as_deref(), patience).await?;
-        Ok::<_, ActorError>(Conn { coord: coordinator_client(c, &opts.token), learner: learner_client(l, &opts.token) })
+        Ok::<_, ActorError>(Conn {
+            coord: coordinator_client(c, &opts.credential),
+            learner: learner_client(l, &opts.credential),
+        })
     })?;
     let device = format!("{:?}", player.policy.model.device());
     let join = |conn: &mut Conn| -> Result<u64, ActorError> {
@@ -276,7 +280,7 @@ pub fn run(
                 // old one: those units are void.
                 Some(e) if e < unit.epoch => units.clear(),
                 Some(e) if e > unit.epoch => {
-                    complete(&rt, &conn, &opts, &unit.unit_id, false, (unit.epoch, unit.incarnation));
+                    complete(&rt, &conn, &opts, &unit.unit_id, false, (unit.epoch, unit.incarnation, &unit.ticket));
                     break;
                 }
                 _ => {}
@@ -296,7 +300,7 @@ pub fn run(
         let min_weights_version = units.iter().map(|u| u.min_weights_version).max().unwrap_or(0);
         let hand_back = |units: &[WorkUnit]| {
             for u in units {
-                complete(&rt, &conn, &opts, &u.unit_id, false, (u.epoch, u.incarnation));
+                complete(&rt, &conn, &opts, &u.unit_id, false, (u.epoch, u.incarnation, &u.ticket));
             }
         };
 
@@ -455,8 +459,10 @@ fn deliver(
     group: selfplay_game::RolloutGroup,
 ) -> Delivered {
     let unit_id = unit.unit_id.as_str();
-    let lease = (unit.epoch, unit.incarnation);
-    let wire: selfplay_proto::v1::RolloutGroup = group.into();
+    // The lease's ticket goes back with the group and the report: proof that they come from
+    // the actor the unit was leased to.
+    let lease = (unit.epoch, unit.incarnation, unit.ticket.as_str());
+    let wire = selfplay_proto::v1::RolloutGroup { ticket: unit.ticket.clone(), ..group.into() };
     // Stopping: one try only (the learner may already be gone); the unit is handed back.
     let submit_patience = if stop.load(Ordering::SeqCst) { Duration::ZERO } else { opts.patience };
     let ack = rt.block_on(retry("SubmitRollouts", submit_patience, || {
@@ -515,7 +521,7 @@ fn complete(
     opts: &ActorOptions,
     unit_id: &str,
     done: bool,
-    (epoch, incarnation): (u64, u32),
+    (epoch, incarnation, ticket): (u64, u32, &str),
 ) -> bool {
     let req = CompleteWorkRequest {
         actor_id: opts.actor_id.clone(),
@@ -523,6 +529,7 @@ fn complete(
         done,
         epoch,
         incarnation: Some(incarnation),
+        ticket: ticket.to_string(),
     };
     let r = rt.block_on(retry("CompleteWork", opts.patience, || {
         let mut c = conn.coord.clone();

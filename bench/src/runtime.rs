@@ -15,8 +15,8 @@
 //!
 //! Each prints one JSON object per measurement on stdout.
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use selfplay_coordinator::{CoordinatorConfig, CoordinatorService};
-use selfplay_proto::auth::{BearerToken, ServerAuth};
+use selfplay_coordinator::{CoordinatorConfig, CoordinatorCredentials, CoordinatorService};
+use selfplay_proto::auth::{Credential, Role, Verifier};
 use selfplay_proto::client::{coordinator_client, learner_client, AuthChannel};
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
 use selfplay_proto::v1::{self, weight_chunk, WeightManifest};
@@ -247,7 +247,6 @@ async fn start_coordinator(
             async move { selfplay_coordinator::serve(cfg, listener, shutdown).await.map_err(anyhow::Error::from) },
         )
     } else {
-        let token = cfg.resolve_token()?;
         let service = CoordinatorService::open(&cfg)?;
         let w = server_window_mib.unwrap_or(8) * 1024 * 1024;
         let mut builder = tonic::transport::Server::builder()
@@ -256,7 +255,7 @@ async fn start_coordinator(
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .max_frame_size(Some(max_frame_kib.map_or(selfplay_proto::client::HTTP2_MAX_FRAME_BYTES, |f| f * 1024)));
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let router = builder.add_service(service.into_server(ServerAuth::new(token, "coordinator")));
+        let router = builder.add_service(service.into_server());
         tokio::spawn(async move {
             router.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(anyhow::Error::from)
         })
@@ -289,22 +288,27 @@ pub fn weights(a: WeightsArgs) -> Result<()> {
     }
 
     let rt = runtime()?;
-    let token = BearerToken::generate();
+    let (learner_cred, actor_cred) = (Credential::generate(), Credential::generate());
     let cfg = CoordinatorConfig {
         state_dir: tmp.path().join("coordinator"),
         keep_versions: 2,
-        token: Some(token.clone()),
+        credentials: Some(CoordinatorCredentials {
+            learner: learner_cred.clone(),
+            actor: actor_cred.clone(),
+            operator: None,
+        }),
         ..Default::default()
     };
     let (addr, stop, server) = rt.block_on(start_coordinator(cfg, a.server_window_mib, a.max_frame_kib))?;
     let client_h2 = H2 { window_mib: a.client_window_mib, max_frame_kib: a.max_frame_kib };
     // The learner's connection, from `selfplay_proto::client::endpoint` as the learner's.
-    let mut learner =
-        rt.block_on(async { Ok::<_, anyhow::Error>(coordinator_client(connect(&addr, client_h2).await?, &token)) })?;
+    let mut learner = rt.block_on(async {
+        Ok::<_, anyhow::Error>(coordinator_client(connect(&addr, client_h2).await?, &learner_cred))
+    })?;
     // Warm-up: one publish and one fetch, not reported (first allocations, page cache).
     rt.block_on(publish(&mut learner, &manifest, &payload, 1))?;
     let (_, first) = rt.block_on(async {
-        fetch(coordinator_client(connect(&addr, client_h2).await?, &token), 1, &manifest, None).await
+        fetch(coordinator_client(connect(&addr, client_h2).await?, &actor_cred), 1, &manifest, None).await
     })?;
     let mut pool: Vec<Vec<u8>> = if a.reuse_buffers { vec![first] } else { vec![] };
 
@@ -324,7 +328,7 @@ pub fn weights(a: WeightsArgs) -> Result<()> {
             let clients: Vec<_> = rt.block_on(async {
                 let mut v = vec![];
                 for _ in 0..k {
-                    v.push(coordinator_client(connect(&addr, client_h2).await?, &token));
+                    v.push(coordinator_client(connect(&addr, client_h2).await?, &actor_cred));
                 }
                 Ok::<_, anyhow::Error>(v)
             })?;
@@ -686,6 +690,7 @@ async fn sim_actor(
                             done: true,
                             epoch: u.epoch,
                             incarnation: Some(u.incarnation),
+                            ticket: u.ticket,
                         };
                         match c.complete_work(req).await {
                             Ok(_) => {
@@ -768,10 +773,16 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         "--actors, --channels and --units-per-step must be positive"
     );
     let tmp = TempDir::new(a.dir.as_deref(), "coordinator")?;
-    let token = BearerToken::generate();
-    let token_file = tmp.path().join("token");
-    std::fs::write(&token_file, token.secret())?;
-    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    // One credential per role, in files as a deployment has them.
+    let token_file = |role: &str| -> Result<(PathBuf, Credential)> {
+        let path = tmp.path().join(format!("{role}.token"));
+        std::fs::write(&path, selfplay_proto::auth::BearerToken::generate().secret())?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let cred = Credential::from_file(&path)?;
+        Ok((path, cred))
+    };
+    let (learner_file, learner_cred) = token_file("learner")?;
+    let (actor_file, actor_cred) = token_file("actor")?;
     let ready = tmp.path().join("ready.json");
     let log = tmp.path().join("coordinator.log");
     let exe = std::env::current_exe()?;
@@ -783,8 +794,10 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         .arg("--state-dir")
         .arg(tmp.path().join("state"))
         .args(["--lease-ttl-ms", &a.lease_ttl_ms.to_string()])
-        .arg("--token-file")
-        .arg(&token_file)
+        .arg("--learner-tokens-file")
+        .arg(&learner_file)
+        .arg("--actor-tokens-file")
+        .arg(&actor_file)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log)?)
@@ -815,7 +828,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         for _ in 0..a.channels {
             channels.push(connect(&addr, H2::default()).await?);
         }
-        let client = |i: usize| coordinator_client(channels[i % channels.len()].clone(), &token);
+        let client = |i: usize| coordinator_client(channels[i % channels.len()].clone(), &actor_cred);
         let ttl = Duration::from_millis(a.lease_ttl_ms);
         let period = ttl / 3;
         let play = Duration::from_millis(a.play_ms);
@@ -823,12 +836,16 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         for i in 0..a.actors {
             let id = format!("sim-{i:05}");
             let phase = period.mul_f64(i as f64 / a.actors as f64);
-            tasks.push(tokio::spawn(sim_actor(id.clone(), client(i), counts.clone(), stop.clone(), play)));
-            tasks.push(tokio::spawn(sim_heartbeats(id, client(i), counts.clone(), stop.clone(), period, phase)));
+            // One client (one instance id) for the actor's work and its heartbeats, as a real
+            // actor has: the coordinator takes a member's calls only from the instance that
+            // joined.
+            let c = client(i);
+            tasks.push(tokio::spawn(sim_actor(id.clone(), c.clone(), counts.clone(), stop.clone(), play)));
+            tasks.push(tokio::spawn(sim_heartbeats(id, c, counts.clone(), stop.clone(), period, phase)));
         }
         // The driver (the learner's part): keeps enough units open that no actor waits.
         let driver = {
-            let mut c = client(0);
+            let mut c = coordinator_client(channels[0].clone(), &learner_cred);
             let (counts, stop) = (counts.clone(), stop.clone());
             let n = a.units_per_step as u64;
             // Every actor may hold a unit, and two steps' worth stay pending beyond that: an
@@ -962,12 +979,20 @@ fn synthetic_sequence(rng: &mut selfplay_policy::generate::SplitMix64, a: &Inges
     }
 }
 
-fn synthetic_group(i: usize, rng: &mut selfplay_policy::generate::SplitMix64, a: &IngestArgs) -> v1::RolloutGroup {
+fn synthetic_group(
+    i: usize,
+    rng: &mut selfplay_policy::generate::SplitMix64,
+    a: &IngestArgs,
+    tickets: &selfplay_proto::ticket::LeaseTickets,
+) -> v1::RolloutGroup {
+    let (unit_id, actor_id) = (selfplay_coordinator::unit_id(0, i as u32), format!("bench-{}", i % 8));
+    let lease = selfplay_proto::ticket::Lease { unit_id: &unit_id, epoch: 0, incarnation: 0, actor_id: &actor_id };
     v1::RolloutGroup {
-        unit_id: selfplay_coordinator::unit_id(0, i as u32),
+        ticket: tickets.sign(&lease),
+        unit_id,
         step: 0,
         weights_version: 0,
-        actor_id: format!("bench-{}", i % 8),
+        actor_id,
         challenger: Some(synthetic_sequence(rng, a)),
         answers: (0..a.group_size)
             .map(|_| v1::Answer {
@@ -1026,7 +1051,7 @@ impl AckCounts {
 /// actor does), else one long stream per client.
 async fn submit_all(
     addr: &str,
-    token: &BearerToken,
+    credential: &Credential,
     groups: Vec<v1::RolloutGroup>,
     c: usize,
     per_group: bool,
@@ -1037,7 +1062,7 @@ async fn submit_all(
     }
     let mut clients = vec![];
     for _ in 0..c {
-        clients.push(learner_client(connect(addr, H2::default()).await?, token));
+        clients.push(learner_client(connect(addr, H2::default()).await?, credential));
     }
     let t0 = Instant::now();
     let mut tasks = vec![];
@@ -1083,7 +1108,11 @@ pub fn ingest(a: IngestArgs) -> Result<()> {
     let n = a.groups + 1;
     let fresh = || Inbox::new(0, 0, n, limits.clone());
     let mut rng = selfplay_policy::generate::SplitMix64::new(4);
-    let groups: Vec<v1::RolloutGroup> = (0..a.groups).map(|i| synthetic_group(i, &mut rng, &a)).collect();
+    // The learner's credential keys the lease tickets the groups carry, as the coordinator's
+    // leases give them.
+    let (learner_cred, actor_cred) = (Credential::generate(), Credential::generate());
+    let tickets = selfplay_proto::ticket::LeaseTickets::new(learner_cred.clone());
+    let groups: Vec<v1::RolloutGroup> = (0..a.groups).map(|i| synthetic_group(i, &mut rng, &a, &tickets)).collect();
     let group_bytes = approx_group_bytes(&groups[0]);
     let tokens_per_group = (a.group_size + 1) * (a.prompt_tokens + a.completion_tokens);
 
@@ -1112,21 +1141,21 @@ pub fn ingest(a: IngestArgs) -> Result<()> {
     }));
 
     let rt = runtime()?;
-    let token = BearerToken::generate();
     let shared = Arc::new(Shared { inbox: std::sync::Mutex::new(fresh()), ready: std::sync::Condvar::new() });
     let (addr, stop, server) = rt.block_on(async {
         // The learner's server, as selfplay_learner::run builds it.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = format!("http://{}", listener.local_addr()?);
-        let svc = LearnerService { shared: shared.clone() };
+        let svc = LearnerService { shared: shared.clone(), tickets };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let router =
-            tonic::transport::Server::builder().add_service(tonic::service::interceptor::InterceptedService::new(
-                selfplay_proto::v1::learner_server::LearnerServer::new(svc)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                ServerAuth::new(token.clone(), "learner"),
-            ));
+        let verifier = Verifier::new().with(Role::Actor, actor_cred.clone()).with(Role::Learner, learner_cred);
+        let router = tonic::transport::Server::builder().add_service(selfplay_proto::guard::RoleGuard::new(
+            selfplay_proto::v1::learner_server::LearnerServer::new(svc)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            verifier,
+            &selfplay_proto::guard::LEARNER_SERVICE,
+        ));
         let shutdown = async move {
             let _ = rx.await;
         };
@@ -1141,7 +1170,7 @@ pub fn ingest(a: IngestArgs) -> Result<()> {
         Ok::<_, anyhow::Error>((addr, tx, server))
     })?;
     // Warm-up (connections, allocations), not reported.
-    rt.block_on(submit_all(&addr, &token, groups[..a.groups.min(100)].to_vec(), 1, false))?;
+    rt.block_on(submit_all(&addr, &actor_cred, groups[..a.groups.min(100)].to_vec(), 1, false))?;
 
     let modes: &[bool] = match a.modes.as_str() {
         "stream" => &[false],
@@ -1152,7 +1181,7 @@ pub fn ingest(a: IngestArgs) -> Result<()> {
         for &per_group in modes {
             *shared.inbox.lock().expect("inbox lock") = fresh();
             let load = loadavg();
-            let (secs, acks) = rt.block_on(submit_all(&addr, &token, groups.clone(), c, per_group))?;
+            let (secs, acks) = rt.block_on(submit_all(&addr, &actor_cred, groups.clone(), c, per_group))?;
             ensure!(
                 acks.accepted == a.groups as u64,
                 "only {} of {} groups accepted: {acks:?}",
@@ -1160,7 +1189,7 @@ pub fn ingest(a: IngestArgs) -> Result<()> {
                 a.groups
             );
             // The same groups again: every one is a duplicate.
-            let (dup_secs, dups) = rt.block_on(submit_all(&addr, &token, groups.clone(), c, per_group))?;
+            let (dup_secs, dups) = rt.block_on(submit_all(&addr, &actor_cred, groups.clone(), c, per_group))?;
             ensure!(
                 dups.duplicate == a.groups as u64,
                 "only {} of {} duplicates detected: {dups:?}",

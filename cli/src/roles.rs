@@ -4,7 +4,7 @@ use crate::progress::Progress;
 use crate::{default_model, telemetry};
 use anyhow::{bail, Context, Result};
 use selfplay_game::{Config, Player};
-use selfplay_proto::auth::BearerToken;
+use selfplay_proto::auth::Credential;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,17 +39,26 @@ impl ConfigArgs {
     }
 }
 
+/// This process's own credential: the learner's for the learner, an actor's for an actor,
+/// an operator's for `status`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AuthArgs {
-    /// File holding the bearer token (else $SELFPLAY_TOKEN).
+    /// File holding this role's bearer token, one a line, the first presented; read again
+    /// when it changes (else $SELFPLAY_TOKEN).
     #[arg(long, env = "SELFPLAY_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 }
 
 impl AuthArgs {
-    pub fn token(&self) -> Result<BearerToken> {
-        Ok(BearerToken::load(self.token_file.as_deref())?)
+    pub fn credential(&self) -> Result<Credential> {
+        Ok(Credential::load(self.token_file.as_deref())?)
     }
+}
+
+/// The credential files of the roles a server accepts: one token a line, each valid; read
+/// again when they change, so credentials rotate without a restart.
+fn accept(path: &Option<PathBuf>) -> Result<Option<Credential>> {
+    Ok(path.as_ref().map(Credential::from_file).transpose()?)
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -242,8 +251,16 @@ pub struct CoordinatorArgs {
     /// the coordinator resumes its state and refuses a learner of another run.
     #[arg(long, env = "SELFPLAY_FRESH")]
     pub fresh: bool,
-    #[command(flatten)]
-    pub auth: AuthArgs,
+    /// The learner's credential file (it opens steps and publishes weights; it also keys the
+    /// lease tickets).
+    #[arg(long, env = "SELFPLAY_LEARNER_TOKENS_FILE")]
+    pub learner_tokens_file: PathBuf,
+    /// The actors' credential file.
+    #[arg(long, env = "SELFPLAY_ACTOR_TOKENS_FILE")]
+    pub actor_tokens_file: PathBuf,
+    /// The operators' credential file (Status only); without it, only the learner reads status.
+    #[arg(long, env = "SELFPLAY_OPERATOR_TOKENS_FILE")]
+    pub operator_tokens_file: Option<PathBuf>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -277,7 +294,9 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             keep_versions: args.keep_versions,
             max_weights_bytes: args.max_weights_bytes,
             run_seed: args.seed,
-            token: Some(args.auth.token()?),
+            learner_tokens_file: Some(args.learner_tokens_file.clone()),
+            actor_tokens_file: Some(args.actor_tokens_file.clone()),
+            operator_tokens_file: args.operator_tokens_file.clone(),
             tls,
             ..Default::default()
         };
@@ -335,8 +354,15 @@ pub struct LearnerArgs {
     /// CA certificate (PEM) that signed the coordinator's certificate.
     #[arg(long, env = "SELFPLAY_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// The learner's own credential (--token-file): the coordinator's --learner-tokens-file.
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// The actors' credential file (they submit rollouts here).
+    #[arg(long, env = "SELFPLAY_ACTOR_TOKENS_FILE")]
+    pub actor_tokens_file: PathBuf,
+    /// The operators' credential file (LearnerStatus only).
+    #[arg(long, env = "SELFPLAY_OPERATOR_TOKENS_FILE")]
+    pub operator_tokens_file: Option<PathBuf>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -368,7 +394,9 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
         std::fs::create_dir_all(&cfg.run.out_dir)?;
         let opts = selfplay_learner::LearnerOptions {
             coordinator: args.coordinator.clone(),
-            token: args.auth.token()?,
+            credential: args.auth.credential()?,
+            actor: Credential::from_file(&args.actor_tokens_file)?,
+            operator: accept(&args.operator_tokens_file)?,
             max_policy_lag: args.max_policy_lag,
             publish_every: args.publish_every,
             wire_dtype: args.wire_dtype.clone(),
@@ -409,8 +437,12 @@ pub struct ActorArgs {
     /// CA certificate (PEM) that signed the coordinator's and learner's certificates.
     #[arg(long, env = "SELFPLAY_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// The actor credential (--token-file).
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// The reward-client credential file, for a remote reward server (reward.kind = remote).
+    #[arg(long, env = "SELFPLAY_REWARD_TOKEN_FILE")]
+    pub reward_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -419,7 +451,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
     let cfg = args.config.load()?;
     let dev = device(&cfg)?;
     let rt = runtime()?;
-    let token = args.auth.token()?;
+    let credential = args.auth.credential()?;
     selfplay_proto::health::health().expect("actor");
     let tele = rt.block_on(telemetry::serve(&args.serve.metrics(9466)))?;
     write_ready(&args.serve.ready_file, serde_json::json!({"metrics": tele.addr.to_string()}))?;
@@ -431,7 +463,10 @@ pub fn actor(args: ActorArgs) -> Result<()> {
             let address = args.reward.clone().unwrap_or(configured);
             let ep = selfplay_proto::client::endpoint(&address, args.tls_ca.as_deref()).map_err(anyhow::Error::msg)?;
             let channel = rt.block_on(ep.connect()).with_context(|| format!("reward server {address}"))?;
-            let client = selfplay_proto::client::reward_client(channel, &token);
+            let Some(reward_credential) = accept(&args.reward_token_file)? else {
+                bail!("reward.kind = remote needs --reward-token-file (the reward-client credential)");
+            };
+            let client = selfplay_proto::client::reward_client(channel, &reward_credential);
             Some(Box::new(selfplay_actor::reward_service::RemoteReward::new(client, rt.handle().clone())))
         } else {
             None
@@ -449,7 +484,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
         run_id: cfg.run.id.clone(),
         coordinator: args.coordinator.clone(),
         learner: args.learner.clone(),
-        token,
+        credential,
         actor_id: args.actor_id.clone().unwrap_or_else(selfplay_actor::default_actor_id),
         patience: Duration::from_secs(300),
         tls_ca: args.tls_ca.clone(),
@@ -483,8 +518,9 @@ pub struct RewardServerArgs {
     /// Serve TLS: private key (PEM); needs --tls-cert.
     #[arg(long, env = "SELFPLAY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    #[command(flatten)]
-    pub auth: AuthArgs,
+    /// The reward clients' credential file (the actors' --reward-token-file).
+    #[arg(long, env = "SELFPLAY_REWARD_CLIENT_TOKENS_FILE")]
+    pub reward_client_tokens_file: PathBuf,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -493,7 +529,7 @@ pub fn reward_server(args: RewardServerArgs) -> Result<()> {
     let dev = selfplay_policy::parse_device(&args.device)?;
     let kind = selfplay_policy::parse_kind(&args.dtype)?;
     let model = selfplay_game::reward::RewardModel::load(&args.model, dev, kind)?;
-    let token = args.auth.token()?;
+    let clients = Credential::from_file(&args.reward_client_tokens_file)?;
     let rt = runtime()?;
     rt.block_on(async {
         selfplay_proto::health::health().expect("reward");
@@ -507,6 +543,7 @@ pub fn reward_server(args: RewardServerArgs) -> Result<()> {
         write_ready(&args.serve.ready_file, serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}))?;
         tracing::info!(%addr, "reward server serving");
         selfplay_proto::health::health().ready("reward");
+        selfplay_proto::guard::REWARD.describe_metrics();
         let tls = args
             .tls_cert
             .clone()
@@ -514,9 +551,10 @@ pub fn reward_server(args: RewardServerArgs) -> Result<()> {
             .map(|(cert, key)| selfplay_proto::server::TlsFiles { cert, key });
         selfplay_proto::server::builder(tls.as_ref())?
             .add_service(health_svc)
-            .add_service(tonic::service::interceptor::InterceptedService::new(
+            .add_service(selfplay_proto::guard::RoleGuard::new(
                 svc,
-                selfplay_proto::auth::ServerAuth::new(token, "reward"),
+                selfplay_proto::auth::Verifier::new().with(selfplay_proto::auth::Role::RewardClient, clients),
+                &selfplay_proto::guard::REWARD,
             ))
             .serve_with_incoming_shutdown(nodelay_incoming(listener), shutdown_signal())
             .await?;
@@ -539,20 +577,21 @@ pub struct StatusArgs {
     /// CA certificate (PEM) of an https coordinator.
     #[arg(long, env = "SELFPLAY_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// An operator credential (--token-file).
     #[command(flatten)]
     pub auth: AuthArgs,
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let rt = runtime()?;
-    let token = args.auth.token()?;
+    let credential = args.auth.credential()?;
     let s = rt.block_on(async {
         let ch = selfplay_proto::client::endpoint(&args.coordinator, args.tls_ca.as_deref())
             .map_err(anyhow::Error::msg)?
             .connect()
             .await
             .with_context(|| format!("coordinator {}", args.coordinator))?;
-        let mut c = selfplay_proto::client::coordinator_client(ch, &token);
+        let mut c = selfplay_proto::client::coordinator_client(ch, &credential);
         Ok::<_, anyhow::Error>(c.status(selfplay_proto::v1::StatusRequest {}).await?.into_inner())
     })?;
     if args.json {

@@ -3,7 +3,6 @@
 //! kill nothing and need no separate process run in-process (cluster/tests/local.rs).
 mod common;
 use common::*;
-use selfplay_proto::auth::BearerToken;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,7 +22,7 @@ fn every_role_over_tls() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let r: Result<(), String> = rt.block_on(async {
         let ch = tonic::transport::Endpoint::from_shared(plain).unwrap().connect().await.map_err(|e| e.to_string())?;
-        let mut cc = selfplay_proto::client::coordinator_client(ch, &BearerToken::new(TOKEN).unwrap());
+        let mut cc = selfplay_proto::client::coordinator_client(ch, &credential("operator"));
         cc.status(selfplay_proto::v1::StatusRequest {}).await.map(|_| ()).map_err(|s| s.to_string())
     });
     assert!(r.is_err(), "plaintext reached the TLS coordinator");
@@ -190,50 +189,68 @@ fn valid_group(unit: &str, epoch: u64) -> selfplay_proto::v1::RolloutGroup {
             .collect(),
         play_seconds: 0.0,
         epoch,
+        ticket: String::new(),
     }
 }
 
+/// What an actor credential can send, crafted: a hostile client with a valid actor credential
+/// against a real coordinator and learner, while honest actors play. Every call outside the
+/// actor role is refused, every crafted group is refused by name (or, when valid however
+/// extreme, trains with a finite loss), nothing touches another actor's membership or units,
+/// and the run completes all its steps with none skipped.
 #[test]
-fn bad_input_gets_clear_errors_and_the_run_is_unaffected() {
+fn a_hostile_actor_cannot_stop_a_run_that_honest_actors_complete() {
+    use selfplay_proto::v1::{
+        Answer, BeginEpochRequest, CompleteWorkRequest, HeartbeatRequest, JoinRequest, LearnerStatusRequest,
+        LeaseWorkRequest, LeaveRequest, OpenStepRequest, RolloutAck, RolloutGroup, StatusRequest, WeightChunk,
+        WorkUnit,
+    };
     use tokio_stream::StreamExt;
+    use tonic::Code;
     let (_tmp, mut c) = Cluster::new(&[]);
     let _coord = c.coordinator("127.0.0.1:0");
     let mut learner = c.learner(&[]);
+    let coord_addr = c.coordinator_addr.clone().unwrap();
     let learner_addr = c.learner_addr.clone().unwrap();
-    let metrics_addr = wait_ready(&c.dir.join("learner.ready"), "learner")["metrics"].as_str().unwrap().to_string();
-    // The learner takes groups once it began its epoch and published its weights.
-    let epoch = wait_status(c.coordinator_addr.as_ref().unwrap(), "the learner's first epoch", |s| {
-        s.epoch >= 1 && !s.weight_versions.is_empty()
-    })
-    .epoch;
-    let valid_group = |unit: &str| valid_group(unit, epoch);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let submit = |token: &str, g: selfplay_proto::v1::RolloutGroup| {
-        let addr = learner_addr.clone();
-        let token = BearerToken::new(token).unwrap();
-        rt.block_on(async move {
-            let ch = tonic::transport::Endpoint::from_shared(addr).unwrap().connect().await.unwrap();
-            let mut l = selfplay_proto::client::learner_client(ch, &token);
-            let mut acks = l.submit_rollouts(tokio_stream::iter([g])).await?.into_inner();
-            acks.next().await.expect("one ack")
-        })
-    };
-
-    // Wrong token (and the coordinator refuses it too).
-    let e = submit("wrong-token-0123456789", valid_group("s0-u0")).unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-    let e = rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(c.coordinator_addr.clone().unwrap())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut cc = selfplay_proto::v1::coordinator_client::CoordinatorClient::new(ch);
-        cc.status(selfplay_proto::v1::StatusRequest {}).await.unwrap_err()
+    let coord_metrics =
+        wait_ready(&c.dir.join("coordinator.ready"), "coordinator")["metrics"].as_str().unwrap().to_string();
+    let learner_metrics = wait_ready(&c.dir.join("learner.ready"), "learner")["metrics"].as_str().unwrap().to_string();
+    // The first step is open and its weights published.
+    wait_status(&coord_addr, "the learner's first step", |s| {
+        s.epoch >= 1 && !s.weight_versions.is_empty() && s.units_pending > 0
     });
-    assert_eq!(e.code(), tonic::Code::Unauthenticated, "no token: {e:?}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let actor = credential("actor");
+    let (mut hc, mut hl) = rt.block_on(async {
+        let cc = tonic::transport::Endpoint::from_shared(coord_addr.clone()).unwrap().connect().await.unwrap();
+        let lc = tonic::transport::Endpoint::from_shared(learner_addr.clone()).unwrap().connect().await.unwrap();
+        (selfplay_proto::client::coordinator_client(cc, &actor), selfplay_proto::client::learner_client(lc, &actor))
+    });
+    let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |e| e.code());
 
-    // Garbage bytes on the gRPC port: the connection is dropped, nothing else happens.
+    // Outside the actor role: steps, weights, epochs, status. The hostile OpenStep of the
+    // report (units = 2^32 - 1) never reaches the coordinator's state.
+    rt.block_on(async {
+        let open = OpenStepRequest { step: 1 << 40, units: u32::MAX, epoch: 1, ..Default::default() };
+        assert_eq!(code(hc.open_step(open).await.map(drop)), Code::PermissionDenied);
+        let begin = BeginEpochRequest { last_epoch: u64::MAX, ..Default::default() };
+        assert_eq!(code(hc.begin_epoch(begin).await.map(drop)), Code::PermissionDenied);
+        let chunk = WeightChunk { part: Some(selfplay_proto::v1::weight_chunk::Part::Data(vec![0u8; 16].into())) };
+        assert_eq!(code(hc.publish_weights(tokio_stream::iter([chunk])).await.map(drop)), Code::PermissionDenied);
+        assert_eq!(code(hc.status(StatusRequest {}).await.map(drop)), Code::PermissionDenied);
+        assert_eq!(code(hl.learner_status(LearnerStatusRequest {}).await.map(drop)), Code::PermissionDenied);
+    });
+    // Not even an actor: no token, a wrong one, garbage bytes, an oversized message.
+    rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(coord_addr.clone()).unwrap().connect().await.unwrap();
+        let mut anon = selfplay_proto::v1::coordinator_client::CoordinatorClient::new(ch);
+        assert_eq!(code(anon.join(JoinRequest::default()).await.map(drop)), Code::Unauthenticated);
+        let ch = tonic::transport::Endpoint::from_shared(learner_addr.clone()).unwrap().connect().await.unwrap();
+        let wrong = selfplay_proto::auth::BearerToken::new("wrong-token-0123456789").unwrap().into();
+        let mut w = selfplay_proto::client::learner_client(ch, &wrong);
+        let e = w.submit_rollouts(tokio_stream::iter([RolloutGroup::default()])).await.map(drop);
+        assert_eq!(code(e), Code::Unauthenticated);
+    });
     {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(learner_addr.trim_start_matches("http://")).unwrap();
@@ -243,19 +260,46 @@ fn bad_input_gets_clear_errors_and_the_run_is_unaffected() {
         let _ = s.read(&mut buf);
     }
 
-    // Oversized message: refused by the size limit before decoding.
-    let mut big = valid_group("s0-u1");
-    big.answers[0].sequence.as_mut().unwrap().text = "x".repeat(selfplay_proto::MAX_MESSAGE_BYTES + 1024);
-    let e = submit(TOKEN, big).unwrap_err();
-    assert!(
-        matches!(e.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal),
-        "{e:?}"
-    );
+    // As an actor: it joins and holds two units of the open step.
+    let (u, v) = rt.block_on(async {
+        hc.join(JoinRequest { actor_id: "hostile".into(), ..Default::default() }).await.unwrap();
+        let lease = || {
+            let mut hc = hc.clone();
+            async move {
+                let req = LeaseWorkRequest { actor_id: "hostile".into(), ..Default::default() };
+                hc.lease_work(req).await.unwrap().into_inner().unit.expect("a pending unit")
+            }
+        };
+        (lease().await, lease().await)
+    });
+    let submit = |g: RolloutGroup| -> Result<RolloutAck, tonic::Status> {
+        let mut hl = hl.clone();
+        rt.block_on(async move {
+            let mut acks = hl.submit_rollouts(tokio_stream::iter([g])).await?.into_inner();
+            acks.next().await.expect("one ack")
+        })
+    };
+    let group = |unit: &WorkUnit| {
+        let mut g = valid_group(&unit.unit_id, unit.epoch);
+        g.step = unit.step;
+        g.actor_id = "hostile".into();
+        g.ticket = unit.ticket.clone();
+        g
+    };
 
-    // Semantically bad groups: an ack that names the field, nothing stored.
-    let cases: Vec<(&str, Box<dyn Fn(&mut selfplay_proto::v1::RolloutGroup)>)> = vec![
+    // Too big for the wire: refused before decoding.
+    let mut big = group(&u);
+    big.answers[0].sequence.as_mut().unwrap().text = "x".repeat(selfplay_proto::MAX_MESSAGE_BYTES + 1024);
+    let e = submit(big).unwrap_err();
+    assert!(matches!(e.code(), Code::ResourceExhausted | Code::OutOfRange | Code::Internal), "{e:?}");
+    // Crafted groups for its own unit: each refused, naming the field.
+    type Craft = Box<dyn Fn(&mut RolloutGroup)>;
+    let cases: Vec<(&str, Craft)> = vec![
         ("answers[1].reward", Box::new(|g| g.answers[1].reward = f32::NAN)),
+        ("answers[0].reward = 300000000", Box::new(|g| g.answers[0].reward = 3e38)),
+        ("answers[1].self_reward", Box::new(|g| g.answers[1].self_reward = -1e9)),
         ("outside the vocabulary", Box::new(|g| g.answers[0].sequence.as_mut().unwrap().completion_ids[1] = 50_000)),
+        ("outside the vocabulary", Box::new(|g| g.answers[0].sequence.as_mut().unwrap().prompt_ids[0] = -1)),
         (
             "expected G = 2",
             Box::new(|g| {
@@ -264,33 +308,118 @@ fn bad_input_gets_clear_errors_and_the_run_is_unaffected() {
         ),
         ("log-probs must be finite and in", Box::new(|g| g.challenger.as_mut().unwrap().ref_logprobs[0] = 3.0)),
         ("log-probs must be finite and in", Box::new(|g| g.challenger.as_mut().unwrap().ref_logprobs[0] = -3e38)),
-        ("not a unit id", Box::new(|g| g.unit_id = "../../etc".into())),
+        ("log-probs must be finite and in", Box::new(|g| g.challenger.as_mut().unwrap().behaviour_logprobs[2] = -1e5)),
+        ("play_seconds", Box::new(|g| g.play_seconds = f64::NAN)),
+        ("completion tokens", Box::new(|g| g.challenger.as_mut().unwrap().ref_logprobs.push(-1.0))),
     ];
-    for (want, mutate) in cases {
-        let mut g = valid_group("s0-u2");
-        mutate(&mut g);
-        let ack = submit(TOKEN, g).unwrap();
+    let n_invalid = cases.len();
+    for (want, craft) in cases {
+        let mut g = group(&u);
+        craft(&mut g);
+        let ack = submit(g).unwrap();
         assert!(!ack.accepted && ack.reason.contains(want), "expected {want:?}: {ack:?}");
     }
+    // Groups for units it does not hold, or in another actor's name: no valid lease ticket.
+    let other = |g: &mut RolloutGroup, unit: &str| g.unit_id = unit.to_string();
+    let mut forged: Vec<RolloutGroup> = vec![];
+    for target in ["s0-u0", "s0-u1", "s0-u2", "../../etc"] {
+        if target != u.unit_id {
+            let mut g = group(&u);
+            other(&mut g, target);
+            forged.push(g);
+        }
+    }
+    let mut renamed = group(&u);
+    renamed.actor_id = "actor-a".into();
+    forged.push(renamed);
+    let mut no_ticket = group(&u);
+    no_ticket.ticket.clear();
+    forged.push(no_ticket);
+    let n_unleased = forged.len();
+    for g in forged {
+        let ack = submit(g).unwrap();
+        assert!(!ack.accepted && ack.reason.contains("no valid lease ticket"), "{ack:?}");
+    }
+    // A valid group at every extreme validation allows is taken (and must train finitely).
+    let mut extreme = group(&u);
+    for s in extreme.answers.iter_mut().filter_map(|a| a.sequence.as_mut()).chain(extreme.challenger.as_mut()) {
+        s.ref_logprobs.iter_mut().for_each(|x| *x = 0.0);
+        s.behaviour_logprobs.iter_mut().for_each(|x| *x = selfplay_game::rollout::MIN_LOGPROB);
+    }
+    extreme.answers = vec![
+        Answer { reward: 1e4, self_reward: -1e4, ..extreme.answers[0].clone() },
+        Answer { reward: -1e4, self_reward: 1e4, ..extreme.answers[1].clone() },
+    ];
+    let ack = submit(extreme.clone()).unwrap();
+    assert!(ack.accepted, "{ack:?}");
+    assert!(submit(extreme).unwrap().duplicate);
+    // Its reports: its own unit u honestly; v falsely "done" (the learner never got it: the
+    // learner notices nothing is left to play and reopens).
+    let report = |unit: &WorkUnit, actor: &str, ticket: &str, done: bool| CompleteWorkRequest {
+        actor_id: actor.into(),
+        unit_id: unit.unit_id.clone(),
+        done,
+        epoch: unit.epoch,
+        incarnation: Some(unit.incarnation),
+        ticket: ticket.into(),
+    };
+    rt.block_on(async {
+        hc.complete_work(report(&u, "hostile", &u.ticket, true)).await.unwrap();
+        hc.complete_work(report(&v, "hostile", &v.ticket, true)).await.unwrap();
+    });
 
-    // A duplicate unit is acknowledged as such and stored once.
-    let first = submit(TOKEN, valid_group("s0-u2")).unwrap();
-    assert!(first.accepted, "{first:?}");
-    let second = submit(TOKEN, valid_group("s0-u2")).unwrap();
-    assert!(!second.accepted && second.duplicate, "{second:?}");
+    // Counted on the learner's /metrics (read now: the learner exits with the run).
+    let m = http_get(&learner_metrics, "/metrics");
+    assert!(m.contains("selfplay_learner_permission_denied_total{role=\"actor\",rpc=\"LearnerStatus\"} 1\n"), "{m}");
+    let line =
+        format!("selfplay_learner_permission_denied_total{{role=\"actor\",rpc=\"SubmitRollouts\"}} {n_unleased}\n");
+    assert!(m.contains(&line), "{line}{m}");
+    assert!(m.contains(&format!("selfplay_learner_groups_rejected_total{{reason=\"invalid\"}} {n_invalid}\n")), "{m}");
+    assert!(m.contains("selfplay_rpc_rejected_total{role=\"learner\",reason=\"unauthenticated\"} 1\n"), "{m}");
 
-    // Counted on /metrics.
-    let m = http_get(&metrics_addr, "/metrics");
-    assert!(m.contains("selfplay_learner_groups_rejected_total{reason=\"invalid\"} 6"), "{m}");
-    assert!(m.contains("selfplay_learner_groups_rejected_total{reason=\"duplicate\"} 1"), "{m}");
-    assert!(m.contains("selfplay_rpc_rejected_total{role=\"learner\",reason=\"unauthenticated\"} 1"), "{m}");
-    assert!(http_get(&metrics_addr, "/health").starts_with("HTTP/1.1 200"));
-
-    // The run is unaffected: an actor completes it, the duplicate unit consumed once.
+    // The honest actors join; the hostile one cannot act in their name or touch their units.
     let a = c.actor("actor-a");
+    let b = c.actor("actor-b");
+    wait_status(&coord_addr, "actor-a joined", |s| s.actors.iter().any(|x| x.actor_id == "actor-a"));
+    // A unit of the run the hostile actor never held (whoever holds it, or held it).
+    let (victim_id, victim_unit) = ("actor-a".to_string(), "s1-u0".to_string());
+    rt.block_on(async {
+        let hb = HeartbeatRequest { actor_id: victim_id.clone(), weights_version: 0 };
+        assert_eq!(code(hc.heartbeat(hb).await.map(drop)), Code::PermissionDenied);
+        let lw = LeaseWorkRequest { actor_id: victim_id.clone(), holding: vec![], holding_listed: true };
+        assert_eq!(code(hc.lease_work(lw).await.map(drop)), Code::PermissionDenied);
+        assert_eq!(
+            code(hc.leave(LeaveRequest { actor_id: victim_id.clone() }).await.map(drop)),
+            Code::PermissionDenied
+        );
+        let j = JoinRequest { actor_id: victim_id.clone(), ..Default::default() };
+        assert_eq!(code(hc.join(j).await.map(drop)), Code::Aborted);
+        let theirs = WorkUnit { unit_id: victim_unit.clone(), epoch: u.epoch, ..Default::default() };
+        for (actor, ticket, done) in [
+            (victim_id.as_str(), "", true),
+            ("hostile", u.ticket.as_str(), true),
+            (victim_id.as_str(), u.ticket.as_str(), false),
+        ] {
+            let e = hc.complete_work(report(&theirs, actor, ticket, done)).await.map(drop);
+            assert_eq!(code(e), Code::PermissionDenied, "{actor} {done}");
+        }
+    });
+
+    // The run completes: every step with N distinct units, none skipped.
     c.wait_exit(&mut learner);
-    c.check_steps(5);
-    drop(a);
+    let steps = c.check_steps(5);
+    for s in &steps {
+        assert_eq!(s["stats"]["skipped"].as_bool(), Some(false), "{s}");
+    }
+    let m = http_get(&coord_metrics, "/metrics");
+    for rpc in ["OpenStep", "BeginEpoch", "PublishWeights", "Status"] {
+        let line = format!("selfplay_coordinator_permission_denied_total{{role=\"actor\",rpc=\"{rpc}\"}} 1\n");
+        assert!(m.contains(&line), "{line}{m}");
+    }
+    assert!(m.contains("selfplay_coordinator_permission_denied_total{role=\"actor\",rpc=\"Heartbeat\"} 1\n"), "{m}");
+    assert!(m.contains("selfplay_coordinator_permission_denied_total{role=\"actor\",rpc=\"CompleteWork\"} 3\n"), "{m}");
+    assert!(m.contains("selfplay_coordinator_permission_denied_total{role=\"operator\",rpc=\"OpenStep\"} 0\n"), "{m}");
+    drop((a, b));
 }
 
 #[test]

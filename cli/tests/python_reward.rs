@@ -1,6 +1,6 @@
 //! A custom reward written in Python: examples/python-reward/server.py (grpcio, reward.proto,
 //! a plain Python `score` function) as a real process, scoring for a real actor while a real
-//! learner trains on its rewards; and it refuses a caller without the run's token.
+//! learner trains on its rewards; and it refuses a caller without the reward-client credential.
 mod common;
 use common::*;
 use selfplay_proto::auth::BearerToken;
@@ -14,7 +14,7 @@ fn python_reward_server(c: &Cluster) -> (Proc, String) {
     let child = Command::new(selfplay_tests::python())
         .arg(script)
         .args(["--listen", "127.0.0.1:0", "--ready-file", ready.to_str().unwrap()])
-        .env("SELFPLAY_TOKEN", TOKEN)
+        .env("SELFPLAY_TOKEN", token("reward-client"))
         .env_remove("SELFPLAY_TOKEN_FILE")
         .stdout(Stdio::null())
         .stderr(log)
@@ -35,14 +35,14 @@ fn a_learner_trains_on_a_python_reward_server() {
     let refused = rt.block_on(async {
         let ch = tonic::transport::Endpoint::from_shared(addr.clone()).unwrap().connect().await.unwrap();
         let wrong = BearerToken::new("not-the-run-token-0123456789").unwrap();
-        let mut client = selfplay_proto::client::reward_client(ch, &wrong);
+        let mut client = selfplay_proto::client::reward_client(ch, &wrong.into());
         client.score(selfplay_proto::v1::ScoreRequest { pairs: vec![] }).await.unwrap_err()
     });
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     // With it, oversized requests are refused and the server goes on.
     let (too_many, too_long, ok) = rt.block_on(async {
         let ch = tonic::transport::Endpoint::from_shared(addr.clone()).unwrap().connect().await.unwrap();
-        let mut client = selfplay_proto::client::reward_client(ch, &BearerToken::new(TOKEN).unwrap());
+        let mut client = selfplay_proto::client::reward_client(ch, &credential("reward-client"));
         let pair = |answer: String| selfplay_proto::v1::ScorePair { query: "q".into(), answer };
         let many = selfplay_proto::v1::ScoreRequest { pairs: (0..257).map(|_| pair("a".into())).collect() };
         let long = selfplay_proto::v1::ScoreRequest { pairs: vec![pair("a ".repeat(150_000))] };

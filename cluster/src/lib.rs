@@ -8,7 +8,7 @@
 //! learner's device. `--actors` and `--actor-devices` override both.
 use selfplay_game::{Config, Player, StepStats};
 use selfplay_learner::{LearnerError, LearnerSummary};
-use selfplay_proto::auth::BearerToken;
+use selfplay_proto::auth::Credential;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,9 +97,10 @@ pub struct LocalClusterOptions {
     pub max_policy_lag: u64,
     /// Dtype of weights on the wire: auto, f32 or bf16.
     pub wire_dtype: String,
-    /// The bearer token the roles share (a fresh one per run is fine: nothing outside the
-    /// process talks to them unless given it).
-    pub token: BearerToken,
+    /// One credential per role, made fresh for the run and held in memory: the learner's and
+    /// the actors'. Nothing outside the process can call the roles without them.
+    pub learner_credential: Credential,
+    pub actor_credential: Credential,
     /// How long an actor waits for an unreachable coordinator or learner before giving up.
     pub patience: Duration,
     /// Start a new run from this checkpoint's weights (a staged schedule), with its AdamW
@@ -116,7 +117,8 @@ impl LocalClusterOptions {
             resume: false,
             max_policy_lag: 0,
             wire_dtype: "auto".into(),
-            token: BearerToken::generate(),
+            learner_credential: Credential::generate(),
+            actor_credential: Credential::generate(),
             patience: Duration::from_secs(120),
             init_from: None,
             keep_optimizer: false,
@@ -163,7 +165,8 @@ impl LocalCluster {
             resume,
             max_policy_lag,
             wire_dtype,
-            token,
+            learner_credential,
+            actor_credential,
             patience,
             init_from,
             keep_optimizer,
@@ -185,7 +188,11 @@ impl LocalCluster {
         let ccfg = selfplay_coordinator::CoordinatorConfig {
             state_dir: out_dir.join("coordinator"),
             run_seed: cfg.run.seed,
-            token: Some(token.clone()),
+            credentials: Some(selfplay_coordinator::CoordinatorCredentials {
+                learner: learner_credential.clone(),
+                actor: actor_credential.clone(),
+                operator: None,
+            }),
             ..Default::default()
         };
         if !resume {
@@ -200,7 +207,9 @@ impl LocalCluster {
         let learner_addr = format!("http://{}", learner_listener.local_addr().map_err(io("learner address"))?);
         let lopts = selfplay_learner::LearnerOptions {
             coordinator: coordinator_addr.clone(),
-            token: token.clone(),
+            credential: learner_credential.clone(),
+            actor: actor_credential.clone(),
+            operator: None,
             max_policy_lag,
             publish_every: 1,
             wire_dtype,
@@ -234,7 +243,7 @@ impl LocalCluster {
                 run_id: String::new(),
                 coordinator: coordinator_addr.clone(),
                 learner: learner_addr.clone(),
-                token: token.clone(),
+                credential: actor_credential.clone(),
                 actor_id: actor_id.clone(),
                 patience,
                 tls_ca: None,

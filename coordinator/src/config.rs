@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use selfplay_proto::auth::BearerToken;
+use selfplay_proto::auth::{Credential, Role, Verifier};
 use serde::{Deserialize, Serialize};
 
 use crate::CoordinatorError;
@@ -35,14 +35,40 @@ pub struct CoordinatorConfig {
     /// Seed of the run: every unit's seed derives from it, its step and its index. A restart
     /// keeps the seed saved in the state directory.
     pub run_seed: u64,
-    /// File holding the bearer token; without it the token comes from `SELFPLAY_TOKEN`.
-    pub token_file: Option<PathBuf>,
+    /// The learner's credential file (one token a line, see docs/operations.md): the learner
+    /// opens steps, publishes weights and begins epochs with it; it also keys lease tickets.
+    pub learner_tokens_file: Option<PathBuf>,
+    /// The actors' credential file: join, lease, report, fetch weights.
+    pub actor_tokens_file: Option<PathBuf>,
+    /// The operators' credential file: Status only. Without it nobody but the learner reads
+    /// status.
+    pub operator_tokens_file: Option<PathBuf>,
     /// Serve TLS with this certificate and key; plaintext when absent.
     pub tls: Option<TlsConfig>,
-    /// A token given in-process (the embedded default); wins over `token_file` and the
-    /// environment. Never read from or written to a file.
+    /// Credentials given in-process (`train`, tests); win over the files. Never read from or
+    /// written to a file.
     #[serde(skip)]
-    pub token: Option<BearerToken>,
+    pub credentials: Option<CoordinatorCredentials>,
+}
+
+/// The credentials a coordinator accepts, one per role.
+#[derive(Debug, Clone)]
+pub struct CoordinatorCredentials {
+    pub learner: Credential,
+    pub actor: Credential,
+    pub operator: Option<Credential>,
+}
+
+impl CoordinatorCredentials {
+    /// The role of every accepted token; two roles sharing a token are refused.
+    pub fn verifier(&self) -> Result<Verifier, CoordinatorError> {
+        let mut v = Verifier::new().with(Role::Learner, self.learner.clone()).with(Role::Actor, self.actor.clone());
+        if let Some(op) = &self.operator {
+            v = v.with(Role::Operator, op.clone());
+        }
+        v.check_distinct()?;
+        Ok(v)
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -53,9 +79,11 @@ impl Default for CoordinatorConfig {
             keep_versions: 2,
             max_weights_bytes: DEFAULT_MAX_WEIGHTS_BYTES,
             run_seed: 0,
-            token_file: None,
+            learner_tokens_file: None,
+            actor_tokens_file: None,
+            operator_tokens_file: None,
             tls: None,
-            token: None,
+            credentials: None,
         }
     }
 }
@@ -80,12 +108,21 @@ impl CoordinatorConfig {
         Ok(())
     }
 
-    /// The bearer token: `token`, else the file `token_file`, else `SELFPLAY_TOKEN`.
-    pub fn resolve_token(&self) -> Result<BearerToken, CoordinatorError> {
-        match &self.token {
-            Some(t) => Ok(t.clone()),
-            None => Ok(BearerToken::load(self.token_file.as_deref())?),
+    /// The credentials: `credentials`, else the files (the learner's and the actors' are
+    /// required).
+    pub fn resolve_credentials(&self) -> Result<CoordinatorCredentials, CoordinatorError> {
+        if let Some(c) = &self.credentials {
+            return Ok(c.clone());
         }
+        let required = |field: &str, path: &Option<PathBuf>| match path {
+            Some(p) => Ok(Credential::from_file(p)?),
+            None => Err(CoordinatorError::Config(format!("{field}: required (the role's credential file)"))),
+        };
+        Ok(CoordinatorCredentials {
+            learner: required("learner_tokens_file", &self.learner_tokens_file)?,
+            actor: required("actor_tokens_file", &self.actor_tokens_file)?,
+            operator: self.operator_tokens_file.as_ref().map(Credential::from_file).transpose()?,
+        })
     }
 }
 

@@ -27,7 +27,7 @@ pub mod weights;
 
 use std::path::PathBuf;
 
-pub use config::{CoordinatorConfig, TlsConfig};
+pub use config::{CoordinatorConfig, CoordinatorCredentials, TlsConfig};
 pub use metrics::describe_metrics;
 pub use service::{serve, CoordinatorService, SERVICE_NAME};
 pub use state::{unit_id, unit_seed, State, StateError, StepSpec};

@@ -18,7 +18,7 @@ pub const LEARNER_EPOCHS: &str = "selfplay_coordinator_learner_epochs_total";
 pub const LEARNER_EPOCH: &str = "selfplay_coordinator_learner_epoch";
 
 /// Registers every coordinator metric's unit and help text with the installed recorder (and
-/// the shared `selfplay_rpc_rejected_total`). Call once after installing the exporter.
+/// the shared `selfplay_rpc_rejected_total`, and `selfplay_coordinator_permission_denied_total`). Call once after installing the exporter.
 pub fn describe_metrics() {
     describe_gauge!(ACTORS_ALIVE, Unit::Count, "Actors holding a live lease");
     describe_counter!(LEASES_EXPIRED, Unit::Count, "Actors dropped because their lease expired without a heartbeat");
@@ -49,6 +49,7 @@ pub fn describe_metrics() {
     );
     describe_gauge!(LEARNER_EPOCH, Unit::Count, "The current learner epoch (0 = none yet)");
     selfplay_proto::auth::describe_metrics();
+    selfplay_proto::guard::COORDINATOR.describe_metrics();
     // Counters exist from the start (at 0), so dashboards and rate() see them before events.
     for name in [
         LEASES_EXPIRED,

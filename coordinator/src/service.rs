@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
-use selfplay_proto::auth::ServerAuth;
+use selfplay_proto::auth::{Role, Verifier};
+use selfplay_proto::guard::{Caller, RoleGuard, COORDINATOR};
+use selfplay_proto::ticket::{Lease, LeaseTickets};
 use selfplay_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use selfplay_proto::v1::{
     weight_chunk, ActorStatus, BeginEpochRequest, BeginEpochResponse, CompleteWorkRequest, CompleteWorkResponse,
@@ -19,7 +21,6 @@ use selfplay_proto::weights::WeightError;
 use selfplay_proto::{MAX_MESSAGE_BYTES, WEIGHT_CHUNK_BYTES};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -51,11 +52,18 @@ impl From<StateError> for Status {
             | StateError::ReopenNeeds { .. }
             | StateError::SupersededEpoch { .. }
             | StateError::OtherRun { .. } => Status::failed_precondition(msg),
-            StateError::EmptyActorId
-            | StateError::NoUnits { .. }
-            | StateError::PerUnitCount { .. }
-            | StateError::TooManyUnits { .. } => Status::invalid_argument(msg),
-            StateError::TooManySteps { .. } => Status::resource_exhausted(msg),
+            StateError::NoUnits { .. } | StateError::PerUnitCount { .. } | StateError::TooManyUnits { .. } => {
+                Status::invalid_argument(msg)
+            }
+            StateError::EmptyActorId | StateError::TooLong { .. } | StateError::EpochOverflow(_) => {
+                Status::invalid_argument(msg)
+            }
+            StateError::TooManySteps { .. } | StateError::TooManyOpenUnits { .. } | StateError::TooMuchText { .. } => {
+                Status::resource_exhausted(msg)
+            }
+            // Retryable: the id frees itself when the other process's lease runs out.
+            StateError::ActorIdInUse(_) => Status::aborted(msg),
+            StateError::NotTheMember(_) => Status::permission_denied(msg),
         }
     }
 }
@@ -92,6 +100,10 @@ struct Inner {
     persisted: tokio::sync::Mutex<u64>,
     ttl: Duration,
     retry_after_ms: u64,
+    /// Who may call: the role of every accepted credential.
+    verifier: Verifier,
+    /// Signs the tickets of leases and checks those of completions.
+    tickets: LeaseTickets,
     /// An exclusive lock on `<state_dir>/LOCK`, held while the service lives: two
     /// coordinators on one state directory would overwrite each other's state.
     _lock: std::fs::File,
@@ -124,8 +136,12 @@ fn remove_debris(dir: &Path) {
 
 impl CoordinatorService {
     /// Opens the state directory: loads the snapshot and the weight store when they exist.
+    /// Reads the credentials (refusing two roles that share a token).
     pub fn open(config: &CoordinatorConfig) -> Result<Self, CoordinatorError> {
         config.validate()?;
+        let credentials = config.resolve_credentials()?;
+        let verifier = credentials.verifier()?;
+        let tickets = LeaseTickets::new(credentials.learner.clone());
         let dir = &config.state_dir;
         std::fs::create_dir_all(dir).map_err(|source| CoordinatorError::Io {
             context: format!("create the state directory {}", dir.display()),
@@ -200,6 +216,8 @@ impl CoordinatorService {
                 persisted: tokio::sync::Mutex::new(generation),
                 ttl,
                 retry_after_ms: (ttl.as_millis() as u64 / 20).clamp(20, 250),
+                verifier,
+                tickets,
                 _lock: lock,
             }),
         })
@@ -325,20 +343,48 @@ impl CoordinatorService {
         resp
     }
 
-    /// The service wrapped for a tonic server: explicit message size limits and the bearer
-    /// token check.
-    pub fn into_server(
-        self,
-        auth: ServerAuth,
-    ) -> InterceptedService<CoordinatorServer<CoordinatorService>, ServerAuth> {
-        InterceptedService::new(
+    /// The service wrapped for a tonic server: explicit message size limits and the role
+    /// check ([`COORDINATOR`]).
+    pub fn into_server(self) -> RoleGuard<CoordinatorServer<CoordinatorService>> {
+        let verifier = self.inner.verifier.clone();
+        RoleGuard::new(
             CoordinatorServer::new(self)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            auth,
+            verifier,
+            &COORDINATOR,
         )
     }
+
+    /// A refusal of a request in another actor's name, logged and counted.
+    fn denied(&self, rpc: &'static str, actor: &str, why: impl Into<Status>) -> Status {
+        tracing::warn!(rpc, actor, "refused a request about another actor's membership or lease");
+        COORDINATOR.count_denied(Role::Actor, rpc);
+        why.into()
+    }
+
+    /// Refuses `rpc` when it names a member that another client instance joined as.
+    fn check_member<T>(&self, rpc: &'static str, request: &Request<T>, actor: &str) -> Result<(), Status> {
+        let instance = instance_of(request)?;
+        let checked = self.state().check_member(actor, &instance);
+        checked.map_err(|e| self.denied(rpc, actor, e))
+    }
 }
+
+/// The caller's client instance id (set by the role guard from the `selfplay-instance`
+/// header); actors must send one.
+fn instance_of<T>(request: &Request<T>) -> Result<String, Status> {
+    Caller::of(request).and_then(|c| c.instance.clone()).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "the {} header (1..={} bytes) is required",
+            selfplay_proto::auth::INSTANCE_HEADER,
+            selfplay_proto::auth::MAX_INSTANCE_BYTES
+        ))
+    })
+}
+
+/// The most unit ids a LeaseWork may list as held.
+pub const MAX_HOLDING: usize = 4096;
 
 fn join_error(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("worker task failed: {e}"))
@@ -348,13 +394,14 @@ fn join_error(e: tokio::task::JoinError) -> Status {
 impl Coordinator for CoordinatorService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let _t = RpcTimer::new("Join");
+        let instance = instance_of(&request)?;
         let req = request.into_inner();
         let rejoined = {
             let mut s = self.state();
             if !req.run_id.is_empty() && !s.run_id().is_empty() && s.run_id() != req.run_id {
                 return Err(StateError::OtherRun { ours: s.run_id().to_string(), theirs: req.run_id }.into());
             }
-            let r = s.join(&req.actor_id, &req.device, Instant::now())?;
+            let r = s.join(&req.actor_id, &req.device, &instance, Instant::now())?;
             set_gauges(&s);
             r
         };
@@ -367,6 +414,7 @@ impl Coordinator for CoordinatorService {
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let _t = RpcTimer::new("Heartbeat");
+        self.check_member("Heartbeat", &request, &request.get_ref().actor_id)?;
         let req = request.into_inner();
         let known = self.state().heartbeat(&req.actor_id, req.weights_version, Instant::now());
         if !known {
@@ -377,6 +425,7 @@ impl Coordinator for CoordinatorService {
 
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
         let _t = RpcTimer::new("Leave");
+        self.check_member("Leave", &request, &request.get_ref().actor_id)?;
         let req = request.into_inner();
         let requeued = {
             let mut s = self.state();
@@ -390,6 +439,13 @@ impl Coordinator for CoordinatorService {
 
     async fn lease_work(&self, request: Request<LeaseWorkRequest>) -> Result<Response<LeaseWorkResponse>, Status> {
         let _t = RpcTimer::new("LeaseWork");
+        if request.get_ref().holding.len() > MAX_HOLDING {
+            return Err(Status::invalid_argument(format!(
+                "holding lists {} units; the limit is {MAX_HOLDING}",
+                request.get_ref().holding.len()
+            )));
+        }
+        self.check_member("LeaseWork", &request, &request.get_ref().actor_id)?;
         let req = request.into_inner();
         let unit = {
             let mut s = self.state();
@@ -412,8 +468,15 @@ impl Coordinator for CoordinatorService {
             counter!(UNITS_REISSUED).increment(1);
         }
         tracing::debug!(actor = %req.actor_id, unit = %u.unit_id, reissue = u.reissue, "unit leased");
+        let ticket = self.inner.tickets.sign(&Lease {
+            unit_id: &u.unit_id,
+            epoch: u.epoch,
+            incarnation: u.incarnation,
+            actor_id: &req.actor_id,
+        });
         Ok(Response::new(LeaseWorkResponse {
             unit: Some(WorkUnit {
+                ticket,
                 unit_id: u.unit_id,
                 step: u.step,
                 seed: u.seed,
@@ -434,9 +497,27 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<CompleteWorkResponse>, Status> {
         let _t = RpcTimer::new("CompleteWork");
         let req = request.into_inner();
+        // Only the actor the unit was leased to holds its ticket: nobody else can report it.
+        let incarnation = req.incarnation.or_else(|| LeaseTickets::incarnation(&req.ticket));
+        let lease = Lease {
+            unit_id: &req.unit_id,
+            epoch: req.epoch,
+            incarnation: incarnation.unwrap_or(0),
+            actor_id: &req.actor_id,
+        };
+        if !self.inner.tickets.verify(&lease, &req.ticket) {
+            return Err(self.denied(
+                "CompleteWork",
+                &req.actor_id,
+                Status::permission_denied(format!(
+                    "no valid lease ticket for unit {:?} of actor {:?} (epoch {}, incarnation {:?})",
+                    req.unit_id, req.actor_id, req.epoch, incarnation
+                )),
+            ));
+        }
         let (outcome, generation) = {
             let mut s = self.state();
-            let o = s.complete_at(&req.actor_id, &req.unit_id, req.done, req.epoch, req.incarnation, Instant::now());
+            let o = s.complete_at(&req.actor_id, &req.unit_id, req.done, req.epoch, incarnation, Instant::now());
             set_gauges(&s);
             (o, s.generation())
         };
@@ -630,7 +711,7 @@ impl Coordinator for CoordinatorService {
 }
 
 /// Serves the coordinator on `listener` until `shutdown` completes: the Coordinator service
-/// (behind the bearer token), `grpc.health.v1.Health` (SERVING) and gRPC reflection (both
+/// (behind the role check), `grpc.health.v1.Health` (SERVING) and gRPC reflection (both
 /// open, for probes and tooling), over TLS when `config.tls` is set. Runs the lease expiry in
 /// the background and saves the state before returning.
 pub async fn serve(
@@ -639,7 +720,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CoordinatorError> {
     config.validate()?;
-    let token = config.resolve_token()?;
     let service = CoordinatorService::open(&config)?;
     let expiry = service.spawn_expiry();
 
@@ -669,7 +749,7 @@ pub async fn serve(
     let result = builder
         .add_service(health)
         .add_service(reflection)
-        .add_service(service.clone().into_server(ServerAuth::new(token, "coordinator")))
+        .add_service(service.clone().into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     expiry.abort();

@@ -24,6 +24,12 @@ pub const KEEP_COMPLETED_STEPS: usize = 64;
 /// `OpenStep` can make the coordinator allocate.
 pub const MAX_UNITS_PER_STEP: u32 = 1 << 16;
 pub const MAX_OPEN_STEPS: usize = 1024;
+/// The most units of all open steps together (about 40 MB of slots and queue), and the most
+/// bytes of their prompts and tasks together: what every open step may hold at once.
+pub const MAX_OPEN_UNITS: usize = 1 << 20;
+pub const MAX_OPEN_TEXT_BYTES: usize = 256 << 20;
+/// The longest actor id, device name and run id a request may carry.
+pub const MAX_ID_BYTES: usize = 256;
 
 /// Window of the throughput figure in `Status`.
 pub const THROUGHPUT_WINDOW: Duration = Duration::from_secs(60);
@@ -40,6 +46,22 @@ pub enum StateError {
     UnknownActor(String),
     #[error("actor_id must not be empty")]
     EmptyActorId,
+    #[error("{field} is {len} bytes long; the limit is {MAX_ID_BYTES}")]
+    TooLong { field: &'static str, len: usize },
+    #[error(
+        "actor id {0:?} is held by another live actor process; join again once its lease expired (or use another --actor-id)"
+    )]
+    ActorIdInUse(String),
+    #[error("actor {0:?} joined from another process: this one may not act in its name")]
+    NotTheMember(String),
+    #[error("step {step} would bring the open steps to {units} units (limit {MAX_OPEN_UNITS})")]
+    TooManyOpenUnits { step: u64, units: usize },
+    #[error(
+        "step {step} would bring the open steps' prompts and tasks to {bytes} bytes (limit {MAX_OPEN_TEXT_BYTES})"
+    )]
+    TooMuchText { step: u64, bytes: usize },
+    #[error("last_epoch {0} leaves no room for a new epoch")]
+    EpochOverflow(u64),
     #[error("step {step}: units must be at least 1")]
     NoUnits { step: u64 },
     #[error("step {step}: {field} holds {got} entries for {units} units (give none or one per unit)")]
@@ -195,6 +217,9 @@ impl Step {
 
 #[derive(Debug, Clone)]
 struct Member {
+    /// The client instance that joined (its `selfplay-instance` header): only it may act in
+    /// this member's name.
+    instance: String,
     device: String,
     last_seen: Instant,
     weights_version: u64,
@@ -420,11 +445,15 @@ impl State {
     /// unit it has not consumed is played again with its weights). A new run (no step ever
     /// opened, no epoch) takes the learner's seed.
     pub fn begin_epoch(&mut self, last_epoch: u64, run_id: &str, run_seed: u64) -> Result<EpochOutcome, StateError> {
+        if run_id.len() > MAX_ID_BYTES {
+            return Err(StateError::TooLong { field: "run_id", len: run_id.len() });
+        }
+        let next = self.epoch.max(last_epoch).checked_add(1).ok_or(StateError::EpochOverflow(last_epoch))?;
         self.check_run(run_id)?;
         if self.epoch == 0 && self.steps.is_empty() && self.counters.units_issued == 0 {
             self.run_seed = run_seed;
         }
-        self.epoch = self.epoch.max(last_epoch) + 1;
+        self.epoch = next;
         let steps_dropped = self.steps.len();
         self.steps.clear();
         self.queue.clear();
@@ -504,11 +533,23 @@ impl State {
         n
     }
 
-    /// Registers an actor (again). A member that joins again has restarted: the units it
-    /// held are given back first. Returns whether it was a member.
-    pub fn join(&mut self, actor: &str, device: &str, now: Instant) -> Result<bool, StateError> {
+    /// Registers an actor (again) from client `instance`. The same instance joining again
+    /// has lost its membership (or its view of it): the units it held are given back first.
+    /// Another instance may take the id only once the member's lease ran out, so no process
+    /// can push a live actor out. Returns whether it was a member.
+    pub fn join(&mut self, actor: &str, device: &str, instance: &str, now: Instant) -> Result<bool, StateError> {
         if actor.is_empty() {
             return Err(StateError::EmptyActorId);
+        }
+        for (field, value) in [("actor_id", actor), ("device", device), ("instance", instance)] {
+            if value.len() > MAX_ID_BYTES {
+                return Err(StateError::TooLong { field, len: value.len() });
+            }
+        }
+        if let Some(m) = self.members.get(actor) {
+            if m.instance != instance && now.saturating_duration_since(m.last_seen) < self.ttl {
+                return Err(StateError::ActorIdInUse(actor.to_string()));
+            }
         }
         let was = match self.members.remove(actor) {
             Some(old) => {
@@ -520,6 +561,7 @@ impl State {
         self.members.insert(
             actor.to_string(),
             Member {
+                instance: instance.to_string(),
                 device: device.to_string(),
                 last_seen: now,
                 weights_version: 0,
@@ -528,6 +570,15 @@ impl State {
             },
         );
         Ok(was)
+    }
+
+    /// Refuses a request in a member's name from another client instance than the one that
+    /// joined. An unknown actor passes (the request then finds no member).
+    pub fn check_member(&self, actor: &str, instance: &str) -> Result<(), StateError> {
+        match self.members.get(actor) {
+            Some(m) if m.instance != instance => Err(StateError::NotTheMember(actor.to_string())),
+            _ => Ok(()),
+        }
     }
 
     /// Renews a member's lease; `false` when the actor is unknown (it must join again).
@@ -589,6 +640,26 @@ impl State {
             if got != 0 && got != units as usize {
                 return Err(StateError::PerUnitCount { step, field, units, got });
             }
+        }
+        if !self.steps.contains_key(&step) {
+            // What every open step holds once this one is open, older ones included (they
+            // may be dropped by discard_older, but the bound does not count on it).
+            let open_units: usize = self.steps.values().map(|st| st.slots.len()).sum::<usize>() + units as usize;
+            if open_units > MAX_OPEN_UNITS {
+                return Err(StateError::TooManyOpenUnits { step, units: open_units });
+            }
+        }
+        let text = |v: &[String]| v.iter().map(String::len).sum::<usize>();
+        let open_text: usize = self
+            .steps
+            .iter()
+            .filter(|(&k, _)| k != step)
+            .map(|(_, st)| text(&st.prompts) + text(&st.tasks))
+            .sum::<usize>()
+            + text(&prompts)
+            + text(&tasks);
+        if open_text > MAX_OPEN_TEXT_BYTES {
+            return Err(StateError::TooMuchText { step, bytes: open_text });
         }
         if let Some(existing) = self.steps.get(&step) {
             let open = existing.slots.len() as u32;
@@ -945,7 +1016,7 @@ mod tests {
     fn a_new_epoch_forgets_steps_and_leases_and_fences_old_reports() {
         let t0 = Instant::now();
         let mut s = State::new(1, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         // A new run takes the learner's seed and run id.
         let e1 = s.begin_epoch(0, "run-x", 99).unwrap();
         assert_eq!((e1.epoch, e1.run_seed), (1, 99));
@@ -981,7 +1052,7 @@ mod tests {
     fn a_lease_the_actor_never_heard_of_goes_back() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         s.open_step(spec(1, 3)).unwrap();
         // The reply to this lease is lost: the actor asks again holding nothing.
         let lost = s.lease("a", t0).unwrap().unwrap();
@@ -1000,8 +1071,8 @@ mod tests {
     fn units_of_a_step_spread_over_the_actors_that_list_their_holdings() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
-        s.join("b", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
+        s.join("b", "", "b", t0).unwrap();
         s.open_step(spec(1, 8)).unwrap();
         // "a" asks for as many as it can play; it gets its share of the 8, 4.
         let mut held: Vec<String> = vec![];
@@ -1017,14 +1088,14 @@ mod tests {
         s.check_invariants();
         // Alone, an actor takes every unit; a first unit is never refused.
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         s.open_step(spec(1, 3)).unwrap();
         let mut held: Vec<String> = vec![];
         while let (Some(u), _) = s.lease_holding("a", &held, t0).unwrap() {
             held.push(u.unit_id);
         }
         assert_eq!(held.len(), 3);
-        s.join("b", "", t0).unwrap();
+        s.join("b", "", "b", t0).unwrap();
         s.open_step(spec(2, 1)).unwrap();
         assert!(s.lease_holding("b", &[], t0).unwrap().0.is_some());
         s.check_invariants();
@@ -1034,7 +1105,7 @@ mod tests {
     fn a_late_completion_from_before_a_reopen_is_ignored() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         s.open_step(spec(1, 2)).unwrap();
         let u = s.lease("a", t0).unwrap().unwrap();
         assert_eq!(u.incarnation, 0);
@@ -1063,10 +1134,71 @@ mod tests {
     }
 
     #[test]
+    fn open_steps_together_are_bounded() {
+        let mut s = State::new(0, TTL, Instant::now());
+        let per = MAX_UNITS_PER_STEP as usize;
+        for step in 0..(MAX_OPEN_UNITS / per) as u64 {
+            s.open_step(spec(step, MAX_UNITS_PER_STEP)).unwrap();
+        }
+        let e = s.open_step(spec(1000, 1)).unwrap_err();
+        assert_eq!(e, StateError::TooManyOpenUnits { step: 1000, units: MAX_OPEN_UNITS + 1 });
+        // Repeating an open step is still a no-op, not a refusal.
+        s.open_step(spec(0, MAX_UNITS_PER_STEP)).unwrap();
+        s.check_invariants();
+
+        let mut s = State::new(0, TTL, Instant::now());
+        let prompt = "p".repeat(MAX_OPEN_TEXT_BYTES / 4);
+        let with_prompts = |step| StepSpec { prompts: vec![prompt.clone(); 2], ..spec(step, 2) };
+        s.open_step(with_prompts(1)).unwrap();
+        s.open_step(with_prompts(2)).unwrap();
+        assert!(matches!(s.open_step(with_prompts(3)), Err(StateError::TooMuchText { step: 3, .. })));
+        // Reopening an open step with its prompts does not count them twice.
+        s.open_step(StepSpec { reopen: true, ..with_prompts(2) }).unwrap();
+        s.check_invariants();
+    }
+
+    #[test]
+    fn an_epoch_cannot_overflow_and_ids_are_bounded() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        assert_eq!(s.begin_epoch(u64::MAX, "", 1).unwrap_err(), StateError::EpochOverflow(u64::MAX));
+        assert_eq!(s.epoch(), 0, "a refused epoch changes nothing");
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        assert!(matches!(s.begin_epoch(0, &long, 1), Err(StateError::TooLong { field: "run_id", .. })));
+        assert!(matches!(s.join(&long, "", "i", t0), Err(StateError::TooLong { field: "actor_id", .. })));
+        assert!(matches!(s.join("a", &long, "i", t0), Err(StateError::TooLong { field: "device", .. })));
+        assert_eq!(s.members_alive(), 0);
+    }
+
+    #[test]
+    fn only_the_joining_instance_acts_for_a_member() {
+        let t0 = Instant::now();
+        let mut s = State::new(0, TTL, t0);
+        s.open_step(spec(1, 2)).unwrap();
+        assert!(!s.join("a", "cpu", "inst-1", t0).unwrap());
+        let u = s.lease("a", t0).unwrap().unwrap();
+        // Another process cannot take the live id, nor act in its name.
+        assert_eq!(s.join("a", "cpu", "inst-2", ms(t0, 10)).unwrap_err(), StateError::ActorIdInUse("a".into()));
+        assert_eq!(s.check_member("a", "inst-2").unwrap_err(), StateError::NotTheMember("a".into()));
+        s.check_member("a", "inst-1").unwrap();
+        s.check_member("nobody", "inst-2").unwrap();
+        assert_eq!(s.units_leased(), 1, "the refused join released nothing");
+        // The same instance joining again gives its units back.
+        assert!(s.join("a", "cpu", "inst-1", ms(t0, 20)).unwrap());
+        assert_eq!((s.units_leased(), s.units_pending()), (0, 2));
+        let _ = u;
+        // Once the lease ran out, another process may take the id.
+        let late = ms(t0, 20) + TTL;
+        assert!(s.join("a", "cpu", "inst-2", late).unwrap());
+        s.check_member("a", "inst-2").unwrap();
+        s.check_invariants();
+    }
+
+    #[test]
     fn fifo_lease_with_seeds_prompts_and_tasks() {
         let t0 = Instant::now();
         let mut s = State::new(42, TTL, t0);
-        s.join("a", "cpu", t0).unwrap();
+        s.join("a", "cpu", "a", t0).unwrap();
         s.open_step(StepSpec {
             step: 5,
             units: 2,
@@ -1117,15 +1249,15 @@ mod tests {
         s.open_step(spec(1, 1)).unwrap();
         assert_eq!(s.lease("ghost", t0).unwrap_err(), StateError::UnknownActor("ghost".into()));
         assert!(!s.heartbeat("ghost", 1, t0));
-        assert_eq!(s.join("", "cpu", t0).unwrap_err(), StateError::EmptyActorId);
+        assert_eq!(s.join("", "cpu", "", t0).unwrap_err(), StateError::EmptyActorId);
     }
 
     #[test]
     fn expired_lease_requeues_at_the_front() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
-        s.join("b", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
+        s.join("b", "", "b", t0).unwrap();
         s.open_step(spec(1, 4)).unwrap();
         assert_eq!(lease_id(&mut s, "a", t0).unwrap(), "s1-u0");
         assert_eq!(lease_id(&mut s, "a", t0).unwrap(), "s1-u1");
@@ -1154,7 +1286,7 @@ mod tests {
     fn activity_renews_the_lease() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         s.open_step(spec(1, 3)).unwrap();
         lease_id(&mut s, "a", ms(t0, 800));
         s.complete("a", "s1-u0", true, ms(t0, 1600));
@@ -1183,7 +1315,7 @@ mod tests {
             let actor = format!("a{}", next() % 6);
             match next() % 7 {
                 0 => {
-                    s.join(&actor, "", now).unwrap();
+                    s.join(&actor, "", &actor, now).unwrap();
                 }
                 1 | 2 => {
                     if let Ok(Some(u)) = s.lease(&actor, now) {
@@ -1214,8 +1346,8 @@ mod tests {
     fn completed_units_are_never_reissued() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
-        s.join("b", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
+        s.join("b", "", "b", t0).unwrap();
         s.open_step(spec(1, 2)).unwrap();
         assert_eq!(lease_id(&mut s, "a", t0).unwrap(), "s1-u0");
         assert_eq!(s.complete("a", "s1-u0", true, t0), CompleteOutcome::Done);
@@ -1225,13 +1357,13 @@ mod tests {
         assert_eq!(s.expire(ms(t0, 1000)).requeued, 0);
         assert_eq!(s.pending_ids(), ["s1-u1"]);
         // A late "done" from an expired actor for a unit that went back to the queue.
-        s.join("c", "", ms(t0, 1000)).unwrap();
+        s.join("c", "", "c", ms(t0, 1000)).unwrap();
         assert_eq!(lease_id(&mut s, "c", ms(t0, 1000)).unwrap(), "s1-u1");
         s.leave("c");
         assert_eq!(s.pending_ids(), ["s1-u1"]);
         assert_eq!(s.complete("c", "s1-u1", true, ms(t0, 1001)), CompleteOutcome::Done);
         assert_eq!(s.pending_ids(), Vec::<String>::new());
-        s.join("b", "", ms(t0, 1002)).unwrap();
+        s.join("b", "", "b", ms(t0, 1002)).unwrap();
         assert_eq!(s.lease("b", ms(t0, 1002)).unwrap(), None);
         // Repeating OpenStep does not bring them back.
         assert!(s.open_step(spec(1, 2)).unwrap().existed);
@@ -1243,8 +1375,8 @@ mod tests {
     fn late_done_from_the_old_holder_frees_the_new_holder() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
-        s.join("b", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
+        s.join("b", "", "b", t0).unwrap();
         s.open_step(spec(1, 1)).unwrap();
         lease_id(&mut s, "a", t0);
         s.heartbeat("b", 0, ms(t0, 999));
@@ -1262,8 +1394,8 @@ mod tests {
     fn give_back_goes_to_the_front_and_only_from_the_holder() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
-        s.join("b", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
+        s.join("b", "", "b", t0).unwrap();
         s.open_step(spec(1, 3)).unwrap();
         lease_id(&mut s, "a", t0);
         assert_eq!(s.complete("b", "s1-u0", false, t0), CompleteOutcome::NotHolder);
@@ -1279,7 +1411,7 @@ mod tests {
     fn open_step_is_idempotent() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         let first = s.open_step(spec(3, 4)).unwrap();
         assert_eq!((first.queued, first.existed), (4, false));
         lease_id(&mut s, "a", t0);
@@ -1296,7 +1428,7 @@ mod tests {
     fn newer_step_keeps_older_units_unless_told() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         s.open_step(spec(1, 2)).unwrap();
         lease_id(&mut s, "a", t0);
         // Asynchronous mode: both steps' units are served, the older first.
@@ -1315,7 +1447,7 @@ mod tests {
     fn reopen_requeues_completed_units_only() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         s.open_step(spec(1, 3)).unwrap();
         let u0 = lease_id(&mut s, "a", t0).unwrap();
         lease_id(&mut s, "a", t0);
@@ -1331,7 +1463,7 @@ mod tests {
     fn a_completed_step_releases_its_prompts_and_a_reopen_needs_them() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         let prompts = || vec!["p0".to_string(), "p1".to_string()];
         s.open_step(StepSpec { prompts: prompts(), ..spec(1, 2) }).unwrap();
         for _ in 0..2 {
@@ -1353,10 +1485,10 @@ mod tests {
     fn rejoin_gives_back_held_units() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         s.open_step(spec(1, 2)).unwrap();
         lease_id(&mut s, "a", t0);
-        assert!(s.join("a", "gpu", t0).unwrap());
+        assert!(s.join("a", "gpu", "a", t0).unwrap());
         assert_eq!(s.pending_ids(), ["s1-u0", "s1-u1"]);
         assert_eq!(s.leave("a"), Some(0));
         assert_eq!(s.leave("a"), None);
@@ -1367,7 +1499,7 @@ mod tests {
     fn snapshot_round_trip_requeues_leased_units_first() {
         let t0 = Instant::now();
         let mut s = State::new(77, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         s.open_step(StepSpec { prompts: (0..4).map(|i| format!("p{i}")).collect(), ..spec(1, 4) }).unwrap();
         s.open_step(spec(2, 2)).unwrap();
         let u0 = lease_id(&mut s, "a", t0).unwrap();
@@ -1383,7 +1515,7 @@ mod tests {
         assert_eq!(r.members_alive(), 0);
         assert_eq!(r.pending_ids(), ["s1-u1", "s1-u2", "s1-u3", "s2-u0", "s2-u1"]);
         assert_eq!(r.counters(), s.counters());
-        r.join("b", "", t0).unwrap();
+        r.join("b", "", "b", t0).unwrap();
         let u = r.lease("b", t0).unwrap().unwrap();
         assert_eq!((u.unit_id.as_str(), u.prompt.as_str(), u.seed), ("s1-u1", "p1", unit_seed(77, 1, 1)));
         // The done unit stays done.
@@ -1394,7 +1526,7 @@ mod tests {
     fn completed_steps_are_pruned_beyond_the_limit() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         for step in 0..(KEEP_COMPLETED_STEPS as u64 + 10) {
             s.open_step(spec(step, 1)).unwrap();
             let u = s.lease("a", t0).unwrap().unwrap();
@@ -1409,7 +1541,7 @@ mod tests {
     fn throughput_over_the_window() {
         let t0 = Instant::now();
         let mut s = State::new(0, TTL, t0);
-        s.join("a", "", t0).unwrap();
+        s.join("a", "", "a", t0).unwrap();
         s.open_step(spec(1, 10)).unwrap();
         for i in 0..10 {
             let now = ms(t0, 1000 * i);

@@ -38,6 +38,15 @@ pub struct RolloutGroup {
 /// far above it; values below cannot come from a model and would overflow the loss.
 pub const MIN_LOGPROB: f32 = -1.0e4;
 
+/// The largest reward or self-reward magnitude a group may carry. Reward models give scores of
+/// order 10 and the self-reward is at most 7; a bound far above both keeps every sum of a
+/// step's rewards, advantages and their squares (f64, then f32 in the loss) finite, where a
+/// finite but huge value (3e38) would overflow and spoil the step.
+pub const MAX_ABS_REWARD: f32 = 1.0e4;
+
+/// The longest a unit may claim to have taken (a week), in seconds; only logged.
+pub const MAX_PLAY_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+
 /// What a valid group must satisfy.
 #[derive(Debug, Clone)]
 pub struct GroupLimits {
@@ -105,6 +114,14 @@ impl RolloutGroup {
             if !a.self_reward.is_finite() {
                 return Err(format!("answers[{j}].self_reward = {} is not finite", a.self_reward));
             }
+            for (name, v) in [("reward", a.reward), ("self_reward", a.self_reward)] {
+                if v.abs() > MAX_ABS_REWARD {
+                    return Err(format!("answers[{j}].{name} = {v} is outside [-{MAX_ABS_REWARD}, {MAX_ABS_REWARD}]"));
+                }
+            }
+        }
+        if !(0.0..=MAX_PLAY_SECONDS).contains(&self.play_seconds) {
+            return Err(format!("play_seconds = {} is outside [0, {MAX_PLAY_SECONDS}]", self.play_seconds));
         }
         Ok(())
     }

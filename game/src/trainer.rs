@@ -397,7 +397,11 @@ impl Trainer {
             }
         };
         let k3 = {
-            let d = &refs - lp;
+            // log(pi_ref / pi) capped at 50 before exp: a reference log-prob near 0 on a token
+            // the policy finds very unlikely would otherwise overflow f32 (exp > 88.7) from
+            // finite inputs. exp(50) ~ 5e21 summed over any step stays finite, and no honest
+            // pair of models is e^50 apart on a sampled token.
+            let d = (&refs - lp).clamp_max(50.0);
             d.exp() - &d - 1.0
         };
         let kl = match self.cfg.loss.kl {

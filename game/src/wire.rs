@@ -47,6 +47,8 @@ impl From<RolloutGroup> for v1::RolloutGroup {
                 .collect(),
             play_seconds: g.play_seconds,
             epoch: g.epoch,
+            // The lease's ticket is the actor's to add: the game never sees it.
+            ticket: String::new(),
         }
     }
 }

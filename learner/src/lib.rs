@@ -14,8 +14,10 @@ pub mod service;
 use inbox::Inbox;
 use selfplay_game::driver::units_for_step;
 use selfplay_game::{Config, StepStats, Trainer};
-use selfplay_proto::auth::{BearerToken, ServerAuth};
+use selfplay_proto::auth::{Credential, Role, Verifier};
 use selfplay_proto::client::{coordinator_client, AuthChannel};
+use selfplay_proto::guard::{RoleGuard, LEARNER_SERVICE};
+use selfplay_proto::ticket::LeaseTickets;
 use selfplay_proto::v1::coordinator_client::CoordinatorClient;
 use selfplay_proto::v1::learner_server::LearnerServer;
 use selfplay_proto::v1::{BeginEpochRequest, OpenStepRequest, StatusRequest};
@@ -59,7 +61,12 @@ pub enum LearnerError {
 pub struct LearnerOptions {
     /// Coordinator URL, e.g. http://127.0.0.1:50051.
     pub coordinator: String,
-    pub token: BearerToken,
+    /// The learner's credential: presented to the coordinator, and the key of the lease
+    /// tickets the learner checks on every group.
+    pub credential: Credential,
+    /// The credentials the learner's server accepts: actors submit, operators read status.
+    pub actor: Credential,
+    pub operator: Option<Credential>,
     pub max_policy_lag: u64,
     /// Publish weights every K steps (K <= lag + 1).
     pub publish_every: u64,
@@ -176,14 +183,14 @@ pub fn weights_payload(
 /// Connects to the coordinator, retrying with backoff for up to `patience`.
 pub async fn connect_coordinator(
     address: &str,
-    token: &BearerToken,
+    credential: &Credential,
     tls_ca: Option<&Path>,
     patience: Duration,
 ) -> Result<CoordinatorClient<AuthChannel>, LearnerError> {
     let ch = selfplay_proto::client::connect_with_backoff(address, tls_ca, patience)
         .await
         .map_err(|message| LearnerError::Coordinator { address: address.into(), message })?;
-    Ok(coordinator_client(ch, token))
+    Ok(coordinator_client(ch, credential))
 }
 
 /// Calls `f` until it succeeds, retrying while the coordinator restarts (up to 5 minutes).
@@ -593,7 +600,13 @@ pub async fn run(
 
     // The gRPC server.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let svc = LearnerService { shared: shared.clone() };
+    let svc = LearnerService { shared: shared.clone(), tickets: LeaseTickets::new(opts.credential.clone()) };
+    let mut verifier =
+        Verifier::new().with(Role::Actor, opts.actor.clone()).with(Role::Learner, opts.credential.clone());
+    if let Some(op) = &opts.operator {
+        verifier = verifier.with(Role::Operator, op.clone());
+    }
+    verifier.check_distinct().map_err(|e| LearnerError::Options(e.to_string()))?;
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<LearnerServer<LearnerService>>().await;
     // The same transport settings as the coordinator's (keepalive, windows, frame size): the
@@ -602,11 +615,12 @@ pub async fn run(
     let mut builder = selfplay_proto::server::builder(tls.as_ref()).map_err(|e| LearnerError::Server(e.to_string()))?;
     let server = builder
         .add_service(health_svc)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
+        .add_service(RoleGuard::new(
             LearnerServer::new(svc)
                 .max_decoding_message_size(selfplay_proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(selfplay_proto::MAX_MESSAGE_BYTES),
-            ServerAuth::new(opts.token.clone(), "learner"),
+            verifier,
+            &LEARNER_SERVICE,
         ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -620,7 +634,8 @@ pub async fn run(
     let server = tokio::spawn(server);
 
     let client =
-        connect_coordinator(&opts.coordinator, &opts.token, opts.tls_ca.as_deref(), Duration::from_secs(60)).await?;
+        connect_coordinator(&opts.coordinator, &opts.credential, opts.tls_ca.as_deref(), Duration::from_secs(60))
+            .await?;
     let stopping = Arc::new(AtomicBool::new(false));
     {
         let (shared, stopping, stop_tx) = (shared.clone(), stopping.clone(), stop_tx.clone());

@@ -3,6 +3,7 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, gauge, Unit}
 use selfplay_game::StepStats;
 
 pub fn describe_metrics() {
+    selfplay_proto::guard::LEARNER_SERVICE.describe_metrics();
     describe_counter!("selfplay_learner_steps_total", "Optimizer steps taken.");
     describe_histogram!(
         "selfplay_learner_step_seconds",
@@ -26,7 +27,7 @@ pub fn describe_metrics() {
     describe_counter!("selfplay_learner_groups_accepted_total", "Rollout groups stored for a step.");
     describe_counter!(
         "selfplay_learner_groups_rejected_total",
-        "Rollout groups refused, by reason (invalid, stale, duplicate)."
+        "Rollout groups refused, by reason (invalid, stale, duplicate, unleased: no valid lease ticket for the unit and actor)."
     );
     describe_histogram!(
         "selfplay_learner_staleness_steps",
@@ -80,7 +81,7 @@ pub fn describe_metrics() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    for reason in ["invalid", "stale", "duplicate"] {
+    for reason in ["invalid", "stale", "duplicate", "unleased"] {
         metrics::counter!("selfplay_learner_groups_rejected_total", "reason" => reason).increment(0);
     }
 }

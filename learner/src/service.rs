@@ -1,5 +1,8 @@
 //! The `Learner` gRPC service: a stream of rollout groups in, one ack per group out.
 use crate::inbox::{Inbox, Verdict};
+use selfplay_proto::auth::Role;
+use selfplay_proto::guard::LEARNER_SERVICE;
+use selfplay_proto::ticket::{Lease, LeaseTickets};
 use selfplay_proto::v1::learner_server::Learner;
 use selfplay_proto::v1::{LearnerStatusRequest, LearnerStatusResponse, RolloutAck, RolloutGroup};
 use std::pin::Pin;
@@ -17,12 +20,39 @@ pub struct Shared {
 #[derive(Clone)]
 pub struct LearnerService {
     pub shared: Arc<Shared>,
+    /// Checks that each group comes from the actor its unit was leased to.
+    pub tickets: LeaseTickets,
 }
 
 impl LearnerService {
-    fn handle(&self, g: RolloutGroup) -> RolloutAck {
+    /// Takes one group off the wire: the lease ticket, then the inbox (validation, dedup,
+    /// staleness). The ack says what happened.
+    pub fn offer(&self, g: RolloutGroup) -> RolloutAck {
         metrics::counter!("selfplay_learner_groups_received_total").increment(1);
         let unit_id = g.unit_id.clone();
+        // Before anything else (even the duplicate check): a group for a unit leased to
+        // another actor, or to nobody, is neither stored nor compared with anything.
+        let lease = LeaseTickets::incarnation(&g.ticket).map(|incarnation| Lease {
+            unit_id: &g.unit_id,
+            epoch: g.epoch,
+            incarnation,
+            actor_id: &g.actor_id,
+        });
+        if !lease.is_some_and(|l| self.tickets.verify(&l, &g.ticket)) {
+            metrics::counter!("selfplay_learner_groups_rejected_total", "reason" => "unleased").increment(1);
+            LEARNER_SERVICE.count_denied(Role::Actor, "SubmitRollouts");
+            tracing::warn!(unit = %unit_id, actor = %g.actor_id, "refused a group without a valid lease ticket for its unit and actor");
+            let step = self.shared.inbox.lock().expect("inbox lock").version;
+            return RolloutAck {
+                unit_id,
+                learner_step: step,
+                reason: format!(
+                    "no valid lease ticket: unit {:?} was not leased to actor {:?} in epoch {}",
+                    g.unit_id, g.actor_id, g.epoch
+                ),
+                ..Default::default()
+            };
+        }
         let group: selfplay_game::RolloutGroup = g.into();
         let mut inbox = self.shared.inbox.lock().expect("inbox lock");
         let verdict = inbox.offer(group);
@@ -68,7 +98,7 @@ impl Learner for LearnerService {
                     // Validation takes locks and walks token ids: keep it off the reactor.
                     Ok(g) => {
                         let svc = this.clone();
-                        tokio::task::spawn_blocking(move || svc.handle(g))
+                        tokio::task::spawn_blocking(move || svc.offer(g))
                             .await
                             .map_err(|e| Status::internal(e.to_string()))
                     }

@@ -1,18 +1,23 @@
-//! Bearer-token authentication shared by every selfplay role.
+//! Bearer-token authentication with one credential per role.
 //!
-//! Every RPC carries `authorization: Bearer <token>`. The token comes from a file
-//! (`--token-file`) or from the environment variable [`TOKEN_ENV`]. Servers wrap their services
-//! in [`ServerAuth`], which refuses a missing or wrong token with `Unauthenticated`, logs the
-//! refusal and counts it as `selfplay_rpc_rejected_total{role, reason="unauthenticated"}`;
-//! clients wrap their channels in [`ClientAuth`].
+//! Every RPC carries `authorization: Bearer <token>`. Each role holds its own credential: the
+//! learner, the actors, the reward clients (actors that score on a reward server) and the
+//! operators (`selfplay status`, dashboards). A server maps the token it is shown to the role
+//! it belongs to ([`Verifier`]), and [`crate::guard`] lets each role call only its own RPCs.
+//!
+//! A credential is a token file (`--token-file`, or the token itself in [`TOKEN_ENV`]) with
+//! one token a line: a client presents the first, a server accepts every one. Files are read
+//! again when they change, so a credential rotates without a restart: put the new token on a
+//! second line (both valid), then first (clients switch), then drop the old one
+//! (docs/operations.md).
 //!
 //! ```no_run
-//! use selfplay_proto::auth::{BearerToken, ClientAuth};
+//! use selfplay_proto::auth::{ClientAuth, Credential};
 //! # fn demo(channel: tonic::transport::Channel) -> Result<(), selfplay_proto::auth::AuthError> {
-//! let token = BearerToken::load(None)?; // SELFPLAY_TOKEN
+//! let credential = Credential::load(None)?; // SELFPLAY_TOKEN
 //! let client = selfplay_proto::v1::coordinator_client::CoordinatorClient::with_interceptor(
 //!     channel,
-//!     ClientAuth::new(&token),
+//!     ClientAuth::new(&credential),
 //! );
 //! # let _ = client; Ok(()) }
 //! ```
@@ -20,7 +25,8 @@
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 use tonic::metadata::{Ascii, MetadataValue};
@@ -30,13 +36,57 @@ use tonic::{Request, Status};
 /// Environment variable holding the token when no token file is given.
 pub const TOKEN_ENV: &str = "SELFPLAY_TOKEN";
 
-/// Metric counting refused RPCs, labelled `role` and `reason`.
+/// Metric counting refused RPCs, labelled `role` (the server's) and `reason`.
 pub const REJECTED_METRIC: &str = "selfplay_rpc_rejected_total";
 
-const AUTHORIZATION: &str = "authorization";
-const SCHEME: &str = "bearer ";
+/// Metadata header with a random id each client makes when it starts: the coordinator binds
+/// an actor id to the instance that joined with it, so no other process can heartbeat, lease
+/// or leave in its name.
+pub const INSTANCE_HEADER: &str = "selfplay-instance";
 
-/// Why a token could not be obtained.
+/// The longest instance id a server takes.
+pub const MAX_INSTANCE_BYTES: usize = 64;
+
+/// How often a credential file is checked for changes (at most; only when it is used).
+pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+pub(crate) const AUTHORIZATION: &str = "authorization";
+pub(crate) const SCHEME: &str = "bearer ";
+
+/// The roles a credential can belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Opens steps, publishes weights, begins epochs.
+    Learner,
+    /// Joins, leases and reports units, fetches weights, submits rollouts.
+    Actor,
+    /// Scores on a reward server.
+    RewardClient,
+    /// Reads status; changes nothing.
+    Operator,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Learner, Role::Actor, Role::RewardClient, Role::Operator];
+
+    /// The label value on metrics and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Learner => "learner",
+            Role::Actor => "actor",
+            Role::RewardClient => "reward-client",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a credential could not be obtained.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("no bearer token: set {TOKEN_ENV} or pass --token-file")]
@@ -56,9 +106,11 @@ pub enum AuthError {
          cannot travel in an HTTP header"
     )]
     Invalid { origin: String },
+    #[error("the {a} and {b} credentials share a token: every role needs its own")]
+    Shared { a: Role, b: Role },
 }
 
-/// A shared secret. `Debug` never prints it.
+/// One secret. `Debug` never prints it.
 #[derive(Clone)]
 pub struct BearerToken {
     secret: Arc<str>,
@@ -70,6 +122,22 @@ impl fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("BearerToken(<redacted>)")
     }
+}
+
+/// `n` random bytes as hex. The randomness comes from the OS-seeded keys of the standard
+/// library's SipHash (a fresh `RandomState` each call), mixed with the time and the pid.
+pub(crate) fn random_hex(n_u64: usize) -> String {
+    let state = std::collections::hash_map::RandomState::new();
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+    let mut hex = String::with_capacity(16 * n_u64);
+    for i in 0..n_u64 as u64 {
+        let mut h = state.build_hasher();
+        h.write_u64(i);
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        hex.push_str(&format!("{:016x}", h.finish()));
+    }
+    hex
 }
 
 impl BearerToken {
@@ -91,64 +159,13 @@ impl BearerToken {
         Ok(Self { digest: Sha256::digest(secret.as_bytes()).into(), secret: secret.into(), header })
     }
 
-    /// The token in [`TOKEN_ENV`], `None` when the variable is unset.
-    pub fn from_env() -> Result<Option<Self>, AuthError> {
-        match std::env::var(TOKEN_ENV) {
-            Ok(value) => Self::parse(&value, TOKEN_ENV).map(Some),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => Err(AuthError::Invalid { origin: TOKEN_ENV.to_string() }),
-        }
-    }
-
-    /// The token stored in a file (a trailing newline is fine). The file must not be
-    /// readable or writable by other users (mode 0600 or 0400, as Kubernetes Secrets with
-    /// `defaultMode: 0400` and `install -m 600` give).
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, AuthError> {
-        let path = path.as_ref();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let meta =
-                std::fs::metadata(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o007 != 0 {
-                return Err(AuthError::Permissions { path: path.to_path_buf(), mode });
-            }
-        }
-        let text =
-            std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
-        Self::parse(&text, &path.display().to_string())
-    }
-
-    /// The token from `token_file` when given, else from [`TOKEN_ENV`]; an error when neither.
-    pub fn load(token_file: Option<&Path>) -> Result<Self, AuthError> {
-        match token_file {
-            Some(path) => Self::from_file(path),
-            None => Self::from_env()?.ok_or(AuthError::Missing),
-        }
-    }
-
-    /// A fresh random token (256 bits, hex), for the embedded single-process default where no
-    /// token was configured. The randomness comes from the OS-seeded keys of the standard
-    /// library's SipHash.
+    /// A fresh random token (256 bits, hex), for `train`, which makes its own credentials.
     pub fn generate() -> Self {
-        let state = std::collections::hash_map::RandomState::new();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let mut hex = String::with_capacity(64);
-        for i in 0..4u64 {
-            let mut h = state.build_hasher();
-            h.write_u64(i);
-            h.write_u128(nanos);
-            h.write_u32(std::process::id());
-            hex.push_str(&format!("{:016x}", h.finish()));
-        }
-        Self::parse(&hex, "the generator").expect("hex is a valid token")
+        Self::parse(&random_hex(4), "the generator").expect("hex is a valid token")
     }
 
-    /// The secret itself, to hand to a child process (environment or file). Never log it.
+    /// The secret itself, to hand to a child process (environment or file) or to key lease
+    /// tickets. Never log it.
     pub fn secret(&self) -> &str {
         &self.secret
     }
@@ -162,6 +179,10 @@ impl BearerToken {
     /// the content nor the length of the secret leaks through timing.
     pub fn matches(&self, presented: &[u8]) -> bool {
         let digest: [u8; 32] = Sha256::digest(presented).into();
+        self.matches_digest(&digest)
+    }
+
+    fn matches_digest(&self, digest: &[u8; 32]) -> bool {
         let mut diff = 0u8;
         for (a, b) in digest.iter().zip(self.digest.iter()) {
             diff |= a ^ b;
@@ -170,66 +191,251 @@ impl BearerToken {
     }
 }
 
+/// Reads a token file: one token a line; blank lines and lines starting with `#` are
+/// skipped; at least one token. The file must not be readable or writable by other users
+/// (mode 0600 or 0400, as Kubernetes Secrets with `defaultMode: 0400` and `install -m 600`
+/// give).
+fn read_token_file(path: &Path) -> Result<Vec<BearerToken>, AuthError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            return Err(AuthError::Permissions { path: path.to_path_buf(), mode });
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
+    let origin = path.display().to_string();
+    let tokens = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| BearerToken::parse(l, &origin))
+        .collect::<Result<Vec<_>, _>>()?;
+    if tokens.is_empty() {
+        return Err(AuthError::Empty { origin });
+    }
+    Ok(tokens)
+}
+
+/// What identifies a version of a file: a change of any field means it was rewritten (a
+/// Kubernetes Secret update swaps a symlink, so the inode changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(Stamp { modified: meta.modified().ok(), len: meta.len(), inode })
+}
+
+struct Watched {
+    stamp: Option<Stamp>,
+    checked: Instant,
+    tokens: Arc<[BearerToken]>,
+}
+
+enum Source {
+    Fixed(Arc<[BearerToken]>),
+    File { path: PathBuf, watched: Mutex<Watched> },
+}
+
+/// One role's credential: one or more tokens, from memory or from a file that is read again
+/// when it changes. A client presents the first token ([`current`](Self::current)); a server
+/// accepts any ([`tokens`](Self::tokens)), which is what lets two tokens be valid during a
+/// rotation. `Debug` never prints a token.
+#[derive(Clone)]
+pub struct Credential(Arc<Source>);
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &*self.0 {
+            Source::Fixed(t) => write!(f, "Credential({} tokens in memory)", t.len()),
+            Source::File { path, .. } => write!(f, "Credential(file {})", path.display()),
+        }
+    }
+}
+
+impl From<BearerToken> for Credential {
+    fn from(token: BearerToken) -> Self {
+        Self(Arc::new(Source::Fixed(Arc::from(vec![token]))))
+    }
+}
+
+impl Credential {
+    /// Tokens held in memory (the first is presented); `None` when `tokens` is empty.
+    pub fn fixed(tokens: Vec<BearerToken>) -> Option<Self> {
+        (!tokens.is_empty()).then(|| Self(Arc::new(Source::Fixed(Arc::from(tokens)))))
+    }
+
+    /// A fresh random single-token credential (`train`, tests).
+    pub fn generate() -> Self {
+        BearerToken::generate().into()
+    }
+
+    /// The tokens of `path` (see the module docs for the format); the file is read again
+    /// when it changes. A change that does not parse is logged and the previous tokens stay.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, AuthError> {
+        let path = path.as_ref().to_path_buf();
+        let stamp = stamp(&path);
+        let tokens = read_token_file(&path)?;
+        let watched = Mutex::new(Watched { stamp, checked: Instant::now(), tokens: Arc::from(tokens) });
+        Ok(Self(Arc::new(Source::File { path, watched })))
+    }
+
+    /// The token in [`TOKEN_ENV`], `None` when the variable is unset.
+    pub fn from_env() -> Result<Option<Self>, AuthError> {
+        match std::env::var(TOKEN_ENV) {
+            Ok(value) => BearerToken::parse(&value, TOKEN_ENV).map(|t| Some(t.into())),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(AuthError::Invalid { origin: TOKEN_ENV.to_string() }),
+        }
+    }
+
+    /// The credential in `token_file` when given, else in [`TOKEN_ENV`]; an error when neither.
+    pub fn load(token_file: Option<&Path>) -> Result<Self, AuthError> {
+        match token_file {
+            Some(path) => Self::from_file(path),
+            None => Self::from_env()?.ok_or(AuthError::Missing),
+        }
+    }
+
+    /// Every valid token now, the presented one first. Never empty.
+    pub fn tokens(&self) -> Arc<[BearerToken]> {
+        match &*self.0 {
+            Source::Fixed(t) => t.clone(),
+            Source::File { path, watched } => {
+                let mut w = watched.lock().unwrap_or_else(|p| p.into_inner());
+                if w.checked.elapsed() >= RELOAD_EVERY {
+                    w.checked = Instant::now();
+                    let now = stamp(path);
+                    if now != w.stamp {
+                        w.stamp = now;
+                        match read_token_file(path) {
+                            Ok(t) => {
+                                tracing::info!(path = %path.display(), tokens = t.len(), "credential file changed: reloaded");
+                                w.tokens = Arc::from(t);
+                            }
+                            Err(e) => tracing::warn!(
+                                path = %path.display(), error = %e,
+                                "credential file changed but cannot be used; keeping the previous tokens"
+                            ),
+                        }
+                    }
+                }
+                w.tokens.clone()
+            }
+        }
+    }
+
+    /// The token a client presents: the first.
+    pub fn current(&self) -> BearerToken {
+        self.tokens()[0].clone()
+    }
+}
+
+/// Server side: which role a presented token belongs to. Built from the credentials of the
+/// roles the server serves; a role without a credential gets nothing.
+#[derive(Clone, Debug, Default)]
+pub struct Verifier {
+    roles: Vec<(Role, Credential)>,
+}
+
+impl Verifier {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Accepts `credential` as `role` (a second credential for the same role replaces it).
+    pub fn with(mut self, role: Role, credential: Credential) -> Self {
+        self.roles.retain(|(r, _)| *r != role);
+        self.roles.push((role, credential));
+        self
+    }
+
+    /// The roles this server accepts.
+    pub fn roles(&self) -> impl Iterator<Item = Role> + '_ {
+        self.roles.iter().map(|(r, _)| *r)
+    }
+
+    /// Refuses a configuration in which two roles share a token: the server could not tell
+    /// them apart, and the lesser role would get the greater one's rights.
+    pub fn check_distinct(&self) -> Result<(), AuthError> {
+        let all: Vec<(Role, [u8; 32])> = self
+            .roles
+            .iter()
+            .flat_map(|(r, c)| c.tokens().iter().map(|t| (*r, t.digest)).collect::<Vec<_>>())
+            .collect();
+        for (i, (a, da)) in all.iter().enumerate() {
+            for (b, db) in &all[i + 1..] {
+                if a != b && da == db {
+                    return Err(AuthError::Shared { a: *a, b: *b });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The role of `presented` (the bytes after `Bearer `), `None` when no role holds it, or
+    /// more than one does (a rotation that put one token in two files; logged).
+    pub fn identify(&self, presented: &[u8]) -> Option<Role> {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        let mut found: Option<Role> = None;
+        let mut ambiguous = false;
+        // Every token is compared, so the time taken says nothing about which one matched.
+        for (role, cred) in &self.roles {
+            for t in cred.tokens().iter() {
+                if t.matches_digest(&digest) {
+                    match found {
+                        Some(r) if r != *role => ambiguous = true,
+                        _ => found = Some(*role),
+                    }
+                }
+            }
+        }
+        if ambiguous {
+            tracing::error!("a presented token belongs to two roles' credentials: refused (give every role its own)");
+            return None;
+        }
+        found
+    }
+
+    /// The role of a request's `authorization` header, or why there is none.
+    pub fn identify_header(&self, value: Option<&[u8]>) -> Result<Role, &'static str> {
+        let Some(bytes) = value else {
+            return Err("missing authorization header");
+        };
+        if bytes.len() < SCHEME.len() || !bytes[..SCHEME.len()].eq_ignore_ascii_case(SCHEME.as_bytes()) {
+            return Err("authorization is not a bearer token");
+        }
+        self.identify(&bytes[SCHEME.len()..]).ok_or("unknown bearer token")
+    }
+}
+
 /// Registers the description of [`REJECTED_METRIC`] with the installed `metrics` recorder.
 pub fn describe_metrics() {
     metrics::describe_counter!(
         REJECTED_METRIC,
         metrics::Unit::Count,
-        "RPCs refused before reaching the service, by role and reason (unauthenticated: missing or wrong bearer token)"
+        "RPCs refused before reaching the service, by role (the server's) and reason (unauthenticated: missing or unknown bearer token)"
     );
 }
 
-/// Server-side interceptor: refuses a request whose bearer token is missing or wrong.
-#[derive(Clone, Debug)]
-pub struct ServerAuth {
-    token: BearerToken,
-    role: &'static str,
-}
-
-impl ServerAuth {
-    /// `role` names the server in logs and in the `role` label of the rejection counter
-    /// (`coordinator`, `learner`, `reward`, ...).
-    pub fn new(token: BearerToken, role: &'static str) -> Self {
-        // Start the counter at 0 so that it exists (and rate() works) before the first refusal.
-        metrics::counter!("selfplay_rpc_rejected_total", "role" => role, "reason" => "unauthenticated").increment(0);
-        Self { token, role }
-    }
-
-    /// Checks one request's metadata; `Err` holds why it is refused (for logs).
-    fn check(&self, request: &Request<()>) -> Result<(), &'static str> {
-        let Some(value) = request.metadata().get(AUTHORIZATION) else {
-            return Err("missing authorization header");
-        };
-        let bytes = value.as_bytes();
-        if bytes.len() < SCHEME.len() || !bytes[..SCHEME.len()].eq_ignore_ascii_case(SCHEME.as_bytes()) {
-            return Err("authorization is not a bearer token");
-        }
-        if self.token.matches(&bytes[SCHEME.len()..]) {
-            Ok(())
-        } else {
-            Err("wrong bearer token")
-        }
-    }
-}
-
-impl Interceptor for ServerAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        match self.check(&request) {
-            Ok(()) => Ok(request),
-            Err(why) => {
-                let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".to_string());
-                tracing::warn!(role = self.role, %peer, reason = why, "rejected an unauthenticated RPC");
-                metrics::counter!(REJECTED_METRIC, "role" => self.role, "reason" => "unauthenticated").increment(1);
-                Err(Status::unauthenticated("a valid bearer token is required (authorization: Bearer <token>)"))
-            }
-        }
-    }
-}
-
-/// Client-side interceptor: adds `authorization: Bearer <token>` to every request.
+/// Client-side interceptor: adds `authorization: Bearer <token>` (the credential's current
+/// token, so a rotated file is followed) and this client's [`INSTANCE_HEADER`] to every
+/// request.
 #[derive(Clone)]
 pub struct ClientAuth {
-    header: MetadataValue<Ascii>,
+    credential: Credential,
+    instance: MetadataValue<Ascii>,
 }
 
 impl fmt::Debug for ClientAuth {
@@ -239,14 +445,17 @@ impl fmt::Debug for ClientAuth {
 }
 
 impl ClientAuth {
-    pub fn new(token: &BearerToken) -> Self {
-        Self { header: token.header_value() }
+    /// A client with a fresh random instance id (128 bits).
+    pub fn new(credential: &Credential) -> Self {
+        let instance = MetadataValue::try_from(random_hex(2)).expect("hex is valid metadata");
+        Self { credential: credential.clone(), instance }
     }
 }
 
 impl Interceptor for ClientAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert(AUTHORIZATION, self.header.clone());
+        request.metadata_mut().insert(AUTHORIZATION, self.credential.current().header_value());
+        request.metadata_mut().insert(INSTANCE_HEADER, self.instance.clone());
         Ok(request)
     }
 }
@@ -255,84 +464,64 @@ impl Interceptor for ClientAuth {
 mod tests {
     use super::*;
 
-    fn request_with(header: Option<&str>) -> Request<()> {
-        let mut r = Request::new(());
-        if let Some(h) = header {
-            r.metadata_mut().insert(AUTHORIZATION, MetadataValue::try_from(h).unwrap());
-        }
-        r
+    fn write_private(path: &Path, text: &str) {
+        // Written aside and renamed, as a Secret update does: a reader never sees half a file.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    fn header(token: &str) -> Vec<u8> {
+        format!("Bearer {token}").into_bytes()
     }
 
     #[test]
-    fn server_accepts_the_right_token_only() {
-        let token = BearerToken::new("s3cret-token").unwrap();
-        let mut auth = ServerAuth::new(token.clone(), "test");
-        assert!(auth.call(request_with(Some("Bearer s3cret-token"))).is_ok());
-        assert!(auth.call(request_with(Some("bearer s3cret-token"))).is_ok());
-        for bad in [
-            None,
-            Some("Bearer s3cret-tokem"),
-            Some("Bearer s3cret-token2"),
-            Some("Bearer "),
-            Some("Basic s3cret-token"),
-            Some("s3cret-token"),
-        ] {
-            let err = auth.call(request_with(bad)).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
+    fn the_verifier_tells_roles_apart_and_refuses_the_rest() {
+        let learner = BearerToken::new("learner-t0k").unwrap();
+        let actor = BearerToken::new("actor-t0k").unwrap();
+        let v = Verifier::new()
+            .with(Role::Learner, learner.into())
+            .with(Role::Actor, Credential::fixed(vec![actor, BearerToken::new("actor-next").unwrap()]).unwrap());
+        v.check_distinct().unwrap();
+        assert_eq!(v.identify_header(Some(&header("learner-t0k"))), Ok(Role::Learner));
+        assert_eq!(v.identify_header(Some(&header("actor-t0k"))), Ok(Role::Actor));
+        assert_eq!(v.identify_header(Some(&header("actor-next"))), Ok(Role::Actor), "every token of a role counts");
+        assert_eq!(v.identify_header(Some(b"bearer actor-t0k")), Ok(Role::Actor));
+        for bad in [&b"Bearer actor-t0j"[..], b"Bearer actor-t0k2", b"Bearer ", b"Basic actor-t0k", b"actor-t0k"] {
+            assert!(v.identify_header(Some(bad)).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
-    }
-
-    /// A recorder that writes down every counter increment as `name{label=value,...} +n`.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<std::sync::Mutex<Vec<String>>>);
-
-    struct CaptureCounter(String, Capture);
-
-    impl metrics::CounterFn for CaptureCounter {
-        fn increment(&self, n: u64) {
-            self.1 .0.lock().unwrap().push(format!("{} +{n}", self.0));
-        }
-        fn absolute(&self, _: u64) {}
-    }
-
-    impl metrics::Recorder for Capture {
-        fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-        fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-        fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-        fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-            let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
-            let name = format!("{}{{{}}}", key.name(), labels.join(","));
-            metrics::Counter::from_arc(Arc::new(CaptureCounter(name, self.clone())))
-        }
-        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-            metrics::Gauge::noop()
-        }
-        fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
-            metrics::Histogram::noop()
-        }
+        assert!(v.identify_header(None).is_err());
     }
 
     #[test]
-    fn refusals_are_counted_by_role() {
-        let capture = Capture::default();
-        let mut auth = ServerAuth::new(BearerToken::new("t0k").unwrap(), "learner");
-        metrics::with_local_recorder(&capture, || {
-            assert!(auth.call(request_with(Some("Bearer t0k"))).is_ok());
-            assert!(auth.call(request_with(None)).is_err());
-            assert!(auth.call(request_with(Some("Bearer nope"))).is_err());
-        });
-        let seen = capture.0.lock().unwrap().clone();
-        let line = "selfplay_rpc_rejected_total{role=learner,reason=unauthenticated} +1";
-        assert_eq!(seen, [line, line]);
+    fn roles_must_not_share_a_token() {
+        let t = BearerToken::new("same").unwrap();
+        let v = Verifier::new()
+            .with(Role::Actor, t.clone().into())
+            .with(Role::Operator, Credential::fixed(vec![BearerToken::new("op").unwrap(), t]).unwrap());
+        assert!(matches!(v.check_distinct(), Err(AuthError::Shared { a: Role::Actor, b: Role::Operator })));
+        assert_eq!(v.identify(b"same"), None, "an ambiguous token gets no role");
+        assert_eq!(v.identify(b"op"), Some(Role::Operator));
     }
 
     #[test]
-    fn client_adds_the_header_the_server_accepts() {
-        let token = BearerToken::generate();
-        assert_eq!(format!("{:?}", ClientAuth::new(&token)), "ClientAuth(<redacted>)");
-        let req = ClientAuth::new(&token).call(Request::new(())).unwrap();
-        let mut auth = ServerAuth::new(token, "test");
-        assert!(auth.call(req).is_ok());
+    fn client_adds_the_header_and_an_instance_id() {
+        let cred = Credential::generate();
+        let auth = ClientAuth::new(&cred);
+        assert_eq!(format!("{auth:?}"), "ClientAuth(<redacted>)");
+        let req = auth.clone().call(Request::new(())).unwrap();
+        let v = Verifier::new().with(Role::Operator, cred.clone());
+        let h = req.metadata().get(AUTHORIZATION).map(|h| h.as_bytes());
+        assert_eq!(v.identify_header(h), Ok(Role::Operator));
+        let id = req.metadata().get(INSTANCE_HEADER).unwrap().to_str().unwrap().to_string();
+        assert_eq!(id.len(), 32);
+        // One client keeps its id; another client has another.
+        let again = auth.clone().call(Request::new(())).unwrap();
+        assert_eq!(again.metadata().get(INSTANCE_HEADER).unwrap().to_str().unwrap(), id);
+        let other = ClientAuth::new(&cred).call(Request::new(())).unwrap();
+        assert_ne!(other.metadata().get(INSTANCE_HEADER).unwrap().to_str().unwrap(), id);
     }
 
     #[test]
@@ -344,20 +533,62 @@ mod tests {
     }
 
     #[test]
-    fn token_file_is_trimmed_and_validated() {
+    fn token_files_are_parsed_and_validated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "abc123\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(BearerToken::from_file(&path), Err(AuthError::Permissions { mode: 0o644, .. })));
+        assert!(matches!(Credential::from_file(&path), Err(AuthError::Permissions { mode: 0o644, .. })));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(BearerToken::from_file(&path).unwrap().secret(), "abc123");
-        std::fs::write(&path, "\n").unwrap();
-        assert!(matches!(BearerToken::from_file(&path), Err(AuthError::Empty { .. })));
-        std::fs::write(&path, "has space").unwrap();
-        assert!(matches!(BearerToken::from_file(&path), Err(AuthError::Invalid { .. })));
-        assert!(matches!(BearerToken::from_file(dir.path().join("absent")), Err(AuthError::Read { .. })));
+        assert_eq!(Credential::from_file(&path).unwrap().current().secret(), "abc123");
+        write_private(&path, "# rotation: new first\n\n  new-one  \nold-one\n");
+        let c = Credential::from_file(&path).unwrap();
+        let secrets: Vec<String> = c.tokens().iter().map(|t| t.secret().to_string()).collect();
+        assert_eq!(secrets, ["new-one", "old-one"]);
+        write_private(&path, "\n# nothing\n");
+        assert!(matches!(Credential::from_file(&path), Err(AuthError::Empty { .. })));
+        write_private(&path, "has space");
+        assert!(matches!(Credential::from_file(&path), Err(AuthError::Invalid { .. })));
+        assert!(matches!(Credential::from_file(dir.path().join("absent")), Err(AuthError::Read { .. })));
         assert!(format!("{:?}", BearerToken::new("abc").unwrap()).contains("redacted"));
+        assert!(!format!("{c:?}").contains("new-one"));
+    }
+
+    /// Waits (bounded) until `cond` holds of the credential's tokens.
+    fn wait_tokens(c: &Credential, want: &[&str]) {
+        let t0 = Instant::now();
+        loop {
+            let now: Vec<String> = c.tokens().iter().map(|t| t.secret().to_string()).collect();
+            if now == want {
+                return;
+            }
+            assert!(t0.elapsed() < RELOAD_EVERY * 10, "tokens {now:?}, expected {want:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_changed_file_is_read_again_and_a_broken_change_keeps_the_old_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        write_private(&path, "old\n");
+        let c = Credential::from_file(&path).unwrap();
+        let v = Verifier::new().with(Role::Actor, c.clone());
+        assert_eq!(v.identify(b"new"), None);
+        write_private(&path, "old\nnew\n");
+        wait_tokens(&c, &["old", "new"]);
+        assert_eq!((v.identify(b"old"), v.identify(b"new")), (Some(Role::Actor), Some(Role::Actor)));
+        write_private(&path, "new\n");
+        wait_tokens(&c, &["new"]);
+        assert_eq!(v.identify(b"old"), None);
+        assert_eq!(c.current().secret(), "new");
+        // A change that cannot be used (empty) is ignored, the last good tokens stay.
+        write_private(&path, "");
+        let t0 = Instant::now();
+        while t0.elapsed() < RELOAD_EVERY * 2 {
+            assert_eq!(c.current().secret(), "new");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }

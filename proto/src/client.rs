@@ -7,7 +7,7 @@
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::auth::{BearerToken, ClientAuth};
+use crate::auth::{ClientAuth, Credential};
 use crate::v1::coordinator_client::CoordinatorClient;
 use crate::v1::learner_client::LearnerClient;
 use crate::v1::reward_client::RewardClient;
@@ -16,23 +16,24 @@ use crate::MAX_MESSAGE_BYTES;
 /// The HTTP/2 SETTINGS_MAX_FRAME_SIZE every client and server of this wire advertises.
 pub const HTTP2_MAX_FRAME_BYTES: u32 = 1024 * 1024;
 
-/// A channel that adds `authorization: Bearer <token>` to every request.
+/// A channel that adds `authorization: Bearer <token>` (and the client's instance id) to
+/// every request.
 pub type AuthChannel = InterceptedService<Channel, ClientAuth>;
 
-pub fn coordinator_client(channel: Channel, token: &BearerToken) -> CoordinatorClient<AuthChannel> {
-    CoordinatorClient::with_interceptor(channel, ClientAuth::new(token))
+pub fn coordinator_client(channel: Channel, credential: &Credential) -> CoordinatorClient<AuthChannel> {
+    CoordinatorClient::with_interceptor(channel, ClientAuth::new(credential))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-pub fn learner_client(channel: Channel, token: &BearerToken) -> LearnerClient<AuthChannel> {
-    LearnerClient::with_interceptor(channel, ClientAuth::new(token))
+pub fn learner_client(channel: Channel, credential: &Credential) -> LearnerClient<AuthChannel> {
+    LearnerClient::with_interceptor(channel, ClientAuth::new(credential))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-pub fn reward_client(channel: Channel, token: &BearerToken) -> RewardClient<AuthChannel> {
-    RewardClient::with_interceptor(channel, ClientAuth::new(token))
+pub fn reward_client(channel: Channel, credential: &Credential) -> RewardClient<AuthChannel> {
+    RewardClient::with_interceptor(channel, ClientAuth::new(credential))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }

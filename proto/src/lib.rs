@@ -1,12 +1,14 @@
 //! The selfplay.v1 wire: messages and tonic clients/servers for the Coordinator, Learner and
-//! Reward services, plus what every role shares on top of them: bearer-token authentication
-//! ([`auth`]), clients with the limits set ([`client`]) and building and verifying weight
-//! payloads ([`weights`]).
+//! Reward services, plus what every role shares on top of them: per-role bearer-token
+//! authentication ([`auth`], [`guard`]), lease tickets ([`ticket`]), clients with the limits
+//! set ([`client`]) and building and verifying weight payloads ([`weights`]).
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod guard;
 pub mod health;
 pub mod server;
+pub mod ticket;
 pub mod unit;
 pub mod weights;
 

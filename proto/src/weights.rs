@@ -337,9 +337,16 @@ impl WeightAssembler {
                         reason: format!("{} bytes is more than this model's {} bytes", m.total_bytes, self.limit),
                     });
                 }
-                self.verifier = Some(PayloadVerifier::new(&m)?);
+                let verifier = PayloadVerifier::new(&m)?;
                 self.payload.clear();
-                self.payload.reserve_exact(usize::try_from(m.total_bytes).unwrap_or(0));
+                // Fallible: a manifest may announce more than this machine can hold (a
+                // fetcher without a limit), which is an error for this version, not an abort.
+                let want = usize::try_from(m.total_bytes).unwrap_or(usize::MAX);
+                self.payload.try_reserve_exact(want).map_err(|_| WeightError::Manifest {
+                    field: "total_bytes",
+                    reason: format!("cannot reserve {} bytes for the payload", m.total_bytes),
+                })?;
+                self.verifier = Some(verifier);
                 self.manifest = Some(m);
                 Ok(())
             }

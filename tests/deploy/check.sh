@@ -201,13 +201,16 @@ validate() { # name [flags...]
     bad "$name: $out"
   fi
 }
+# The gpu overlay ships no credential: the operator creates one Secret per role.
+role_secrets=()
+for role in learner actor operator; do role_secrets+=(--external-secret "selfplay-$role-token"); done
 # Without components: only built-in kinds (kubectl apply works without the Prometheus Operator).
 if render cpu-smoke deploy/k8s/overlays/cpu-smoke; then validate cpu-smoke --no-crds; fi
 if render gpu deploy/k8s/overlays/gpu; then
-  validate gpu --no-crds --expect-gpu --external-secret selfplay-token
+  validate gpu --no-crds --expect-gpu "${role_secrets[@]}"
 fi
 if render gpu-full "$full"; then
-  validate gpu-full --expect-gpu --external-secret selfplay-token
+  validate gpu-full --expect-gpu "${role_secrets[@]}" --external-secret selfplay-reward-client-token
 fi
 
 # The PrometheusRule as rendered (by the monitoring component) is a valid Prometheus rule file.

@@ -38,7 +38,24 @@ from referencing import Registry, Resource
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "ghcr.io/selfplay/selfplay:0.1.0"
-TOKEN_SECRET = "selfplay-token"
+# One credential Secret per role. Which flag names which role's credential, and which Secrets
+# each component may mount: least privilege, so actors (the many, most exposed pods) hold only
+# their own, and a reward server only the reward clients'.
+ROLE_SECRET = {r: f"selfplay-{r}-token" for r in ("learner", "actor", "operator", "reward-client")}
+CREDENTIAL_FLAGS = {  # flag -> role whose credential it names; None: the component's own
+    "--token-file": None,
+    "--learner-tokens-file": "learner",
+    "--actor-tokens-file": "actor",
+    "--operator-tokens-file": "operator",
+    "--reward-client-tokens-file": "reward-client",
+    "--reward-token-file": "reward-client",
+}
+COMPONENT_CREDENTIALS = {  # component -> (its own role or None, roles it must mount, roles it may)
+    "coordinator": (None, {"learner", "actor"}, {"learner", "actor", "operator"}),
+    "learner": ("learner", {"learner", "actor"}, {"learner", "actor", "operator"}),
+    "actor": ("actor", {"actor"}, {"actor", "reward-client"}),
+    "reward": (None, {"reward-client"}, {"reward-client"}),
+}
 
 # ---------------------------------------------------------------------------------------------
 # Minimal schemas for the two Prometheus Operator CRDs (monitoring.coreos.com/v1): the fields we
@@ -183,6 +200,49 @@ def pod_spec(obj):
     return None
 
 
+def credential_errors(cname, o, c, volumes):
+    """Every credential comes from a file on its role's Secret, mounted whole (no subPath, so an
+    updated Secret reaches the pod: rotation), and each component mounts only the credential
+    Secrets its role needs."""
+    errs = []
+    args = c.get("args", [])
+    if any(a.startswith("--token=") or a == "--token" for a in args):
+        errs.append(f"{cname}: a token must come from a file, not an argument")
+    if any(e.get("name") == "SELFPLAY_TOKEN" for e in c.get("env", [])):
+        errs.append(f"{cname}: a token must come from a file, not the environment")
+    component = o["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+    own, must, may = COMPONENT_CREDENTIALS.get(component, (None, set(), set()))
+    secret_of = {v: k for k, v in ROLE_SECRET.items()}
+    mounted = {}  # mount path -> role of the credential Secret there
+    for m in c.get("volumeMounts", []):
+        sec = volumes.get(m["name"], {}).get("secret")
+        if sec is None:
+            continue
+        role = secret_of.get(sec["secretName"])
+        if role is None:
+            continue
+        if m.get("subPath"):
+            errs.append(f"{cname}: Secret {sec['secretName']} mounted with subPath (a rotated Secret never arrives)")
+        if role not in may:
+            errs.append(f"{cname}: {component} pods must not mount the {role} credential ({sec['secretName']})")
+        mounted[m["mountPath"].rstrip("/") + "/"] = role
+    for role in must - set(mounted.values()):
+        errs.append(f"{cname}: {component} pods need the {role} credential ({ROLE_SECRET[role]}) mounted")
+    for a in args:
+        flag, _, path = a.partition("=")
+        if flag not in CREDENTIAL_FLAGS:
+            continue
+        want = CREDENTIAL_FLAGS[flag] or own
+        on = [r for p, r in mounted.items() if path.startswith(p)]
+        if not on:
+            errs.append(f"{cname}: {flag} {path} is not on a mounted credential Secret")
+        elif want is None or on[0] != want:
+            errs.append(f"{cname}: {flag} {path} is on the {on[0]} credential, expected {want}")
+    if own and not any(a.startswith("--token-file=") for a in args):
+        errs.append(f"{cname}: no --token-file (the {own} credential)")
+    return errs
+
+
 def policy_errors(objs, expect_gpu, external_secrets):
     """Rules the schemas cannot express."""
     errs = []
@@ -263,16 +323,7 @@ def policy_errors(objs, expect_gpu, external_secrets):
                 elif isinstance(get.get("port"), str) and get["port"] not in ports:
                     errs.append(f"{cname}: {probe} uses unknown port {get['port']}")
             args = c.get("args", [])
-            if any(a.startswith("--token=") or a == "--token" for a in args):
-                errs.append(f"{cname}: the token must come from --token-file, not an argument")
-            if any(e.get("name") == "SELFPLAY_TOKEN" for e in c.get("env", [])):
-                errs.append(f"{cname}: the token must come from --token-file, not the environment")
-            tf = [a.split("=", 1)[1] for a in args if a.startswith("--token-file=")]
-            if not tf:
-                errs.append(f"{cname}: no --token-file")
-            elif not any(tf[0].startswith(m["mountPath"].rstrip("/") + "/")
-                         and "secret" in volumes.get(m["name"], {}) for m in c.get("volumeMounts", [])):
-                errs.append(f"{cname}: --token-file {tf[0]} is not on a mounted Secret")
+            errs += credential_errors(cname, o, c, volumes)
             if "metrics" not in ports:
                 errs.append(f"{cname}: no port named metrics")
             if not any(a.startswith("--metrics-addr=0.0.0.0:") for a in args):

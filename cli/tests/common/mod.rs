@@ -1,13 +1,24 @@
 //! A cluster of real `selfplay` processes on 127.0.0.1 with ports chosen by the OS
 //! (coordinator, learner, actors) on tiny random models, shared by the multi-process tests.
 #![allow(dead_code)]
-use selfplay_proto::auth::BearerToken;
+use selfplay_proto::auth::{BearerToken, Credential};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const TOKEN: &str = "test-token-0123456789abcdef";
+/// One credential per role, each in its own file under `<dir>/secrets` (mode 600).
+pub const ROLES: [&str; 4] = ["learner", "actor", "operator", "reward-client"];
+
+/// The token of `role` (test values; every role its own).
+pub fn token(role: &str) -> String {
+    format!("test-{role}-token-0123456789abcdef")
+}
+
+/// `role`'s credential, in memory.
+pub fn credential(role: &str) -> Credential {
+    BearerToken::new(token(role)).unwrap().into()
+}
 pub const N: usize = 3;
 
 pub struct Proc {
@@ -83,6 +94,12 @@ impl Cluster {
         }
         let config = dir.join("run.toml");
         std::fs::write(&config, cfg).unwrap();
+        std::fs::create_dir_all(dir.join("secrets")).unwrap();
+        for role in ROLES {
+            let path = dir.join("secrets").join(role);
+            std::fs::write(&path, format!("{}\n", token(role))).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        }
         (
             tmp,
             Cluster {
@@ -124,8 +141,21 @@ impl Cluster {
         self.spawn_in(self.netns.as_deref(), name, args)
     }
 
-    /// A process of the binary in network namespace `ns` (None: this one).
+    /// The credential file of `role`.
+    pub fn secret(&self, role: &str) -> PathBuf {
+        self.dir.join("secrets").join(role)
+    }
+
+    /// A process of the binary in network namespace `ns` (None: this one). Every role finds
+    /// the credential files it accepts in the environment, and its own credential
+    /// (`SELFPLAY_TOKEN_FILE`) by its subcommand.
     pub fn spawn_in(&self, ns: Option<&str>, name: &str, args: &[String]) -> Proc {
+        let own = match args.first().map(String::as_str) {
+            Some("learner") => Some("learner"),
+            Some("actor") => Some("actor"),
+            Some("status") => Some("operator"),
+            _ => None,
+        };
         // Appended: a restarted process adds to its predecessor's log.
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{name}.log"))).unwrap();
@@ -140,8 +170,14 @@ impl Cluster {
         let child = cmd
             .args(["--threads", "1", "--log", "info"])
             .args(args)
-            .env("SELFPLAY_TOKEN", TOKEN)
+            .env_remove("SELFPLAY_TOKEN")
             .env_remove("SELFPLAY_TOKEN_FILE")
+            .envs(own.map(|r| ("SELFPLAY_TOKEN_FILE", self.secret(r))))
+            .env("SELFPLAY_LEARNER_TOKENS_FILE", self.secret("learner"))
+            .env("SELFPLAY_ACTOR_TOKENS_FILE", self.secret("actor"))
+            .env("SELFPLAY_OPERATOR_TOKENS_FILE", self.secret("operator"))
+            .env("SELFPLAY_REWARD_CLIENT_TOKENS_FILE", self.secret("reward-client"))
+            .env("SELFPLAY_REWARD_TOKEN_FILE", self.secret("reward-client"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -297,7 +333,7 @@ pub fn try_status(addr: &str) -> Result<selfplay_proto::v1::StatusResponse, Stri
         let ep =
             tonic::transport::Endpoint::from_shared(addr.to_string()).unwrap().connect_timeout(Duration::from_secs(2));
         let ch = ep.connect().await.map_err(|e| e.to_string())?;
-        let mut c = selfplay_proto::client::coordinator_client(ch, &BearerToken::new(TOKEN).unwrap());
+        let mut c = selfplay_proto::client::coordinator_client(ch, &credential("operator"));
         let r = tokio::time::timeout(Duration::from_secs(5), c.status(selfplay_proto::v1::StatusRequest {})).await;
         match r {
             Ok(Ok(r)) => Ok(r.into_inner()),
@@ -311,7 +347,7 @@ pub fn status(addr: &str) -> selfplay_proto::v1::StatusResponse {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ch = tonic::transport::Endpoint::from_shared(addr.to_string()).unwrap().connect().await.unwrap();
-        let mut c = selfplay_proto::client::coordinator_client(ch, &BearerToken::new(TOKEN).unwrap());
+        let mut c = selfplay_proto::client::coordinator_client(ch, &credential("operator"));
         c.status(selfplay_proto::v1::StatusRequest {}).await.unwrap().into_inner()
     })
 }
