@@ -10,7 +10,7 @@ pub mod scoring;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, Family, ModelConfig};
 pub use error::{PolicyError, Result};
 pub use generate::{Completion, FinishReason, SamplingConfig};
 pub use model::Llama;

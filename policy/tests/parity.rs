@@ -1,11 +1,17 @@
-//! Parity with Hugging Face transformers on tiny random Llama models: logits of unequal-length
-//! prompts in one padded batch within 1e-4 (f32), identical greedy continuations, and
-//! reward-model scores.
+//! Parity with Hugging Face transformers on tiny random models of every supported family
+//! (Llama, Qwen2/2.5, Qwen3, Mistral): logits of unequal-length prompts in one padded batch
+//! within 1e-4 (f32), identical greedy continuations, generation's log-probs equal to the
+//! training-side scoring, and reward-model scores.
 use selfplay_policy::model::{Llama, PaddedBatch};
 use selfplay_policy::{generate, scoring, SamplingConfig, Tokenizer};
 use tch::{Device, Kind, Tensor};
 
 const VARIANTS: [&str; 4] = ["gqa_tied", "mha_untied", "llama3_rope", "head_dim"];
+
+/// The other families: Qwen2 (q/k/v biases; and per-layer sliding windows), Qwen3 (q/k norms,
+/// explicit head_dim; and attention biases), Mistral (sliding window of 5, shorter than most
+/// prompts plus their continuations).
+const FAMILIES: [&str; 5] = ["qwen2", "qwen2_window", "qwen3", "qwen3_bias", "mistral"];
 
 fn prompts() -> Vec<Vec<i64>> {
     vec![
@@ -30,6 +36,19 @@ fn tiny_tokenizer(dir: &std::path::Path) -> Tokenizer {
 #[test]
 fn logits_and_greedy_match_transformers() {
     for variant in VARIANTS {
+        logits_and_greedy_match(variant);
+    }
+}
+
+#[test]
+fn other_families_match_transformers() {
+    for variant in FAMILIES {
+        logits_and_greedy_match(variant);
+    }
+}
+
+fn logits_and_greedy_match(variant: &str) {
+    {
         let tmp = tempfile::tempdir().unwrap();
         let model = tiny(variant, tmp.path());
         let prompts = prompts();
