@@ -383,3 +383,80 @@ fn parse_rope(
         other => Err(format!("rope_scaling type {other:?} is not supported (default, llama3)")),
     }
 }
+
+#[cfg(test)]
+mod family_tests {
+    use super::*;
+
+    fn parse(extra: serde_json::Value) -> std::result::Result<std::result::Result<ModelConfig, String>, String> {
+        let mut v = serde_json::json!({
+            "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 4,
+            "num_attention_heads": 2
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        ModelConfig::from_json(&v.to_string())
+    }
+
+    fn ok(extra: serde_json::Value) -> ModelConfig {
+        parse(extra).unwrap().unwrap()
+    }
+
+    #[test]
+    fn family_defaults_follow_transformers() {
+        let q2 = ok(serde_json::json!({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}));
+        assert!(q2.qkv_bias && !q2.o_bias && !q2.qk_norm && !q2.mlp_bias);
+        assert_eq!(q2.layer_windows, vec![None; 4]);
+        assert_eq!(q2.head_dim, 4);
+        // A Qwen3 without head_dim: Qwen3Config's 128, not hidden_size / heads.
+        let q3 = ok(serde_json::json!({"model_type": "qwen3"}));
+        assert_eq!(q3.architecture, Architecture::Qwen3ForCausalLM);
+        assert!(q3.qk_norm && !q3.qkv_bias && !q3.o_bias);
+        assert_eq!(q3.head_dim, 128);
+        let q3b = ok(serde_json::json!({"model_type": "qwen3", "attention_bias": true, "head_dim": 4}));
+        assert!(q3b.qkv_bias && q3b.o_bias);
+        // Mistral: sliding_window absent = 4096, null = none.
+        let m = ok(serde_json::json!({"architectures": ["MistralForSequenceClassification"]}));
+        assert!(m.architecture.is_classifier());
+        assert_eq!(m.architecture.family(), Family::Mistral);
+        assert_eq!(m.layer_windows, vec![Some(4096); 4]);
+        let m = ok(serde_json::json!({"model_type": "mistral", "sliding_window": null}));
+        assert_eq!(m.layer_windows, vec![None; 4]);
+        // Llama ignores sliding_window; null biases read as none.
+        let l = ok(serde_json::json!({"model_type": "llama", "sliding_window": 3, "attention_bias": null}));
+        assert_eq!(l.layer_windows, vec![None; 4]);
+        assert!(!l.qkv_bias);
+    }
+
+    #[test]
+    fn qwen_windows_per_layer() {
+        // Without layer_types: the layers from max_window_layers on.
+        let q = ok(serde_json::json!({"model_type": "qwen2", "use_sliding_window": true, "sliding_window": 6,
+                                     "max_window_layers": 2}));
+        assert_eq!(q.layer_windows, vec![None, None, Some(6), Some(6)]);
+        // layer_types decides when present; without use_sliding_window there is no window.
+        let types = serde_json::json!(["sliding_attention", "full_attention", "sliding_attention", "full_attention"]);
+        let q = ok(serde_json::json!({"model_type": "qwen3", "head_dim": 4, "use_sliding_window": true,
+                                     "sliding_window": 6, "layer_types": types}));
+        assert_eq!(q.layer_windows, vec![Some(6), None, Some(6), None]);
+        let q =
+            ok(serde_json::json!({"model_type": "qwen3", "head_dim": 4, "sliding_window": 6, "layer_types": types}));
+        assert_eq!(q.layer_windows, vec![None; 4]);
+    }
+
+    #[test]
+    fn bad_windows_are_refused() {
+        for extra in [
+            serde_json::json!({"model_type": "mistral", "sliding_window": 0}),
+            serde_json::json!({"model_type": "mistral", "sliding_window": "big"}),
+            serde_json::json!({"model_type": "qwen2", "use_sliding_window": true, "layer_types": ["full_attention"]}),
+            serde_json::json!({"model_type": "qwen2", "layer_types": ["chunked_attention", "full_attention",
+                                                                   "full_attention", "full_attention"]}),
+        ] {
+            assert!(parse(extra.clone()).is_err(), "{extra} accepted");
+        }
+        // Known layout, unknown family: an unsupported architecture, not a malformed config.
+        assert_eq!(parse(serde_json::json!({"model_type": "gemma"})).unwrap().unwrap_err(), "model_type gemma");
+    }
+}

@@ -14,7 +14,7 @@ pub use config::{Architecture, Family, ModelConfig};
 pub use error::{PolicyError, Result};
 pub use generate::{Completion, FinishReason, SamplingConfig};
 pub use model::Llama;
-pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tokenizer::{ChatMessage, ChatOptions, Tokenizer};
 
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};

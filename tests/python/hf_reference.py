@@ -103,10 +103,12 @@ def scores(model_dir, in_json, out_json):
 
 
 def chat(model_dir, in_json, out_json):
-    """Chat templates rendered by transformers for each conversation of IN_JSON."""
+    """Chat templates rendered by transformers for each conversation of IN_JSON, with its optional
+    `tools` and further template `kwargs` (such as enable_thinking)."""
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     spec = json.load(open(in_json))
-    out = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g)
+    out = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g, tools=spec.get("tools"),
+                                   **spec.get("kwargs", {}))
            for c in spec["conversations"] for g in (True, False)]
     json.dump({"rendered": out}, open(out_json, "w"))
 
