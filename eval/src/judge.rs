@@ -6,7 +6,7 @@ use crate::error::{EvalError, Result};
 use crate::stats::Outcome;
 use selfplay_game::reward::RewardModel;
 use selfplay_policy::model::PaddedBatch;
-use selfplay_policy::{Architecture, ChatMessage, ModelConfig, Policy, Tokenizer};
+use selfplay_policy::{ChatMessage, ModelConfig, Policy, Tokenizer};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -83,7 +83,7 @@ impl JudgeSpec {
             path: d.to_path_buf(),
             cause: Box::new(e),
         })?;
-        let classifier = cfg.architecture == Architecture::LlamaForSequenceClassification;
+        let classifier = cfg.architecture.is_classifier();
         match (self, classifier) {
             (JudgeSpec::RewardModel(_), false) => Err(EvalError::Input(format!(
                 "reward-model judge {} is a language model, not a reward model (use judge-lm:{0})",

@@ -408,7 +408,7 @@ fn check_model_dir(role: &'static str, dir: &Path) -> Result<()> {
         path: dir.into(),
         cause: Box::new(e),
     })?;
-    if cfg.architecture != selfplay_policy::Architecture::LlamaForCausalLM {
+    if !cfg.architecture.is_causal_lm() {
         return Err(EvalError::Input(format!(
             "{role}: {} is a {:?}, not a language model that can answer",
             dir.display(),

@@ -38,7 +38,7 @@ pub struct RewardModel {
 impl RewardModel {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let model = Llama::load(dir, device, kind)?;
-        if model.config().architecture != selfplay_policy::Architecture::LlamaForSequenceClassification {
+        if !model.config().architecture.is_classifier() {
             return Err(GameError::Reward(format!(
                 "{} is not a reward model (architecture {:?})",
                 dir.display(),

@@ -11,7 +11,7 @@ pub enum PolicyError {
     },
     #[error("invalid config {path}: {message}")]
     Config { path: PathBuf, message: String },
-    #[error("unsupported architecture {found:?} in {path}: selfplay supports LlamaForCausalLM and LlamaForSequenceClassification")]
+    #[error("unsupported architecture {found:?} in {path}: selfplay supports the Llama, Mistral, Qwen2 and Qwen3 families, each ...ForCausalLM or ...ForSequenceClassification")]
     UnsupportedArchitecture { path: PathBuf, found: String },
     #[error("invalid safetensors file {path}: {message}")]
     Safetensors { path: PathBuf, message: String },

@@ -9,7 +9,8 @@
 //! * [`dequantize`]: ggml block formats to `f32`, following ggml's reference (scalar) formulas
 //!   exactly, so results are bit-identical to ggml's and to the `gguf` Python package's.
 //!   Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K.
-//! * [`import_gguf`]: writes `model.safetensors` (f32, Hugging Face Llama names, rotary row order
+//! * [`import_gguf`]: for the `llama`, `qwen2` and `qwen3` architectures, writes
+//!   `model.safetensors` (f32, Hugging Face names, Llama's rotary row order
 //!   restored for Q and K), `config.json`, `tokenizer.json` (byte-level BPE rebuilt from the GGUF
 //!   vocabulary), `tokenizer_config.json` and `generation_config.json`.
 //!
@@ -76,7 +77,7 @@ pub enum GgufError {
     )]
     UnsupportedTensorType { path: PathBuf, tensor: String, ty: GgmlType },
     /// `general.architecture` is not `llama`.
-    #[error("{}: unsupported architecture '{found}' (only 'llama' is supported)", .path.display())]
+    #[error("{}: unsupported architecture '{found}' (supported: llama, qwen2, qwen3)", .path.display())]
     UnsupportedArchitecture { path: PathBuf, found: String },
     /// A metadata key the import needs is absent.
     #[error("{}: missing metadata key '{key}'", .path.display())]
@@ -1056,7 +1057,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImportSummary {
     pub out_dir: PathBuf,
-    /// `general.architecture` (always `llama`).
+    /// `general.architecture`: `llama`, `qwen2` or `qwen3`.
     pub architecture: String,
     /// Tensors written to `model.safetensors`.
     pub n_tensors: usize,
@@ -1070,9 +1071,38 @@ pub struct ImportSummary {
     pub files: Vec<String>,
 }
 
-/// Hyper-parameters read from the `llama.*` keys.
+/// The GGUF architectures the importer reads (`general.architecture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufArch {
+    Llama,
+    /// Qwen2 and Qwen2.5: q/k/v biases.
+    Qwen2,
+    /// Qwen3: per-head q/k norms, optional attention biases.
+    Qwen3,
+}
+
+impl GgufArch {
+    /// The metadata key prefix, which is also the name in `general.architecture`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufArch::Llama => "llama",
+            GgufArch::Qwen2 => "qwen2",
+            GgufArch::Qwen3 => "qwen3",
+        }
+    }
+    fn hf_architecture(self) -> &'static str {
+        match self {
+            GgufArch::Llama => "LlamaForCausalLM",
+            GgufArch::Qwen2 => "Qwen2ForCausalLM",
+            GgufArch::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+}
+
+/// Hyper-parameters read from the `<arch>.*` keys.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaParams {
+    pub arch: GgufArch,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_ff: usize,
@@ -1105,18 +1135,20 @@ fn usize_of(g: &GgufFile, key: &str, v: u64) -> Result<usize> {
 }
 
 impl LlamaParams {
-    /// Read the hyper-parameters of a `llama` GGUF.
+    /// Read the hyper-parameters of a `llama`, `qwen2` or `qwen3` GGUF.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let arch = g.architecture()?;
-        if arch != "llama" {
-            return Err(GgufError::UnsupportedArchitecture { path: g.path.clone(), found: arch.to_string() });
-        }
+        let found = g.architecture()?;
+        let arch = [GgufArch::Llama, GgufArch::Qwen2, GgufArch::Qwen3]
+            .into_iter()
+            .find(|a| a.name() == found)
+            .ok_or_else(|| GgufError::UnsupportedArchitecture { path: g.path.clone(), found: found.to_string() })?;
+        let a = arch.name();
         let req = |k: &str| -> Result<usize> {
-            let key = format!("llama.{k}");
+            let key = format!("{a}.{k}");
             usize_of(g, &key, g.req_u64(&key)?)
         };
         let opt = |k: &str| -> Result<Option<usize>> {
-            let key = format!("llama.{k}");
+            let key = format!("{a}.{k}");
             g.opt_u64(&key)?.map(|v| usize_of(g, &key, v)).transpose()
         };
         let n_layer = req("block_count")?;
@@ -1155,9 +1187,7 @@ impl LlamaParams {
             if rot != head_dim {
                 return Err(GgufError::Unsupported {
                     path: g.path.clone(),
-                    what: format!(
-                        "partial rotary embeddings (llama.rope.dimension_count {rot} < head size {head_dim})"
-                    ),
+                    what: format!("partial rotary embeddings ({a}.rope.dimension_count {rot} < head size {head_dim})"),
                 });
             }
         }
@@ -1171,20 +1201,20 @@ impl LlamaParams {
             if n > 0 {
                 return Err(GgufError::Unsupported {
                     path: g.path.clone(),
-                    what: format!("mixture of experts (llama.expert_count = {n})"),
+                    what: format!("mixture of experts ({a}.expert_count = {n})"),
                 });
             }
         }
-        let rms_norm_eps = g.opt_f64("llama.attention.layer_norm_rms_epsilon")?.ok_or_else(|| {
-            GgufError::MissingKey { path: g.path.clone(), key: "llama.attention.layer_norm_rms_epsilon".into() }
+        let rms_norm_eps = g.opt_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))?.ok_or_else(|| {
+            GgufError::MissingKey { path: g.path.clone(), key: format!("{a}.attention.layer_norm_rms_epsilon") }
         })?;
-        let rope_theta = g.opt_f64("llama.rope.freq_base")?.unwrap_or(10000.0);
-        let rope_scaling = match g.opt_str("llama.rope.scaling.type")? {
+        let rope_theta = g.opt_f64(&format!("{a}.rope.freq_base"))?.unwrap_or(10000.0);
+        let rope_scaling = match g.opt_str(&format!("{a}.rope.scaling.type"))? {
             None | Some("none") => Value::Null,
             Some(kind @ ("linear" | "yarn")) => {
-                let factor = g.opt_f64("llama.rope.scaling.factor")?.ok_or_else(|| GgufError::MissingKey {
+                let factor = g.opt_f64(&format!("{a}.rope.scaling.factor"))?.ok_or_else(|| GgufError::MissingKey {
                     path: g.path.clone(),
-                    key: "llama.rope.scaling.factor".into(),
+                    key: format!("{a}.rope.scaling.factor"),
                 })?;
                 let mut m = Map::new();
                 m.insert("rope_type".into(), json!(kind));
@@ -1216,6 +1246,7 @@ impl LlamaParams {
             }
         };
         Ok(LlamaParams {
+            arch,
             n_layer,
             n_embd,
             n_ff,
@@ -1253,10 +1284,23 @@ fn hf_name(name: &str, p: &LlamaParams) -> Option<(String, Fix)> {
     if layer >= p.n_layer || layer.to_string() != rest.split_once('.')?.0 {
         return None;
     }
+    // llama.cpp permutes the rows of Llama's q and k for its rotary layout; Qwen's use the
+    // same (NeoX) layout as transformers and are stored as they are.
+    let (q_fix, k_fix) = match p.arch {
+        GgufArch::Llama => (Fix::Unpermute(p.n_head), Fix::Unpermute(p.n_head_kv)),
+        GgufArch::Qwen2 | GgufArch::Qwen3 => (Fix::None, Fix::None),
+    };
+    let qwen3 = p.arch == GgufArch::Qwen3;
     let (hf, fix) = match part {
         "attn_norm.weight" => ("input_layernorm.weight", Fix::None),
-        "attn_q.weight" => ("self_attn.q_proj.weight", Fix::Unpermute(p.n_head)),
-        "attn_k.weight" => ("self_attn.k_proj.weight", Fix::Unpermute(p.n_head_kv)),
+        "attn_q.weight" => ("self_attn.q_proj.weight", q_fix),
+        "attn_k.weight" => ("self_attn.k_proj.weight", k_fix),
+        "attn_q.bias" if p.arch != GgufArch::Llama => ("self_attn.q_proj.bias", Fix::None),
+        "attn_k.bias" if p.arch != GgufArch::Llama => ("self_attn.k_proj.bias", Fix::None),
+        "attn_v.bias" if p.arch != GgufArch::Llama => ("self_attn.v_proj.bias", Fix::None),
+        "attn_output.bias" if qwen3 => ("self_attn.o_proj.bias", Fix::None),
+        "attn_q_norm.weight" if qwen3 => ("self_attn.q_norm.weight", Fix::None),
+        "attn_k_norm.weight" if qwen3 => ("self_attn.k_norm.weight", Fix::None),
         "attn_v.weight" => ("self_attn.v_proj.weight", Fix::None),
         "attn_output.weight" => ("self_attn.o_proj.weight", Fix::None),
         "ffn_norm.weight" => ("post_attention_layernorm.weight", Fix::None),
@@ -1284,6 +1328,10 @@ fn expected_shape(hf: &str, p: &LlamaParams) -> Option<Vec<usize>> {
             vec![kv, p.n_embd]
         }
         (_, Some("self_attn.o_proj.weight")) => vec![p.n_embd, q],
+        (_, Some("self_attn.q_proj.bias")) => vec![q],
+        (_, Some("self_attn.k_proj.bias")) | (_, Some("self_attn.v_proj.bias")) => vec![kv],
+        (_, Some("self_attn.o_proj.bias")) => vec![p.n_embd],
+        (_, Some("self_attn.q_norm.weight")) | (_, Some("self_attn.k_norm.weight")) => vec![p.head_dim],
         (_, Some("mlp.gate_proj.weight")) | (_, Some("mlp.up_proj.weight")) => {
             vec![p.n_ff, p.n_embd]
         }
@@ -1352,6 +1400,22 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
         {
             required.push(format!("blk.{l}.{part}.weight"));
         }
+        match p.arch {
+            GgufArch::Llama => {}
+            GgufArch::Qwen2 => required.extend(["attn_q", "attn_k", "attn_v"].map(|x| format!("blk.{l}.{x}.bias"))),
+            GgufArch::Qwen3 => {
+                required.extend(["attn_q_norm", "attn_k_norm"].map(|x| format!("blk.{l}.{x}.weight")));
+                // Qwen3's attention_bias puts biases on all four projections, or none.
+                let biases = ["attn_q", "attn_k", "attn_v", "attn_output"].map(|x| format!("blk.{l}.{x}.bias"));
+                let present = biases.iter().filter(|n| g.tensor(n).is_some()).count();
+                if present != 0 && present != 4 {
+                    return Err(GgufError::Malformed {
+                        path: g.path.clone(),
+                        what: format!("layer {l} has {present} of the 4 attention biases (all or none)"),
+                    });
+                }
+            }
+        }
     }
     for name in required {
         if g.tensor(&name).is_none() {
@@ -1359,12 +1423,13 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
         }
     }
     let tied = g.tensor("output.weight").is_none();
+    let attention_bias = g.tensor("blk.0.attn_output.bias").is_some();
     plan.sort_by(|a, b| a.hf.cmp(&b.hf));
 
     // Build the text files first too: a tokenizer problem should fail before the big write.
     let tokenizer = build_tokenizer_json(&g)?;
     let tokenizer_config = build_tokenizer_config(&g, &p)?;
-    let config = build_config(&g, &p, tied)?;
+    let config = build_config(&g, &p, tied, attention_bias)?;
     let generation_config = build_generation_config(&g)?;
 
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
@@ -1425,7 +1490,7 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportSummary> {
 
     Ok(ImportSummary {
         out_dir: out_dir.to_path_buf(),
-        architecture: "llama".into(),
+        architecture: p.arch.name().into(),
         n_tensors: plan.len(),
         n_parameters,
         types,
@@ -1454,11 +1519,12 @@ fn special_id(g: &GgufFile, name: &str) -> Result<Option<u64>> {
     g.opt_u64(&format!("tokenizer.ggml.{key}_token_id"))
 }
 
-/// `config.json` for `LlamaForCausalLM`.
-pub fn build_config(g: &GgufFile, p: &LlamaParams, tied: bool) -> Result<Value> {
+/// `config.json` for `LlamaForCausalLM`, `Qwen2ForCausalLM` or `Qwen3ForCausalLM`;
+/// `attention_bias` (Qwen3) when the file has biases on the attention projections.
+pub fn build_config(g: &GgufFile, p: &LlamaParams, tied: bool, attention_bias: bool) -> Result<Value> {
     let mut c = Map::new();
-    c.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-    c.insert("model_type".into(), json!("llama"));
+    c.insert("architectures".into(), json!([p.arch.hf_architecture()]));
+    c.insert("model_type".into(), json!(p.arch.name()));
     c.insert("hidden_size".into(), json!(p.n_embd));
     c.insert("intermediate_size".into(), json!(p.n_ff));
     c.insert("num_hidden_layers".into(), json!(p.n_layer));
@@ -1480,11 +1546,23 @@ pub fn build_config(g: &GgufFile, p: &LlamaParams, tied: bool) -> Result<Value> 
     }
     c.insert("torch_dtype".into(), json!("float32"));
     c.insert("hidden_act".into(), json!("silu"));
-    c.insert("attention_bias".into(), json!(false));
+    match p.arch {
+        GgufArch::Llama => {
+            c.insert("attention_bias".into(), json!(false));
+            c.insert("mlp_bias".into(), json!(false));
+            c.insert("pretraining_tp".into(), json!(1));
+        }
+        // Qwen2's q/k/v biases are implied by the architecture.
+        GgufArch::Qwen2 => {
+            c.insert("use_sliding_window".into(), json!(false));
+        }
+        GgufArch::Qwen3 => {
+            c.insert("attention_bias".into(), json!(attention_bias));
+            c.insert("use_sliding_window".into(), json!(false));
+        }
+    }
     c.insert("attention_dropout".into(), json!(0.0));
-    c.insert("mlp_bias".into(), json!(false));
     c.insert("initializer_range".into(), json!(0.02));
-    c.insert("pretraining_tp".into(), json!(1));
     c.insert("use_cache".into(), json!(true));
     Ok(Value::Object(c))
 }
@@ -1507,6 +1585,10 @@ const TOKEN_USER_DEFINED: i128 = 4;
 
 /// The Llama-3 pre-tokenizer split regex.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The Qwen2 pre-tokenizer split regex (as Llama-3's, but one digit at a time).
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn byte_level(add_prefix_space: bool, trim_offsets: bool, use_regex: bool) -> Value {
     json!({
@@ -1559,10 +1641,23 @@ pub fn build_tokenizer_json(g: &GgufFile) -> Result<Value> {
                 byte_level(false, true, false),
             ],
         }),
+        // Qwen2, Qwen2.5 and Qwen3: the Llama-3 split with single digits.
+        "qwen2" => json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": QWEN2_SPLIT},
+                    "behavior": "Isolated",
+                    "invert": false,
+                },
+                byte_level(false, false, false),
+            ],
+        }),
         "gpt-2" | "gpt2" => byte_level(false, true, true),
         other => {
             return Err(unsupported(format!(
-                "pre-tokenizer '{other}' (tokenizer.ggml.pre) is not supported; supported: smollm, llama-bpe, llama3, llama-v3, smaug-bpe, gpt-2"
+                "pre-tokenizer '{other}' (tokenizer.ggml.pre) is not supported; supported: smollm, llama-bpe, llama3, llama-v3, smaug-bpe, qwen2, gpt-2"
             )))
         }
     };
@@ -2076,6 +2171,7 @@ mod tests {
     #[test]
     fn hf_names() {
         let p = LlamaParams {
+            arch: GgufArch::Llama,
             n_layer: 2,
             n_embd: 8,
             n_ff: 16,

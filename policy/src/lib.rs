@@ -10,11 +10,11 @@ pub mod scoring;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, Family, ModelConfig};
 pub use error::{PolicyError, Result};
 pub use generate::{Completion, FinishReason, SamplingConfig};
 pub use model::Llama;
-pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tokenizer::{ChatMessage, ChatOptions, Tokenizer};
 
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};

@@ -24,6 +24,17 @@ impl ChatMessage {
     }
 }
 
+/// What a chat template sees besides the messages: the keyword arguments of transformers'
+/// `apply_chat_template`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatOptions {
+    pub add_generation_prompt: bool,
+    /// Tool (function) schemas, as JSON objects; `none` in the template when absent.
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// Further template variables, such as Qwen3's `enable_thinking`.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     env: Environment<'static>,
@@ -140,16 +151,35 @@ impl Tokenizer {
     /// Renders messages with the chat template, as `tokenizer.apply_chat_template(messages,
     /// tokenize=False, add_generation_prompt=...)` does.
     pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let messages = serde_json::to_value(messages).map_err(|e| PolicyError::ChatTemplate(e.to_string()))?;
+        self.render_chat_json(&messages, &ChatOptions { add_generation_prompt, ..Default::default() })
+    }
+
+    /// Renders messages given as JSON objects (so that they may carry `tool_calls`,
+    /// `reasoning_content` and the like) with the chat template, as
+    /// `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...,
+    /// tools=..., **extra)` does.
+    pub fn render_chat_json(&self, messages: &serde_json::Value, opts: &ChatOptions) -> Result<String> {
         if !self.has_template {
             return Err(PolicyError::ChatTemplate(format!("{} has no chat_template", self.path.display())));
         }
+        if !messages.is_array() {
+            return Err(PolicyError::ChatTemplate("messages must be a list".into()));
+        }
+        for key in ["messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "pad_token"] {
+            if opts.extra.contains_key(key) {
+                return Err(PolicyError::ChatTemplate(format!("template variable {key:?} cannot be overridden")));
+            }
+        }
         let tmpl = self.env.get_template("chat").expect("added in set_chat_template");
         tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
+            messages => Value::from_serialize(messages),
+            tools => opts.tools.as_ref().map(Value::from_serialize),
+            add_generation_prompt => opts.add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
             pad_token => self.pad_token.clone().unwrap_or_default(),
+            ..Value::from_serialize(&opts.extra)
         })
         .map_err(|e| PolicyError::ChatTemplate(format!("{e:#}")))
     }

@@ -49,12 +49,34 @@ fn unknown_architecture() {
     tiny(tmp.path());
     let p = tmp.path().join("config.json");
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
-    cfg["model_type"] = serde_json::json!("mistral");
+    cfg["architectures"] = serde_json::json!(["GemmaForCausalLM"]);
+    cfg["model_type"] = serde_json::json!("gemma");
     std::fs::write(&p, cfg.to_string()).unwrap();
     let e = Llama::load(tmp.path(), Device::Cpu, Kind::Float).err().expect("refused");
     assert!(matches!(e, PolicyError::UnsupportedArchitecture { .. }), "{e}");
-    assert!(e.to_string().contains("MistralForCausalLM"), "{e}");
+    assert!(e.to_string().contains("GemmaForCausalLM"), "{e}");
+    // A supported architecture under another family's model_type.
+    cfg["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    cfg["model_type"] = serde_json::json!("llama");
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = Llama::load(tmp.path(), Device::Cpu, Kind::Float).err().expect("refused");
+    assert!(matches!(e, PolicyError::UnsupportedArchitecture { .. }), "{e}");
+}
+
+/// Llama weights under a Qwen2 config: Qwen2 needs q/k/v biases, which the file lacks.
+#[test]
+fn family_whose_tensors_the_file_lacks() {
+    let tmp = tempfile::tempdir().unwrap();
+    tiny(tmp.path());
+    let p = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    cfg["model_type"] = serde_json::json!("qwen2");
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    match Llama::load(tmp.path(), Device::Cpu, Kind::Float).err().expect("refused") {
+        PolicyError::MissingTensor { name, .. } => assert_eq!(name, "model.layers.0.self_attn.q_proj.bias"),
+        e => panic!("wrong error: {e}"),
+    }
 }
 
 #[test]

@@ -1,11 +1,17 @@
-//! Parity with Hugging Face transformers on tiny random Llama models: logits of unequal-length
-//! prompts in one padded batch within 1e-4 (f32), identical greedy continuations, and
-//! reward-model scores.
+//! Parity with Hugging Face transformers on tiny random models of every supported family
+//! (Llama, Qwen2/2.5, Qwen3, Mistral): logits of unequal-length prompts in one padded batch
+//! within 1e-4 (f32), identical greedy continuations, generation's log-probs equal to the
+//! training-side scoring, and reward-model scores.
 use selfplay_policy::model::{Llama, PaddedBatch};
 use selfplay_policy::{generate, scoring, SamplingConfig, Tokenizer};
 use tch::{Device, Kind, Tensor};
 
 const VARIANTS: [&str; 4] = ["gqa_tied", "mha_untied", "llama3_rope", "head_dim"];
+
+/// The other families: Qwen2 (q/k/v biases; and per-layer sliding windows), Qwen3 (q/k norms,
+/// explicit head_dim; and attention biases), Mistral (sliding window of 5, shorter than most
+/// prompts plus their continuations).
+const FAMILIES: [&str; 5] = ["qwen2", "qwen2_window", "qwen3", "qwen3_bias", "mistral"];
 
 fn prompts() -> Vec<Vec<i64>> {
     vec![
@@ -30,6 +36,19 @@ fn tiny_tokenizer(dir: &std::path::Path) -> Tokenizer {
 #[test]
 fn logits_and_greedy_match_transformers() {
     for variant in VARIANTS {
+        logits_and_greedy_match(variant);
+    }
+}
+
+#[test]
+fn other_families_match_transformers() {
+    for variant in FAMILIES {
+        logits_and_greedy_match(variant);
+    }
+}
+
+fn logits_and_greedy_match(variant: &str) {
+    {
         let tmp = tempfile::tempdir().unwrap();
         let model = tiny(variant, tmp.path());
         let prompts = prompts();
@@ -70,11 +89,18 @@ fn logits_and_greedy_match_transformers() {
     }
 }
 
+/// Every family's ...ForSequenceClassification reward head.
 #[test]
 fn reward_model_scores_match_transformers() {
+    for variant in ["llama3_rope", "qwen2", "qwen3", "mistral"] {
+        reward_scores_match(variant);
+    }
+}
+
+fn reward_scores_match(variant: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    selfplay_tests::run_python("hf_reference.py", &["make-tiny-classifier", dir.to_str().unwrap(), "llama3_rope", "5"]);
+    selfplay_tests::run_python("hf_reference.py", &["make-tiny-classifier", dir.to_str().unwrap(), variant, "5"]);
     let model = Llama::load(dir, Device::Cpu, Kind::Float).unwrap();
     let seqs = prompts();
     let inp = dir.join("in.json");
@@ -88,7 +114,7 @@ fn reward_model_scores_match_transformers() {
     let got = scoring::sequence_scores(&model, &seqs).unwrap();
     for (i, g) in got.iter().enumerate() {
         let want = reference["scores"][i].as_f64().unwrap();
-        assert!((*g as f64 - want).abs() < 1e-4, "sequence {i}: {g} vs {want}");
+        assert!((*g as f64 - want).abs() < 1e-4, "{variant} sequence {i}: {g} vs {want}");
     }
     // A reward model has no language-model head.
     assert!(model.logits(&Tensor::zeros([1, 64], (Kind::Float, Device::Cpu))).is_err());
@@ -96,8 +122,16 @@ fn reward_model_scores_match_transformers() {
 
 #[test]
 fn sampling_is_seeded_and_logprobs_match_scoring() {
+    for variant in ["gqa_tied", "qwen2", "qwen3", "mistral"] {
+        sampling_logprobs_match_scoring(variant);
+    }
+}
+
+/// Generation (slot cache, windowed decode mask) against the training-side scoring (one
+/// right-padded batch, no cache, windowed causal mask).
+fn sampling_logprobs_match_scoring(variant: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny("gqa_tied", tmp.path());
+    let model = tiny(variant, tmp.path());
     let tok = tiny_tokenizer(tmp.path());
     let prompts = prompts();
     let cfg = SamplingConfig {
@@ -126,7 +160,7 @@ fn sampling_is_seeded_and_logprobs_match_scoring() {
             assert!(*lp <= 0.0);
         }
     }
-    assert!(worst < 1e-4, "generation vs scoring log-prob diff {worst:e}");
+    assert!(worst < 1e-4, "{variant}: generation vs scoring log-prob diff {worst:e}");
 }
 
 #[test]
@@ -184,7 +218,7 @@ fn decoding_follows_weight_updates() {
 /// when sampling, since each request has its own random stream.
 #[test]
 fn continuous_batching_equals_generating_alone() {
-    for variant in ["gqa_tied", "mha_untied"] {
+    for variant in ["gqa_tied", "mha_untied", "mistral", "qwen2_window"] {
         let tmp = tempfile::tempdir().unwrap();
         let model = tiny(variant, tmp.path());
         let tok = tiny_tokenizer(tmp.path());
@@ -266,4 +300,33 @@ fn one_device_read_per_generated_token() {
     assert_eq!(stats.prefills, reqs.len() as u64);
     // Per refill: the finished slot, the prompt ids and the slot metadata.
     assert_eq!(stats.host_to_device, 2 + 3 * (reqs.len() as u64 - 1), "{stats:?}");
+}
+
+/// The window is not a no-op: the same Mistral weights with `sliding_window: null` (full
+/// attention) give other logits exactly from the first position past the window.
+#[test]
+fn sliding_window_changes_logits_past_the_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let windowed = tiny("mistral", tmp.path());
+    assert_eq!(windowed.config().layer_windows, vec![Some(5), Some(5)]);
+    let p = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["sliding_window"] = serde_json::Value::Null;
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let full = Llama::load(tmp.path(), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(full.config().layer_windows, vec![None, None]);
+    let seq = prompts()[2].clone();
+    let batch = PaddedBatch::right_padded(&[seq.clone()], 0, Device::Cpu).unwrap();
+    let logits = |m: &Llama| {
+        tch::no_grad(|| m.logits(&m.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None).unwrap()).unwrap())
+    };
+    let diff = (logits(&windowed) - logits(&full)).abs().amax([0, 2], false);
+    for pos in 0..seq.len() as i64 {
+        let d = diff.double_value(&[pos]);
+        if pos < 5 {
+            assert!(d < 1e-5, "position {pos} sees no more than the window ({d:e})");
+        } else {
+            assert!(d > 1e-3, "position {pos}: the window changed nothing ({d:e})");
+        }
+    }
 }

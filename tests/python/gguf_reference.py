@@ -22,6 +22,12 @@ Sub-commands:
       the same tokenizer with the pre-tokenizer llama.cpp uses for the file's tokenizer.ggml.pre
       where transformers does not model it (see _llama_cpp_pre_tokenizer).
 
+  write-model HF_DIR OUT_GGUF
+      Write the Hugging Face model of HF_DIR (a tiny Qwen2 or Qwen3 from hf_reference.py
+      make-tiny) as a GGUF file of its architecture with the gguf package: f32 tensors under
+      llama.cpp's names, the hyper-parameters under `<arch>.*`, and a byte-level BPE vocabulary
+      ("a".."z", "Ġ", one merge "a b", fillers) with the qwen2 pre-tokenizer.
+
   check-hf-dir GGUF HF_DIR OUT_JSON
       Load the imported HF_DIR with plain transformers and write to OUT_JSON the largest logit
       difference from transformers' GGUF load on a chat prompt, the prompt's ids and a short
@@ -159,6 +165,78 @@ def tokenize(gguf_path, strings_json, out_json):
         json.dump({"pre": pre, "ids": ids, "ids_transformers": as_is}, f)
 
 
+GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_model(hf_dir, out_gguf):
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    arch = cfg["model_type"]
+    assert arch in ("qwen2", "qwen3"), arch
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    writer = gguf.GGUFWriter(out_gguf, arch=arch)
+    writer.add_name("tiny " + arch)
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    rope = cfg.get("rope_parameters") or {}
+    writer.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if arch == "qwen3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    vocab = cfg["vocab_size"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    # "a".."z" (ids 0-25), "Ġ" (26, a byte-level space), the merge "a b" -> "ab" (27), fillers.
+    tokens = [chr(ord("a") + i) for i in range(26)] + ["\u0120", "ab"]
+    tokens += [f"<filler{i}>" for i in range(vocab - len(tokens))]
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * vocab)
+    writer.add_token_merges(["a b"])
+    writer.add_bos_token_id(cfg["bos_token_id"])
+    writer.add_eos_token_id(cfg["eos_token_id"])
+    writer.add_pad_token_id(cfg["pad_token_id"])
+    for name, t in tensors.items():
+        if name == "model.embed_tokens.weight":
+            g = "token_embd.weight"
+        elif name == "model.norm.weight":
+            g = "output_norm.weight"
+        elif name == "lm_head.weight":
+            g = "output.weight"
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            g = f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}"
+        writer.add_tensor(g, t.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def check_hf_dir(gguf_path, hf_dir, out_json):
     """Load the imported directory with plain transformers (no GGUF involved) and compare it with
     transformers' GGUF load: logits on a chat prompt, and the tokenizer's ids."""
@@ -199,6 +277,8 @@ def main(argv):
         dump_model(*args)
     elif cmd == "tokenize" and len(args) == 3:
         tokenize(*args)
+    elif cmd == "write-model" and len(args) == 2:
+        write_model(*args)
     elif cmd == "check-hf-dir" and len(args) == 3:
         check_hf_dir(*args)
     else:

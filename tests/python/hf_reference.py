@@ -1,4 +1,5 @@
-"""Reference side of the parity tests: tiny random Llama models through transformers.
+"""Reference side of the parity tests: tiny random models (Llama, Mistral, Qwen2, Qwen3) through
+transformers.
 
 Subcommands (all paths explicit, output as JSON so the Rust tests need no Python parsing):
   make-tiny OUT_DIR VARIANT SEED     write a random model (config.json + model.safetensors)
@@ -26,6 +27,29 @@ VARIANTS = {
     # head_dim different from hidden_size / num_attention_heads
     "head_dim": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                      tie_word_embeddings=False),
+    # Qwen2/Qwen2.5: q/k/v biases (no o_proj bias), GQA, tied (the small Qwen2.5 shape)
+    "qwen2": dict(family="qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=True, rope_theta=1000000.0),
+    # Qwen2 with use_sliding_window: layers from max_window_layers on attend through a window of 5
+    "qwen2_window": dict(family="qwen2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=False, use_sliding_window=True, sliding_window=5,
+                         max_window_layers=1),
+    # Qwen3: per-head q/k RMSNorm, head_dim not hidden_size / heads
+    "qwen3": dict(family="qwen3", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                  tie_word_embeddings=True, rope_theta=1000000.0),
+    # Qwen3 with attention_bias (biases on q, k, v and o), multi-head, untied
+    "qwen3_bias": dict(family="qwen3", hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                       attention_bias=True, tie_word_embeddings=False),
+    # Mistral: sliding-window attention (window 5, shorter than most prompts), GQA, untied
+    "mistral": dict(family="mistral", hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                    sliding_window=5, tie_word_embeddings=False),
+}
+
+CONFIGS = {
+    "llama": transformers.LlamaConfig,
+    "mistral": transformers.MistralConfig,
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
 }
 
 
@@ -34,12 +58,12 @@ def make_tiny(out_dir, variant, seed, classifier=False):
     kw = dict(vocab_size=211, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
               rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     kw.update(VARIANTS[variant])
-    cfg = transformers.LlamaConfig(**kw)
+    cfg = CONFIGS[kw.pop("family", "llama")](**kw)
     if classifier:
         cfg.num_labels = 1
-        model = transformers.LlamaForSequenceClassification(cfg)
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
     else:
-        model = transformers.LlamaForCausalLM(cfg)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
     # Random init has tiny weights; widen them so that mistakes show in the logits.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,7 +82,7 @@ def load(model_dir, cls):
 
 def logits(model_dir, in_json, out_json):
     spec = json.load(open(in_json))
-    m = load(model_dir, transformers.LlamaForCausalLM)
+    m = load(model_dir, transformers.AutoModelForCausalLM)
     out = {"logits": [], "greedy": []}
     with torch.no_grad():
         for ids in spec["prompts"]:
@@ -72,17 +96,19 @@ def logits(model_dir, in_json, out_json):
 
 def scores(model_dir, in_json, out_json):
     spec = json.load(open(in_json))
-    m = load(model_dir, transformers.LlamaForSequenceClassification)
+    m = load(model_dir, transformers.AutoModelForSequenceClassification)
     with torch.no_grad():
         res = [m(torch.tensor([ids])).logits[0, 0].item() for ids in spec["sequences"]]
     json.dump({"scores": res}, open(out_json, "w"))
 
 
 def chat(model_dir, in_json, out_json):
-    """Chat templates rendered by transformers for each conversation of IN_JSON."""
+    """Chat templates rendered by transformers for each conversation of IN_JSON, with its optional
+    `tools` and further template `kwargs` (such as enable_thinking)."""
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     spec = json.load(open(in_json))
-    out = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g)
+    out = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g, tools=spec.get("tools"),
+                                   **spec.get("kwargs", {}))
            for c in spec["conversations"] for g in (True, False)]
     json.dump({"rendered": out}, open(out_json, "w"))
 
@@ -90,7 +116,7 @@ def chat(model_dir, in_json, out_json):
 def greedy(model_dir, in_json, out_json):
     """Greedy continuations of chat prompts (ids) with transformers, KV cache on."""
     spec = json.load(open(in_json))
-    m = load(model_dir, transformers.LlamaForCausalLM)
+    m = load(model_dir, transformers.AutoModelForCausalLM)
     res = []
     with torch.no_grad():
         for ids in spec["prompts"]:

@@ -1,0 +1,357 @@
+//! Decoder-only transformers in tch: the Llama family and its relatives (Mistral, Qwen2/2.5,
+//! Qwen3). Grouped-query attention, RMSNorm, SwiGLU, rotary embeddings (with Llama-3 frequency
+//! scaling), optional q/k/v and o biases, optional per-head q/k norms, optional sliding-window
+//! attention, tied or untied output, an optional `score` head for sequence-classifier reward
+//! models, and a preallocated KV cache for generation.
+//!
+//! The parts: [`proj`] (linear projections, stacked for inference), [`attention`], [`mlp`],
+//! [`block`] (one decoder layer), [`rope`], [`cache`], and [`names`], the one place where tensor
+//! names are built and checked.
+//!
+//! Numerics follow transformers' implementation (RMSNorm and rotary tables in f32, logits
+//! returned in f32) so that logits match it to 1e-4 in f32.
+mod attention;
+mod block;
+mod cache;
+mod mlp;
+pub mod names;
+mod proj;
+mod rope;
+
+pub use cache::KvCache;
+pub use names::expected_tensors;
+
+use crate::config::ModelConfig;
+use crate::error::{PolicyError, Result};
+use crate::weights;
+use attention::Step;
+use block::Block;
+use names::{Part, Store};
+use proj::{linear_few_rows, FEW_ROWS};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// RMSNorm over the last dimension, computed in f32 as transformers does.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let xf = x.to_kind(Kind::Float);
+    let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+    let normed = xf * (var + eps).rsqrt();
+    w * normed.to_kind(x.kind())
+}
+
+/// How the queries of one forward pass may attend.
+pub enum AttnMask {
+    /// Causal over this call's own keys, with no mask tensor: right-padded batches (padding
+    /// comes after every real token, so no real query sees it) and prefill into an empty cache.
+    /// Without a mask the fused kernels (flash attention on CUDA) apply.
+    Causal,
+    /// A bool mask [B, 1, T, S], true = may attend, where S is the number of keys after this
+    /// call (the cache length plus T, or the whole capacity of a slot cache).
+    Explicit(Tensor),
+}
+
+/// A model of any supported family (the name is historical: Llama is the family the others
+/// extend).
+pub struct Llama {
+    cfg: ModelConfig,
+    device: Device,
+    kind: Kind,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    score: Option<Tensor>,
+    inv_freq: Tensor,
+    /// Every parameter under its Hugging Face name (shallow handles onto the same storage).
+    params: Vec<(String, Tensor)>,
+}
+
+impl Llama {
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let files = weights::weight_files(dir)?;
+        let mut tensors = weights::load_tensors(&files, kind, device, |_| true)?;
+        Self::from_tensors(cfg, &mut tensors, device, kind, dir)
+    }
+
+    /// Builds the model from named tensors, checking every name and shape against the config.
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        tensors: &mut HashMap<String, Tensor>,
+        device: Device,
+        kind: Kind,
+        source: &Path,
+    ) -> Result<Self> {
+        let mut store = Store::take(&cfg, tensors, device, kind, source)?;
+        // Blocks stack q/k/v and gate/up; the store's entries become views of the stacks.
+        let blocks = (0..cfg.num_hidden_layers).map(|l| Block::new(&cfg, &mut store, l)).collect();
+        Ok(Llama {
+            embed: store.get(Part::Embed),
+            norm: store.get(Part::FinalNorm),
+            lm_head: store.opt(Part::LmHead),
+            score: store.opt(Part::Score),
+            inv_freq: rope::inv_freq(&cfg).to_device(device),
+            blocks,
+            params: store.named(),
+            cfg,
+            device,
+            kind,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+    /// Every parameter with its Hugging Face name, in a fixed order.
+    pub fn parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+    pub fn num_parameters(&self) -> i64 {
+        self.params.iter().map(|(_, t)| t.numel() as i64).sum()
+    }
+
+    /// Marks every parameter as trainable (or frozen).
+    pub fn set_requires_grad(&mut self, on: bool) {
+        for (_, t) in &self.params {
+            let _ = t.set_requires_grad(on);
+        }
+    }
+
+    /// A deep copy on the same device: used for the frozen reference model.
+    pub fn deep_clone(&self) -> Result<Self> {
+        let mut tensors: HashMap<String, Tensor> =
+            self.params.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
+        Self::from_tensors(self.cfg.clone(), &mut tensors, self.device, self.kind, Path::new("<copy>"))
+    }
+
+    /// Copies every parameter's values from a model of the same shape (weight sync).
+    pub fn copy_weights_from(&mut self, other: &Llama) -> Result<()> {
+        if other.params.len() != self.params.len() {
+            return Err(PolicyError::InvalidInput("weight sync between different models".into()));
+        }
+        tch::no_grad(|| {
+            for ((n, dst), (m, src)) in self.params.iter().zip(&other.params) {
+                if n != m || dst.size() != src.size() {
+                    return Err(PolicyError::WeightMismatch {
+                        name: n.clone(),
+                        message: format!("cannot copy from {m} {:?}", src.size()),
+                    });
+                }
+                let mut d = dst.shallow_clone();
+                d.copy_(src);
+            }
+            Ok(())
+        })
+    }
+
+    /// Sets named parameters from tensors (any dtype or device); every parameter must be given.
+    pub fn set_weights(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        tch::no_grad(|| {
+            for (n, dst) in &self.params {
+                let src = tensors
+                    .get(n)
+                    .ok_or_else(|| PolicyError::MissingTensor { name: n.clone(), path: "<weights update>".into() })?;
+                if src.size() != dst.size() {
+                    return Err(PolicyError::WeightMismatch {
+                        name: n.clone(),
+                        message: format!("update has shape {:?}, model {:?}", src.size(), dst.size()),
+                    });
+                }
+                let mut d = dst.shallow_clone();
+                d.copy_(src);
+            }
+            Ok(())
+        })
+    }
+
+    /// Saves the weights as a Hugging Face safetensors file (tied weights stored once).
+    pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        weights::save_tensors(path, self.params.iter().map(|(n, t)| (n.as_str(), t)))
+    }
+
+    /// A contiguous cache (see [`KvCache`]).
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        self.make_cache(batch, capacity, false)
+    }
+
+    /// A slot cache for decoding (see [`KvCache`]): the caller passes per-row positions below
+    /// `capacity` and an explicit mask over all `capacity` keys.
+    pub fn new_slot_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        self.make_cache(batch, capacity, true)
+    }
+
+    fn make_cache(&self, batch: i64, capacity: i64, slotted: bool) -> KvCache {
+        let shape = [batch, self.cfg.num_key_value_heads, capacity, self.cfg.head_dim];
+        // Zeros, not uninitialised memory: masked keys get weight 0, and 0 * NaN would be NaN.
+        let mk = || Tensor::zeros(shape, (self.kind, self.device));
+        let n = self.cfg.num_hidden_layers as usize;
+        let positions = Tensor::arange(capacity, (Kind::Int64, self.device)).unsqueeze(0);
+        let (cos, sin) = self.rope_tables(&positions);
+        let hd = self.cfg.head_dim;
+        KvCache {
+            keys: (0..n).map(|_| mk()).collect(),
+            values: (0..n).map(|_| mk()).collect(),
+            len: 0,
+            capacity,
+            slotted,
+            span: capacity,
+            cos: cos.view([capacity, hd]),
+            sin: sin.view([capacity, hd]),
+        }
+    }
+
+    /// Rotary tables for positions [B, T]: cos and sin of shape [B, 1, T, head_dim].
+    fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        rope::tables(&self.inv_freq, positions, self.kind)
+    }
+
+    /// The transformer body. `ids` [B, T] and `positions` [B, T] are int64; `mask` says what
+    /// each query may attend to (see [`AttnMask`]). Returns hidden states [B, T, H] after the
+    /// final norm.
+    ///
+    /// With a slot cache, row r's new keys go to cache positions `positions[r]`, which the
+    /// caller keeps below the capacity.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &AttnMask,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.size2()?;
+        let hd = self.cfg.head_dim;
+        if let Some(c) = cache.as_deref() {
+            c.check_room(t)?;
+            if matches!(mask, AttnMask::Causal) && (c.slotted || c.len > 0) {
+                return Err(PolicyError::InvalidInput(
+                    "causal attention without a mask needs an empty contiguous cache".into(),
+                ));
+            }
+        }
+        let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        let (cos, sin) = match cache.as_deref() {
+            // Tables built once per cache; a lookup per step instead of trigonometry.
+            Some(c) => {
+                let flat = positions.reshape([-1]);
+                let pick = |tab: &Tensor| tab.index_select(0, &flat).view([b, 1, t, hd]);
+                (pick(&c.cos), pick(&c.sin))
+            }
+            None => self.rope_tables(positions),
+        };
+        // Projections without gradients use the stacked q/k/v and gate/up weights (one GEMM
+        // each instead of three and two). Decoding a few rows on the CPU uses the
+        // weight-on-the-left GEMM. Training keeps the per-name weights, which own the gradients.
+        let few_rows = self.device == Device::Cpu && b * t <= FEW_ROWS && cache.is_some();
+        let step = Step::new(&self.cfg, mask, positions, cos, sin, b, t, few_rows);
+        for block in &self.blocks {
+            x = block.forward(&x, &step, cache.as_deref_mut())?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps))
+    }
+
+    /// Language-model logits in f32 for hidden states [.., H].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = match (&self.lm_head, &self.score) {
+            (Some(w), _) => w,
+            (None, None) => &self.embed,
+            (None, Some(_)) => {
+                return Err(PolicyError::InvalidInput("a sequence classifier has no language-model head".into()))
+            }
+        };
+        Ok(hidden.linear(w, None::<Tensor>).to_kind(Kind::Float))
+    }
+
+    /// [`logits`](Self::logits) for generation's next-token step: with a few rows on the CPU
+    /// and no gradients, the weight-on-the-left GEMM. Scoring keeps `logits`, whose rows do not
+    /// depend on what else is in the batch.
+    pub fn decode_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let rows = hidden.numel() as i64 / self.cfg.hidden_size.max(1);
+        let head = match (&self.lm_head, &self.score) {
+            (Some(w), _) => Some(w),
+            (None, None) => Some(&self.embed),
+            (None, Some(_)) => None,
+        };
+        match head {
+            Some(w)
+                if self.device == Device::Cpu && rows <= FEW_ROWS && !hidden.requires_grad() && !w.requires_grad() =>
+            {
+                Ok(linear_few_rows(hidden, w).to_kind(Kind::Float))
+            }
+            _ => self.logits(hidden),
+        }
+    }
+
+    /// Sequence-classifier scores in f32 for hidden states [.., H]: [.., num_labels].
+    pub fn scores(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = self
+            .score
+            .as_ref()
+            .ok_or_else(|| PolicyError::InvalidInput("this model has no score head (not a reward model)".into()))?;
+        Ok(hidden.linear(w, None::<Tensor>).to_kind(Kind::Float))
+    }
+
+    /// Checks that every id is inside the vocabulary before it reaches an embedding lookup.
+    pub fn check_ids(&self, ids: &Tensor) -> Result<()> {
+        if ids.numel() == 0 {
+            return Ok(());
+        }
+        let lo = ids.min().int64_value(&[]);
+        let hi = ids.max().int64_value(&[]);
+        for id in [lo, hi] {
+            if id < 0 || id >= self.cfg.vocab_size {
+                return Err(PolicyError::TokenOutOfRange { id, vocab_size: self.cfg.vocab_size });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Right-padded batch of whole sequences with the masks the model needs.
+pub struct PaddedBatch {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    /// Causal, with no mask tensor: padding comes after every real token.
+    pub mask: AttnMask,
+    /// [B, T] bool: real tokens.
+    pub valid: Tensor,
+    pub lengths: Vec<i64>,
+}
+
+impl PaddedBatch {
+    pub fn right_padded(seqs: &[Vec<i64>], pad: i64, device: Device) -> Result<Self> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.is_empty()) {
+            return Err(PolicyError::InvalidInput("empty batch or empty sequence".into()));
+        }
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0) as i64;
+        let b = seqs.len() as i64;
+        let mut flat = Vec::with_capacity((b * t) as usize);
+        let mut valid = Vec::with_capacity((b * t) as usize);
+        for s in seqs {
+            flat.extend_from_slice(s);
+            flat.extend(std::iter::repeat_n(pad, t as usize - s.len()));
+            valid.extend(std::iter::repeat_n(true, s.len()));
+            valid.extend(std::iter::repeat_n(false, t as usize - s.len()));
+        }
+        let ids = Tensor::from_slice(&flat).view([b, t]).to_device(device);
+        let valid = Tensor::from_slice(&valid).view([b, t]).to_device(device);
+        let positions = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], true);
+        Ok(PaddedBatch {
+            ids,
+            positions,
+            mask: AttnMask::Causal,
+            valid,
+            lengths: seqs.iter().map(|s| s.len() as i64).collect(),
+        })
+    }
+}
