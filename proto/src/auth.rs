@@ -124,13 +124,14 @@ impl fmt::Debug for BearerToken {
     }
 }
 
-/// `n` random bytes as hex. The randomness comes from the OS-seeded keys of the standard
-/// library's SipHash (a fresh `RandomState` each call), mixed with the time and the pid.
-pub(crate) fn random_hex(n_u64: usize) -> String {
+/// `words` random 64-bit words as hex (16 digits each). The randomness comes from the
+/// OS-seeded keys of the standard library's SipHash (a fresh `RandomState` each call), mixed
+/// with the time and the pid.
+pub(crate) fn random_hex(words: usize) -> String {
     let state = std::collections::hash_map::RandomState::new();
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
-    let mut hex = String::with_capacity(16 * n_u64);
-    for i in 0..n_u64 as u64 {
+    let mut hex = String::with_capacity(16 * words);
+    for i in 0..words as u64 {
         let mut h = state.build_hasher();
         h.write_u64(i);
         h.write_u128(nanos);

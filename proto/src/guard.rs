@@ -141,9 +141,11 @@ impl<S> RoleGuard<S> {
     fn decide<B>(&self, req: &http::Request<B>) -> Result<Caller, Status> {
         let method = req.uri().path().rsplit('/').next().unwrap_or("");
         let peer = || {
-            req.extensions()
-                .get::<tonic::transport::server::TcpConnectInfo>()
+            use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+            let ext = req.extensions();
+            ext.get::<TcpConnectInfo>()
                 .and_then(|i| i.remote_addr())
+                .or_else(|| ext.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.get_ref().remote_addr()))
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| "unknown".into())
         };
