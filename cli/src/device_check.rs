@@ -135,14 +135,10 @@ fn info() -> Result<()> {
     Ok(())
 }
 
-fn no_eos_tokenizer(dir: &std::path::Path) -> Result<Tokenizer> {
-    Tokenizer::load(dir).with_context(|| format!("tokenizer in {}", dir.display()))
-}
-
 fn logits(a: LogitsArgs) -> Result<()> {
     let (dev, kind) = a.model.device()?;
     let model = Llama::load(&a.model.model, dev, kind)?;
-    let tok = no_eos_tokenizer(&a.model.model)?;
+    let tok = Tokenizer::load(&a.model.model).with_context(|| format!("tokenizer in {}", a.model.model.display()))?;
     let prompts: Vec<Vec<i64>> = serde_json::from_slice(&std::fs::read(&a.prompts)?)?;
     let batch = PaddedBatch::right_padded(&prompts, 0, dev)?;
     let logits = tch::no_grad(|| -> Result<Tensor> {
@@ -253,7 +249,7 @@ fn decode(a: DecodeArgs) -> Result<()> {
     let (dev, kind) = a.model.device()?;
     let t0 = Instant::now();
     let model = Llama::load(&a.model.model, dev, kind)?;
-    let tok = no_eos_tokenizer(&a.model.model)?;
+    let tok = Tokenizer::load(&a.model.model).with_context(|| format!("tokenizer in {}", a.model.model.display()))?;
     eprintln!("loaded {} parameters in {:.1} s", model.num_parameters(), t0.elapsed().as_secs_f64());
     let vocab = model.config().vocab_size;
     let mut rng = SplitMix64::new(7);
