@@ -49,6 +49,11 @@ pub struct EvalArgs {
     /// that flips is a tie) or calibrated (the log-odds summed over both orders decide).
     #[arg(long, default_value = "both-orders")]
     pub pairwise_rule: selfplay_eval::judge::PairwiseRule,
+    /// Also measure a rule reward on both models' answers: a selfplay config file whose
+    /// `reward.rules` give each answer's score; an answer passes with the highest possible
+    /// score. Reports both pass rates with 95% Wilson intervals and their paired difference.
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
     /// Where results.json and winrate.png go.
     #[arg(long)]
     pub out: PathBuf,
@@ -85,6 +90,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     cfg.ci = args.ci;
     cfg.judge_identical = args.judge_identical;
     cfg.pairwise_rule = args.pairwise_rule;
+    cfg.rules = args.rules.clone();
     cfg.device = device;
     cfg.kind = kind;
     cfg.progress = ProgressMode::Auto;

@@ -13,6 +13,7 @@ pub mod error;
 pub mod judge;
 pub mod plot;
 pub mod progress;
+pub mod rules;
 pub mod sample;
 pub mod stats;
 
@@ -65,6 +66,8 @@ pub struct EvalConfig {
     pub judge_identical: bool,
     /// How a judge LM's two orders become one verdict.
     pub pairwise_rule: judge::PairwiseRule,
+    /// A selfplay config whose `reward.rules` are also measured on both models' answers.
+    pub rules: Option<PathBuf>,
     pub progress: ProgressMode,
 }
 
@@ -99,6 +102,7 @@ impl EvalConfig {
             ci: CiMethod::Wilson,
             judge_identical: false,
             pairwise_rule: judge::PairwiseRule::default(),
+            rules: None,
             progress: ProgressMode::Auto,
         }
     }
@@ -207,6 +211,11 @@ pub struct PairRecord {
     pub baseline_answer: String,
     #[serde(flatten)]
     pub verdict: Verdict,
+    /// With --rules: each answer's rule score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_rule_score: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_rule_score: Option<f64>,
 }
 
 /// Everything `results.json` holds.
@@ -222,6 +231,9 @@ pub struct EvalReport {
     /// Per subset, by name; empty when the prompt file has no subsets.
     pub subsets: Vec<SubsetTally>,
     pub stats: RunStats,
+    /// With --rules: both models' pass rates under the config's rule reward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<rules::RuleReport>,
     pub pairs: Vec<PairRecord>,
 }
 
@@ -260,6 +272,13 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalReport> {
         .collect();
     let chosen = sample::select(&subsets, cfg.limit, cfg.stratified, cfg.seed)?;
     let prompts: Vec<&str> = chosen.iter().map(|&i| rows[i].prompt.as_str()).collect();
+    let rules = match &cfg.rules {
+        Some(file) => {
+            let answers = rows.iter().filter_map(|r| Some((r.prompt.clone(), r.answer.clone()?))).collect();
+            Some(rules::Rules::load(file, answers)?)
+        }
+        None => None,
+    };
     tracing::info!(rows = rows.len(), evaluated = chosen.len(), "prompts");
 
     let memo = cfg.cache_dir.join("checksums.json");
@@ -339,6 +358,17 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalReport> {
         stats.mean_preference = Some(prefs.iter().sum::<f64>() / prefs.len() as f64);
     }
 
+    let rule_scores = match &rules {
+        Some(r) => {
+            let score = |answers: &[String]| -> Result<Vec<(f64, bool)>> {
+                prompts.iter().zip(answers).map(|(p, a)| r.score(p, a)).collect()
+            };
+            let (a, b) = (score(&answers_a)?, score(&answers_b)?);
+            Some((rules::RuleReport::new(r, &a, &b), a, b))
+        }
+        None => None,
+    };
+
     // Tallies.
     let outcomes: Vec<Outcome> = verdicts.iter().map(|v| v.outcome).collect();
     let overall = Tally::of(&outcomes, cfg.ci, cfg.seed);
@@ -381,6 +411,7 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalReport> {
         overall,
         subsets: subset_tallies,
         stats,
+        rules: rule_scores.as_ref().map(|r| r.0.clone()),
         pairs: chosen
             .iter()
             .enumerate()
@@ -391,6 +422,8 @@ pub fn evaluate(cfg: &EvalConfig) -> Result<EvalReport> {
                 model_answer: answers_a[k].clone(),
                 baseline_answer: answers_b[k].clone(),
                 verdict: verdicts[k].clone(),
+                model_rule_score: rule_scores.as_ref().map(|r| r.1[k].0),
+                baseline_rule_score: rule_scores.as_ref().map(|r| r.2[k].0),
             })
             .collect(),
     };
@@ -548,6 +581,29 @@ pub fn format_table(report: &EvalReport) -> String {
         s.push_str(&format!("{}\n", "-".repeat(w + 60)));
     }
     s.push_str(&row("overall", &report.overall));
+    if let Some(r) = &report.rules {
+        let rate = |p: &rules::PassRate| {
+            format!(
+                "{:>5.1}% [{:>5.1}%, {:>5.1}%] ({} of {}, mean score {:.3})",
+                p.rate * 100.0,
+                p.ci_low * 100.0,
+                p.ci_high * 100.0,
+                p.passes,
+                p.n,
+                p.mean_score
+            )
+        };
+        s.push_str(&format!(
+            "\nrule pass rate (score {} under {}):\n  model    A: {}\n  baseline B: {}\n  A - B     : {:+.1} points [{:+.1}, {:+.1}]\n",
+            r.pass_score,
+            r.file,
+            rate(&r.model),
+            rate(&r.baseline),
+            r.difference * 100.0,
+            r.difference_ci_low * 100.0,
+            r.difference_ci_high * 100.0
+        ));
+    }
     let st = &report.stats;
     s.push_str(&format!(
         "\ngenerated {} + {} answers ({} + {} from the cache) in {:.1}s; judged {} pairs in {:.1}s; {} identical pairs{}\n",

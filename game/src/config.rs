@@ -52,6 +52,9 @@ pub struct RunConfig {
     pub checkpoint_every: u64,
     /// How many checkpoints to keep (0 = all).
     pub keep_checkpoints: usize,
+    /// Also write every trained group's texts (query, answers, rewards) to
+    /// `<out_dir>/samples.jsonl`: what the challenger asked and how the solver answered.
+    pub log_samples: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -372,6 +375,7 @@ impl Default for RunConfig {
             out_dir: PathBuf::from("runs/selfplay"),
             checkpoint_every: 50,
             keep_checkpoints: 3,
+            log_samples: false,
         }
     }
 }

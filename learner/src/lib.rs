@@ -420,36 +420,63 @@ fn checkpoint(trainer: &Trainer, inbox: &Mutex<Inbox>, out_dir: &Path, keep: usi
 /// Appends one line per step to `<out_dir>/steps.jsonl`: the statistics and which units (from
 /// which actors, sampled by which version) went into it. Curves and audits read this file.
 fn log_step(out_dir: &Path, stats: &StepStats, groups: &[selfplay_game::RolloutGroup]) {
-    use std::io::Write;
     let line = serde_json::json!({
         "stats": stats,
         "units": groups.iter().map(|g| serde_json::json!({
             "unit_id": g.unit_id, "actor_id": g.actor_id, "weights_version": g.weights_version,
         })).collect::<Vec<_>>(),
     });
-    let path = out_dir.join("steps.jsonl");
+    append_lines(&out_dir.join(STEP_LOG), &format!("{line}\n"));
+}
+
+const STEP_LOG: &str = "steps.jsonl";
+const SAMPLE_LOG: &str = "samples.jsonl";
+
+/// With `run.log_samples`: one line per trained group in `<out_dir>/samples.jsonl`, with the
+/// texts (the challenger's query, absent in GRPO, and the answers) and their rewards.
+fn log_samples(out_dir: &Path, step: u64, groups: &[selfplay_game::RolloutGroup]) {
+    let mut text = String::new();
+    for g in groups {
+        let line = serde_json::json!({
+            "step": step,
+            "unit_id": g.unit_id,
+            "weights_version": g.weights_version,
+            "query": g.challenger.as_ref().map(|c| &c.text),
+            "answers": g.answers.iter().map(|a| serde_json::json!({
+                "text": a.sequence.text,
+                "tokens": a.sequence.completion_ids.len(),
+                "reward": a.reward,
+                "self_reward": a.self_reward,
+            })).collect::<Vec<_>>(),
+        });
+        text.push_str(&format!("{line}\n"));
+    }
+    append_lines(&out_dir.join(SAMPLE_LOG), &text);
+}
+
+fn append_lines(path: &Path, text: &str) {
+    use std::io::Write;
     let res = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&path)
-        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()));
     if let Err(e) = res {
-        tracing::warn!(path = %path.display(), error = %e, "cannot append to the step log");
+        tracing::warn!(path = %path.display(), error = %e, "cannot append to a run log");
     }
 }
 
 /// After a resume, drops the logged steps the checkpoint does not contain (they will run again).
-fn truncate_step_log(out_dir: &Path, step: u64) {
-    let path = out_dir.join("steps.jsonl");
-    let Ok(text) = std::fs::read_to_string(&path) else { return };
+fn truncate_step_logs(out_dir: &Path, step: u64) {
+    truncate_log(&out_dir.join(STEP_LOG), step, |v| v["stats"]["step"].as_u64());
+    truncate_log(&out_dir.join(SAMPLE_LOG), step, |v| v["step"].as_u64());
+}
+
+fn truncate_log(path: &Path, step: u64, step_of: impl Fn(&serde_json::Value) -> Option<u64>) {
+    let Ok(text) = std::fs::read_to_string(path) else { return };
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["stats"]["step"].as_u64())
-                .is_some_and(|s| s <= step)
-        })
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| step_of(&v)).is_some_and(|s| s <= step))
         .collect();
     let mut out = kept.join("\n");
     if !out.is_empty() {
@@ -457,8 +484,8 @@ fn truncate_step_log(out_dir: &Path, step: u64) {
     }
     // Replaced as a whole (temporary file, fsync, rename): a crash here leaves the old log or
     // the new one, never a torn file.
-    if let Err(e) = selfplay_coordinator::persist::write_atomic(&path, out.as_bytes()) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot rewrite the step log");
+    if let Err(e) = selfplay_coordinator::persist::write_atomic(path, out.as_bytes()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot rewrite a run log");
     }
 }
 
@@ -590,7 +617,7 @@ pub async fn run(
     // at every BeginEpoch (a coordinator that lost its state must not hand out an epoch
     // number a dead timeline already used).
     let last_epoch = extra.get("epoch").and_then(|v| v.as_u64()).unwrap_or(0).max(read_epoch(&out_dir));
-    truncate_step_log(&out_dir, trainer.step);
+    truncate_step_logs(&out_dir, trainer.step);
     let mut inbox = Inbox::new(trainer.step, opts.max_policy_lag, cfg.game.queries_per_step, trainer.limits());
     if let Some(ids) = extra.get("consumed").and_then(|c| c.as_array()) {
         inbox.consumed = ids.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
@@ -737,6 +764,9 @@ pub async fn run(
                 since = Instant::now();
                 metrics::record_step(&stats);
                 log_step(&runner.cfg.run.out_dir, &stats, &groups);
+                if runner.cfg.run.log_samples {
+                    log_samples(&runner.cfg.run.out_dir, stats.step, &groups);
+                }
                 on_step(&stats);
                 // Publishing and opening are fenced by the epoch: when the coordinator began
                 // another one meanwhile (restarted without its state), re-establish it from
