@@ -17,7 +17,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/env.sh"
 cd "$here/.."
-bin="$CARGO_TARGET_DIR/release/selfplay"
+bin="${SELFPLAY_BIN:-$CARGO_TARGET_DIR/release/selfplay}"
 minutes="${MINUTES:-55}"
 read -r -a modes <<< "${MODES:-lsp lsp-zero grpo}"
 stages="${STAGES:-train curves eval queries}"

@@ -68,10 +68,29 @@ fn steps(cfg: &Config) -> Vec<serde_json::Value> {
 #[test]
 fn two_actors_playing_two_units_at_once_share_every_step() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), &["actor.units_in_flight=2"]);
+    let cfg = config(tmp.path(), &["actor.units_in_flight=2", "run.log_samples=true"]);
     let summary = run(&cfg, 2, 0);
     assert_eq!(summary.learner.steps, STEPS);
     let steps = steps(&cfg);
+    // run.log_samples: one line per trained group, the same units as the step log, with the
+    // challenger's query and every answer's text and reward.
+    let text = std::fs::read_to_string(cfg.run.out_dir.join("samples.jsonl")).unwrap();
+    let samples: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(samples.len(), N * STEPS as usize);
+    for s in &steps {
+        let step = s["stats"]["step"].as_u64().unwrap();
+        let logged: HashSet<&str> =
+            samples.iter().filter(|x| x["step"].as_u64() == Some(step)).map(|x| x["unit_id"].as_str().unwrap()).collect();
+        let trained: HashSet<&str> = s["units"].as_array().unwrap().iter().map(|u| u["unit_id"].as_str().unwrap()).collect();
+        assert_eq!(logged, trained, "step {step}");
+    }
+    for x in &samples {
+        assert!(x["query"].is_string(), "{x}");
+        let answers = x["answers"].as_array().unwrap();
+        assert_eq!(answers.len(), 2, "{x}");
+        assert!(answers.iter().all(|a| a["text"].is_string() && a["reward"].as_f64().unwrap().is_finite()), "{x}");
+        assert!(answers.iter().all(|a| (1..=8).contains(&a["tokens"].as_u64().unwrap())), "{x}");
+    }
     let actors: HashSet<&str> = steps
         .iter()
         .flat_map(|s| s["units"].as_array().unwrap().iter().map(|u| u["actor_id"].as_str().unwrap()))

@@ -311,3 +311,52 @@ fn bad_input_gives_clear_errors() {
     cfg.temperature = -1.0;
     assert!(err(&cfg).contains("temperature"));
 }
+
+#[test]
+fn rules_give_both_pass_rates_as_the_rule_reward_scores_them() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let rules = work.path().join("rules.toml");
+    // Passes with 2 to 4 words and no "t9".
+    std::fs::write(
+        &rules,
+        "[reward]\nkind = \"rule\"\nrules = [\n  { rule = \"length\", words = 3, tolerance = 1, weight = 2.0 },\n  { rule = \"contains\", text = \"t9\", weight = -1.0 },\n]\n",
+    )
+    .unwrap();
+    let mut cfg = config(&f.a, &f.b, JudgeSpec::RewardModel(f.rm.clone()), work.path());
+    cfg.rules = Some(rules.clone());
+    let r = evaluate(&cfg).unwrap();
+    let rep = r.rules.clone().expect("a rule report");
+    let expect = |answer: &str| {
+        let words = answer.split_whitespace().count();
+        let score = if (2..=4).contains(&words) { 2.0 } else { 0.0 } - if answer.contains("t9") { 1.0 } else { 0.0 };
+        (score, score == 2.0)
+    };
+    let mut passes = (0, 0);
+    for p in &r.pairs {
+        let (a, b) = (expect(&p.model_answer), expect(&p.baseline_answer));
+        assert_eq!(p.model_rule_score, Some(a.0), "{p:?}");
+        assert_eq!(p.baseline_rule_score, Some(b.0), "{p:?}");
+        passes.0 += a.1 as usize;
+        passes.1 += b.1 as usize;
+    }
+    assert_eq!((rep.model.passes, rep.baseline.passes), passes);
+    assert_eq!((rep.model.n, rep.baseline.n), (7, 7));
+    assert_eq!(rep.pass_score, 2.0);
+    assert!((rep.difference - (passes.0 as f64 - passes.1 as f64) / 7.0).abs() < 1e-12);
+    assert!(rep.model.ci_low <= rep.model.rate && rep.model.rate <= rep.model.ci_high);
+    let j = read_json(&work.path().join("out/results.json"));
+    assert_eq!(j["rules"]["model"]["passes"].as_u64(), Some(passes.0 as u64));
+    assert!(selfplay_eval::format_table(&r).contains("rule pass rate"));
+
+    // A config without rules, or a missing file, fails before anything is generated.
+    let bad = work.path().join("judge.toml");
+    std::fs::write(&bad, "[reward]\nkind = \"judge\"\n").unwrap();
+    for file in [bad, work.path().join("missing.toml")] {
+        let mut c = cfg.clone();
+        c.rules = Some(file);
+        c.cache_dir = work.path().join("cache2");
+        assert!(evaluate(&c).is_err());
+        assert!(!work.path().join("cache2").exists(), "generated before failing");
+    }
+}
