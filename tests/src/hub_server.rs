@@ -205,9 +205,8 @@ pub fn shard_safetensors(dir: &Path, n: usize) {
             weight_map.insert((*name).clone(), serde_json::json!(file));
         }
         let mut text = serde_json::Value::Object(h).to_string();
-        while text.len() % 8 != 0 {
-            text.push(' ');
-        }
+        // The header is padded to 8 bytes, as the safetensors writers do.
+        text.push_str(&" ".repeat((8 - text.len() % 8) % 8));
         let mut out = (text.len() as u64).to_le_bytes().to_vec();
         out.extend_from_slice(text.as_bytes());
         out.extend_from_slice(&body);
