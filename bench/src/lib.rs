@@ -66,9 +66,13 @@ pub fn default_model() -> PathBuf {
 /// Device and dtype flags shared by every command that loads a model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Hugging Face model directory (default: the imported SmolLM2-135M-Instruct).
+    /// Hugging Face model directory, or a Hub id (org/name) fetched into the Hugging Face
+    /// cache (default: the imported SmolLM2-135M-Instruct).
     #[arg(long, env = "SELFPLAY_MODEL")]
     pub model: Option<PathBuf>,
+    /// Revision (branch, tag or commit) of a Hub id given to --model.
+    #[arg(long, env = "SELFPLAY_REVISION", default_value = selfplay_hub::DEFAULT_REVISION)]
+    pub revision: String,
     /// auto (cuda:0 when available, else cpu), cpu, cuda or cuda:N.
     #[arg(long, env = "SELFPLAY_DEVICE", default_value = "auto")]
     pub device: String,
@@ -78,8 +82,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model's local directory: --model itself, or its Hub snapshot at --revision.
+    pub fn dir(&self) -> Result<PathBuf> {
+        let spec = self.model.clone().unwrap_or_else(default_model);
+        Ok(selfplay_hub::resolve(&spec, &self.revision)?)
+    }
+
     pub fn load(&self) -> Result<selfplay_policy::Policy> {
-        let dir = self.model.clone().unwrap_or_else(default_model);
+        let dir = self.dir()?;
         let device = selfplay_policy::parse_device(&self.device)?;
         let kind = selfplay_policy::parse_kind_on(&self.dtype, device)?;
         let t0 = std::time::Instant::now();

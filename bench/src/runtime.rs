@@ -127,7 +127,8 @@ async fn connect(address: &str, h2: H2) -> Result<tonic::transport::Channel> {
 
 #[derive(clap::Args, Debug)]
 pub struct WeightsArgs {
-    /// Hugging Face model directory (default: $SELFPLAY_MODEL, else the SmolLM2 import).
+    /// Hugging Face model directory or Hub id at main (default: $SELFPLAY_MODEL, else the
+    /// SmolLM2 import).
     #[arg(long, env = "SELFPLAY_MODEL")]
     pub model: Option<PathBuf>,
     /// Dtype on the wire: f32 or bf16 (the model is loaded in f32).
@@ -266,7 +267,7 @@ async fn start_coordinator(
 pub fn weights(a: WeightsArgs) -> Result<()> {
     ensure!(matches!(a.dtype.as_str(), "f32" | "bf16"), "--dtype must be f32 or bf16");
     ensure!(!a.actors.is_empty() && a.actors.iter().all(|&k| k > 0), "--actors needs positive numbers");
-    let model_dir = a.model.clone().unwrap_or_else(crate::default_model);
+    let model_dir = selfplay_hub::resolve(&a.model.clone().unwrap_or_else(crate::default_model), "")?;
     let t0 = Instant::now();
     let policy = selfplay_policy::Policy::load(&model_dir, tch::Device::Cpu, tch::Kind::Float)?;
     let load_s = t0.elapsed().as_secs_f64();

@@ -1,21 +1,23 @@
 //! `selfplay eval`: win rate of a model against a baseline on a prompt set, judged by a reward
 //! model or a judge LM; prints the table and writes results.json and winrate.png.
-use anyhow::Result;
+use anyhow::{Context, Result};
 use selfplay_eval::{CiMethod, EvalConfig, JudgeSpec, ProgressMode};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// Model A: the model whose win rate is reported (a Hugging Face directory).
+    /// Model A: the model whose win rate is reported (a Hugging Face directory, or a Hub id
+    /// org/name at main).
     #[arg(long)]
     pub model: PathBuf,
-    /// Model B: the baseline (for LSP, the base model).
+    /// Model B: the baseline (for LSP, the base model); a directory or a Hub id at main.
     #[arg(long)]
     pub baseline: PathBuf,
     /// Prompt file: AlpacaEval JSON (subsets from "dataset"), or JSON/JSONL questions (first turn).
     #[arg(long)]
     pub prompts: PathBuf,
-    /// reward-model:DIR (higher score wins) or judge-lm:DIR (pairwise "A or B", both orders).
+    /// reward-model:DIR (higher score wins) or judge-lm:DIR (pairwise "A or B", both orders);
+    /// DIR may be a Hub id (org/name, at main).
     #[arg(long)]
     pub judge: String,
     /// Evaluate only N prompts: the first N, or with --stratified a fixed sample.
@@ -74,11 +76,16 @@ fn default_cache_dir() -> PathBuf {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let judge: JudgeSpec = args.judge.parse()?;
+    let judge = match args.judge.parse()? {
+        JudgeSpec::RewardModel(d) => JudgeSpec::RewardModel(selfplay_hub::resolve(&d, "").context("--judge")?),
+        JudgeSpec::JudgeLm(d) => JudgeSpec::JudgeLm(selfplay_hub::resolve(&d, "").context("--judge")?),
+    };
     let device = selfplay_policy::parse_device(&args.device)?;
     let kind = selfplay_policy::parse_kind_on(&args.dtype, device)?;
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    let mut cfg = EvalConfig::new(&args.model, &args.baseline, &args.prompts, judge, &args.out, &cache_dir);
+    let model = selfplay_hub::resolve(&args.model, "").context("--model")?;
+    let baseline = selfplay_hub::resolve(&args.baseline, "").context("--baseline")?;
+    let mut cfg = EvalConfig::new(&model, &baseline, &args.prompts, judge, &args.out, &cache_dir);
     cfg.limit = args.limit;
     cfg.stratified = args.stratified;
     cfg.seed = args.seed;

@@ -35,8 +35,38 @@ impl ConfigArgs {
         if cfg.model.path.as_os_str().is_empty() {
             cfg.model.path = default_model();
         }
+        resolve_models(&mut cfg)?;
         Ok(cfg)
     }
+}
+
+/// Every model the run loads, made a local directory: a Hub id (`org/name`) becomes its
+/// snapshot in the Hugging Face cache (model.path at model.revision, the others at main), so
+/// the rest of the program (and the config.toml the run writes) sees only directories.
+fn resolve_models(cfg: &mut Config) -> Result<()> {
+    use selfplay_game::config::RewardKind;
+    let hub = selfplay_hub::Hub::from_env();
+    let resolve = |key: &str, p: &Path, revision: &str| -> Result<PathBuf> {
+        let dir = hub.resolve(p, revision).with_context(|| key.to_string())?;
+        if dir != p {
+            tracing::info!(key, id = %p.display(), revision, dir = %dir.display(), "model from the Hugging Face Hub");
+        }
+        Ok(dir)
+    };
+    cfg.model.path = resolve("model.path", &cfg.model.path, &cfg.model.revision)?;
+    if !cfg.model.reference_path.as_os_str().is_empty() {
+        cfg.model.reference_path = resolve("model.reference_path", &cfg.model.reference_path, "")?;
+    }
+    let loads_a_model = |k: &RewardKind| matches!(k, RewardKind::Model | RewardKind::Judge);
+    if loads_a_model(&cfg.reward.kind) && !cfg.reward.path.as_os_str().is_empty() {
+        cfg.reward.path = resolve("reward.path", &cfg.reward.path, "")?;
+    }
+    for (i, src) in cfg.reward.sources.iter_mut().enumerate() {
+        if loads_a_model(&src.kind) && !src.path.as_os_str().is_empty() {
+            src.path = resolve(&format!("reward.sources[{i}].path"), &src.path, "")?;
+        }
+    }
+    Ok(())
 }
 
 /// This process's own credential: the learner's for the learner, an actor's for an actor,
@@ -500,7 +530,7 @@ pub fn actor(args: ActorArgs) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct RewardServerArgs {
-    /// A LlamaForSequenceClassification directory.
+    /// A ...ForSequenceClassification directory, or its Hub id (org/name, at main).
     #[arg(long, env = "SELFPLAY_REWARD_MODEL")]
     pub model: PathBuf,
     /// auto (cuda when available), cpu, cuda or cuda:N.
@@ -528,7 +558,8 @@ pub struct RewardServerArgs {
 pub fn reward_server(args: RewardServerArgs) -> Result<()> {
     let dev = selfplay_policy::parse_device(&args.device)?;
     let kind = selfplay_policy::parse_kind(&args.dtype)?;
-    let model = selfplay_game::reward::RewardModel::load(&args.model, dev, kind)?;
+    let dir = selfplay_hub::resolve(&args.model, "").context("--model")?;
+    let model = selfplay_game::reward::RewardModel::load(&dir, dev, kind)?;
     let clients = Credential::from_file(&args.reward_client_tokens_file)?;
     let rt = runtime()?;
     rt.block_on(async {

@@ -60,8 +60,11 @@ pub struct RunConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Hugging Face directory of the initial policy (empty = the embedded default model).
+    /// Hugging Face directory of the initial policy, or a Hub id (`org/name`) fetched into
+    /// the Hugging Face cache (empty = the embedded default model).
     pub path: PathBuf,
+    /// Revision (branch, tag or commit) of `path` when it is a Hub id.
+    pub revision: String,
     /// The frozen reference pi_ref (KL terms, self-reward judge); empty = `path`, the initial
     /// policy. Set it when a run starts from other weights (`--init-from`) but should stay
     /// close to another model. It must share the policy's tokenizer.
@@ -383,6 +386,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             path: PathBuf::new(),
+            revision: "main".into(),
             reference_path: PathBuf::new(),
             device: "auto".into(),
             dtype: "auto".into(),

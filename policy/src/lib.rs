@@ -4,11 +4,14 @@
 pub mod config;
 pub mod error;
 pub mod generate;
-pub mod gguf;
 pub mod model;
 pub mod scoring;
 pub mod tokenizer;
 pub mod weights;
+
+/// GGUF reading and import live in the tch-free `selfplay-gguf` crate; re-exported here so
+/// `selfplay_policy::gguf::...` keeps working.
+pub use selfplay_gguf as gguf;
 
 pub use config::{Architecture, Family, ModelConfig};
 pub use error::{PolicyError, Result};

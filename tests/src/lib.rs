@@ -1,5 +1,7 @@
 //! Shared by every test: the reference Python, tiny random models made by transformers, and
 //! the real SmolLM2 model made by the setup.
+pub mod hub_server;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
