@@ -5,6 +5,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod in_process;
 pub mod model;
 pub mod scoring;
 pub mod tokenizer;
@@ -13,6 +14,7 @@ pub mod weights;
 pub use config::{Architecture, Family, ModelConfig};
 pub use error::{PolicyError, Result};
 pub use generate::{Completion, FinishReason, SamplingConfig};
+pub use in_process::InProcessWeights;
 pub use model::Llama;
 pub use tokenizer::{ChatMessage, ChatOptions, Tokenizer};
 

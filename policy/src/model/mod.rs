@@ -137,8 +137,22 @@ impl Llama {
         if other.params.len() != self.params.len() {
             return Err(PolicyError::InvalidInput("weight sync between different models".into()));
         }
+        self.copy_named_from(&other.params)
+    }
+
+    /// Copies named tensors, one per parameter in [`parameters`](Self::parameters)' order with
+    /// the same names and shapes, into the parameters: device to device, converting the dtype,
+    /// without recording gradients.
+    pub fn copy_named_from(&mut self, src: &[(String, Tensor)]) -> Result<()> {
+        if src.len() != self.params.len() {
+            return Err(PolicyError::InvalidInput(format!(
+                "weight copy: {} tensors for {} parameters",
+                src.len(),
+                self.params.len()
+            )));
+        }
         tch::no_grad(|| {
-            for ((n, dst), (m, src)) in self.params.iter().zip(&other.params) {
+            for ((n, dst), (m, src)) in self.params.iter().zip(src) {
                 if n != m || dst.size() != src.size() {
                     return Err(PolicyError::WeightMismatch {
                         name: n.clone(),
@@ -146,10 +160,26 @@ impl Llama {
                     });
                 }
                 let mut d = dst.shallow_clone();
-                d.copy_(src);
+                d.f_copy_(src)?;
             }
             Ok(())
         })
+    }
+
+    /// SHA-256 over every parameter's name, shape, dtype and bytes, in a fixed order: equal
+    /// digests mean bit-identical weights (one full read of the weights through host memory).
+    pub fn weights_digest(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (n, t) in &self.params {
+            let t = t.detach().to_device(Device::Cpu).contiguous();
+            let numel = t.numel();
+            let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+            t.f_copy_data_u8(&mut bytes, numel)?;
+            h.update(format!("{n}:{:?}:{:?}:", t.size(), t.kind()).as_bytes());
+            h.update(&bytes);
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// Sets named parameters from tensors (any dtype or device); every parameter must be given.
