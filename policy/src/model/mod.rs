@@ -51,6 +51,9 @@ pub enum AttnMask {
     Explicit(Tensor),
 }
 
+/// The shared context of one pass run block by block ([`Llama::block_pass`]).
+pub struct BlockPass(Step);
+
 /// A model of any supported family (the name is historical: Llama is the family the others
 /// extend).
 pub struct Llama {
@@ -266,7 +269,7 @@ impl Llama {
                 ));
             }
         }
-        let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        let mut x = self.embed(ids)?;
         let (cos, sin) = match cache.as_deref() {
             // Tables built once per cache; a lookup per step instead of trigonometry.
             Some(c) => {
@@ -287,7 +290,42 @@ impl Llama {
         if let Some(c) = cache {
             c.advance(t);
         }
-        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps))
+        Ok(self.final_norm(&x))
+    }
+
+    /// The token embeddings [B, T, H] of `ids` [B, T]: the first block's input.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::f_embedding(&self.embed, ids, -1, false, false)?)
+    }
+
+    /// The number of decoder blocks.
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// What every block of one pass without a cache shares (rotary tables, masks), for running
+    /// the blocks one at a time with [`forward_block`](Self::forward_block): gradient
+    /// checkpointing keeps each block's input and recomputes the block in the backward pass.
+    /// `positions` [B, T] int64.
+    pub fn block_pass(&self, positions: &Tensor, mask: &AttnMask) -> Result<BlockPass> {
+        let (b, t) = positions.size2()?;
+        let (cos, sin) = self.rope_tables(positions);
+        Ok(BlockPass(Step::new(&self.cfg, mask, positions, cos, sin, b, t, false)))
+    }
+
+    /// Block `layer` applied to its input `x` [B, T, H]; the blocks in order, between
+    /// [`embed`](Self::embed) and [`final_norm`](Self::final_norm), are
+    /// [`forward_hidden`](Self::forward_hidden) without a cache, bit for bit.
+    pub fn forward_block(&self, layer: usize, x: &Tensor, pass: &BlockPass) -> Result<Tensor> {
+        let block = self.blocks.get(layer).ok_or_else(|| {
+            PolicyError::InvalidInput(format!("block {layer} of a model with {} blocks", self.blocks.len()))
+        })?;
+        block.forward(x, &pass.0, None)
+    }
+
+    /// The final RMSNorm, applied to the last block's output.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
     }
 
     /// Language-model logits in f32 for hidden states [.., H].
