@@ -93,7 +93,7 @@ pub fn describe_metrics() {
     describe_histogram!(
         "selfplay_actor_weight_fetch_seconds",
         Unit::Seconds,
-        "Time to fetch, verify and load one weights version."
+        "Time to load one weights version, by path: grpc (fetch, verify and load from the coordinator) or device (copy from the learner of the same process)."
     );
     describe_counter!(
         "selfplay_actor_weight_fetch_bytes_total",
@@ -340,6 +340,8 @@ pub fn run(
                     version.store(v, Ordering::SeqCst);
                     summary.syncs_device += 1;
                     metrics::counter!("selfplay_actor_weight_syncs_total", "path" => "device").increment(1);
+                    metrics::histogram!("selfplay_actor_weight_fetch_seconds", "path" => "device")
+                        .record(t0.elapsed().as_secs_f64());
                     metrics::gauge!("selfplay_actor_weights_version").set(v as f64);
                     tracing::info!(actor = %opts.actor_id, version = v, epoch, secs = t0.elapsed().as_secs_f64(), "weights copied from the learner of this process");
                 }
@@ -391,7 +393,8 @@ pub fn run(
                     version.store(v, Ordering::SeqCst);
                     summary.syncs_grpc += 1;
                     metrics::counter!("selfplay_actor_weight_syncs_total", "path" => "grpc").increment(1);
-                    metrics::histogram!("selfplay_actor_weight_fetch_seconds").record(t0.elapsed().as_secs_f64());
+                    metrics::histogram!("selfplay_actor_weight_fetch_seconds", "path" => "grpc")
+                        .record(t0.elapsed().as_secs_f64());
                     metrics::counter!("selfplay_actor_weight_fetch_bytes_total").increment(bytes as u64);
                     metrics::gauge!("selfplay_actor_weights_version").set(v as f64);
                     tracing::info!(actor = %opts.actor_id, version = v, epoch, bytes, secs = t0.elapsed().as_secs_f64(), "weights loaded");
