@@ -53,6 +53,13 @@ pub struct ActorOptions {
     /// K: units leased and played together (at least 1). The coordinator gives an actor at
     /// most its share of the outstanding units, so a step's units spread over the actors.
     pub units_in_flight: usize,
+    /// The learner's weights when it runs in this process (`selfplay train`): copied device
+    /// to device instead of fetched from the coordinator, whenever they are of the units'
+    /// epoch and recent enough; otherwise the coordinator's path.
+    pub in_process: Option<Arc<selfplay_policy::InProcessWeights>>,
+    /// At the end, compute the SHA-256 of the weights the actor holds
+    /// ([`ActorSummary::weights_digest`]): one full read of the weights.
+    pub digest_weights: bool,
 }
 
 pub fn describe_metrics() {
@@ -79,10 +86,14 @@ pub fn describe_metrics() {
         "Units that failed, by reason (rejected, play, submit, weights, duplicate: re-issued and delivered by another actor first)."
     );
     describe_gauge!("selfplay_actor_weights_version", "Weights version the actor samples with.");
+    describe_counter!(
+        "selfplay_actor_weight_syncs_total",
+        "Weights versions loaded, by path: device (copied from the learner of the same process) or grpc (fetched from the coordinator)."
+    );
     describe_histogram!(
         "selfplay_actor_weight_fetch_seconds",
         Unit::Seconds,
-        "Time to fetch, verify and load one weights version."
+        "Time to load one weights version, by path: grpc (fetch, verify and load from the coordinator) or device (copy from the learner of the same process)."
     );
     describe_counter!(
         "selfplay_actor_weight_fetch_bytes_total",
@@ -108,6 +119,9 @@ pub fn describe_metrics() {
     for reason in ["play", "submit", "rejected", "weights", "duplicate"] {
         metrics::counter!("selfplay_actor_units_failed_total", "reason" => reason).increment(0);
     }
+    for path in ["device", "grpc"] {
+        metrics::counter!("selfplay_actor_weight_syncs_total", "path" => path).increment(0);
+    }
     metrics::gauge!("selfplay_actor_weights_version").set(0.0);
     metrics::gauge!("selfplay_actor_units_in_flight").set(0.0);
 }
@@ -121,6 +135,13 @@ pub struct ActorSummary {
     /// Batches of units played, and the most units one of them held.
     pub batches: u64,
     pub largest_batch: usize,
+    /// Weights versions loaded by device copy from the learner of this process, and fetched
+    /// from the coordinator.
+    pub syncs_device: u64,
+    pub syncs_grpc: u64,
+    /// With [`ActorOptions::digest_weights`]: [`selfplay_policy::Llama::weights_digest`] of the
+    /// weights held at the end (version `weights_version`).
+    pub weights_digest: Option<String>,
 }
 
 async fn connect(
@@ -308,6 +329,30 @@ pub fn run(
         // epoch may belong to a future the learner no longer has (it restarted from an older
         // checkpoint): they are never used for a unit of this one.
         let usable = |h: Option<(u64, u64)>| h.is_some_and(|(e, v)| e == epoch && v >= min_weights_version);
+        // The learner of this process first: a device copy, under the handle's lock, of a
+        // whole version (the one reported with the units).
+        if let (false, Some(h)) = (usable(held), &opts.in_process) {
+            let t0 = Instant::now();
+            held = None;
+            match h.copy_into(&mut player.policy.model, epoch, min_weights_version) {
+                Ok(Some(v)) => {
+                    held = Some((epoch, v));
+                    version.store(v, Ordering::SeqCst);
+                    summary.syncs_device += 1;
+                    metrics::counter!("selfplay_actor_weight_syncs_total", "path" => "device").increment(1);
+                    metrics::histogram!("selfplay_actor_weight_fetch_seconds", "path" => "device")
+                        .record(t0.elapsed().as_secs_f64());
+                    metrics::gauge!("selfplay_actor_weights_version").set(v as f64);
+                    tracing::info!(actor = %opts.actor_id, version = v, epoch, secs = t0.elapsed().as_secs_f64(), "weights copied from the learner of this process");
+                }
+                Ok(None) => {}
+                // The model may be half-written (held stays None): the coordinator's path
+                // below loads a whole version.
+                Err(e) => {
+                    tracing::warn!(actor = %opts.actor_id, error = %e, "copying the weights of this process's learner failed; fetching them from the coordinator")
+                }
+            }
+        }
         if !usable(held) {
             let t0 = Instant::now();
             let loaded = (|| -> Result<Option<(u64, usize)>, ActorError> {
@@ -346,7 +391,10 @@ pub fn run(
                     failing_since = None;
                     held = Some((epoch, v));
                     version.store(v, Ordering::SeqCst);
-                    metrics::histogram!("selfplay_actor_weight_fetch_seconds").record(t0.elapsed().as_secs_f64());
+                    summary.syncs_grpc += 1;
+                    metrics::counter!("selfplay_actor_weight_syncs_total", "path" => "grpc").increment(1);
+                    metrics::histogram!("selfplay_actor_weight_fetch_seconds", "path" => "grpc")
+                        .record(t0.elapsed().as_secs_f64());
                     metrics::counter!("selfplay_actor_weight_fetch_bytes_total").increment(bytes as u64);
                     metrics::gauge!("selfplay_actor_weights_version").set(v as f64);
                     tracing::info!(actor = %opts.actor_id, version = v, epoch, bytes, secs = t0.elapsed().as_secs_f64(), "weights loaded");
@@ -431,6 +479,9 @@ pub fn run(
         tokio::time::timeout(Duration::from_secs(2), c.leave(LeaveRequest { actor_id: id })).await
     });
     summary.weights_version = version.load(Ordering::SeqCst);
+    if opts.digest_weights {
+        summary.weights_digest = Some(player.policy.model.weights_digest()?);
+    }
     Ok(summary)
 }
 

@@ -436,6 +436,7 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
             tls_ca: args.tls_ca.clone(),
             init_from: args.init_from.clone(),
             keep_optimizer: args.keep_optimizer,
+            in_process: None,
         };
         write_ready(
             &args.serve.ready_file,
@@ -473,6 +474,10 @@ pub struct ActorArgs {
     /// The reward-client credential file, for a remote reward server (reward.kind = remote).
     #[arg(long, env = "SELFPLAY_REWARD_TOKEN_FILE")]
     pub reward_token_file: Option<PathBuf>,
+    /// On exit, print the SHA-256 of the weights the actor ended with (one full read of the
+    /// weights), to compare actors and checkpoints.
+    #[arg(long, env = "SELFPLAY_WEIGHTS_DIGEST")]
+    pub weights_digest: bool,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -519,11 +524,17 @@ pub fn actor(args: ActorArgs) -> Result<()> {
         patience: Duration::from_secs(300),
         tls_ca: args.tls_ca.clone(),
         units_in_flight: cfg.actor.units_for(dev),
+        in_process: None,
+        digest_weights: args.weights_digest,
     };
     let summary = selfplay_actor::run(player, opts, rt.handle().clone(), stop)?;
     eprintln!(
-        "actor done: {} units, {} failed, weights v{}",
-        summary.units_done, summary.units_failed, summary.weights_version
+        "actor done: {} units, {} failed, weights v{} ({} fetched from the coordinator){}",
+        summary.units_done,
+        summary.units_failed,
+        summary.weights_version,
+        summary.syncs_grpc,
+        summary.weights_digest.map(|d| format!(", sha256 {d}")).unwrap_or_default()
     );
     Ok(())
 }

@@ -529,3 +529,85 @@ fn probes_say_starting_until_the_learner_has_begun_its_epoch() {
     c.check_steps(5);
     drop(a);
 }
+
+/// The learner's weights at `version` in run directory `run`: the initial model for 0, else
+/// the step's checkpoint.
+fn learner_digest(model: &std::path::Path, run: &std::path::Path, version: u64) -> String {
+    let dir = match version {
+        0 => model.to_path_buf(),
+        v => run.join("checkpoints").join(format!("step-{v:08}")),
+    };
+    let m = selfplay_policy::Llama::load(&dir, tch::Device::Cpu, tch::Kind::Float).unwrap();
+    m.weights_digest().unwrap()
+}
+
+/// `selfplay train`'s cluster (learner and one actor in one process) with an actor process
+/// joining it: the actor inside copies the learner's weights on the device, the one outside
+/// fetches them from the coordinator, and both end with the learner's weights, bit for bit.
+#[test]
+fn an_actor_process_joins_a_local_cluster_and_fetches_the_same_weights_over_grpc() {
+    // Runs until stopped, checkpointing and keeping every step.
+    let (_tmp, mut c) = Cluster::with_run(0, 1, &[]);
+    let toml = std::fs::read_to_string(&c.config).unwrap().replace("keep_checkpoints = 10", "keep_checkpoints = 0");
+    std::fs::write(&c.config, toml).unwrap();
+    let cfg = selfplay_game::Config::load(Some(&c.config), &[]).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let plan = selfplay_cluster::plan_devices(tch::Device::Cpu, 0, Some(1), &[]).unwrap();
+    let mut opts = selfplay_cluster::LocalClusterOptions::new(cfg.clone(), plan);
+    opts.actor_credential = credential("actor");
+    opts.digest_weights = true;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (handle, run) = rt.block_on(async {
+        let cluster = selfplay_cluster::LocalCluster::start(opts, |_| {}).await.unwrap();
+        c.coordinator_addr = Some(cluster.coordinator_addr.clone());
+        c.learner_addr = Some(cluster.learner_addr.clone());
+        let handle = cluster.in_process.clone();
+        (
+            handle,
+            tokio::spawn(cluster.run(async move {
+                let _ = stop_rx.await;
+            })),
+        )
+    });
+    let mut remote = c.actor_with("remote-0", &["--weights-digest".into()]);
+    // Until both actors delivered a group sampled by trained weights (version 1 or later).
+    let t0 = Instant::now();
+    let played_trained = |actor: &str| {
+        c.steps().iter().any(|s| {
+            s["units"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|u| u["actor_id"] == actor && u["weights_version"].as_u64() >= Some(1))
+        })
+    };
+    while !(played_trained("remote-0") && played_trained("local-0")) {
+        assert!(remote.child.try_wait().unwrap().is_none(), "the actor process exited:\n{}", c.log("remote-0"));
+        assert!(t0.elapsed() < Duration::from_secs(300), "no trained group from both actors:\n{}", c.log("remote-0"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The actor process stops first (finishing or handing back its units), then the run.
+    let _ = Command::new("kill").args(["-TERM", &remote.child.id().to_string()]).status();
+    c.wait_exit(&mut remote);
+    let _ = stop_tx.send(());
+    let summary = rt.block_on(run).unwrap().unwrap();
+
+    let (model, run_dir) = (cfg.model.path.clone(), cfg.run.out_dir.clone());
+    let local = summary.actors.into_iter().next().unwrap().unwrap();
+    assert_eq!(local.syncs_grpc, 0, "the actor inside fetched over gRPC: {local:?}");
+    assert!(local.syncs_device >= 2, "{local:?}");
+    assert_eq!(local.syncs_device, handle.copied());
+    assert_eq!(local.weights_digest.as_deref().unwrap(), learner_digest(&model, &run_dir, local.weights_version));
+
+    // "actor done: U units, F failed, weights vV (S fetched from the coordinator), sha256 D"
+    let log = std::fs::read_to_string(c.dir.join("remote-0.log")).unwrap();
+    let done = log.lines().rev().find(|l| l.starts_with("actor done:")).expect("the actor's summary");
+    let field = |after: &str, end: char| done.split(after).nth(1).unwrap().split(end).next().unwrap().to_string();
+    let version: u64 = field("weights v", ' ').parse().unwrap();
+    let fetched: u64 = field("(", ' ').parse().unwrap();
+    let digest = field("sha256 ", ' ');
+    assert!(version >= 1 && fetched >= 1, "{done}");
+    assert_eq!(digest, learner_digest(&model, &run_dir, version), "{done}");
+    // Not vacuous: the weights changed during the run.
+    assert_ne!(learner_digest(&model, &run_dir, version), learner_digest(&model, &run_dir, 0));
+}

@@ -6,8 +6,14 @@
 //! Devices ([`plan_devices`]): the learner takes the configured device; on a machine with
 //! several CUDA devices, one actor runs on each of the others; otherwise one actor shares the
 //! learner's device. `--actors` and `--actor-devices` override both.
+//!
+//! Weights: the learner publishes every version to the coordinator (which records it for
+//! actors in other processes and for restarts) and also leaves it in an
+//! [`InProcessWeights`] handle on its device; the actors of this process copy it from there
+//! device to device instead of fetching it over gRPC.
 use selfplay_game::{Config, Player, StepStats};
 use selfplay_learner::{LearnerError, LearnerSummary};
+use selfplay_policy::InProcessWeights;
 use selfplay_proto::auth::Credential;
 use std::future::Future;
 use std::path::PathBuf;
@@ -107,6 +113,8 @@ pub struct LocalClusterOptions {
     /// state when `keep_optimizer` is set.
     pub init_from: Option<std::path::PathBuf>,
     pub keep_optimizer: bool,
+    /// Each actor reports the SHA-256 of the weights it ended with (tests and audits).
+    pub digest_weights: bool,
 }
 
 impl LocalClusterOptions {
@@ -122,6 +130,7 @@ impl LocalClusterOptions {
             patience: Duration::from_secs(120),
             init_from: None,
             keep_optimizer: false,
+            digest_weights: false,
         }
     }
 }
@@ -143,6 +152,8 @@ pub struct LocalCluster {
     pub learner_addr: String,
     /// Actor ids, in the order of [`DevicePlan::actors`].
     pub actor_ids: Vec<String>,
+    /// The learner's weights as the actors of this process copy them.
+    pub in_process: Arc<InProcessWeights>,
     stop: Arc<AtomicBool>,
     coordinator: tokio::task::JoinHandle<Result<(), selfplay_coordinator::CoordinatorError>>,
     coordinator_stop: tokio::sync::oneshot::Sender<()>,
@@ -170,6 +181,7 @@ impl LocalCluster {
             patience,
             init_from,
             keep_optimizer,
+            digest_weights,
         } = opts;
         if devices.actors.is_empty() {
             return Err(ClusterError::Options("a local run needs at least one actor".into()));
@@ -203,6 +215,7 @@ impl LocalCluster {
             let _ = coord_stop_rx.await;
         }));
 
+        let in_process = Arc::new(InProcessWeights::new(snapshot_kind(&cfg, &devices)?));
         let learner_listener = bind().await?;
         let learner_addr = format!("http://{}", learner_listener.local_addr().map_err(io("learner address"))?);
         let lopts = selfplay_learner::LearnerOptions {
@@ -219,6 +232,7 @@ impl LocalCluster {
             tls_ca: None,
             init_from,
             keep_optimizer,
+            in_process: Some(in_process.clone()),
         };
         let (learner_stop, learner_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let learner = tokio::spawn(selfplay_learner::run(
@@ -248,6 +262,8 @@ impl LocalCluster {
                 patience,
                 tls_ca: None,
                 units_in_flight: cfg.actor.units_for(dev),
+                in_process: Some(in_process.clone()),
+                digest_weights,
             };
             actor_ids.push(actor_id.clone());
             let (cfg, stop, rt, failed_tx) =
@@ -275,6 +291,7 @@ impl LocalCluster {
             coordinator_addr,
             learner_addr,
             actor_ids,
+            in_process,
             stop,
             coordinator,
             coordinator_stop,
@@ -342,6 +359,18 @@ impl LocalCluster {
             Err(e) => return Err(ClusterError::Panicked("the coordinator", e.to_string())),
         }
         Ok(RunSummary { learner, actors: summaries })
+    }
+}
+
+/// The dtype of the learner's snapshot for the actors: theirs when they agree (the copy on
+/// the learner's device is then the smaller one, and conversion happens once per version),
+/// else the learner's.
+fn snapshot_kind(cfg: &Config, devices: &DevicePlan) -> Result<tch::Kind, ClusterError> {
+    let kind = |d: Device| cfg.kind_on(d).map_err(|e| ClusterError::Options(e.to_string()));
+    let actors = devices.actors.iter().map(|&d| kind(d)).collect::<Result<Vec<_>, _>>()?;
+    match actors.split_first() {
+        Some((k, rest)) if rest.iter().all(|r| r == k) => Ok(*k),
+        _ => kind(devices.learner),
     }
 }
 

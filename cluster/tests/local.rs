@@ -130,3 +130,51 @@ fn in_asynchronous_mode_one_batch_takes_units_of_several_open_steps_within_the_l
     let actor = summary.actors.into_iter().next().unwrap().unwrap();
     assert!(actor.largest_batch > N, "a batch never reached past one step's units: {actor:?}");
 }
+
+/// The learner's weights at `version`: the model on disk for 0, else the step's checkpoint.
+fn learner_digest(cfg: &Config, version: u64) -> String {
+    let dir = match version {
+        0 => cfg.model.path.clone(),
+        v => cfg.run.out_dir.join("checkpoints").join(format!("step-{v:08}")),
+    };
+    selfplay_policy::Llama::load(&dir, Device::Cpu, tch::Kind::Float).unwrap().weights_digest().unwrap()
+}
+
+#[test]
+fn actors_in_the_learners_process_copy_its_weights_on_the_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Every step checkpointed and kept: the learner's weights at any version an actor ends on.
+    let cfg = config(tmp.path(), &["run.checkpoint_every=1", "run.keep_checkpoints=0"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut opts = LocalClusterOptions::new(cfg.clone(), plan_devices(Device::Cpu, 0, Some(2), &[]).unwrap());
+    opts.digest_weights = true;
+    let (summary, handle) = rt.block_on(async {
+        let cluster = LocalCluster::start(opts, |_| {}).await.unwrap();
+        let handle = cluster.in_process.clone();
+        (cluster.run(std::future::pending()).await.unwrap(), handle)
+    });
+    assert_eq!(summary.learner.steps, STEPS);
+    steps(&cfg);
+    // Version 0 at the epoch's start, then one per step.
+    assert_eq!(handle.published(), STEPS + 1, "{handle:?}");
+    let actors: Vec<_> = summary.actors.into_iter().map(|a| a.unwrap()).collect();
+    let device: u64 = actors.iter().map(|a| a.syncs_device).sum();
+    assert_eq!(device, handle.copied(), "{actors:?}");
+    // Synchronous mode: step s is played by version s, so each of the STEPS versions was
+    // copied at least once.
+    assert!(device >= STEPS, "{actors:?}");
+    for a in &actors {
+        assert!(a.units_done == 0 || a.syncs_device >= 1, "{a:?}");
+        assert_eq!(a.syncs_grpc, 0, "an actor of the learner's process fetched over gRPC: {a:?}");
+        let digest = a.weights_digest.as_deref().unwrap();
+        assert_eq!(
+            digest,
+            learner_digest(&cfg, a.weights_version),
+            "actor at v{} differs from the learner",
+            a.weights_version
+        );
+    }
+    assert!(actors.iter().any(|a| a.weights_version == STEPS - 1), "{actors:?}");
+    // Not vacuous: training moved the weights away from the initial model.
+    assert_ne!(learner_digest(&cfg, STEPS - 1), learner_digest(&cfg, 0));
+}

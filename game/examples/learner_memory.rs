@@ -5,9 +5,10 @@
 //! so that freed tensors go back to the system and the peak follows live tensors.
 //!
 //! learner_memory table   (prints the sizing table of docs/operations.md)
-//! learner_memory MODEL DTYPE SEQUENCES PROMPT_TOKENS COMPLETION_TOKENS CHUNK
+//! learner_memory MODEL DTYPE SEQUENCES PROMPT_TOKENS COMPLETION_TOKENS CHUNK [CHECKPOINTING]
 //!   MODEL: a Hugging Face model directory, or `tiny` for a random 28M-parameter Llama
-//!   DTYPE: f32 or bf16; CHUNK: optim.logprob_chunk_tokens
+//!   DTYPE: f32 or bf16; CHUNK: optim.logprob_chunk_tokens; CHECKPOINTING: 1 to set
+//!   optim.gradient_checkpointing (default 0)
 use selfplay_game::rollout::{AnswerData, RolloutGroup, SequenceData};
 use selfplay_game::{sizing, Config, Trainer};
 use selfplay_policy::generate::SplitMix64;
@@ -86,9 +87,13 @@ fn main() {
     if args.first().map(String::as_str) == Some("table") {
         return print_table();
     }
-    assert_eq!(args.len(), 6, "usage: learner_memory MODEL DTYPE SEQUENCES PROMPT_TOKENS COMPLETION_TOKENS CHUNK");
+    assert!(
+        matches!(args.len(), 6 | 7),
+        "usage: learner_memory MODEL DTYPE SEQUENCES PROMPT_TOKENS COMPLETION_TOKENS CHUNK [CHECKPOINTING]"
+    );
     let num = |i: usize| -> usize { args[i].parse().unwrap_or_else(|_| panic!("argument {} is not a number", i + 1)) };
     let (dtype, b, plen, clen, chunk) = (args[1].as_str(), num(2), num(3), num(4), num(5));
+    let checkpointing = args.len() == 7 && num(6) == 1;
     let kind = selfplay_policy::parse_kind(dtype).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = if args[0] == "tiny" {
@@ -120,6 +125,7 @@ fn main() {
             "optim.grad_accum=1".into(),
             "optim.lr=1e-5".into(),
             format!("optim.logprob_chunk_tokens={chunk}"),
+            format!("optim.gradient_checkpointing={checkpointing}"),
         ],
     )
     .unwrap();
@@ -165,6 +171,7 @@ fn main() {
     let rows = (b * clen) as u64;
     let chunk_rows = if chunk == 0 { rows } else { rows.min(chunk as u64) };
     let f = sizing::learner(&shape, s, chunk_rows);
+    let f = if checkpointing { f.with_checkpointing(&shape, s) } else { f };
     let act = f.activations_per_token * tokens;
     let head = f.logprob_chunk;
     // The first step also allocates the gradients; the largest (the tied embedding) is made by
@@ -175,6 +182,7 @@ fn main() {
     let out = serde_json::json!({
         "model": args[0], "dtype": dtype, "params": f.params, "sequences": b, "prompt_tokens": plen,
         "completion_tokens": clen, "tokens": tokens, "logprob_chunk_tokens": chunk,
+        "gradient_checkpointing": checkpointing,
         "threads": tch::get_num_threads(),
         "measured": {
             "weights": rss_weights - rss0,

@@ -367,6 +367,11 @@ pub struct OptimConfig {
     /// Completion positions whose full-vocabulary logits exist at once, in the forward pass
     /// and in the gradient (0 = all). The step's result does not depend on it.
     pub logprob_chunk_tokens: usize,
+    /// Keep only each decoder block's input in the forward pass and recompute the block in
+    /// the backward pass: activation memory for one block at a time instead of every block's,
+    /// for a second forward pass through the trunk. The gradient is the same up to the order
+    /// of floating-point sums.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for RunConfig {
@@ -461,6 +466,7 @@ impl Default for OptimConfig {
             max_grad_norm: 1.0,
             micro_batch_tokens: 0,
             logprob_chunk_tokens: selfplay_policy::scoring::DEFAULT_CHUNK_POSITIONS,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -20,6 +20,9 @@
 //!   forward pass, log-softmax, its exp and their product for the entropy), plus one in the
 //!   model's dtype when that is not f32 (the logits' gradient): V (12 + s) bytes when s < 4,
 //!   12 V in f32, for `optim.logprob_chunk_tokens` positions at once;
+//! - learner with gradient checkpointing (`optim.gradient_checkpointing`): instead of every
+//!   layer's activations, each block's input and the last block's output ((L + 1) s H per token)
+//!   plus one layer's activations while that block is recomputed in the backward pass;
 //! - actor: policy and reference s P each, and the KV cache 2 L kv s bytes per token of
 //!   (batch x capacity).
 use selfplay_policy::ModelConfig;
@@ -155,6 +158,15 @@ pub fn learner(shape: &Shape, s: u64, chunk_positions: u64) -> Learner {
 }
 
 impl Learner {
+    /// The same learner with gradient checkpointing: activations kept per token are the
+    /// blocks' inputs and the last output, plus one layer's while it is recomputed.
+    pub fn with_checkpointing(self, shape: &Shape, s: u64) -> Learner {
+        let layers = shape.layers.max(1);
+        let final_norm = 4 * shape.hidden + 2 * s * shape.hidden;
+        let per_layer = (self.activations_per_token - final_norm) / layers;
+        Learner { activations_per_token: (layers + 1) * s * shape.hidden + per_layer + final_norm, ..self }
+    }
+
     /// What a step adds to the resident memory at its peak, with `tokens` padded tokens in its
     /// largest micro-batch: the activations and one head chunk during the backward pass, or
     /// AdamW's scratch during the update (when the activations are gone).
@@ -209,5 +221,20 @@ mod tests {
         assert!(peak < 76.0, "{peak} GB");
         // Without the token bound a step of 8 x 4 x 1,024-token sequences would not fit.
         assert!(gb(l.peak(8 * 1024 * 4 / 2)) > 80.0);
+    }
+
+    #[test]
+    fn checkpointing_keeps_one_layer_of_activations_and_the_block_inputs() {
+        let s = &Shape::known()[2];
+        let plain = learner(s, 2, 1024);
+        let ckpt = plain.clone().with_checkpointing(s, 2);
+        let per_layer =
+            8 * s.hidden + 4 * 2 * s.hidden + 2 * (4 * s.q() + 4 * s.kv()) + 4 * s.heads + 4 * 2 * s.intermediate;
+        let final_norm = 4 * s.hidden + 2 * 2 * s.hidden;
+        assert_eq!(plain.activations_per_token, s.layers * per_layer + final_norm);
+        assert_eq!(ckpt.activations_per_token, (s.layers + 1) * 2 * s.hidden + per_layer + final_norm);
+        assert_eq!(ckpt.resident, plain.resident);
+        // The 3B learner then fits 16,384-token micro-batches in 80 GB.
+        assert!(ckpt.peak(16384) < 76e9 as u64 && plain.peak(16384) > 80e9 as u64);
     }
 }

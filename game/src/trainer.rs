@@ -204,6 +204,23 @@ impl Trainer {
 
     /// One optimizer step on N groups. Validates everything first: a bad group changes nothing.
     pub fn train_step(&mut self, groups: &[RolloutGroup]) -> Result<StepStats> {
+        match self.step_on(groups, true)? {
+            Outcome::Stats(s) => Ok(s),
+            Outcome::Gradients(_) => unreachable!("an applied step returns its statistics"),
+        }
+    }
+
+    /// The gradient a step on these groups would apply (summed over its micro-batches, before
+    /// clipping), one tensor per parameter, without applying it: weights, optimizer state and
+    /// step count stay as they are. For tests and diagnostics.
+    pub fn gradients(&mut self, groups: &[RolloutGroup]) -> Result<Vec<(String, Tensor)>> {
+        match self.step_on(groups, false)? {
+            Outcome::Gradients(g) => Ok(g),
+            Outcome::Stats(_) => unreachable!("a step not applied returns its gradient"),
+        }
+    }
+
+    fn step_on(&mut self, groups: &[RolloutGroup], apply: bool) -> Result<Outcome> {
         let t0 = Instant::now();
         let n = self.cfg.game.queries_per_step;
         if groups.len() != n {
@@ -281,6 +298,20 @@ impl Trainer {
                 scored.backward(&self.policy.model)?;
             }
         }
+        if !apply {
+            let grads = self
+                .policy
+                .model
+                .parameters()
+                .iter()
+                .map(|(n, p)| {
+                    let g = p.grad();
+                    (n.clone(), if g.defined() { g.copy() } else { p.detach().zeros_like() })
+                })
+                .collect();
+            self.zero_grad();
+            return Ok(Outcome::Gradients(grads));
+        }
         let mut grad_norm = f64::NAN;
         if !skipped {
             let params = self.policy.model.parameters();
@@ -302,7 +333,7 @@ impl Trainer {
 
         let all_answers = || groups.iter().flat_map(|g| g.answers.iter());
         let secs = t0.elapsed().as_secs_f64();
-        Ok(StepStats {
+        Ok(Outcome::Stats(StepStats {
             step: self.step,
             loss: acc.loss_sol + alpha * acc.loss_ch,
             loss_solver: acc.loss_sol,
@@ -333,7 +364,7 @@ impl Trainer {
             step_seconds: secs,
             tokens_per_second: tokens as f64 / secs,
             skipped,
-        })
+        }))
     }
 
     fn zero_grad(&self) {
@@ -351,12 +382,12 @@ impl Trainer {
         let dev = self.policy.model.device();
         let pairs: Vec<(Vec<i64>, Vec<i64>)> =
             items.iter().map(|it| (it.seq.prompt_ids.clone(), it.seq.completion_ids.clone())).collect();
-        let scored = scoring::completion_logprobs_chunked(
-            &self.policy.model,
-            &pairs,
-            true,
-            self.cfg.optim.logprob_chunk_tokens,
-        )?;
+        let score = if self.cfg.optim.gradient_checkpointing {
+            scoring::completion_logprobs_checkpointed
+        } else {
+            scoring::completion_logprobs_chunked
+        };
+        let scored = score(&self.policy.model, &pairs, true, self.cfg.optim.logprob_chunk_tokens)?;
         let (lp, mask) = (&scored.logprobs, scored.mask.to_kind(Kind::Float));
         let c = lp.size()[1] as usize;
         let pad = |v: &[f32]| {
@@ -527,6 +558,12 @@ struct TrainerState {
     adam_t: u64,
     config: String,
     extra: serde_json::Value,
+}
+
+/// What [`Trainer::step_on`] did: applied the step, or only computed its gradient.
+enum Outcome {
+    Stats(StepStats),
+    Gradients(Vec<(String, Tensor)>),
 }
 
 #[derive(Default)]

@@ -174,3 +174,46 @@ fn the_reference_goes_to_model_reference_device() {
     let e = Player::new(load(), None, cfg).err().expect("an unavailable reference device").to_string();
     assert!(e.contains("model.reference_device") && e.contains(&word), "{e}");
 }
+
+/// Gradient checkpointing (each block recomputed in the backward pass from its kept input)
+/// gives the gradient of the plain step, also with token-bounded micro-batches and small head
+/// chunks, for the LSP loss (challenger and solver, KL) and the GRPO loss.
+#[test]
+fn gradient_checkpointing_leaves_the_gradient_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    selfplay_tests::tiny_model(tmp.path(), "gqa_tied", 2);
+    let policy = || Policy::load(tmp.path(), Device::Cpu, Kind::Float).unwrap();
+    let groups = groups(&policy(), 23, 0);
+    let longest = groups
+        .iter()
+        .flat_map(|g| g.answers.iter().map(|a| &a.sequence).chain(g.challenger.as_ref()))
+        .map(|s| s.prompt_ids.len() + s.completion_ids.len())
+        .max()
+        .unwrap();
+    let bounded = format!("optim.micro_batch_tokens={}", 2 * longest);
+    for mode in [&["game.mode=lsp"][..], &["game.mode=grpo", "game.prompts_file=\"unused.json\""]] {
+        // GRPO groups have no challenger.
+        let grpo = mode[0].ends_with("grpo");
+        let groups: Vec<RolloutGroup> =
+            groups.iter().cloned().map(|g| RolloutGroup { challenger: g.challenger.filter(|_| !grpo), ..g }).collect();
+        for memory in [&["optim.logprob_chunk_tokens=0"][..], &[bounded.as_str(), "optim.logprob_chunk_tokens=2"]] {
+            let settings: Vec<&str> = mode.iter().chain(memory).copied().collect();
+            let want = Trainer::new(policy(), config(tmp.path(), &settings)).unwrap().gradients(&groups).unwrap();
+            let mut ckpt = settings.clone();
+            ckpt.push("optim.gradient_checkpointing=true");
+            let mut trainer = Trainer::new(policy(), config(tmp.path(), &ckpt)).unwrap();
+            let got = trainer.gradients(&groups).unwrap();
+            assert_eq!(got.len(), want.len());
+            for ((name, g), (_, w)) in got.iter().zip(&want) {
+                let scale = w.abs().max().double_value(&[]);
+                assert!(scale > 0.0, "{settings:?}: {name} has a zero gradient, nothing is compared");
+                let diff = (g - w).abs().max().double_value(&[]);
+                assert!(diff <= 1e-5 * scale, "{settings:?}: {name}: |diff| {diff:e} vs |grad| {scale:e}");
+            }
+            // Computing a gradient applied nothing: a second call gives it again.
+            let again = trainer.gradients(&groups).unwrap();
+            assert!(again.iter().zip(&got).all(|((_, a), (_, b))| a.equal(b)), "{settings:?}");
+            assert_eq!(trainer.step, 0);
+        }
+    }
+}

@@ -84,6 +84,9 @@ pub struct LearnerOptions {
     pub init_from: Option<PathBuf>,
     /// With `init_from`: keep the checkpoint's AdamW state instead of a fresh optimizer.
     pub keep_optimizer: bool,
+    /// Actors in this process (`selfplay train`): every version published to the coordinator
+    /// is also left here, on this learner's device, for them to copy.
+    pub in_process: Option<Arc<selfplay_policy::InProcessWeights>>,
 }
 
 impl LearnerOptions {
@@ -356,6 +359,15 @@ impl Runner {
         ::metrics::histogram!("selfplay_learner_weight_publish_seconds").record(t0.elapsed().as_secs_f64());
         ::metrics::counter!("selfplay_learner_weight_publish_bytes_total").increment(bytes);
         self.last_published = trainer.step;
+        // After the coordinator recorded the version, before any step that needs it opens:
+        // an actor of this process that leases a unit finds its weights here.
+        if let Some(h) = &self.opts.in_process {
+            if let Err(e) = h.publish(self.epoch, trainer.step, &trainer.policy.model) {
+                // Only the fast path is lost: the actors fetch from the coordinator.
+                h.clear();
+                tracing::warn!(version = trainer.step, error = %e, "cannot leave the weights for this process's actors; they fetch them from the coordinator");
+            }
+        }
         tracing::info!(version = trainer.step, bytes, secs = t0.elapsed().as_secs_f64(), "weights published");
         Ok(())
     }

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod in_process;
 pub mod model;
 pub mod scoring;
 pub mod tokenizer;
@@ -16,6 +17,7 @@ pub use selfplay_gguf as gguf;
 pub use config::{Architecture, Family, ModelConfig};
 pub use error::{PolicyError, Result};
 pub use generate::{Completion, FinishReason, SamplingConfig};
+pub use in_process::InProcessWeights;
 pub use model::Llama;
 pub use tokenizer::{ChatMessage, ChatOptions, Tokenizer};
 

@@ -15,6 +15,13 @@
 //!
 //! The chain rule makes this the same gradient as one graph through everything; only the
 //! order of floating-point sums differs (tests compare them in f32).
+//!
+//! With gradient checkpointing ([`completion_logprobs_checkpointed`]) step 1 runs the trunk
+//! without a graph too, keeping only each decoder block's input, and step 4 goes back block by
+//! block, last to first: the block is recomputed with a graph from its kept input, the
+//! gradient of its output is sent through it, and its input's gradient goes on to the block
+//! before (then to the embedding). Activations for the backward pass then exist for one block
+//! at a time, at the cost of a second forward pass through the trunk.
 use crate::error::{PolicyError, Result};
 use crate::model::{Llama, PaddedBatch};
 use tch::{Device, Kind, Tensor};
@@ -60,11 +67,24 @@ pub struct ChunkedLogprobs {
     pub mask: Tensor,
     /// [B, C] f32 entropy at each completion position (detached), when asked for.
     pub entropy: Option<Tensor>,
-    /// [R, H] final hidden states of the R real completion positions, with the trunk's graph.
+    /// [R, H] final hidden states of the R real completion positions (with the trunk's graph
+    /// unless checkpointed).
     rows: Tensor,
     /// [R] the completion token at each of those positions.
     targets: Tensor,
     chunk: i64,
+    /// Gradient checkpointing: what the trunk's backward pass recomputes from.
+    checkpoints: Option<Checkpoints>,
+}
+
+/// A checkpointed trunk pass: token ids, the blocks' shared context, each block's input (detached; the
+/// first is the embedding), the last block's output, and where the real completion rows are.
+struct Checkpoints {
+    ids: Tensor,
+    pass: crate::model::BlockPass,
+    inputs: Vec<Tensor>,
+    last: Tensor,
+    src: Tensor,
 }
 
 fn validate(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<()> {
@@ -89,10 +109,17 @@ fn validate(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<()> {
 /// predict completion tokens: ([B, T, H] hidden, [B, C] source positions, [B, C] targets,
 /// [B, C] mask).
 fn trunk(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let (batch, src, tgt, mask) = layout(model, pairs)?;
+    let hidden = model.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None)?;
+    Ok((hidden, src, tgt, mask))
+}
+
+/// The right-padded batch of prompt + completion, and which of its positions predict
+/// completion tokens: ([B, C] source positions, [B, C] targets, [B, C] mask).
+fn layout(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(PaddedBatch, Tensor, Tensor, Tensor)> {
     let dev = model.device();
     let seqs: Vec<Vec<i64>> = pairs.iter().map(|(p, c)| [p.as_slice(), c.as_slice()].concat()).collect();
     let batch = PaddedBatch::right_padded(&seqs, 0, dev)?;
-    let hidden = model.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None)?;
     let b = pairs.len() as i64;
     let cmax = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0) as i64;
     // Position of the hidden state predicting completion token t: prompt_len - 1 + t.
@@ -110,7 +137,7 @@ fn trunk(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(Tensor, Tenso
     let src = Tensor::from_slice(&src).view([b, cmax]).to_device(dev);
     let tgt = Tensor::from_slice(&tgt).view([b, cmax]).to_device(dev);
     let mask = Tensor::from_slice(&mask).view([b, cmax]).to_device(dev);
-    Ok((hidden, src, tgt, mask))
+    Ok((batch, src, tgt, mask))
 }
 
 /// Log-probs (and entropies) of `targets` [R] under the head applied to `rows` [R, H], at most
@@ -292,7 +319,41 @@ pub fn completion_logprobs_chunked(
     let (lp, ent) = head_logprobs(model, &rows, &targets, chunk, with_entropy)?;
     let logprobs = spread(&mask, &lp).set_requires_grad(rows.requires_grad());
     let entropy = ent.map(|e| spread(&mask, &e));
-    Ok(ChunkedLogprobs { logprobs, mask, entropy, rows, targets, chunk })
+    Ok(ChunkedLogprobs { logprobs, mask, entropy, rows, targets, chunk, checkpoints: None })
+}
+
+/// [`completion_logprobs_chunked`] with gradient checkpointing (module docs): the trunk runs
+/// without a graph, keeping each block's input; [`ChunkedLogprobs::backward`] recomputes the
+/// blocks one at a time. The same log-probs and, up to the order of floating-point sums, the
+/// same gradient, with one block's activations at a time instead of every block's.
+pub fn completion_logprobs_checkpointed(
+    model: &Llama,
+    pairs: &[(Vec<i64>, Vec<i64>)],
+    with_entropy: bool,
+    chunk_positions: usize,
+) -> Result<ChunkedLogprobs> {
+    validate(model, pairs)?;
+    let trainable = model.parameters().iter().any(|(_, p)| p.requires_grad());
+    let (batch, src, tgt, mask) = layout(model, pairs)?;
+    let pass = model.block_pass(&batch.positions, &batch.mask)?;
+    let (inputs, last, rows) = tch::no_grad(|| -> Result<_> {
+        let mut x = model.embed(&batch.ids)?;
+        let mut inputs = Vec::with_capacity(model.num_layers());
+        for l in 0..model.num_layers() {
+            let y = model.forward_block(l, &x, &pass)?;
+            inputs.push(x);
+            x = y;
+        }
+        let rows = real_rows(&model.final_norm(&x), &src, &mask);
+        Ok((inputs, x, rows))
+    })?;
+    let targets = tgt.masked_select(&mask);
+    let chunk = chunk_of(chunk_positions);
+    let (lp, ent) = head_logprobs(model, &rows, &targets, chunk, with_entropy)?;
+    let logprobs = spread(&mask, &lp).set_requires_grad(trainable);
+    let entropy = ent.map(|e| spread(&mask, &e));
+    let checkpoints = Checkpoints { ids: batch.ids, pass, inputs, last, src };
+    Ok(ChunkedLogprobs { logprobs, mask, entropy, rows, targets, chunk, checkpoints: Some(checkpoints) })
 }
 
 impl ChunkedLogprobs {
@@ -335,9 +396,27 @@ impl ChunkedLogprobs {
         }
         let d_rows = Tensor::cat(&grads, 0);
         drop(grads);
-        // The gradient of sum(rows * d) with respect to rows is exactly d.
-        tch::with_grad(|| (&self.rows * d_rows).sum(Kind::Float).backward());
-        Ok(())
+        // The gradient of sum(y * d) with respect to y is exactly d: each backward below sends
+        // a given gradient d through the graph of y.
+        let Some(mut c) = self.checkpoints else {
+            tch::with_grad(|| (&self.rows * d_rows).sum(Kind::Float).backward());
+            return Ok(());
+        };
+        tch::with_grad(|| -> Result<()> {
+            let x = c.last.detach().set_requires_grad(true);
+            let rows = real_rows(&model.final_norm(&x), &c.src, &self.mask);
+            (rows * d_rows).sum(Kind::Float).backward();
+            let mut d = x.grad();
+            drop(x);
+            for l in (0..c.inputs.len()).rev() {
+                let x = c.inputs.pop().expect("one input per block").set_requires_grad(true);
+                let y = model.forward_block(l, &x, &c.pass)?;
+                (y * &d).sum(Kind::Float).backward();
+                d = x.grad();
+            }
+            (model.embed(&c.ids)? * d).sum(Kind::Float).backward();
+            Ok(())
+        })
     }
 }
 

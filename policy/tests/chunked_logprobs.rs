@@ -77,12 +77,18 @@ fn chunked_gradients_equal_one_graph() {
         let want_lp = one.logprobs.detach();
         let want_ent = one.entropy.unwrap();
 
-        for chunk in [1usize, 3, 7, 0] {
+        type Score =
+            fn(&Llama, &[(Vec<i64>, Vec<i64>)], bool, usize) -> selfplay_policy::Result<scoring::ChunkedLogprobs>;
+        let ways: [(&str, Score); 2] = [
+            ("chunked", scoring::completion_logprobs_chunked),
+            ("checkpointed", scoring::completion_logprobs_checkpointed),
+        ];
+        for ((way, score), chunk) in ways.into_iter().flat_map(|w| [1usize, 3, 7, 0].map(|c| (w, c))) {
             zero_grads(&model);
-            let scored = scoring::completion_logprobs_chunked(&model, &pairs, true, chunk).unwrap();
+            let scored = score(&model, &pairs, true, chunk).unwrap();
             assert!(scored.logprobs.is_leaf() && scored.logprobs.requires_grad());
             assert!(scored.mask.equal(&one.mask));
-            let label = format!("tied {tied}, chunk {chunk}");
+            let label = format!("{way}, tied {tied}, chunk {chunk}");
             let lp_diff = max_abs(&(&scored.logprobs.detach() - &want_lp));
             assert!(lp_diff < 1e-5, "{label}: log-probs differ by {lp_diff:e}");
             let ent_diff = max_abs(&(scored.entropy.as_ref().unwrap() - &want_ent));
@@ -100,6 +106,23 @@ fn chunked_gradients_equal_one_graph() {
             }
         }
     }
+}
+
+/// The model's block-by-block entry points (what checkpointing recomputes with) are the
+/// forward pass, bit for bit.
+#[test]
+fn blocks_one_at_a_time_are_the_forward_pass() {
+    let model = tiny(false, 6);
+    let seqs: Vec<Vec<i64>> = pairs().into_iter().map(|(p, c)| [p, c].concat()).collect();
+    let batch = selfplay_policy::model::PaddedBatch::right_padded(&seqs, 0, Device::Cpu).unwrap();
+    let want = model.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None).unwrap();
+    let pass = model.block_pass(&batch.positions, &batch.mask).unwrap();
+    let mut x = model.embed(&batch.ids).unwrap();
+    for l in 0..model.num_layers() {
+        x = model.forward_block(l, &x, &pass).unwrap();
+    }
+    assert!(model.final_norm(&x).equal(&want));
+    assert!(matches!(model.forward_block(model.num_layers(), &x, &pass), Err(PolicyError::InvalidInput(_))));
 }
 
 #[test]

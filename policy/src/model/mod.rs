@@ -51,6 +51,9 @@ pub enum AttnMask {
     Explicit(Tensor),
 }
 
+/// The shared context of one pass run block by block ([`Llama::block_pass`]).
+pub struct BlockPass(Step);
+
 /// A model of any supported family (the name is historical: Llama is the family the others
 /// extend).
 pub struct Llama {
@@ -137,8 +140,22 @@ impl Llama {
         if other.params.len() != self.params.len() {
             return Err(PolicyError::InvalidInput("weight sync between different models".into()));
         }
+        self.copy_named_from(&other.params)
+    }
+
+    /// Copies named tensors, one per parameter in [`parameters`](Self::parameters)' order with
+    /// the same names and shapes, into the parameters: device to device, converting the dtype,
+    /// without recording gradients.
+    pub fn copy_named_from(&mut self, src: &[(String, Tensor)]) -> Result<()> {
+        if src.len() != self.params.len() {
+            return Err(PolicyError::InvalidInput(format!(
+                "weight copy: {} tensors for {} parameters",
+                src.len(),
+                self.params.len()
+            )));
+        }
         tch::no_grad(|| {
-            for ((n, dst), (m, src)) in self.params.iter().zip(&other.params) {
+            for ((n, dst), (m, src)) in self.params.iter().zip(src) {
                 if n != m || dst.size() != src.size() {
                     return Err(PolicyError::WeightMismatch {
                         name: n.clone(),
@@ -146,10 +163,26 @@ impl Llama {
                     });
                 }
                 let mut d = dst.shallow_clone();
-                d.copy_(src);
+                d.f_copy_(src)?;
             }
             Ok(())
         })
+    }
+
+    /// SHA-256 over every parameter's name, shape, dtype and bytes, in a fixed order: equal
+    /// digests mean bit-identical weights (one full read of the weights through host memory).
+    pub fn weights_digest(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (n, t) in &self.params {
+            let t = t.detach().to_device(Device::Cpu).contiguous();
+            let numel = t.numel();
+            let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+            t.f_copy_data_u8(&mut bytes, numel)?;
+            h.update(format!("{n}:{:?}:{:?}:", t.size(), t.kind()).as_bytes());
+            h.update(&bytes);
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// Sets named parameters from tensors (any dtype or device); every parameter must be given.
@@ -236,7 +269,7 @@ impl Llama {
                 ));
             }
         }
-        let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        let mut x = self.embed(ids)?;
         let (cos, sin) = match cache.as_deref() {
             // Tables built once per cache; a lookup per step instead of trigonometry.
             Some(c) => {
@@ -257,7 +290,42 @@ impl Llama {
         if let Some(c) = cache {
             c.advance(t);
         }
-        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps))
+        Ok(self.final_norm(&x))
+    }
+
+    /// The token embeddings [B, T, H] of `ids` [B, T]: the first block's input.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::f_embedding(&self.embed, ids, -1, false, false)?)
+    }
+
+    /// The number of decoder blocks.
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// What every block of one pass without a cache shares (rotary tables, masks), for running
+    /// the blocks one at a time with [`forward_block`](Self::forward_block): gradient
+    /// checkpointing keeps each block's input and recomputes the block in the backward pass.
+    /// `positions` [B, T] int64.
+    pub fn block_pass(&self, positions: &Tensor, mask: &AttnMask) -> Result<BlockPass> {
+        let (b, t) = positions.size2()?;
+        let (cos, sin) = self.rope_tables(positions);
+        Ok(BlockPass(Step::new(&self.cfg, mask, positions, cos, sin, b, t, false)))
+    }
+
+    /// Block `layer` applied to its input `x` [B, T, H]; the blocks in order, between
+    /// [`embed`](Self::embed) and [`final_norm`](Self::final_norm), are
+    /// [`forward_hidden`](Self::forward_hidden) without a cache, bit for bit.
+    pub fn forward_block(&self, layer: usize, x: &Tensor, pass: &BlockPass) -> Result<Tensor> {
+        let block = self.blocks.get(layer).ok_or_else(|| {
+            PolicyError::InvalidInput(format!("block {layer} of a model with {} blocks", self.blocks.len()))
+        })?;
+        block.forward(x, &pass.0, None)
+    }
+
+    /// The final RMSNorm, applied to the last block's output.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
     }
 
     /// Language-model logits in f32 for hidden states [.., H].
