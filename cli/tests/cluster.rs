@@ -459,12 +459,15 @@ fn actors_score_through_a_remote_reward_server() {
     drop(a);
 }
 
-/// `selfplay train` whose only actor cannot start (its reward model is missing) stops with an
-/// error that names the cause, instead of waiting for rollouts forever.
+/// `selfplay train` whose only actor cannot start (its reward model directory holds no model)
+/// stops with an error that names the cause, instead of waiting for rollouts forever. (A path
+/// that does not exist at all is refused before anything starts: it is neither a directory nor
+/// a Hub id.)
 #[test]
 fn train_stops_with_an_error_when_every_actor_stops() {
     let (_tmp, c) = Cluster::new(&[]);
     let rm = c.dir.join("rm").to_str().unwrap().to_string();
+    std::fs::create_dir_all(c.dir.join("no-such-reward-model")).unwrap();
     let missing = c.dir.join("no-such-reward-model").to_str().unwrap().to_string();
     let cfg = std::fs::read_to_string(&c.config).unwrap().replace(&format!("{rm:?}"), &format!("{missing:?}"));
     std::fs::write(&c.config, cfg).unwrap();
