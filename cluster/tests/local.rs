@@ -79,9 +79,13 @@ fn two_actors_playing_two_units_at_once_share_every_step() {
     assert_eq!(samples.len(), N * STEPS as usize);
     for s in &steps {
         let step = s["stats"]["step"].as_u64().unwrap();
-        let logged: HashSet<&str> =
-            samples.iter().filter(|x| x["step"].as_u64() == Some(step)).map(|x| x["unit_id"].as_str().unwrap()).collect();
-        let trained: HashSet<&str> = s["units"].as_array().unwrap().iter().map(|u| u["unit_id"].as_str().unwrap()).collect();
+        let logged: HashSet<&str> = samples
+            .iter()
+            .filter(|x| x["step"].as_u64() == Some(step))
+            .map(|x| x["unit_id"].as_str().unwrap())
+            .collect();
+        let trained: HashSet<&str> =
+            s["units"].as_array().unwrap().iter().map(|u| u["unit_id"].as_str().unwrap()).collect();
         assert_eq!(logged, trained, "step {step}");
     }
     for x in &samples {

@@ -468,11 +468,8 @@ fn log_samples(out_dir: &Path, step: u64, groups: &[selfplay_game::RolloutGroup]
 
 fn append_lines(path: &Path, text: &str) {
     use std::io::Write;
-    let res = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()));
+    let res =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| f.write_all(text.as_bytes()));
     if let Err(e) = res {
         tracing::warn!(path = %path.display(), error = %e, "cannot append to a run log");
     }
@@ -488,7 +485,9 @@ fn truncate_log(path: &Path, step: u64, step_of: impl Fn(&serde_json::Value) -> 
     let Ok(text) = std::fs::read_to_string(path) else { return };
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| step_of(&v)).is_some_and(|s| s <= step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| step_of(&v)).is_some_and(|s| s <= step)
+        })
         .collect();
     let mut out = kept.join("\n");
     if !out.is_empty() {
