@@ -6,7 +6,8 @@
 use crate::config::SelfRewardMode;
 use crate::error::{GameError, Result};
 use crate::prompts::{judge_prompt, parse_score};
-use selfplay_policy::{ChatMessage, Policy, SamplingConfig};
+use selfplay_policy::generate::generate_probed;
+use selfplay_policy::{ChatMessage, FinishProbe, FinishReason, Policy, SamplingConfig};
 use tch::Kind;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,34 +66,43 @@ impl Judge {
     fn judge_generate(&self, judge: &Policy, pairs: &[(String, String)]) -> Result<Vec<Judgement>> {
         let prompts = pairs.iter().map(|(q, a)| self.prompt_ids(judge, q, a)).collect::<Result<Vec<_>>>()?;
         let cfg = SamplingConfig { stop: vec!["</Score>".into()], ..SamplingConfig::greedy(self.max_new_tokens) };
-        let out = judge.generate(&prompts, &cfg)?;
-        let mut judgements = vec![];
-        let mut missing = vec![];
-        for c in out {
-            // The stop string is cut from the text; put it back for the parser and logs.
-            let text = if c.finish_reason == selfplay_policy::FinishReason::Stop {
-                format!("{}</Score>", c.text)
-            } else {
-                c.text
-            };
-            let score = parse_score(&text);
-            if score.is_none() && !self.digit_ids.is_empty() {
-                // The judge's own reasoning, then the tag it did not write (unless it wrote the
-                // tag and stopped before the number).
-                let tag = if text.trim_end().ends_with("<Score>") { "" } else { "\n<Score>" };
-                let tag_ids = if tag.is_empty() { vec![] } else { judge.tokenizer.encode(tag, false)? };
-                missing.push((judgements.len(), [c.prompt_ids, c.completion_ids, tag_ids].concat()));
-            }
-            judgements.push(Judgement { score, text, fallback: false });
-        }
-        if !missing.is_empty() {
-            let seqs: Vec<Vec<i64>> = missing.iter().map(|(_, s)| s.clone()).collect();
-            for ((i, _), s) in missing.iter().zip(self.expected_at_end(judge, &seqs)?) {
-                judgements[*i].score = s;
-                judgements[*i].fallback = s.is_some();
-            }
-        }
-        Ok(judgements)
+        // A judgement without a readable score is graded by the expected score after its own
+        // text plus the tag it did not write (nothing when it wrote the tag and stopped before
+        // the number), read while the judgement is still in the generator's cache.
+        let tag_ids = judge.tokenizer.encode("\n<Score>", false)?;
+        let tokenizer = &judge.tokenizer;
+        let probe = (!self.digit_ids.is_empty()).then(|| FinishProbe {
+            ids: self.digit_ids.clone(),
+            max_suffix: tag_ids.len(),
+            suffix: Box::new(|_, ids: &[i64], reason: FinishReason| {
+                let mut text = tokenizer.decode(ids, true)?;
+                if reason == FinishReason::Stop {
+                    // As the generator cuts the completion's text.
+                    if let Some(cut) = text.find("</Score>") {
+                        text.truncate(cut);
+                    }
+                }
+                let text = judgement_text(&text, reason);
+                Ok(match parse_score(&text) {
+                    Some(_) => None,
+                    None if text.trim_end().ends_with("<Score>") => Some(vec![]),
+                    None => Some(tag_ids.clone()),
+                })
+            }),
+        });
+        let out = match probe {
+            Some(p) => generate_probed(&judge.model, tokenizer, &prompts, &cfg, &judge.eos_ids, p)?.0,
+            None => judge.generate(&prompts, &cfg)?,
+        };
+        Ok(out
+            .into_iter()
+            .map(|c| {
+                let text = judgement_text(&c.text, c.finish_reason);
+                let parsed = parse_score(&text);
+                let fallback = parsed.is_none().then(|| c.probe.as_deref().and_then(expected_digit)).flatten();
+                Judgement { score: parsed.or(fallback), text, fallback: fallback.is_some() }
+            })
+            .collect())
     }
 
     fn judge_expected(&self, judge: &Policy, pairs: &[(String, String)]) -> Result<Vec<Judgement>> {
@@ -125,12 +135,27 @@ impl Judge {
             Ok(logits.index_select(1, &digits).softmax(-1, Kind::Float).to_device(tch::Device::Cpu))
         })?;
         let probs: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(probs)?;
-        Ok(probs
-            .into_iter()
-            .map(|p| {
-                let s: f64 = p.iter().enumerate().map(|(k, v)| k as f64 * *v as f64).sum();
-                s.is_finite().then_some(s)
-            })
-            .collect())
+        Ok(probs.iter().map(|p| expected_of(p)).collect())
+    }
+}
+
+/// The score-weighted mean of probabilities over the digits 0..7 (None when not finite).
+fn expected_of(probs: &[f32]) -> Option<f64> {
+    let s: f64 = probs.iter().enumerate().map(|(k, v)| k as f64 * *v as f64).sum();
+    s.is_finite().then_some(s)
+}
+
+/// The expected score under the softmax of the digits' logits.
+fn expected_digit(logits: &[f32]) -> Option<f64> {
+    let probs = tch::Tensor::from_slice(logits).softmax(-1, Kind::Float);
+    expected_of(&Vec::<f32>::try_from(probs).ok()?)
+}
+
+/// A judgement's text as the parser sees it: the stop string, cut by the generator, put back.
+fn judgement_text(text: &str, reason: FinishReason) -> String {
+    if reason == FinishReason::Stop {
+        format!("{text}</Score>")
+    } else {
+        text.to_string()
     }
 }

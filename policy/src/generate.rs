@@ -80,6 +80,28 @@ pub struct Completion {
     /// log pi(token | prefix) of every completion id, in f32 precision.
     pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
+    /// With a [`FinishProbe`]: the next-token logits (f32, unscaled) at the probe's ids after
+    /// the completion and the suffix the probe chose for this row; None when it chose none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Vec<f32>>,
+}
+
+/// Reads the model's next-token logits after a finished row plus a suffix of its choosing,
+/// while the row's keys are still cached: a finished row feeds its last sampled token, then
+/// the suffix, one token per decoding step, and the logits at `ids` after the last of them
+/// are its [`Completion::probe`]. This is what the self-reward judge needs when a judgement
+/// holds no score (the expected score after `judgement + "<Score>"`), at the cost of a few
+/// decoding steps instead of a second pass over prompt and judgement.
+pub struct FinishProbe<'a> {
+    /// The token ids whose logits are read.
+    pub ids: Vec<i64>,
+    /// The longest suffix `suffix` returns (the cache is sized for it).
+    pub max_suffix: usize,
+    /// Called once per finished row with the row's index, its completion ids (the EOS or stop
+    /// tokens included) and how it ended: the suffix to feed after them, or None to read
+    /// nothing.
+    #[allow(clippy::type_complexity)]
+    pub suffix: Box<dyn FnMut(usize, &[i64], FinishReason) -> Result<Option<Vec<i64>>> + 'a>,
 }
 
 /// SplitMix64: a tiny, fast, seedable generator, so that sampling depends on the seed alone
@@ -154,6 +176,8 @@ pub struct GenStats {
     pub prefills: u64,
     /// Sequences that entered a slot freed by another (continuous batching).
     pub refills: u64,
+    /// Rows the prefill passes computed: one per distinct prompt of each pass.
+    pub prefill_rows: u64,
     /// Sum over steps of the rows that were generating, and of all slots: their ratio is how
     /// full the batch was.
     pub active_row_steps: u64,
@@ -237,6 +261,24 @@ pub fn generate_requests_stats(
     run(model, tokenizer, reqs, cfg, eos_ids, |_, _| {})
 }
 
+/// As [`generate`] (row r samples from `row_seed(cfg.seed, r)`), reading `probe` after every
+/// finished row that asks for it.
+pub fn generate_probed(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<i64>],
+    cfg: &SamplingConfig,
+    eos_ids: &[i64],
+    probe: FinishProbe,
+) -> Result<(Vec<Completion>, GenStats)> {
+    let reqs: Vec<GenRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(r, p)| GenRequest { prompt_ids: p.clone(), seed: row_seed(cfg.seed, r) })
+        .collect();
+    run_probed(model, tokenizer, &reqs, cfg, eos_ids, |_, _| {}, Some(probe))
+}
+
 /// Decoding capacities are rounded up to this many positions, so that calls with similar
 /// lengths share attention shapes (and kernels).
 const CAPACITY_QUANTUM: i64 = 64;
@@ -247,7 +289,19 @@ fn run(
     reqs: &[GenRequest],
     cfg: &SamplingConfig,
     eos_ids: &[i64],
+    on_token: impl FnMut(usize, i64),
+) -> Result<(Vec<Completion>, GenStats)> {
+    run_probed(model, tokenizer, reqs, cfg, eos_ids, on_token, None)
+}
+
+fn run_probed(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    reqs: &[GenRequest],
+    cfg: &SamplingConfig,
+    eos_ids: &[i64],
     mut on_token: impl FnMut(usize, i64),
+    mut probe: Option<FinishProbe>,
 ) -> Result<(Vec<Completion>, GenStats)> {
     cfg.validate()?;
     if reqs.is_empty() || reqs.iter().any(|r| r.prompt_ids.is_empty()) {
@@ -263,7 +317,9 @@ fn run(
     let slots = if cfg.max_batch == 0 { n } else { cfg.max_batch.min(n) };
     let longest = reqs.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0) as i64;
     // The last sampled token is never fed back, so a row needs prompt + max_new - 1 positions.
-    let capacity = (longest + max_new + CAPACITY_QUANTUM - 1) / CAPACITY_QUANTUM * CAPACITY_QUANTUM;
+    // A probed row also feeds its last sampled token and its suffix.
+    let probe_room = probe.as_ref().map_or(0, |p| p.max_suffix as i64 + 1);
+    let capacity = (longest + max_new + probe_room + CAPACITY_QUANTUM - 1) / CAPACITY_QUANTUM * CAPACITY_QUANTUM;
     let max_pos = model.config().max_position_embeddings;
     if longest + max_new > max_pos && model.config().rope.scaling.is_none() && max_pos > 0 {
         tracing::debug!(longest, max_new, max_pos, "generating past max_position_embeddings");
@@ -296,22 +352,36 @@ fn run(
             text: String::new(),
             logprobs: vec![],
             finish_reason: FinishReason::Length,
+            probe: None,
         })
         .collect();
     // Host view of the slots: which request each holds.
     let mut holder: Vec<Option<usize>> = vec![None; slots];
+    // Slots whose request has finished and is being probed: the tokens still to feed.
+    let mut forced: Vec<Option<std::collections::VecDeque<i64>>> = vec![None; slots];
     // Host copy of each slot's next position (kept in step with the device's, no reads).
     let mut host_position: Vec<i64> = vec![0; slots];
     let mut waiting = 0..n;
+    let probe_ids = match &probe {
+        Some(p) => {
+            if let Some(&id) = p.ids.iter().find(|&&id| id < 0 || id >= vocab) {
+                return Err(PolicyError::TokenOutOfRange { id, vocab_size: vocab });
+            }
+            Some(io.up(&p.ids))
+        }
+        None => None,
+    };
 
     let result = tch::no_grad(|| -> Result<()> {
         let mut cache = model.new_slot_cache(slots as i64, capacity);
         let key_index = Tensor::arange(capacity, (Kind::Int64, dev)).view([1, capacity]);
         // Device state per slot: the position of the next fed token, the cell of the next
-        // sampled token, and whether the slot is generating.
+        // sampled token, whether the slot samples, and whether it feeds tokens (sampling or
+        // probing).
         let mut position = Tensor::zeros([slots as i64], (Kind::Int64, dev));
         let mut cell = Tensor::full([slots as i64], sink, (Kind::Int64, dev));
         let mut active = Tensor::zeros([slots as i64], (Kind::Int64, dev));
+        let mut feeding = Tensor::zeros([slots as i64], (Kind::Int64, dev));
         let mut logits = Tensor::zeros([slots as i64, vocab], (Kind::Float, dev));
 
         let mut state = SlotState {
@@ -322,15 +392,16 @@ fn run(
             position: &mut position,
             cell: &mut cell,
             active: &mut active,
+            feeding: &mut feeding,
         };
         let all: Vec<usize> = (0..slots).collect();
         state.fill(&all, &mut waiting, reqs, model, pad, max_new, &mut io)?;
-        let SlotState { holder, host_position, cache, logits, position, cell, active } = state;
+        let SlotState { holder, host_position, cache, logits, position, cell, active, feeding } = state;
 
         loop {
             // Sample every slot's next token on the device; read back only the ids.
             let logp = logits.log_softmax(-1, Kind::Float);
-            let next = match &uniforms {
+            let mut next = match &uniforms {
                 None => logits.argmax(-1, false),
                 Some(u) => {
                     let probs = sampling_probs(&logits, cfg);
@@ -346,13 +417,41 @@ fn run(
             };
             let lp = logp.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
             let _ = logprob_cells.index_copy_(0, &cell, &lp);
+            let mut finished = Vec::new();
+            // Probed slots: read the logits of those that fed their whole suffix, and take
+            // the next forced token of the others.
+            let mut overrides: Vec<(i64, i64)> = Vec::new();
+            let mut reads: Vec<usize> = Vec::new();
+            for (slot, f) in forced.iter_mut().enumerate() {
+                let Some(queue) = f else { continue };
+                match queue.pop_front() {
+                    Some(id) => overrides.push((slot as i64, id)),
+                    None => reads.push(slot),
+                }
+            }
+            if let (false, Some(ids)) = (reads.is_empty(), &probe_ids) {
+                let at: Vec<i64> = reads.iter().map(|&s| s as i64).collect();
+                let at = io.up(&at);
+                let k = ids.size()[0] as usize;
+                let values = io.down_f32(&logits.index_select(0, &at).index_select(1, ids))?;
+                for (i, &slot) in reads.iter().enumerate() {
+                    let r = holder[slot].take().expect("a probed slot holds its request");
+                    out[r].probe = Some(values[i * k..(i + 1) * k].to_vec());
+                    forced[slot] = None;
+                    finished.push(slot);
+                }
+            }
             let ids = io.down_ids(&next)?;
             io.stats.steps += 1;
             io.stats.slot_steps += slots as u64;
-            let mut finished = Vec::new();
+            // Rows that finish this step and are probed: they still feed the token just sampled.
+            let mut probing = Vec::new();
             for (slot, held) in holder.iter_mut().enumerate() {
                 let Some(r) = *held else { continue };
                 io.stats.active_row_steps += 1;
+                if forced[slot].is_some() {
+                    continue;
+                }
                 let c = &mut out[r];
                 let id = ids[slot];
                 c.completion_ids.push(id);
@@ -369,26 +468,56 @@ fn run(
                 } else {
                     c.completion_ids.len() as i64 == max_new
                 };
-                if done {
-                    *held = None;
-                    finished.push(slot);
+                if !done {
+                    continue;
+                }
+                let suffix = match probe.as_mut() {
+                    Some(p) => (p.suffix)(r, &c.completion_ids, c.finish_reason)?,
+                    None => None,
+                };
+                match suffix {
+                    Some(s) if s.len() > probe.as_ref().map_or(0, |p| p.max_suffix) => {
+                        return Err(PolicyError::InvalidInput(format!(
+                            "a probe suffix of {} tokens, longer than its max_suffix",
+                            s.len()
+                        )));
+                    }
+                    Some(s) => {
+                        if let Some(&id) = s.iter().find(|&&id| id < 0 || id >= vocab) {
+                            return Err(PolicyError::TokenOutOfRange { id, vocab_size: vocab });
+                        }
+                        forced[slot] = Some(s.into());
+                        probing.push(slot);
+                    }
+                    None => {
+                        *held = None;
+                        finished.push(slot);
+                    }
                 }
             }
             let more = waiting.len() > 0;
             if holder.iter().all(|h| h.is_none()) && !more {
                 break;
             }
-            if !finished.is_empty() {
-                let f: Vec<i64> = finished.iter().map(|&s| s as i64).collect();
-                let f = io.up(&f);
-                let _ = active.index_fill_(0, &f, 0);
-                let _ = cell.index_fill_(0, &f, sink);
+            if !finished.is_empty() || !probing.is_empty() {
+                // Neither samples any more; finished slots stop feeding too.
+                let stopped: Vec<i64> = finished.iter().chain(&probing).map(|&s| s as i64).collect();
+                let stopped = io.up(&stopped);
+                let _ = active.index_fill_(0, &stopped, 0);
+                let _ = cell.index_fill_(0, &stopped, sink);
+                if !finished.is_empty() {
+                    let _ = feeding.index_fill_(0, &stopped.narrow(0, 0, finished.len() as i64), 0);
+                }
             }
             // The next cell of every generating slot; the sink stays the sink.
             *cell = &*cell + &*active;
             if holder.iter().any(|h| h.is_some()) {
-                // Feed the sampled ids back; finished and empty slots compute on unchanged
-                // positions and their outputs are ignored.
+                if !overrides.is_empty() {
+                    let (at, id): (Vec<i64>, Vec<i64>) = overrides.iter().copied().unzip();
+                    next = next.index_put(&[Some(io.up(&at))], &io.up(&id), false);
+                }
+                // Feed the sampled (or forced) ids back; finished and empty slots compute on
+                // unchanged positions and their outputs are ignored.
                 // Attend over the positions in use, rounded up: the shape changes once per
                 // CAPACITY_QUANTUM positions, not at every step.
                 let used = holder
@@ -409,7 +538,7 @@ fn run(
                     Some(&mut *cache),
                 )?;
                 *logits = model.decode_logits(&hidden.squeeze_dim(1))?;
-                *position = &*position + &*active;
+                *position = &*position + &*feeding;
                 for (p, h) in host_position.iter_mut().zip(holder.iter()) {
                     if h.is_some() {
                         *p += 1;
@@ -426,6 +555,7 @@ fn run(
                     position: &mut *position,
                     cell: &mut *cell,
                     active: &mut *active,
+                    feeding: &mut *feeding,
                 };
                 state.fill(&finished, &mut waiting, reqs, model, pad, max_new, &mut io)?;
             }
@@ -458,8 +588,10 @@ struct SlotState<'a> {
     position: &'a mut Tensor,
     /// Cell (request * max_new + step) of the token each slot samples next; the sink if none.
     cell: &'a mut Tensor,
-    /// 1 while the slot generates.
+    /// 1 while the slot samples.
     active: &'a mut Tensor,
+    /// 1 while the slot feeds tokens: sampling, or probing after its request finished.
+    feeding: &'a mut Tensor,
 }
 
 impl SlotState<'_> {
@@ -481,37 +613,52 @@ impl SlotState<'_> {
             return Ok(());
         }
         let dev = model.device();
-        let prompts: Vec<&[i64]> = take.iter().map(|&(_, r)| reqs[r].prompt_ids.as_slice()).collect();
-        let m = prompts.len() as i64;
+        // Requests with the same prompt (a unit's G answers) share one prefill row.
+        let mut prompts: Vec<&[i64]> = Vec::new();
+        let mut row_of: Vec<usize> = Vec::with_capacity(take.len());
+        let mut seen: std::collections::HashMap<&[i64], usize> = std::collections::HashMap::new();
+        for &(_, r) in &take {
+            let p = reqs[r].prompt_ids.as_slice();
+            let row = *seen.entry(p).or_insert_with(|| {
+                prompts.push(p);
+                prompts.len() - 1
+            });
+            row_of.push(row);
+        }
+        let m = take.len() as i64;
+        let u = prompts.len() as i64;
         let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
-        let mut flat = Vec::with_capacity((m * t) as usize);
+        let mut flat = Vec::with_capacity((u * t) as usize);
         for p in &prompts {
             flat.extend_from_slice(p);
             flat.extend(std::iter::repeat_n(pad, t as usize - p.len()));
         }
-        let ids = io.up(&flat).view([m, t]);
-        let pos = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0).expand([m, t], true);
-        let mut pre = model.new_cache(m, t);
+        let ids = io.up(&flat).view([u, t]);
+        let pos = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0).expand([u, t], true);
+        let mut pre = model.new_cache(u, t);
         let hidden = model.forward_hidden(&ids, &pos, &AttnMask::Causal, Some(&mut pre))?;
         // Per new row: slot, index of its last prompt token in the flattened batch, prompt
         // length (= position of the first fed token), first cell.
         let mut meta: Vec<i64> = Vec::with_capacity(4 * take.len());
         for (i, &(slot, r)) in take.iter().enumerate() {
-            let len = prompts[i].len() as i64;
-            self.cache.copy_row_from(slot as i64, &pre, i as i64, len)?;
+            let row = row_of[i] as i64;
+            let len = prompts[row_of[i]].len() as i64;
+            self.cache.copy_row_from(slot as i64, &pre, row, len)?;
             self.holder[slot] = Some(r);
             self.host_position[slot] = len;
-            meta.extend([slot as i64, i as i64 * t + len - 1, len, r as i64 * max_new]);
+            meta.extend([slot as i64, row * t + len - 1, len, r as i64 * max_new]);
         }
         let meta = io.up(&meta).view([m, 4]);
         let (slot, last, len, first) = (meta.select(1, 0), meta.select(1, 1), meta.select(1, 2), meta.select(1, 3));
         let h = hidden.size()[2];
-        let first_logits = model.decode_logits(&hidden.reshape([m * t, h]).index_select(0, &last))?;
+        let first_logits = model.decode_logits(&hidden.reshape([u * t, h]).index_select(0, &last))?;
         let _ = self.logits.index_copy_(0, &slot, &first_logits);
         let _ = self.position.index_copy_(0, &slot, &len);
         let _ = self.cell.index_copy_(0, &slot, &first);
         let _ = self.active.index_fill_(0, &slot, 1);
+        let _ = self.feeding.index_fill_(0, &slot, 1);
         io.stats.prefills += 1;
+        io.stats.prefill_rows += u as u64;
         Ok(())
     }
 }

@@ -16,7 +16,7 @@ pub use selfplay_gguf as gguf;
 
 pub use config::{Architecture, Family, ModelConfig};
 pub use error::{PolicyError, Result};
-pub use generate::{Completion, FinishReason, SamplingConfig};
+pub use generate::{Completion, FinishProbe, FinishReason, SamplingConfig};
 pub use in_process::InProcessWeights;
 pub use model::Llama;
 pub use tokenizer::{ChatMessage, ChatOptions, Tokenizer};

@@ -223,7 +223,9 @@ fn continuous_batching_equals_generating_alone() {
         let model = tiny(variant, tmp.path());
         let tok = tiny_tokenizer(tmp.path());
         let mut prompts = prompts();
+        // Two prompts twice (a unit's answers share theirs): one prefill row each.
         prompts.extend([vec![1, 9, 9, 12, 40], vec![1, 3], vec![1, 120, 121, 122, 123, 124, 125, 126, 127]]);
+        prompts.extend([vec![1, 3], vec![1, 44]]);
         let reqs: Vec<generate::GenRequest> = prompts
             .iter()
             .enumerate()
@@ -253,6 +255,8 @@ fn continuous_batching_equals_generating_alone() {
                 let (got, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[eos]).unwrap();
                 if max_batch > 0 {
                     assert!(stats.refills > 0, "{variant} max_batch {max_batch}: no slot was refilled");
+                } else {
+                    assert_eq!(stats.prefill_rows, reqs.len() as u64 - 2, "{variant}: shared prompts");
                 }
                 for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
                     assert_eq!(
@@ -266,6 +270,67 @@ fn continuous_batching_equals_generating_alone() {
                 }
             }
         }
+    }
+}
+
+/// A finish probe reads the logits after a finished row plus its suffix from the generator's
+/// cache: they equal a fresh forward pass over prompt + completion + suffix, rows that ask
+/// for nothing get nothing, and no row's tokens change, with and without refills.
+#[test]
+fn finish_probe_equals_a_fresh_forward_pass() {
+    for variant in ["gqa_tied", "mistral", "qwen3"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tiny(variant, tmp.path());
+        let tok = tiny_tokenizer(tmp.path());
+        let mut prompts = prompts();
+        prompts.extend([vec![1, 9, 9, 12, 40], vec![1, 3]]);
+        let probe_ids: Vec<i64> = vec![3, 17, 40, 101, 5];
+        // Row by row: a two-token suffix, an empty one, or none; rows end early on the token
+        // the free run samples most.
+        let suffix_for = |row: usize| match row % 3 {
+            0 => Some(vec![60, 61]),
+            1 => Some(vec![]),
+            _ => None,
+        };
+        let base = SamplingConfig { temperature: 0.9, top_k: 40, max_new_tokens: 10, seed: 4, ..Default::default() };
+        let free = generate::generate(&model, &tok, &prompts, &base, &[]).unwrap();
+        let mut counts = std::collections::HashMap::new();
+        for &id in free.iter().flat_map(|c| &c.completion_ids) {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+        let eos = *counts.iter().max_by_key(|(id, n)| (**n, -**id)).unwrap().0;
+        let plain = generate::generate(&model, &tok, &prompts, &base, &[eos]).unwrap();
+        let mut kinds = std::collections::HashSet::new();
+        for max_batch in [0, 2] {
+            let cfg = SamplingConfig { max_batch, ..base.clone() };
+            let probe = generate::FinishProbe {
+                ids: probe_ids.clone(),
+                max_suffix: 2,
+                suffix: Box::new(move |row, _, _| Ok(suffix_for(row))),
+            };
+            let (got, _) = generate::generate_probed(&model, &tok, &prompts, &cfg, &[eos], probe).unwrap();
+            for (i, (g, p)) in got.iter().zip(&plain).enumerate() {
+                assert_eq!(g.completion_ids, p.completion_ids, "{variant} batch {max_batch} row {i}");
+                let Some(suffix) = suffix_for(i) else {
+                    assert!(g.probe.is_none(), "{variant} row {i} asked for no probe");
+                    continue;
+                };
+                kinds.insert(suffix.len());
+                let seq = [g.prompt_ids.clone(), g.completion_ids.clone(), suffix].concat();
+                let want = tch::no_grad(|| {
+                    let batch = PaddedBatch::right_padded(&[seq.clone()], 0, Device::Cpu).unwrap();
+                    let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None).unwrap();
+                    let last = model.logits(&h.get(0).get(seq.len() as i64 - 1)).unwrap();
+                    Vec::<f32>::try_from(last.index_select(0, &Tensor::from_slice(&probe_ids))).unwrap()
+                });
+                let have = g.probe.as_ref().expect("a probed row carries its logits");
+                for (x, y) in have.iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-4, "{variant} batch {max_batch} row {i}: probe {x} vs fresh {y}");
+                }
+            }
+        }
+        assert_eq!(kinds.len(), 2);
+        eprintln!("{variant}: probes equal fresh passes");
     }
 }
 
