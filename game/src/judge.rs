@@ -123,9 +123,10 @@ impl Judge {
     fn expected_at_end(&self, judge: &Policy, seqs: &[Vec<i64>]) -> Result<Vec<Option<f64>>> {
         let model = &judge.model;
         let probs = tch::no_grad(|| -> Result<tch::Tensor> {
-            let batch = selfplay_policy::model::PaddedBatch::right_padded(&seqs, 0, model.device())?;
-            let hidden = model.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None)?;
-            let last: Vec<i64> = batch.lengths.iter().map(|l| l - 1).collect();
+            // The judge prompt's opening (system prompt, rubric) goes through the trunk once.
+            let shortest = seqs.iter().map(|s| s.len()).min().unwrap_or(1);
+            let (hidden, offset) = model.forward_hidden_shared(seqs, shortest - 1)?;
+            let last: Vec<i64> = seqs.iter().map(|s| s.len() as i64 - 1 - offset).collect();
             let idx = tch::Tensor::from_slice(&last).to_device(model.device());
             let h = hidden.size()[2];
             let b = seqs.len() as i64;

@@ -178,6 +178,8 @@ pub struct GenStats {
     pub refills: u64,
     /// Rows the prefill passes computed: one per distinct prompt of each pass.
     pub prefill_rows: u64,
+    /// Prompt tokens that a prefill computed once for all its rows (their common opening).
+    pub shared_prefix_tokens: u64,
     /// Sum over steps of the rows that were generating, and of all slots: their ratio is how
     /// full the batch was.
     pub active_row_steps: u64,
@@ -628,15 +630,31 @@ impl SlotState<'_> {
         let m = take.len() as i64;
         let u = prompts.len() as i64;
         let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
-        let mut flat = Vec::with_capacity((u * t) as usize);
+        // Prompts that open alike (system prompt, judge rubric) compute that opening once and
+        // copy its keys into every row; each row's remainder attends to them.
+        let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(1);
+        let shared = crate::model::common_prefix(&prompts).min(shortest - 1);
+        let shared = if u > 1 && shared >= crate::model::MIN_SHARED_PREFIX { shared as i64 } else { 0 };
+        let width = t - shared;
+        let mut flat = Vec::with_capacity((u * width) as usize);
         for p in &prompts {
-            flat.extend_from_slice(p);
+            flat.extend_from_slice(&p[shared as usize..]);
             flat.extend(std::iter::repeat_n(pad, t as usize - p.len()));
         }
-        let ids = io.up(&flat).view([u, t]);
-        let pos = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0).expand([u, t], true);
+        let ids = io.up(&flat).view([u, width]);
+        let pos = Tensor::arange_start(shared, t, (Kind::Int64, dev)).unsqueeze(0).expand([u, width], true);
         let mut pre = model.new_cache(u, t);
-        let hidden = model.forward_hidden(&ids, &pos, &AttnMask::Causal, Some(&mut pre))?;
+        let hidden = if shared > 0 {
+            let mut one = model.new_cache(1, shared);
+            let head = io.up(&prompts[0][..shared as usize]).view([1, shared]);
+            let head_pos = Tensor::arange(shared, (Kind::Int64, dev)).unsqueeze(0);
+            let _ = model.forward_hidden(&head, &head_pos, &AttnMask::Causal, Some(&mut one))?;
+            pre.broadcast_prefix_from(&one)?;
+            let mask = crate::model::prefix_causal_mask(shared, width, dev);
+            model.forward_hidden(&ids, &pos, &AttnMask::Explicit(mask), Some(&mut pre))?
+        } else {
+            model.forward_hidden(&ids, &pos, &AttnMask::Causal, Some(&mut pre))?
+        };
         // Per new row: slot, index of its last prompt token in the flattened batch, prompt
         // length (= position of the first fed token), first cell.
         let mut meta: Vec<i64> = Vec::with_capacity(4 * take.len());
@@ -646,12 +664,12 @@ impl SlotState<'_> {
             self.cache.copy_row_from(slot as i64, &pre, row, len)?;
             self.holder[slot] = Some(r);
             self.host_position[slot] = len;
-            meta.extend([slot as i64, row * t + len - 1, len, r as i64 * max_new]);
+            meta.extend([slot as i64, row * width + len - 1 - shared, len, r as i64 * max_new]);
         }
         let meta = io.up(&meta).view([m, 4]);
         let (slot, last, len, first) = (meta.select(1, 0), meta.select(1, 1), meta.select(1, 2), meta.select(1, 3));
         let h = hidden.size()[2];
-        let first_logits = model.decode_logits(&hidden.reshape([u * t, h]).index_select(0, &last))?;
+        let first_logits = model.decode_logits(&hidden.reshape([u * width, h]).index_select(0, &last))?;
         let _ = self.logits.index_copy_(0, &slot, &first_logits);
         let _ = self.position.index_copy_(0, &slot, &len);
         let _ = self.cell.index_copy_(0, &slot, &first);
@@ -659,6 +677,7 @@ impl SlotState<'_> {
         let _ = self.feeding.index_fill_(0, &slot, 1);
         io.stats.prefills += 1;
         io.stats.prefill_rows += u as u64;
+        io.stats.shared_prefix_tokens += shared as u64;
         Ok(())
     }
 }

@@ -114,6 +114,19 @@ fn trunk(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(Tensor, Tenso
     Ok((hidden, src, tgt, mask))
 }
 
+/// As [`trunk`] for inference, through [`Llama::forward_hidden_shared`]: when the sequences
+/// open with a common prefix (a system prompt) it goes through the trunk once, the hidden
+/// states start where it ends, and the source positions count from there.
+fn trunk_shared(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let (_, src, tgt, mask) = layout(model, pairs)?;
+    let seqs: Vec<Vec<i64>> = pairs.iter().map(|(p, c)| [p.as_slice(), c.as_slice()].concat()).collect();
+    // Every completion token is predicted from its prompt's last position on.
+    let max_prefix = pairs.iter().map(|(p, _)| p.len() - 1).min().unwrap_or(0);
+    let (hidden, offset) = model.forward_hidden_shared(&seqs, max_prefix)?;
+    // Padding entries (source 0, masked) stay in range.
+    Ok((hidden, (src - offset).clamp_min(0), tgt, mask))
+}
+
 /// The right-padded batch of prompt + completion, and which of its positions predict
 /// completion tokens: ([B, C] source positions, [B, C] targets, [B, C] mask).
 fn layout(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(PaddedBatch, Tensor, Tensor, Tensor)> {
@@ -247,7 +260,7 @@ pub fn completion_logprobs_limited(
     for range in token_batches(pairs.iter().map(|(p, c)| p.len() + c.len()), limits.batch_tokens) {
         let part = &pairs[range];
         let scored = tch::no_grad(|| -> Result<TokenLogprobs> {
-            let (hidden, src, tgt, mask) = trunk(model, part)?;
+            let (hidden, src, tgt, mask) = trunk_shared(model, part)?;
             let rows = real_rows(&hidden, &src, &mask);
             let (lp, ent) =
                 head_logprobs(model, &rows, &tgt.masked_select(&mask), chunk_of(limits.chunk_positions), with_entropy)?;

@@ -334,6 +334,60 @@ fn finish_probe_equals_a_fresh_forward_pass() {
     }
 }
 
+/// Sequences that open alike: the opening goes through the trunk once and every row's
+/// remainder attends to it. Hidden states, scoring log-probs and generation equal the plain
+/// passes (and generating each prompt alone), also with a sliding window shorter than the
+/// opening.
+#[test]
+fn a_shared_opening_equals_the_plain_pass() {
+    let opening: Vec<i64> = (0..20).map(|i| 1 + (i * 7) % 90).collect();
+    let tails: [&[i64]; 4] = [&[5, 9, 33], &[44], &[200, 150, 3, 3, 88, 91], &[77, 78]];
+    let seqs: Vec<Vec<i64>> = tails.iter().map(|t| [opening.as_slice(), t].concat()).collect();
+    for variant in ["gqa_tied", "mha_untied", "mistral", "qwen2_window", "qwen3"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tiny(variant, tmp.path());
+        let tok = tiny_tokenizer(tmp.path());
+        tch::no_grad(|| {
+            let batch = PaddedBatch::right_padded(&seqs, 0, Device::Cpu).unwrap();
+            let plain = model.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None).unwrap();
+            let (shared, p) = model.forward_hidden_shared(&seqs, usize::MAX).unwrap();
+            assert_eq!(p, opening.len() as i64, "{variant}: the whole opening is shared");
+            for (i, s) in seqs.iter().enumerate() {
+                let n = s.len() as i64 - p;
+                let want = plain.get(i as i64).narrow(0, p, n);
+                let diff = (shared.get(i as i64).narrow(0, 0, n) - want).abs().max().double_value(&[]);
+                assert!(diff < 1e-4, "{variant} row {i}: |hidden diff| {diff:e}");
+            }
+        });
+        // Scoring: completions after prompts that share the opening.
+        let pairs: Vec<(Vec<i64>, Vec<i64>)> =
+            seqs.iter().map(|s| (s[..s.len() - 1].to_vec(), vec![s[s.len() - 1], 12, 60])).collect();
+        let limited = tch::no_grad(|| {
+            scoring::completion_logprobs_limited(&model, &pairs, false, scoring::ScoreLimits::default()).unwrap()
+        });
+        let graph = tch::no_grad(|| scoring::completion_logprobs_graph(&model, &pairs, false).unwrap());
+        let diff = (limited.logprobs - graph.logprobs).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{variant}: scoring log-probs differ by {diff:e}");
+        // Generation: one prefill of the opening, then each prompt's remainder.
+        let reqs: Vec<generate::GenRequest> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| generate::GenRequest { prompt_ids: p.clone(), seed: 70 + i as u64 })
+            .collect();
+        let cfg = SamplingConfig { temperature: 0.9, top_k: 40, max_new_tokens: 8, ..Default::default() };
+        let (together, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[]).unwrap();
+        assert_eq!(stats.shared_prefix_tokens, opening.len() as u64, "{variant}: {stats:?}");
+        for (i, r) in reqs.iter().enumerate() {
+            let alone =
+                generate::generate_requests(&model, &tok, std::slice::from_ref(r), &cfg, &[]).unwrap().remove(0);
+            assert_eq!(together[i].completion_ids, alone.completion_ids, "{variant} row {i}");
+            for (x, y) in together[i].logprobs.iter().zip(&alone.logprobs) {
+                assert!((x - y).abs() < 1e-4, "{variant} row {i}: log-prob {x} vs {y}");
+            }
+        }
+    }
+}
+
 /// The decoding loop reads back one thing per generated token (the sampled ids) and uploads
 /// nothing per token: inputs, positions and random numbers go up once, or once per refill.
 #[test]

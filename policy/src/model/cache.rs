@@ -15,6 +15,9 @@ pub struct KvCache {
     pub(super) len: i64,
     pub(super) capacity: i64,
     pub(super) slotted: bool,
+    /// A prefix every row of the next calls shares ([`KvCache::share_rows`]): its one row of
+    /// keys is read by every row, before the call's own keys, and nothing is appended.
+    pub(super) shared: bool,
     /// Slot cache: attention reads keys 0..span (the caller keeps every generating row's
     /// positions below it); the capacity by default.
     pub(super) span: i64,
@@ -60,8 +63,42 @@ impl KvCache {
         Ok(())
     }
 
+    /// Turns a one-row contiguous cache holding a prefix into one that every row of later
+    /// calls attends to: each layer reads the prefix's keys broadcast over the call's rows,
+    /// then the call's own. Calls must give positions after the prefix and a mask over
+    /// prefix + own keys ([`super::prefix_causal_mask`]); they store nothing.
+    pub fn share_rows(mut self) -> Result<Self> {
+        if self.slotted || self.keys.first().is_some_and(|k| k.size()[0] != 1) {
+            return Err(PolicyError::InvalidInput("only a one-row contiguous cache can be shared".into()));
+        }
+        self.shared = true;
+        Ok(self)
+    }
+
+    /// Copies the cached positions of `src`'s row 0 into every row of this contiguous cache,
+    /// which then holds that many positions (how rows that begin alike start from one prefill).
+    pub fn broadcast_prefix_from(&mut self, src: &KvCache) -> Result<()> {
+        if self.slotted || src.slotted || self.keys.len() != src.keys.len() || src.len > self.capacity {
+            return Err(PolicyError::InvalidInput(format!(
+                "cannot broadcast {} cached positions into a cache of capacity {}",
+                src.len, self.capacity
+            )));
+        }
+        let p = src.len;
+        tch::no_grad(|| {
+            for (dst, s) in self.keys.iter().zip(&src.keys).chain(self.values.iter().zip(&src.values)) {
+                dst.narrow(2, 0, p).copy_(&s.narrow(0, 0, 1).narrow(2, 0, p));
+            }
+        });
+        self.len = p;
+        Ok(())
+    }
+
     /// Checks that a call with `t` new positions fits.
     pub(super) fn check_room(&self, t: i64) -> Result<()> {
+        if self.shared {
+            return Ok(());
+        }
         if !self.slotted && self.len + t > self.capacity {
             return Err(PolicyError::InvalidInput(format!(
                 "KV cache full: {} cached + {t} new > capacity {}",
@@ -78,7 +115,14 @@ impl KvCache {
     /// and value the call's queries attend over: in a slot cache at `positions` [B, T] and all
     /// `capacity` of them, in a contiguous one after the cached ones.
     pub(super) fn store(&mut self, l: usize, k: &Tensor, v: &Tensor, positions: &Tensor) -> (Tensor, Tensor) {
-        if self.slotted {
+        if self.shared {
+            let rows = |cached: &Tensor, own: &Tensor| {
+                let mut shape = own.size();
+                shape[2] = self.len;
+                Tensor::cat(&[cached.narrow(2, 0, self.len).expand(shape.as_slice(), false), own.shallow_clone()], 2)
+            };
+            (rows(&self.keys[l], k), rows(&self.values[l], v))
+        } else if self.slotted {
             let [b, kv, t, hd] = k.size()[..] else { unreachable!("keys are 4-d") };
             let idx = positions.view([b, 1, t, 1]).expand([b, kv, t, hd], false);
             let _ = self.keys[l].scatter_(2, &idx, k);
@@ -94,7 +138,7 @@ impl KvCache {
 
     /// Ends a call of `t` new positions (a slot cache keeps no common length).
     pub(super) fn advance(&mut self, t: i64) {
-        if !self.slotted {
+        if !self.slotted && !self.shared {
             self.len += t;
         }
     }

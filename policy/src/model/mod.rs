@@ -40,6 +40,24 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     w * normed.to_kind(x.kind())
 }
 
+/// Sequences share their first tokens through the trunk only from this many on: below it the
+/// extra pass costs more than it saves.
+pub const MIN_SHARED_PREFIX: usize = 16;
+
+/// The number of leading tokens all `seqs` have in common.
+pub fn common_prefix<S: AsRef<[i64]>>(seqs: &[S]) -> usize {
+    let Some(first) = seqs.first().map(|s| s.as_ref()) else { return 0 };
+    seqs[1..].iter().fold(first.len(), |n, s| first[..n].iter().zip(s.as_ref()).take_while(|(a, b)| a == b).count())
+}
+
+/// [1, 1, T, P + T]: T queries after a cached prefix of P positions (right-padded rows) see the
+/// whole prefix and their own keys causally.
+pub fn prefix_causal_mask(p: i64, t: i64, device: Device) -> Tensor {
+    let keys = Tensor::arange(p + t, (Kind::Int64, device)).view([1, p + t]);
+    let queries = Tensor::arange(t, (Kind::Int64, device)).view([t, 1]) + p;
+    keys.le_tensor(&queries).view([1, 1, t, p + t])
+}
+
 /// How the queries of one forward pass may attend.
 pub enum AttnMask {
     /// Causal over this call's own keys, with no mask tensor: right-padded batches (padding
@@ -235,6 +253,7 @@ impl Llama {
             len: 0,
             capacity,
             slotted,
+            shared: false,
             span: capacity,
             cos: cos.view([capacity, hd]),
             sin: sin.view([capacity, hd]),
@@ -272,12 +291,12 @@ impl Llama {
         let mut x = self.embed(ids)?;
         let (cos, sin) = match cache.as_deref() {
             // Tables built once per cache; a lookup per step instead of trigonometry.
-            Some(c) => {
+            Some(c) if !c.shared => {
                 let flat = positions.reshape([-1]);
                 let pick = |tab: &Tensor| tab.index_select(0, &flat).view([b, 1, t, hd]);
                 (pick(&c.cos), pick(&c.sin))
             }
-            None => self.rope_tables(positions),
+            _ => self.rope_tables(positions),
         };
         // Projections without gradients use the stacked q/k/v and gate/up weights (one GEMM
         // each instead of three and two). Decoding a few rows on the CPU uses the
@@ -291,6 +310,37 @@ impl Llama {
             c.advance(t);
         }
         Ok(self.final_norm(&x))
+    }
+
+    /// The trunk over sequences that may begin alike: when at least [`MIN_SHARED_PREFIX`] of
+    /// their first tokens (and at most `max_prefix`) are common to all of them, those go
+    /// through the trunk once, as a batch of one, and every row's remainder attends to their
+    /// keys ([`KvCache::share_rows`]). Returns the hidden states [B, T - P, H] of the
+    /// right-padded remainders and P (0 when nothing is shared: then this is
+    /// [`forward_hidden`](Self::forward_hidden) over the right-padded batch). Without gradients:
+    /// for inference (judges, reward and reference scoring), where many prompts open with the
+    /// same system prompt and rubric.
+    pub fn forward_hidden_shared(&self, seqs: &[Vec<i64>], max_prefix: usize) -> Result<(Tensor, i64)> {
+        let p = common_prefix(seqs).min(max_prefix);
+        if seqs.len() < 2 || p < MIN_SHARED_PREFIX {
+            let batch = PaddedBatch::right_padded(seqs, 0, self.device)?;
+            return Ok((self.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None)?, 0));
+        }
+        if seqs.iter().any(|s| s.len() <= p) {
+            return Err(PolicyError::InvalidInput("every sequence needs a token after the shared prefix".into()));
+        }
+        let p64 = p as i64;
+        let mut cache = self.new_cache(1, p64);
+        let head = Tensor::from_slice(&seqs[0][..p]).view([1, p64]).to_device(self.device);
+        let pos = Tensor::arange(p64, (Kind::Int64, self.device)).unsqueeze(0);
+        let _ = self.forward_hidden(&head, &pos, &AttnMask::Causal, Some(&mut cache))?;
+        let mut shared = cache.share_rows()?;
+        let rest: Vec<Vec<i64>> = seqs.iter().map(|s| s[p..].to_vec()).collect();
+        let batch = PaddedBatch::right_padded(&rest, 0, self.device)?;
+        let t = batch.ids.size()[1];
+        let mask = AttnMask::Explicit(prefix_causal_mask(p64, t, self.device));
+        let hidden = self.forward_hidden(&batch.ids, &(&batch.positions + p64), &mask, Some(&mut shared))?;
+        Ok((hidden, p64))
     }
 
     /// The token embeddings [B, T, H] of `ids` [B, T]: the first block's input.
