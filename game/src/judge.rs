@@ -122,21 +122,31 @@ impl Judge {
     /// sequence (None when not finite).
     fn expected_at_end(&self, judge: &Policy, seqs: &[Vec<i64>]) -> Result<Vec<Option<f64>>> {
         let model = &judge.model;
-        let probs = tch::no_grad(|| -> Result<tch::Tensor> {
-            // The judge prompt's opening (system prompt, rubric) goes through the trunk once.
-            let shortest = seqs.iter().map(|s| s.len()).min().unwrap_or(1);
-            let (hidden, offset) = model.forward_hidden_shared(seqs, shortest - 1)?;
-            let last: Vec<i64> = seqs.iter().map(|s| s.len() as i64 - 1 - offset).collect();
-            let idx = tch::Tensor::from_slice(&last).to_device(model.device());
-            let h = hidden.size()[2];
-            let b = seqs.len() as i64;
-            let picked = hidden.gather(1, &idx.view([b, 1, 1]).expand([b, 1, h], true), false).squeeze_dim(1);
-            let logits = model.logits(&picked)?;
-            let digits = tch::Tensor::from_slice(&self.digit_ids).to_device(model.device());
-            Ok(logits.index_select(1, &digits).softmax(-1, Kind::Float).to_device(tch::Device::Cpu))
-        })?;
-        let probs: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(probs)?;
-        Ok(probs.iter().map(|p| expected_of(p)).collect())
+        let digits = tch::Tensor::from_slice(&self.digit_ids).to_device(model.device());
+        let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let mut out = vec![None; seqs.len()];
+        // Sequences of similar length together, so that short answers are not padded to the
+        // longest.
+        for bucket in selfplay_policy::scoring::length_buckets(&lengths, 0) {
+            let part: Vec<Vec<i64>> = bucket.iter().map(|&i| seqs[i].clone()).collect();
+            let probs = tch::no_grad(|| -> Result<tch::Tensor> {
+                // The judge prompt's opening (system prompt, rubric) goes through the trunk once.
+                let shortest = part.iter().map(|s| s.len()).min().unwrap_or(1);
+                let (hidden, offset) = model.forward_hidden_shared(&part, shortest - 1)?;
+                let last: Vec<i64> = part.iter().map(|s| s.len() as i64 - 1 - offset).collect();
+                let idx = tch::Tensor::from_slice(&last).to_device(model.device());
+                let h = hidden.size()[2];
+                let b = part.len() as i64;
+                let picked = hidden.gather(1, &idx.view([b, 1, 1]).expand([b, 1, h], true), false).squeeze_dim(1);
+                let logits = model.logits(&picked)?;
+                Ok(logits.index_select(1, &digits).softmax(-1, Kind::Float).to_device(tch::Device::Cpu))
+            })?;
+            let probs: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(probs)?;
+            for (&i, p) in bucket.iter().zip(&probs) {
+                out[i] = expected_of(p);
+            }
+        }
+        Ok(out)
     }
 }
 

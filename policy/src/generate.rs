@@ -597,8 +597,9 @@ struct SlotState<'a> {
 }
 
 impl SlotState<'_> {
-    /// Fills the given free slots with the next waiting requests: one prefill pass for all of
-    /// them (right-padded, causal), then their cache rows, positions, cells and first logits.
+    /// Fills the given free slots with the next waiting requests: prefill passes (one per
+    /// length bucket, see [`crate::scoring::length_buckets`]), then their cache rows,
+    /// positions, cells and first logits.
     #[allow(clippy::too_many_arguments)]
     fn fill(
         &mut self,
@@ -614,7 +615,6 @@ impl SlotState<'_> {
         if take.is_empty() {
             return Ok(());
         }
-        let dev = model.device();
         // Requests with the same prompt (a unit's G answers) share one prefill row.
         let mut prompts: Vec<&[i64]> = Vec::new();
         let mut row_of: Vec<usize> = Vec::with_capacity(take.len());
@@ -627,17 +627,47 @@ impl SlotState<'_> {
             });
             row_of.push(row);
         }
-        let m = take.len() as i64;
+        // Prompts of similar length prefill together, so that none is padded far past its own
+        // length.
+        let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        for bucket in crate::scoring::length_buckets(&lengths, 0) {
+            let local: std::collections::HashMap<usize, usize> =
+                bucket.iter().enumerate().map(|(j, &row)| (row, j)).collect();
+            let part: Vec<&[i64]> = bucket.iter().map(|&row| prompts[row]).collect();
+            let items: Vec<(usize, usize, usize)> = take
+                .iter()
+                .zip(&row_of)
+                .filter_map(|(&(slot, r), row)| local.get(row).map(|&j| (slot, r, j)))
+                .collect();
+            self.prefill(&part, &items, model, pad, max_new, io)?;
+        }
+        Ok(())
+    }
+
+    /// One prefill pass over distinct `prompts`, entering each of `items` (slot, request,
+    /// index into `prompts`) into its slot: cache rows, position, first cell and first logits.
+    #[allow(clippy::too_many_arguments)]
+    fn prefill(
+        &mut self,
+        prompts: &[&[i64]],
+        items: &[(usize, usize, usize)],
+        model: &Llama,
+        pad: i64,
+        max_new: i64,
+        io: &mut Transfers,
+    ) -> Result<()> {
+        let dev = model.device();
+        let m = items.len() as i64;
         let u = prompts.len() as i64;
         let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
         // Prompts that open alike (system prompt, judge rubric) compute that opening once and
         // copy its keys into every row; each row's remainder attends to them.
         let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(1);
-        let shared = crate::model::common_prefix(&prompts).min(shortest - 1);
+        let shared = crate::model::common_prefix(prompts).min(shortest - 1);
         let shared = if u > 1 && shared >= crate::model::MIN_SHARED_PREFIX { shared as i64 } else { 0 };
         let width = t - shared;
         let mut flat = Vec::with_capacity((u * width) as usize);
-        for p in &prompts {
+        for p in prompts {
             flat.extend_from_slice(&p[shared as usize..]);
             flat.extend(std::iter::repeat_n(pad, t as usize - p.len()));
         }
@@ -657,10 +687,10 @@ impl SlotState<'_> {
         };
         // Per new row: slot, index of its last prompt token in the flattened batch, prompt
         // length (= position of the first fed token), first cell.
-        let mut meta: Vec<i64> = Vec::with_capacity(4 * take.len());
-        for (i, &(slot, r)) in take.iter().enumerate() {
-            let row = row_of[i] as i64;
-            let len = prompts[row_of[i]].len() as i64;
+        let mut meta: Vec<i64> = Vec::with_capacity(4 * items.len());
+        for &(slot, r, row) in items {
+            let len = prompts[row].len() as i64;
+            let row = row as i64;
             self.cache.copy_row_from(slot as i64, &pre, row, len)?;
             self.holder[slot] = Some(r);
             self.host_position[slot] = len;

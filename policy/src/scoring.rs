@@ -257,10 +257,12 @@ pub fn completion_logprobs_limited(
     let mut lps = vec![];
     let mut ents = vec![];
     let mut masks = vec![];
-    for range in token_batches(pairs.iter().map(|(p, c)| p.len() + c.len()), limits.batch_tokens) {
-        let part = &pairs[range];
+    let lengths: Vec<usize> = pairs.iter().map(|(p, c)| p.len() + c.len()).collect();
+    let buckets = length_buckets(&lengths, limits.batch_tokens);
+    for bucket in &buckets {
+        let part: Vec<(Vec<i64>, Vec<i64>)> = bucket.iter().map(|&i| pairs[i].clone()).collect();
         let scored = tch::no_grad(|| -> Result<TokenLogprobs> {
-            let (hidden, src, tgt, mask) = trunk_shared(model, part)?;
+            let (hidden, src, tgt, mask) = trunk_shared(model, &part)?;
             let rows = real_rows(&hidden, &src, &mask);
             let (lp, ent) =
                 head_logprobs(model, &rows, &tgt.masked_select(&mask), chunk_of(limits.chunk_positions), with_entropy)?;
@@ -274,11 +276,57 @@ pub fn completion_logprobs_limited(
             ents.push(pad(e));
         }
     }
-    Ok(TokenLogprobs {
-        logprobs: Tensor::cat(&lps, 0),
-        mask: Tensor::cat(&masks, 0),
-        entropy: with_entropy.then(|| Tensor::cat(&ents, 0)),
-    })
+    // Back to the order of `pairs`.
+    let mut at = vec![0i64; pairs.len()];
+    for (row, &i) in buckets.iter().flatten().enumerate() {
+        at[i] = row as i64;
+    }
+    let at = Tensor::from_slice(&at).to_device(model.device());
+    let order = |v: Vec<Tensor>| Tensor::cat(&v, 0).index_select(0, &at);
+    Ok(TokenLogprobs { logprobs: order(lps), mask: order(masks), entropy: with_entropy.then(|| order(ents)) })
+}
+
+/// Below this many padded tokens a batch is not split by length: the passes would be too small
+/// to pay for themselves.
+pub const MIN_SPLIT_TOKENS: usize = 2048;
+
+/// The padding a length bucket may add, as a fraction of its real tokens.
+pub const MAX_PADDING: f64 = 0.2;
+
+/// Groups of sequences (indices into `lengths`) for right-padded passes. A batch of at most
+/// [`MIN_SPLIT_TOKENS`] padded tokens (and within `budget`) stays one group, in order. Otherwise
+/// the sequences go by ascending length and a group grows while its padded size (members x
+/// longest) stays within `budget` tokens (0 = no limit) and within 1 + [`MAX_PADDING`] times
+/// its real tokens: answers of 10 and 256 tokens are not padded to one length. A sequence
+/// longer than the budget goes alone; every index appears exactly once.
+pub fn length_buckets(lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let n = lengths.len();
+    let padded = n * lengths.iter().copied().max().unwrap_or(0);
+    if n == 0 {
+        return vec![];
+    }
+    if padded <= MIN_SPLIT_TOKENS && (budget == 0 || padded <= budget) {
+        return vec![(0..n).collect()];
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| (lengths[i], i));
+    let mut out: Vec<Vec<usize>> = vec![];
+    let mut group: Vec<usize> = vec![];
+    let mut real = 0usize;
+    for i in order {
+        let len = lengths[i];
+        let size = (group.len() + 1) * len;
+        let too_big = budget > 0 && size > budget;
+        let too_padded = size as f64 > (1.0 + MAX_PADDING) * (real + len) as f64;
+        if !group.is_empty() && (too_big || too_padded) {
+            out.push(std::mem::take(&mut group));
+            real = 0;
+        }
+        group.push(i);
+        real += len;
+    }
+    out.push(group);
+    out
 }
 
 /// Consecutive ranges of sequences (given by their lengths) whose padded size (sequences x
@@ -452,7 +500,43 @@ pub fn sequence_scores(model: &Llama, seqs: &[Vec<i64>]) -> Result<Vec<f32>> {
 
 #[cfg(test)]
 mod tests {
-    use super::token_batches;
+    use super::{length_buckets, token_batches, MIN_SPLIT_TOKENS};
+
+    fn check_partition(groups: &[Vec<usize>], n: usize) {
+        let mut all: Vec<usize> = groups.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..n).collect::<Vec<_>>(), "every index once: {groups:?}");
+    }
+
+    #[test]
+    fn small_batches_stay_whole_and_in_order() {
+        let lens = [4, 2, 6, 1, 1, 9, 3];
+        assert_eq!(length_buckets(&lens, 0), vec![vec![0, 1, 2, 3, 4, 5, 6]]);
+        assert_eq!(length_buckets(&lens, 1000), vec![vec![0, 1, 2, 3, 4, 5, 6]]);
+        assert!(length_buckets(&[], 5).is_empty());
+    }
+
+    #[test]
+    fn large_batches_split_by_length_and_budget() {
+        // 32 answers of 10 to 320 tokens: one padded pass would be 32 x 320 = 10,240 tokens.
+        let lens: Vec<usize> = (0..32).map(|i| 10 + (i * 97) % 311).collect();
+        let real: usize = lens.iter().sum();
+        for budget in [0, 4096, 1000, 300, 1] {
+            let groups = length_buckets(&lens, budget);
+            check_partition(&groups, lens.len());
+            let mut padded = 0;
+            for g in &groups {
+                let longest = g.iter().map(|&i| lens[i]).max().unwrap();
+                let size = g.len() * longest;
+                padded += size;
+                assert!(budget == 0 || size <= budget || g.len() == 1, "budget {budget}: {g:?}");
+                let own: usize = g.iter().map(|&i| lens[i]).sum();
+                assert!(size as f64 <= 1.2 * own as f64 || g.len() == 1, "padding of {g:?}");
+            }
+            assert!(padded < 32 * 320 && padded as f64 <= 1.2 * real as f64, "budget {budget}: {padded} padded");
+        }
+        assert!(32 * 320 > MIN_SPLIT_TOKENS);
+    }
 
     #[test]
     fn token_batches_bound_the_padded_size() {

@@ -388,6 +388,52 @@ fn a_shared_opening_equals_the_plain_pass() {
     }
 }
 
+/// Batches past `MIN_SPLIT_TOKENS` padded tokens of mixed lengths run as several passes of
+/// similar lengths (scoring, judging and generation prefill): results come back in the
+/// caller's order and equal one padded pass, and generating each prompt alone.
+#[test]
+fn mixed_length_batches_split_by_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny("gqa_tied", tmp.path());
+    let tok = tiny_tokenizer(tmp.path());
+    let opening: Vec<i64> = (0..20).map(|i| 1 + (i * 7) % 90).collect();
+    let seqs: Vec<Vec<i64>> = (0..12)
+        .map(|k| {
+            let tail: Vec<i64> = (0..(10 + (k * 83) % 220)).map(|j| 1 + ((k * 31 + j * 13) % 200) as i64).collect();
+            [opening.clone(), tail].concat()
+        })
+        .collect();
+    let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+    let buckets = scoring::length_buckets(&lengths, 0);
+    assert!(buckets.len() > 1, "the workload must split: {lengths:?}");
+    let pairs: Vec<(Vec<i64>, Vec<i64>)> =
+        seqs.iter().map(|s| (s[..s.len() - 3].to_vec(), s[s.len() - 3..].to_vec())).collect();
+    let limited = tch::no_grad(|| {
+        scoring::completion_logprobs_limited(&model, &pairs, true, scoring::ScoreLimits::default()).unwrap()
+    });
+    let graph = tch::no_grad(|| scoring::completion_logprobs_graph(&model, &pairs, true).unwrap());
+    assert!(limited.mask.equal(&graph.mask));
+    let diff = (limited.logprobs - graph.logprobs).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "scoring log-probs differ by {diff:e}");
+    let diff = (limited.entropy.unwrap() - graph.entropy.unwrap()).abs().max().double_value(&[]);
+    assert!(diff < 1e-3, "entropies differ by {diff:e}");
+    let reqs: Vec<generate::GenRequest> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| generate::GenRequest { prompt_ids: p.clone(), seed: 500 + i as u64 })
+        .collect();
+    let cfg = SamplingConfig { temperature: 0.9, max_new_tokens: 4, ..Default::default() };
+    let (together, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[]).unwrap();
+    assert_eq!(stats.prefills, buckets.len() as u64, "{stats:?}");
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = generate::generate_requests(&model, &tok, std::slice::from_ref(r), &cfg, &[]).unwrap().remove(0);
+        assert_eq!(together[i].completion_ids, alone.completion_ids, "row {i}");
+        for (x, y) in together[i].logprobs.iter().zip(&alone.logprobs) {
+            assert!((x - y).abs() < 1e-4, "row {i}: log-prob {x} vs {y}");
+        }
+    }
+}
+
 /// The decoding loop reads back one thing per generated token (the sampled ids) and uploads
 /// nothing per token: inputs, positions and random numbers go up once, or once per refill.
 #[test]
