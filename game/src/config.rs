@@ -112,10 +112,10 @@ pub struct ActorConfig {
 }
 
 impl ActorConfig {
-    /// Default K on a CPU: one unit at a time. On the 2-core development VM, shared with other
-    /// jobs, `selfplay bench rollout` played 8 units at K = 8 no faster than at K = 1 (0.74x and
-    /// 0.88x in two runs, BENCHMARKS.md): with the cores busy, the rows of a batch that finished
-    /// early still cost compute. Set `actor.units_in_flight` to batch anyway.
+    /// Default K on a CPU: one unit at a time, the only setting under which a run disturbed by
+    /// kills ends bit-identical to an undisturbed one (batch composition depends on timing, and
+    /// batching changes numbers by rounding). On two quiet cores K = 8 plays 1.92x as fast
+    /// (BENCHMARKS.md); set `actor.units_in_flight` for that throughput.
     pub const CPU_UNITS_IN_FLIGHT: usize = 1;
     /// Default K on a CUDA device: K x G = 128 answers in flight keeps a GPU busy with a small
     /// model, and the generator caps what runs at once anyway.

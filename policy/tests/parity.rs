@@ -352,6 +352,9 @@ fn a_shared_opening_equals_the_plain_pass() {
             let plain = model.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None).unwrap();
             let (shared, p) = model.forward_hidden_shared(&seqs, usize::MAX).unwrap();
             assert_eq!(p, opening.len() as i64, "{variant}: the whole opening is shared");
+            // A sequence that is the start of another keeps its last token of its own.
+            let nested = [seqs[0][..21].to_vec(), seqs[0].clone()];
+            assert_eq!(model.forward_hidden_shared(&nested, usize::MAX).unwrap().1, 20);
             for (i, s) in seqs.iter().enumerate() {
                 let n = s.len() as i64 - p;
                 let want = plain.get(i as i64).narrow(0, p, n);

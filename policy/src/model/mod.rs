@@ -321,13 +321,12 @@ impl Llama {
     /// for inference (judges, reward and reference scoring), where many prompts open with the
     /// same system prompt and rubric.
     pub fn forward_hidden_shared(&self, seqs: &[Vec<i64>], max_prefix: usize) -> Result<(Tensor, i64)> {
-        let p = common_prefix(seqs).min(max_prefix);
+        // Every row keeps at least one token of its own.
+        let shortest = seqs.iter().map(|s| s.len()).min().unwrap_or(0);
+        let p = common_prefix(seqs).min(max_prefix).min(shortest.saturating_sub(1));
         if seqs.len() < 2 || p < MIN_SHARED_PREFIX {
             let batch = PaddedBatch::right_padded(seqs, 0, self.device)?;
             return Ok((self.forward_hidden(&batch.ids, &batch.positions, &batch.mask, None)?, 0));
-        }
-        if seqs.iter().any(|s| s.len() <= p) {
-            return Err(PolicyError::InvalidInput("every sequence needs a token after the shared prefix".into()));
         }
         let p64 = p as i64;
         let mut cache = self.new_cache(1, p64);

@@ -4,7 +4,7 @@ use super::names::{Part, Store};
 use tch::Tensor;
 
 /// Decoding steps on the CPU with at most this many rows use [`linear_few_rows`].
-pub const FEW_ROWS: i64 = 16;
+pub const FEW_ROWS: i64 = 64;
 
 /// `x W^T` for a few rows, computed as `(W x^T)^T`. With the weight as the left operand MKL
 /// streams it once instead of re-packing the whole matrix on every call, which is what a
