@@ -380,13 +380,24 @@ fn a_shared_opening_equals_the_plain_pass() {
         let cfg = SamplingConfig { temperature: 0.9, top_k: 40, max_new_tokens: 8, ..Default::default() };
         let (together, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[]).unwrap();
         assert_eq!(stats.shared_prefix_tokens, opening.len() as u64, "{variant}: {stats:?}");
-        for (i, r) in reqs.iter().enumerate() {
-            let alone =
-                generate::generate_requests(&model, &tok, std::slice::from_ref(r), &cfg, &[]).unwrap().remove(0);
-            assert_eq!(together[i].completion_ids, alone.completion_ids, "{variant} row {i}");
-            for (x, y) in together[i].logprobs.iter().zip(&alone.logprobs) {
-                assert!((x - y).abs() < 1e-4, "{variant} row {i}: log-prob {x} vs {y}");
-            }
+        same_as_alone(&model, &tok, &reqs, &cfg, &together, variant);
+    }
+}
+
+/// Each request generated alone gives the batch's tokens, and log-probs within 1e-4.
+fn same_as_alone(
+    model: &Llama,
+    tok: &Tokenizer,
+    reqs: &[generate::GenRequest],
+    cfg: &SamplingConfig,
+    together: &[generate::Completion],
+    what: &str,
+) {
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = generate::generate_requests(model, tok, std::slice::from_ref(r), cfg, &[]).unwrap().remove(0);
+        assert_eq!(together[i].completion_ids, alone.completion_ids, "{what} row {i}");
+        for (x, y) in together[i].logprobs.iter().zip(&alone.logprobs) {
+            assert!((x - y).abs() < 1e-4, "{what} row {i}: log-prob {x} vs {y}");
         }
     }
 }
@@ -428,13 +439,7 @@ fn mixed_length_batches_split_by_length() {
     let cfg = SamplingConfig { temperature: 0.9, max_new_tokens: 4, ..Default::default() };
     let (together, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[]).unwrap();
     assert_eq!(stats.prefills, buckets.len() as u64, "{stats:?}");
-    for (i, r) in reqs.iter().enumerate() {
-        let alone = generate::generate_requests(&model, &tok, std::slice::from_ref(r), &cfg, &[]).unwrap().remove(0);
-        assert_eq!(together[i].completion_ids, alone.completion_ids, "row {i}");
-        for (x, y) in together[i].logprobs.iter().zip(&alone.logprobs) {
-            assert!((x - y).abs() < 1e-4, "row {i}: log-prob {x} vs {y}");
-        }
-    }
+    same_as_alone(&model, &tok, &reqs, &cfg, &together, "mixed lengths");
 }
 
 /// The decoding loop reads back one thing per generated token (the sampled ids) and uploads
