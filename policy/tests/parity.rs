@@ -334,6 +334,28 @@ fn finish_probe_equals_a_fresh_forward_pass() {
     }
 }
 
+/// A probe with ids outside the vocabulary, or a suffix longer than it declared or holding such
+/// ids, is refused with an error that says so.
+#[test]
+fn a_bad_finish_probe_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny("gqa_tied", tmp.path());
+    let tok = tiny_tokenizer(tmp.path());
+    let vocab = model.config().vocab_size;
+    let cfg = SamplingConfig::greedy(3);
+    let run = |ids: Vec<i64>, suffix: Vec<i64>| {
+        let probe =
+            generate::FinishProbe { ids, max_suffix: 2, suffix: Box::new(move |_, _, _| Ok(Some(suffix.clone()))) };
+        generate::generate_probed(&model, &tok, &prompts(), &cfg, &[], probe).map(|_| ()).unwrap_err().to_string()
+    };
+    let e = run(vec![3, vocab], vec![]);
+    assert!(e.contains(&vocab.to_string()), "{e}");
+    let e = run(vec![3], vec![5, 6, 7]);
+    assert!(e.contains("max_suffix"), "{e}");
+    let e = run(vec![3], vec![5, -1]);
+    assert!(e.contains("-1"), "{e}");
+}
+
 /// Sequences that open alike: the opening goes through the trunk once and every row's
 /// remainder attends to it. Hidden states, scoring log-probs and generation equal the plain
 /// passes (and generating each prompt alone), also with a sliding window shorter than the
