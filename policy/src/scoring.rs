@@ -118,7 +118,7 @@ fn trunk(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(Tensor, Tenso
 /// open with a common prefix (a system prompt) it goes through the trunk once, the hidden
 /// states start where it ends, and the source positions count from there.
 fn trunk_shared(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let (_, src, tgt, mask) = layout(model, pairs)?;
+    let (src, tgt, mask) = targets(model, pairs);
     let seqs: Vec<Vec<i64>> = pairs.iter().map(|(p, c)| [p.as_slice(), c.as_slice()].concat()).collect();
     // Every completion token is predicted from its prompt's last position on.
     let max_prefix = pairs.iter().map(|(p, _)| p.len() - 1).min().unwrap_or(0);
@@ -130,9 +130,16 @@ fn trunk_shared(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(Tensor
 /// The right-padded batch of prompt + completion, and which of its positions predict
 /// completion tokens: ([B, C] source positions, [B, C] targets, [B, C] mask).
 fn layout(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(PaddedBatch, Tensor, Tensor, Tensor)> {
-    let dev = model.device();
     let seqs: Vec<Vec<i64>> = pairs.iter().map(|(p, c)| [p.as_slice(), c.as_slice()].concat()).collect();
-    let batch = PaddedBatch::right_padded(&seqs, 0, dev)?;
+    let batch = PaddedBatch::right_padded(&seqs, 0, model.device())?;
+    let (src, tgt, mask) = targets(model, pairs);
+    Ok((batch, src, tgt, mask))
+}
+
+/// Which positions of a right-padded batch of prompt + completion predict completion tokens:
+/// ([B, C] source positions, [B, C] targets, [B, C] mask).
+fn targets(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> (Tensor, Tensor, Tensor) {
+    let dev = model.device();
     let b = pairs.len() as i64;
     let cmax = pairs.iter().map(|(_, c)| c.len()).max().unwrap_or(0) as i64;
     // Position of the hidden state predicting completion token t: prompt_len - 1 + t.
@@ -150,7 +157,7 @@ fn layout(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<(PaddedBatch,
     let src = Tensor::from_slice(&src).view([b, cmax]).to_device(dev);
     let tgt = Tensor::from_slice(&tgt).view([b, cmax]).to_device(dev);
     let mask = Tensor::from_slice(&mask).view([b, cmax]).to_device(dev);
-    Ok((batch, src, tgt, mask))
+    (src, tgt, mask)
 }
 
 /// Log-probs (and entropies) of `targets` [R] under the head applied to `rows` [R, H], at most
