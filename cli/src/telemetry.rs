@@ -80,64 +80,33 @@ pub async fn serve(addr: &str) -> Result<Telemetry> {
     Ok(Telemetry { addr: bound })
 }
 
-/// Resident memory of the serving process (every role), refreshed at every scrape of /metrics.
-const RESIDENT_MEMORY: &str = "selfplay_process_resident_memory_bytes";
+/// Process metrics of the serving process (every role): CPU seconds, resident and virtual
+/// memory, open and maximum file descriptors, threads and start time, named
+/// `selfplay_process_*` and refreshed at every scrape of /metrics (`metrics-process`, the
+/// Prometheus Go client's process collector rewritten in Rust).
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR.get_or_init(|| metrics_process::Collector::new("selfplay_"))
+}
 
 fn describe_process_metrics() {
-    if cfg!(target_os = "linux") {
-        metrics::describe_gauge!(
-            RESIDENT_MEMORY,
-            metrics::Unit::Bytes,
-            "Resident memory (RSS) of this process: /proc/self/statm resident pages x page size"
-        );
-    }
+    process_collector().describe();
 }
 
 fn record_process_metrics() {
-    if let Some(bytes) = resident_memory_bytes() {
-        metrics::gauge!(RESIDENT_MEMORY).set(bytes as f64);
-    }
-}
-
-/// The resident set size in bytes: the second field of /proc/self/statm (pages) times the
-/// page size. None off Linux or when /proc cannot be read.
-#[cfg(target_os = "linux")]
-fn resident_memory_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages.saturating_mul(page_size()))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn resident_memory_bytes() -> Option<u64> {
-    None
-}
-
-#[cfg(target_os = "linux")]
-fn page_size() -> u64 {
-    use std::os::raw::{c_int, c_long};
-    extern "C" {
-        fn sysconf(name: c_int) -> c_long;
-    }
-    // _SC_PAGESIZE on Linux (glibc and musl, every architecture).
-    const SC_PAGESIZE: c_int = 30;
-    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // SAFETY: sysconf only reads a system constant; it has no preconditions.
-    *PAGE.get_or_init(|| match unsafe { sysconf(SC_PAGESIZE) } {
-        n if n > 0 => n as u64,
-        _ => 4096,
-    })
+    process_collector().collect();
 }
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     #[test]
-    fn resident_memory_is_plausible() {
-        let page = super::page_size();
-        assert!(page.is_power_of_two() && page >= 4096, "page size {page}");
-        let rss = super::resident_memory_bytes().expect("read /proc/self/statm");
+    fn process_metrics_are_plausible() {
+        let m = metrics_process::collector::collect();
+        let rss = m.resident_memory_bytes.expect("resident memory on Linux");
         // A test binary linked against libtorch: more than a megabyte, less than a terabyte.
         assert!(rss > 1 << 20 && rss < 1 << 40, "rss {rss}");
-        assert_eq!(rss % page, 0);
+        assert!(m.threads.expect("threads on Linux") >= 1);
+        assert!(m.open_fds.expect("open files on Linux") >= 3);
+        assert!(m.cpu_seconds_total.expect("CPU time on Linux") >= 0.0);
     }
 }

@@ -196,8 +196,10 @@ fn valid_group(unit: &str, epoch: u64) -> selfplay_proto::v1::RolloutGroup {
 /// What an actor credential can send, crafted: a hostile client with a valid actor credential
 /// against a real coordinator and learner, while honest actors play. Every call outside the
 /// actor role is refused, every crafted group is refused by name (or, when valid however
-/// extreme, trains with a finite loss), nothing touches another actor's membership or units,
-/// and the run completes all its steps with none skipped.
+/// extreme, is taken and then refused at its step because its log-probs disagree with the
+/// learner's, and its unit is played again by an honest actor), nothing touches another
+/// actor's membership or units, and the run completes all its steps with none skipped. The
+/// log-prob bound is the tight f32 one: the honest actors' groups all pass it.
 #[test]
 fn a_hostile_actor_cannot_stop_a_run_that_honest_actors_complete() {
     use selfplay_proto::v1::{
@@ -207,7 +209,7 @@ fn a_hostile_actor_cannot_stop_a_run_that_honest_actors_complete() {
     };
     use tokio_stream::StreamExt;
     use tonic::Code;
-    let (_tmp, mut c) = Cluster::new(&[]);
+    let (_tmp, mut c) = Cluster::new(&["[learner]\nmax_logprob_mismatch = 1e-3"]);
     let _coord = c.coordinator("127.0.0.1:0");
     let mut learner = c.learner(&[]);
     let coord_addr = c.coordinator_addr.clone().unwrap();
@@ -340,7 +342,8 @@ fn a_hostile_actor_cannot_stop_a_run_that_honest_actors_complete() {
         let ack = submit(g).unwrap();
         assert!(!ack.accepted && ack.reason.contains("no valid lease ticket"), "{ack:?}");
     }
-    // A valid group at every extreme validation allows is taken (and must train finitely).
+    // A valid group at every extreme validation allows is taken; at its step the learner finds
+    // that its behaviour log-probs are not its own and refuses it (below).
     let mut extreme = group(&u);
     for s in extreme.answers.iter_mut().filter_map(|a| a.sequence.as_mut()).chain(extreme.challenger.as_mut()) {
         s.ref_logprobs.iter_mut().for_each(|x| *x = 0.0);
@@ -405,12 +408,21 @@ fn a_hostile_actor_cannot_stop_a_run_that_honest_actors_complete() {
         }
     });
 
-    // The run completes: every step with N distinct units, none skipped.
+    // The run completes: every step with N distinct units, none skipped, none of them the
+    // hostile actor's, every honest one within the f32 log-prob bound.
     c.wait_exit(&mut learner);
     let steps = c.check_steps(5);
     for s in &steps {
         assert_eq!(s["stats"]["skipped"].as_bool(), Some(false), "{s}");
+        let mismatch = s["stats"]["logprob_mismatch_max"].as_f64().unwrap();
+        assert!(mismatch < 1e-4, "honest groups disagree by {mismatch} nats: {s}");
+        for unit in s["units"].as_array().unwrap() {
+            assert_ne!(unit["actor_id"], "hostile", "a hostile group was trained on: {s}");
+        }
     }
+    let log = std::fs::read_to_string(c.dir.join("learner.log")).unwrap();
+    let refusal = log.lines().find(|l| l.contains("refused as corrupt")).unwrap_or_else(|| panic!("{log}"));
+    assert!(refusal.contains(&u.unit_id) && refusal.contains("hostile") && refusal.contains("behaviour"), "{refusal}");
     let m = http_get(&coord_metrics, "/metrics");
     for rpc in ["OpenStep", "BeginEpoch", "PublishWeights", "Status"] {
         let line = format!("selfplay_coordinator_permission_denied_total{{role=\"actor\",rpc=\"{rpc}\"}} 1\n");

@@ -11,7 +11,7 @@
 //! - challenger 96 new tokens (one instruction), solver 256, judge 256: ~100 words of
 //!   justification (~140 tokens) plus `<Calculation>..</Calculation>` and `<Score>N</Score>`
 //!   (~30 tokens), with room for a judge that overruns its word limit (160 cut off the tag).
-//! - KL as the per-token k3 estimator summed over each sequence (see METHOD.md: the literal
+//! - KL as the per-token k3 estimator summed over each sequence (see docs/method.md: the literal
 //!   log-ratio has zero expected gradient on-policy).
 use crate::error::{io_err, GameError, Result};
 use crate::prompts::ParseFailure;
@@ -34,6 +34,7 @@ pub struct Config {
     pub loss: LossConfig,
     pub optim: OptimConfig,
     pub actor: ActorConfig,
+    pub learner: LearnerConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +110,40 @@ pub struct ActorConfig {
     /// answers in one, and so on). 0 = the device's default ([`ActorConfig::units_for`]);
     /// 1 = one unit at a time.
     pub units_in_flight: usize,
+}
+
+/// What the learner checks in the groups actors send, beyond their validation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnerConfig {
+    /// Synchronous mode: a group is refused as corrupt when one of its sequences' mean
+    /// per-token |log pi - log mu| (the learner's current log-prob against the behaviour
+    /// log-prob the actor sent) exceeds this many nats. Unset = derived from the dtypes
+    /// ([`LearnerConfig::mismatch_bound`]); `inf` = never refuse.
+    pub max_logprob_mismatch: Option<f64>,
+    /// Share of groups (0..=1, chosen by a hash of the run seed and unit id) whose reference
+    /// log-probs the learner recomputes with its own copy of the reference model, refusing
+    /// a group that disagrees by more than the mismatch bound. 0 = off: no reference model
+    /// is loaded on the learner.
+    pub reference_check_fraction: f64,
+}
+
+impl LearnerConfig {
+    /// The bound in effect: `max_logprob_mismatch`, else [`crate::trainer::MISMATCH_BOUND_F32`]
+    /// when every side certainly computes in f32 (`model_dtype` is f32 on any device, so
+    /// actors on CUDA too, and weights travel in f32), else the half-precision bound.
+    pub fn mismatch_bound(&self, model_dtype: &str, weights_travel_in_f32: bool) -> f64 {
+        if let Some(b) = self.max_logprob_mismatch {
+            return b;
+        }
+        let f32_everywhere = selfplay_policy::parse_kind_on(model_dtype, Device::Cuda(0)).ok() == Some(Kind::Float)
+            && selfplay_policy::parse_kind_on(model_dtype, Device::Cpu).ok() == Some(Kind::Float);
+        if f32_everywhere && weights_travel_in_f32 {
+            crate::trainer::MISMATCH_BOUND_F32
+        } else {
+            crate::trainer::MISMATCH_BOUND_HALF
+        }
+    }
 }
 
 impl ActorConfig {
@@ -486,6 +521,7 @@ impl Default for Config {
             loss: LossConfig::default(),
             optim: OptimConfig::default(),
             actor: ActorConfig::default(),
+            learner: LearnerConfig::default(),
         }
     }
 }
@@ -587,6 +623,15 @@ impl Config {
         need(
             l.importance_cap.is_finite() && l.importance_cap >= 0.0,
             format!("loss.importance_cap must be >= 0, got {}", l.importance_cap),
+        );
+        let lc = &self.learner;
+        if let Some(b) = lc.max_logprob_mismatch {
+            // inf is allowed: it turns the check off.
+            need(b > 0.0, format!("learner.max_logprob_mismatch must be > 0 (inf = no check), got {b}"));
+        }
+        need(
+            (0.0..=1.0).contains(&lc.reference_check_fraction),
+            format!("learner.reference_check_fraction must be in [0, 1], got {}", lc.reference_check_fraction),
         );
         let o = &self.optim;
         need(o.lr.is_finite() && o.lr >= 0.0, format!("optim.lr must be >= 0, got {}", o.lr));
@@ -789,6 +834,33 @@ mod tests {
         assert_eq!(c.game.tasks, vec!["math".to_string()]);
         let back: Config = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn the_logprob_mismatch_bound_follows_the_dtypes() {
+        use crate::trainer::{MISMATCH_BOUND_F32, MISMATCH_BOUND_HALF};
+        let c = Config::load(None, &[]).unwrap();
+        // auto is bf16 on CUDA actors: only an explicit f32 with f32 weights on the wire is tight.
+        assert_eq!(c.learner.mismatch_bound("auto", true), MISMATCH_BOUND_HALF);
+        assert_eq!(c.learner.mismatch_bound("f32", true), MISMATCH_BOUND_F32);
+        assert_eq!(c.learner.mismatch_bound("f32", false), MISMATCH_BOUND_HALF);
+        assert_eq!(c.learner.mismatch_bound("bf16", true), MISMATCH_BOUND_HALF);
+        let set = Config::load(None, &["learner.max_logprob_mismatch=0.25".into()]).unwrap();
+        assert_eq!(set.learner.mismatch_bound("f32", true), 0.25);
+        let off = Config::load(None, &["learner.max_logprob_mismatch=inf".into()]).unwrap();
+        assert_eq!(off.learner.mismatch_bound("auto", false), f64::INFINITY);
+        let back: Config = toml::from_str(&off.to_toml()).unwrap();
+        assert_eq!(back, off);
+        for bad in
+            ["learner.max_logprob_mismatch=0", "learner.max_logprob_mismatch=-1", "learner.max_logprob_mismatch=nan"]
+        {
+            let e = Config::load(None, &[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains("learner.max_logprob_mismatch"), "{bad}: {e}");
+        }
+        for bad in ["learner.reference_check_fraction=1.5", "learner.reference_check_fraction=-0.1"] {
+            let e = Config::load(None, &[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains("learner.reference_check_fraction"), "{bad}: {e}");
+        }
     }
 
     #[test]

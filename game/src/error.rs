@@ -20,6 +20,9 @@ pub enum GameError {
     Policy(#[from] selfplay_policy::PolicyError),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A collective between learner ranks failed (a rank died, timed out or disagreed).
+    #[error("learner ranks: {0}")]
+    Distributed(String),
 }
 
 pub type Result<T, E = GameError> = std::result::Result<T, E>;

@@ -1,9 +1,13 @@
-//! AdamW with global gradient-norm clipping, written out so that its state can be saved and
-//! restored exactly (resuming is bit-identical on CPU). Same arithmetic as torch.optim.AdamW
-//! (decoupled weight decay, bias-corrected moments) and torch.nn.utils.clip_grad_norm_.
-//! Parameters held in bf16 get f32 master copies, or updates of lr ~ 1e-6 would round away.
+//! AdamW with global gradient-norm clipping, with its state held here so that it can be saved
+//! and restored exactly (resuming is bit-identical on CPU). The update is torch.optim.AdamW's
+//! fused kernel (`_fused_adamw_`, through selfplay-torch-ext): decoupled weight decay and
+//! bias-corrected moments for every parameter in one call, where the written-out update was
+//! eight kernels per parameter (~3,000 launches per step for a 3B model on CUDA). Clipping is
+//! torch.nn.utils.clip_grad_norm_ with foreach norms and scaling. Parameters held in bf16 get
+//! f32 master copies, or updates of lr ~ 1e-6 would round away.
 use crate::error::{GameError, Result};
 use selfplay_policy::weights;
+use selfplay_torch_ext::foreach::{self, AdamWHyper};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -19,6 +23,8 @@ pub struct AdamW {
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
     master: Vec<Option<Tensor>>,
+    /// The step count the fused kernel reads, one f32 element per parameter's device.
+    steps: Vec<Tensor>,
 }
 
 impl AdamW {
@@ -38,6 +44,7 @@ impl AdamW {
                 .iter()
                 .map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float)))
                 .collect(),
+            steps: params.iter().map(|(_, p)| Tensor::zeros([1], (Kind::Float, p.device()))).collect(),
         }
     }
 
@@ -45,76 +52,78 @@ impl AdamW {
     /// and returns the norm before clipping.
     pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> f64 {
         tch::no_grad(|| {
-            let norms: Vec<Tensor> = params
-                .iter()
-                .map(|(_, p)| p.grad())
-                .filter(|g| g.defined())
-                .map(|g| match g.kind() {
-                    Kind::Float => g.norm(),
-                    // Accumulated in f32 without an f32 copy of the gradient.
-                    _ => g.norm_scalaropt_dtype(2, Kind::Float),
-                })
-                .collect();
-            if norms.is_empty() {
+            let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
+            if grads.is_empty() {
                 return 0.0;
             }
-            let total = Tensor::stack(&norms, 0).norm();
+            // Each norm accumulated in f32 (a bf16 gradient without an f32 copy of it).
+            let norms = foreach::norms_f32(&grads).expect("gradient norms of defined gradients");
+            // The norms combined in f64 (as learner ranks combine their shards), then f32.
+            let total = norms.to_kind(Kind::Double).square().sum(Kind::Double).sqrt().to_kind(Kind::Float);
             if max_norm > 0.0 {
                 let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
-                for (_, p) in params {
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let _ = g.g_mul_(&coef.to_kind(g.kind()));
-                    }
+                // Grouped by dtype: the foreach scaling takes one scale tensor per list.
+                for kind in [Kind::Float, Kind::BFloat16, Kind::Half, Kind::Double] {
+                    let group: Vec<Tensor> =
+                        grads.iter().filter(|g| g.kind() == kind).map(|g| g.shallow_clone()).collect();
+                    foreach::mul_(&group, &coef.to_kind(kind)).expect("gradient scaling");
                 }
             }
             total.double_value(&[])
         })
     }
 
-    /// One update from the parameters' gradients, then clears them. Everything is in place:
-    /// an f32 gradient is itself the scratch space (it is cleared afterwards anyway), so an
-    /// f32 parameter's update allocates nothing of its size; a bf16 gradient is widened into
-    /// one f32 temporary, which then serves as the scratch.
+    /// One update from the parameters' gradients, then clears them: one fused AdamW call over
+    /// every parameter that has a gradient (the f32 masters where a parameter is bf16, with its
+    /// gradient widened into one f32 temporary), then the bf16 copies of the masters and the
+    /// zeroing of the gradients, each one foreach call.
     pub fn step(&mut self, params: &[(String, Tensor)]) {
         self.t += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
-        let step_size = self.lr / bc1;
-        let bc2_sqrt = bc2.sqrt();
+        let h = AdamWHyper {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        };
         tch::no_grad(|| {
+            for s in &self.steps {
+                let _ = s.shallow_clone().fill_(self.t as f64);
+            }
+            let (mut targets, mut grads, mut m, mut v, mut steps) = (vec![], vec![], vec![], vec![], vec![]);
+            let (mut low, mut masters, mut all_grads) = (vec![], vec![], vec![]);
             for (i, (_, p)) in params.iter().enumerate() {
-                let mut g = p.grad();
+                let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
-                let mut scratch = if g.kind() == Kind::Float { g.shallow_clone() } else { g.to_kind(Kind::Float) };
-                let mut target = match &self.master[i] {
-                    Some(m) => m.shallow_clone(),
-                    None => p.shallow_clone(),
-                };
-                let _ = target.g_mul_scalar_(1.0 - self.lr * self.weight_decay);
-                // m = beta1 m + (1 - beta1) g, as torch.optim.AdamW writes it.
-                let m = &mut self.exp_avg[i];
-                let _ = m.lerp_(&scratch, 1.0 - self.beta1);
-                // v = beta2 v + (1 - beta2) g^2, with g^2 squared in place.
-                let _ = scratch.g_mul_(&scratch.shallow_clone());
-                let v = &mut self.exp_avg_sq[i];
-                let _ = v.lerp_(&scratch, 1.0 - self.beta2);
-                // denom = sqrt(v) / sqrt(bc2) + eps, scaled by -1 / step_size so that
-                // addcdiv (which has no factor in tch) subtracts step_size * m / denom.
-                let _ = v.sqrt_out(&scratch);
-                let _ = scratch.g_div_scalar_(bc2_sqrt);
-                let _ = scratch.g_add_scalar_(self.eps);
-                let _ = scratch.g_div_scalar_(-step_size);
-                let _ = target.addcdiv_(m, &scratch);
-                if self.master[i].is_some() {
-                    let mut pp = p.shallow_clone();
-                    let _ = pp.copy_(&target);
+                match &self.master[i] {
+                    Some(master) => {
+                        targets.push(master.shallow_clone());
+                        grads.push(g.to_kind(Kind::Float));
+                        low.push(p.shallow_clone());
+                        masters.push(master.shallow_clone());
+                    }
+                    None => {
+                        targets.push(p.shallow_clone());
+                        grads.push(g.shallow_clone());
+                    }
                 }
-                let _ = g.zero_();
+                m.push(self.exp_avg[i].shallow_clone());
+                v.push(self.exp_avg_sq[i].shallow_clone());
+                steps.push(self.steps[i].shallow_clone());
+                all_grads.push(g);
             }
+            foreach::fused_adamw(&targets, &grads, &m, &v, &steps, h).expect("AdamW over the model's own parameters");
+            foreach::copy_(&low, &masters).expect("bf16 weights from their masters");
+            foreach::zero_(&all_grads).expect("clearing gradients");
         });
+    }
+
+    /// The moments and master weights (`None` where the parameter itself is f32), per
+    /// parameter in the order given to [`AdamW::new`].
+    pub fn state(&self) -> (&[Tensor], &[Tensor], &[Option<Tensor>]) {
+        (&self.exp_avg, &self.exp_avg_sq, &self.master)
     }
 
     /// Saves the moments (and master weights) as safetensors, keyed by parameter name.

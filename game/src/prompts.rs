@@ -1,4 +1,4 @@
-//! The game's prompts, in the project's own words, following the structure of METHOD.md:
+//! The game's prompts, in the project's own words, following the structure of docs/method.md:
 //! the challenger prompt (with `{task}` and `{template}` placeholders), and the self-reward
 //! judge prompt (7 additive binary criteria, a short justification, `<Score>N</Score>`).
 //! Both can be replaced by files named in the config.

@@ -1,5 +1,5 @@
-//! Reward sources behind one trait: the built-in reward model (a Llama sequence classifier in
-//! the format of Skywork-Reward-V2), a judge language model prompted with the rubric, none,
+//! Reward sources behind one trait: a reward model (a Llama, Mistral, Qwen2 or Qwen3 sequence
+//! classifier in the format of Skywork-Reward-V2), a judge language model prompted with the rubric, none,
 //! rules on the text ([`crate::rules`]), a weighted sum of several, and (in the actor crate) a
 //! remote `Reward` service.
 use crate::config::{Config, RewardKind, RewardSourceConfig, SelfRewardMode};
@@ -26,7 +26,7 @@ fn check_finite(name: &str, scores: Vec<f64>, n: usize) -> Result<Vec<f64>> {
     Ok(scores)
 }
 
-/// LlamaForSequenceClassification: the chat-rendered (query, answer) conversation, scored by
+/// A `*ForSequenceClassification` model (Llama, Mistral, Qwen2, Qwen3): the chat-rendered (query, answer) conversation, scored by
 /// the `score` head at its last token.
 pub struct RewardModel {
     model: Llama,

@@ -1,4 +1,4 @@
-//! Rewards and advantages of the three modes (METHOD.md), on plain numbers.
+//! Rewards and advantages of the three modes (docs/method.md), on plain numbers.
 //!
 //! LSP-Zero: solver reward R, challenger reward -V(q) with V(q) = mean_j R(q, a_j).
 //! LSP:      solver reward R + R_Q, challenger reward -V(q) + V_Q(q).

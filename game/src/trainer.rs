@@ -13,7 +13,14 @@
 //! With an importance cap c > 0, pg is weighted by min(pi/mu, c) (per sequence or per token).
 //! Groups are split into `grad_accum` micro-batches whose losses use the step's global
 //! denominators, so accumulation changes memory use, not the result.
+//!
+//! The step also compares lp_t with mu_t on every completion token (the training-inference
+//! mismatch, [`StepStats::logprob_mismatch_mean`] and `_max`), from the log-probs it computes
+//! anyway. With a bound ([`Trainer::train_step_checked`]), a group sampled by the trainer's
+//! current weights whose sequences disagree by more than the bound is refused before the
+//! optimizer: the gradient is dropped and nothing of the trainer changes.
 use crate::config::{Aggregation, Config, KlMode};
+use crate::data_parallel::{self, DataParallel};
 use crate::error::{io_err, GameError, Result};
 use crate::optim::AdamW;
 use crate::prompts::ParseFailure;
@@ -80,6 +87,71 @@ pub struct StepStats {
     /// the version moves on) but the weights and the optimizer state did not change.
     #[serde(default)]
     pub skipped: bool,
+    /// Training-inference mismatch: mean over every scored completion token of
+    /// |log pi(token) - log mu(token)|, the learner's current log-prob against the behaviour
+    /// log-prob the actor sent (nats). Near 0 in synchronous mode (numerical noise only);
+    /// in asynchronous mode it also holds the policy's drift over the lag.
+    #[serde(default)]
+    pub logprob_mismatch_mean: f64,
+    /// The largest of those per-token differences (nats).
+    #[serde(default)]
+    pub logprob_mismatch_max: f64,
+}
+
+/// Default bound of [`Trainer::train_step_checked`] when actors and learner all compute in
+/// f32: the mean per-token mismatch of a sequence, in nats. An honest f32 run on the CPU
+/// measures about 3e-6 on average and 3e-5 on its worst token (docs/operations.md); a corrupt
+/// or mis-weighted group is off by whole nats.
+pub const MISMATCH_BOUND_F32: f64 = 1e-3;
+/// Default bound when any side computes in bf16 or f16 (or may: `model.dtype = "auto"` is
+/// bf16 on CUDA actors), or weights travel in bf16: rounding moves log-probs by a few
+/// hundredths of a nat on average (0.044 measured on the CPU), with single tokens much
+/// further (0.37), hence the sequence's mean, not its largest token, is what is bounded.
+pub const MISMATCH_BOUND_HALF: f64 = 1.0;
+
+/// Which log-probs of a group disagreed with the learner's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disagreement {
+    /// The behaviour log-probs, against the learner's current policy.
+    Behaviour,
+    /// The reference log-probs, against the learner's own reference model.
+    Reference,
+}
+
+impl Disagreement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disagreement::Behaviour => "behaviour",
+            Disagreement::Reference => "reference",
+        }
+    }
+}
+
+/// A group refused because its log-probs disagree with the learner's
+/// ([`Trainer::train_step_checked`], [`reference_refusals`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// Position of the group in the step's list.
+    pub index: usize,
+    pub unit_id: String,
+    pub actor_id: String,
+    pub which: Disagreement,
+    /// The largest mean per-token mismatch among the group's sequences (what was bounded).
+    pub mean: f64,
+    /// The largest single-token mismatch in the group.
+    pub max: f64,
+    pub bound: f64,
+}
+
+/// What [`Trainer::train_step_checked`] did.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per step, moved once
+pub enum StepResult {
+    /// The step was taken (or skipped as not finite, which also counts).
+    Trained(StepStats),
+    /// Some groups disagree with the current policy beyond the bound: nothing was applied,
+    /// the step count, weights, optimizer state and gradients are as before the call.
+    Refused(Vec<Refusal>),
 }
 
 /// One sequence in the loss, with its advantage and its weight in the loss.
@@ -88,6 +160,8 @@ struct LossItem<'a> {
     advantage: f64,
     weight: f64,
     challenger: bool,
+    /// Index of the item's group in the step.
+    group: usize,
 }
 
 pub struct Trainer {
@@ -96,6 +170,9 @@ pub struct Trainer {
     pub opt: AdamW,
     /// Completed steps.
     pub step: u64,
+    /// Learner ranks: this one's share of each step and of the optimizer state
+    /// ([`Trainer::into_data_parallel`]); `None` trains alone with [`Trainer::opt`].
+    dp: Option<DataParallel>,
     /// The model directory's config and tokenizer files, read once at the start: every
     /// checkpoint carries them, even after the directory the run started from (for instance
     /// the checkpoint it resumed from) has been pruned.
@@ -127,7 +204,37 @@ impl Trainer {
                 Err(e) => return Err(io_err(&path)(e)),
             }
         }
-        Ok(Trainer { policy, cfg, opt, step: 0, side_files })
+        Ok(Trainer { policy, cfg, opt, step: 0, side_files, dp: None })
+    }
+
+    /// Makes this trainer one rank of a data-parallel learner over `pg` (every rank holds the
+    /// same weights, optimizer state and step, and is given the same groups each step). Each
+    /// rank then trains on its share of a step's sequences and keeps 1/W of the optimizer
+    /// state ([`crate::data_parallel`]); its shard is taken from the state it has now, which
+    /// is then released.
+    pub fn into_data_parallel(mut self, pg: selfplay_torch_ext::dist::ProcessGroup) -> Result<Self> {
+        let o = &self.cfg.optim;
+        let hyper = selfplay_torch_ext::foreach::AdamWHyper {
+            lr: self.opt.lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+        };
+        let params = self.policy.model.parameters();
+        let mut dp = DataParallel::new(pg, params, hyper)?;
+        if self.opt.t > 0 {
+            let (exp_avg, exp_avg_sq, master) = self.opt.state();
+            dp.take_shard(exp_avg, exp_avg_sq, master, params, self.opt.t);
+        }
+        self.opt = AdamW::new(&[], self.opt.lr, o.beta1, o.beta2, o.eps, o.weight_decay);
+        self.dp = Some(dp);
+        Ok(self)
+    }
+
+    /// This learner's rank and the number of ranks ((0, 1) alone).
+    pub fn rank(&self) -> (usize, usize) {
+        self.dp.as_ref().map_or((0, 1), |d| (d.rank(), d.world()))
     }
 
     /// Limits a group must satisfy to enter a step.
@@ -203,10 +310,25 @@ impl Trainer {
     }
 
     /// One optimizer step on N groups. Validates everything first: a bad group changes nothing.
+    /// The log-prob mismatch is measured, not bounded ([`Trainer::train_step_checked`]).
     pub fn train_step(&mut self, groups: &[RolloutGroup]) -> Result<StepStats> {
-        match self.step_on(groups, true)? {
+        match self.step_on(groups, true, None)? {
             Outcome::Stats(s) => Ok(s),
-            Outcome::Gradients(_) => unreachable!("an applied step returns its statistics"),
+            _ => unreachable!("an applied step without a bound returns its statistics"),
+        }
+    }
+
+    /// [`Trainer::train_step`], refusing the groups sampled by the current weights
+    /// (`weights_version == self.step`) whose log-probs disagree with the trainer's: any of
+    /// their sequences with a mean per-token |log pi - log mu| above `max_mismatch`. The check
+    /// reuses the step's own forward pass and runs before the optimizer; on a refusal the
+    /// accumulated gradient is zeroed and nothing else was touched, so the same step can be
+    /// taken again, bit for bit, once honest groups replace the refused ones.
+    pub fn train_step_checked(&mut self, groups: &[RolloutGroup], max_mismatch: Option<f64>) -> Result<StepResult> {
+        match self.step_on(groups, true, max_mismatch)? {
+            Outcome::Stats(s) => Ok(StepResult::Trained(s)),
+            Outcome::Refused(r) => Ok(StepResult::Refused(r)),
+            Outcome::Gradients(_) => unreachable!("an applied step does not return its gradient"),
         }
     }
 
@@ -214,13 +336,13 @@ impl Trainer {
     /// clipping), one tensor per parameter, without applying it: weights, optimizer state and
     /// step count stay as they are. For tests and diagnostics.
     pub fn gradients(&mut self, groups: &[RolloutGroup]) -> Result<Vec<(String, Tensor)>> {
-        match self.step_on(groups, false)? {
+        match self.step_on(groups, false, None)? {
             Outcome::Gradients(g) => Ok(g),
-            Outcome::Stats(_) => unreachable!("a step not applied returns its gradient"),
+            _ => unreachable!("a step not applied returns its gradient"),
         }
     }
 
-    fn step_on(&mut self, groups: &[RolloutGroup], apply: bool) -> Result<Outcome> {
+    fn step_on(&mut self, groups: &[RolloutGroup], apply: bool, max_mismatch: Option<f64>) -> Result<Outcome> {
         let t0 = Instant::now();
         let n = self.cfg.game.queries_per_step;
         if groups.len() != n {
@@ -250,6 +372,7 @@ impl Trainer {
                     advantage: adv.challenger[i],
                     weight: alpha / kept_challengers as f64,
                     challenger: true,
+                    group: i,
                 });
             }
             for (j, a) in g.answers.iter().enumerate() {
@@ -264,12 +387,30 @@ impl Trainer {
                     advantage: adv.solver[i][j],
                     weight: 1.0 / kept_answers.max(1) as f64,
                     challenger: false,
+                    group: i,
                 });
             }
             items_per_group.push(items);
         }
 
-        let mut acc = Accum::default();
+        // Learner ranks: this rank trains only the sequences assigned to it; the weights in
+        // the loss stay the step's global ones, so the ranks' gradients sum to the whole.
+        if let Some(dp) = &self.dp {
+            let lens: Vec<usize> = items_per_group
+                .iter()
+                .flatten()
+                .map(|it| it.seq.prompt_ids.len() + it.seq.completion_ids.len())
+                .collect();
+            let owner = data_parallel::assign(&lens, dp.world());
+            let mut k = 0;
+            for items in items_per_group.iter_mut() {
+                items.retain(|_| {
+                    k += 1;
+                    owner[k - 1] == dp.rank()
+                });
+            }
+        }
+        let mut acc = Accum { group_mismatch: vec![(0.0, 0.0); groups.len()], ..Accum::default() };
         let k = self.cfg.optim.grad_accum.max(1);
         let per = groups.len().div_ceil(k);
         let mut tokens = 0usize;
@@ -298,7 +439,36 @@ impl Trainer {
                 scored.backward(&self.policy.model)?;
             }
         }
-        if !apply {
+        if let Some(dp) = &self.dp {
+            // Every rank leaves with the step's totals (and all skip if one did).
+            acc.all_reduce(dp, &mut tokens, &mut skipped)?;
+        }
+        if let (true, Some(bound)) = (apply, max_mismatch) {
+            let refused: Vec<Refusal> = groups
+                .iter()
+                .zip(&acc.group_mismatch)
+                .enumerate()
+                // Only the groups sampled by these very weights must agree with them; a NaN
+                // disagrees.
+                .filter(|(_, (g, (mean, _)))| g.weights_version == self.step && (mean.is_nan() || *mean > bound))
+                .map(|(index, (g, &(mean, max)))| Refusal {
+                    index,
+                    unit_id: g.unit_id.clone(),
+                    actor_id: g.actor_id.clone(),
+                    which: Disagreement::Behaviour,
+                    mean,
+                    max,
+                    bound,
+                })
+                .collect();
+            if !refused.is_empty() {
+                // Before clipping and the optimizer: dropping the accumulated gradient leaves
+                // the trainer exactly as it was (gradients are zeroed after every step).
+                self.zero_grad();
+                return Ok(Outcome::Refused(refused));
+            }
+        }
+        if !apply && self.dp.is_none() {
             let grads = self
                 .policy
                 .model
@@ -313,7 +483,23 @@ impl Trainer {
             return Ok(Outcome::Gradients(grads));
         }
         let mut grad_norm = f64::NAN;
-        if !skipped {
+        if let (Some(dp), false) = (&mut self.dp, skipped) {
+            let params = self.policy.model.parameters();
+            let (shard, norm) = dp.reduce_gradients(params)?;
+            grad_norm = norm;
+            if !apply {
+                return Err(GameError::Config("gradients() is not available on learner ranks".into()));
+            }
+            if norm.is_finite() {
+                dp.apply(params, &shard, norm, self.cfg.optim.max_grad_norm)?;
+            } else {
+                tracing::warn!(
+                    step = self.step + 1,
+                    "the gradient norm is not finite; the update is skipped, weights unchanged"
+                );
+                skipped = true;
+            }
+        } else if !skipped {
             let params = self.policy.model.parameters();
             grad_norm = AdamW::clip_grad_norm(params, self.cfg.optim.max_grad_norm);
             if grad_norm.is_finite() {
@@ -364,6 +550,8 @@ impl Trainer {
             step_seconds: secs,
             tokens_per_second: tokens as f64 / secs,
             skipped,
+            logprob_mismatch_mean: acc.mismatch_sum / acc.mismatch_tokens.max(1) as f64,
+            logprob_mismatch_max: acc.mismatch_max,
         }))
     }
 
@@ -455,8 +643,22 @@ impl Trainer {
             Vec::<f64>::try_from(per_seq.detach().to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
         let ent = scored.entropy.as_ref().expect("requested").sum_dim_intlist(1, false, Kind::Float);
         let ent_v: Vec<f64> = Vec::<f64>::try_from(ent.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+        // Training-inference mismatch |lp - mu| per completion token (padding masked to 0).
+        let diff = (lp.detach().to_kind(Kind::Float) - &behs).abs() * &mask;
+        let diff_sum: Vec<f64> =
+            Vec::<f64>::try_from(diff.sum_dim_intlist(1, false, Kind::Double).to_device(tch::Device::Cpu))?;
+        let diff_max: Vec<f64> =
+            Vec::<f64>::try_from(diff.amax(1, false).to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
         for (i, it) in items.iter().enumerate() {
             let ntok = it.seq.completion_ids.len() as u64;
+            acc.mismatch_sum += diff_sum[i];
+            acc.mismatch_tokens += ntok;
+            acc.mismatch_max = acc.mismatch_max.max(diff_max[i]);
+            let seq_mean = diff_sum[i] / ntok.max(1) as f64;
+            let g = &mut acc.group_mismatch[it.group];
+            // NaN-propagating maxima: a NaN log-prob is a mismatch beyond any bound.
+            g.0 = if seq_mean.is_nan() || g.0.is_nan() { f64::NAN } else { g.0.max(seq_mean) };
+            g.1 = if diff_max[i].is_nan() || g.1.is_nan() { f64::NAN } else { g.1.max(diff_max[i]) };
             if it.challenger {
                 acc.loss_ch += per_seq_v[i] / self.cfg.game.alpha_ch.max(f64::MIN_POSITIVE);
                 acc.kl_ch += k3_seq[i];
@@ -479,6 +681,11 @@ impl Trainer {
     /// `trainer.json` (step, config, and the caller's `extra` state). Written under a
     /// temporary name and renamed, so a crash never leaves a partial checkpoint.
     pub fn save_checkpoint(&self, dir: &Path, extra: serde_json::Value) -> Result<PathBuf> {
+        // Learner ranks: every rank gathers its optimizer shard to rank 0, which alone writes.
+        if let Some(dp) = self.dp.as_ref().filter(|d| d.rank() != 0) {
+            dp.save(dir)?;
+            return Ok(dir.to_path_buf());
+        }
         let tmp = dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
@@ -487,8 +694,17 @@ impl Trainer {
             let path = tmp.join(name);
             std::fs::write(&path, bytes).map_err(io_err(&path))?;
         }
-        self.opt.save(&tmp.join("optimizer.safetensors"))?;
-        let state = TrainerState { step: self.step, adam_t: self.opt.t, config: self.cfg.to_toml(), extra };
+        let adam_t = match &self.dp {
+            Some(dp) => {
+                dp.save(&tmp.join("optimizer.safetensors"))?;
+                dp.t
+            }
+            None => {
+                self.opt.save(&tmp.join("optimizer.safetensors"))?;
+                self.opt.t
+            }
+        };
+        let state = TrainerState { step: self.step, adam_t, config: self.cfg.to_toml(), extra };
         let json = serde_json::to_string_pretty(&state).expect("serialisable");
         std::fs::write(tmp.join("trainer.json"), json).map_err(io_err(&tmp))?;
         // Durable before it becomes visible: every file, the directory, then the rename and
@@ -552,6 +768,46 @@ impl Trainer {
     }
 }
 
+/// Recomputes the reference log-probs of the groups `selected` picks with `reference` (the
+/// learner's own copy of the reference model, no gradient) and returns those of which a
+/// sequence disagrees with what the actor sent by more than `bound` (mean per-token absolute
+/// difference, nats). Costs one forward pass of the reference over the selected sequences.
+pub fn reference_refusals(
+    reference: &Policy,
+    groups: &[RolloutGroup],
+    selected: impl Fn(&RolloutGroup) -> bool,
+    bound: f64,
+) -> Result<Vec<Refusal>> {
+    let mut refused = vec![];
+    for (index, g) in groups.iter().enumerate().filter(|(_, g)| selected(g)) {
+        let seqs: Vec<&SequenceData> = g.challenger.iter().chain(g.answers.iter().map(|a| &a.sequence)).collect();
+        let pairs: Vec<(Vec<i64>, Vec<i64>)> =
+            seqs.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).collect();
+        let lp = tch::no_grad(|| scoring::completion_logprobs(&reference.model, &pairs, false))?;
+        let rows: Vec<Vec<f32>> =
+            Vec::<Vec<f32>>::try_from(lp.logprobs.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
+        let (mut mean, mut max) = (0.0f64, 0.0f64);
+        for (s, row) in seqs.iter().zip(&rows) {
+            let d: Vec<f64> = s.ref_logprobs.iter().zip(row).map(|(a, b)| (*a as f64 - *b as f64).abs()).collect();
+            let m = d.iter().sum::<f64>() / d.len().max(1) as f64;
+            mean = if m.is_nan() || mean.is_nan() { f64::NAN } else { mean.max(m) };
+            max = d.iter().fold(max, |x, y| x.max(*y));
+        }
+        if mean.is_nan() || mean > bound {
+            refused.push(Refusal {
+                index,
+                unit_id: g.unit_id.clone(),
+                actor_id: g.actor_id.clone(),
+                which: Disagreement::Reference,
+                mean,
+                max,
+                bound,
+            });
+        }
+    }
+    Ok(refused)
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct TrainerState {
     step: u64,
@@ -560,10 +816,12 @@ struct TrainerState {
     extra: serde_json::Value,
 }
 
-/// What [`Trainer::step_on`] did: applied the step, or only computed its gradient.
+/// What [`Trainer::step_on`] did: applied the step, only computed its gradient, or refused
+/// groups and applied nothing.
 enum Outcome {
     Stats(StepStats),
     Gradients(Vec<(String, Tensor)>),
+    Refused(Vec<Refusal>),
 }
 
 #[derive(Default)]
@@ -578,4 +836,50 @@ struct Accum {
     ent_ch: f64,
     tok_sol: u64,
     tok_ch: u64,
+    /// Sum, count and largest of the per-token |lp - mu| over the step.
+    mismatch_sum: f64,
+    mismatch_tokens: u64,
+    mismatch_max: f64,
+    /// Per group: the largest mean per-token mismatch of its sequences, and its largest
+    /// per-token mismatch.
+    group_mismatch: Vec<(f64, f64)>,
+}
+
+impl Accum {
+    /// Sums (and maxima) over the learner ranks, so every rank holds the step's statistics;
+    /// `tokens` is summed and `skipped` becomes true everywhere if it is anywhere.
+    fn all_reduce(&mut self, dp: &DataParallel, tokens: &mut usize, skipped: &mut bool) -> Result<()> {
+        let mut sums = [
+            self.loss_sol,
+            self.loss_ch,
+            self.kl_sol,
+            self.kl_ch,
+            self.n_sol as f64,
+            self.n_ch as f64,
+            self.ent_sol,
+            self.ent_ch,
+            self.tok_sol as f64,
+            self.tok_ch as f64,
+            self.mismatch_sum,
+            self.mismatch_tokens as f64,
+            *tokens as f64,
+        ];
+        dp.sum(&mut sums)?;
+        let mut maxes = vec![self.mismatch_max, *skipped as u8 as f64];
+        maxes.extend(self.group_mismatch.iter().flat_map(|&(a, b)| [a, b]));
+        dp.max(&mut maxes)?;
+        [self.loss_sol, self.loss_ch, self.kl_sol, self.kl_ch] = [sums[0], sums[1], sums[2], sums[3]];
+        [self.n_sol, self.n_ch] = [sums[4] as u64, sums[5] as u64];
+        [self.ent_sol, self.ent_ch] = [sums[6], sums[7]];
+        [self.tok_sol, self.tok_ch] = [sums[8] as u64, sums[9] as u64];
+        self.mismatch_sum = sums[10];
+        self.mismatch_tokens = sums[11] as u64;
+        *tokens = sums[12] as usize;
+        self.mismatch_max = maxes[0];
+        *skipped = maxes[1] > 0.0;
+        for (i, g) in self.group_mismatch.iter_mut().enumerate() {
+            *g = (maxes[2 + 2 * i], maxes[3 + 2 * i]);
+        }
+        Ok(())
+    }
 }

@@ -181,6 +181,23 @@ impl Inbox {
         Some(groups)
     }
 
+    /// Undoes [`Inbox::take_step`] for a step that was not trained because some of its groups
+    /// were refused as corrupt: none of `groups` is consumed any more, the ones not listed in
+    /// `refused` (indices into `groups`) are pending again, and the refused ones are gone, so
+    /// a copy of their units played again is taken like any new group.
+    pub fn put_back(&mut self, groups: Vec<RolloutGroup>, refused: &[usize]) {
+        for (i, g) in groups.into_iter().enumerate() {
+            self.consumed.remove(&g.unit_id);
+            if refused.contains(&i) {
+                self.rejected_total += 1;
+                continue;
+            }
+            if let Some(key) = parse_unit_id(&g.unit_id) {
+                self.pending.insert(key, g);
+            }
+        }
+    }
+
     /// Forgets every group not trained yet (a new epoch: the coordinator reissues them).
     pub fn clear_pending(&mut self) -> usize {
         let n = self.pending.len();
@@ -284,6 +301,27 @@ mod tests {
         b.commit(&step, 1, 0);
         assert_eq!(b.pending_len(), 0);
         assert!(b.take_step().is_none());
+    }
+
+    #[test]
+    fn a_refused_step_is_put_back_and_its_corrupt_unit_can_come_again() {
+        let mut b = Inbox::new(0, 0, 2, lim());
+        assert_eq!(b.offer(group(0, 0, 0)), Verdict::Accepted);
+        assert_eq!(b.offer(group(0, 1, 0)), Verdict::Accepted);
+        let step = b.take_step().unwrap();
+        // While the step trains, copies are duplicates.
+        assert_eq!(b.offer(group(0, 1, 0)), Verdict::Duplicate);
+        // s0-u1 was refused: s0-u0 is pending again, s0-u1 neither pending nor consumed.
+        b.put_back(step, &[1]);
+        assert_eq!(b.pending_len(), 1);
+        assert!(b.consumed.is_empty());
+        assert_eq!(b.rejected_total, 1);
+        assert!(b.take_step().is_none());
+        assert_eq!(b.offer(group(0, 0, 0)), Verdict::Duplicate);
+        // An honest replay of the refused unit is taken, and the step is whole again, in order.
+        assert_eq!(b.offer(group(0, 1, 0)), Verdict::Accepted);
+        let again = b.take_step().unwrap();
+        assert_eq!(again.iter().map(|g| g.unit_id.as_str()).collect::<Vec<_>>(), ["s0-u0", "s0-u1"]);
     }
 
     #[test]

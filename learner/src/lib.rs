@@ -13,7 +13,7 @@ pub mod service;
 
 use inbox::Inbox;
 use selfplay_game::driver::units_for_step;
-use selfplay_game::{Config, StepStats, Trainer};
+use selfplay_game::{Config, StepResult, StepStats, Trainer};
 use selfplay_proto::auth::{Credential, Role, Verifier};
 use selfplay_proto::client::{coordinator_client, AuthChannel};
 use selfplay_proto::guard::{RoleGuard, LEARNER_SERVICE};
@@ -411,6 +411,54 @@ impl Runner {
     }
 }
 
+/// `learner.reference_check_fraction`: the learner's own copy of the reference model, which
+/// recomputes the reference log-probs of a share of the groups and refuses those that disagree.
+struct ReferenceCheck {
+    reference: selfplay_policy::Policy,
+    fraction: f64,
+    seed: u64,
+    bound: f64,
+}
+
+impl ReferenceCheck {
+    /// None when the fraction is 0: no model is loaded.
+    fn load(cfg: &Config, fraction: f64, device: Device, kind: Kind, bound: f64) -> Result<Option<Self>, LearnerError> {
+        if fraction <= 0.0 {
+            return Ok(None);
+        }
+        // The reference the actors use: model.reference_path, else the initial policy.
+        let path =
+            if cfg.model.reference_path.as_os_str().is_empty() { &cfg.model.path } else { &cfg.model.reference_path };
+        let reference = selfplay_policy::Policy::load(path, device, kind)?;
+        tracing::info!(path = %path.display(), fraction, bound, "reference log-probs of a share of the groups are recomputed and checked");
+        Ok(Some(ReferenceCheck { reference, fraction, seed: cfg.run.seed, bound }))
+    }
+
+    /// Whether this unit's group is checked: a fixed function of (run seed, unit id), so which
+    /// groups are checked does not depend on timing, and a replayed unit is checked again.
+    fn selects(&self, unit_id: &str) -> bool {
+        reference_check_selects(self.seed, self.fraction, unit_id)
+    }
+
+    fn refusals(&self, groups: &[selfplay_game::RolloutGroup]) -> Result<Vec<selfplay_game::Refusal>, LearnerError> {
+        Ok(selfplay_game::trainer::reference_refusals(
+            &self.reference,
+            groups,
+            |g| self.selects(&g.unit_id),
+            self.bound,
+        )?)
+    }
+}
+
+/// Whether the reference check looks at this unit's group: a fixed function of (run seed,
+/// unit id), so which groups are checked does not depend on timing, and a replayed unit is
+/// checked again.
+fn reference_check_selects(seed: u64, fraction: f64, unit_id: &str) -> bool {
+    let h = unit_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let x = selfplay_proto::unit::mix(seed ^ h);
+    ((x >> 11) as f64) / ((1u64 << 53) as f64) < fraction
+}
+
 fn checkpoint(trainer: &Trainer, inbox: &Mutex<Inbox>, out_dir: &Path, keep: usize) -> Result<PathBuf, LearnerError> {
     let t0 = Instant::now();
     let extra = {
@@ -689,6 +737,21 @@ pub async fn run(
 
     let rt = tokio::runtime::Handle::current();
     let max_steps = cfg.run.steps;
+    let bound = {
+        let f32_wire = match opts.wire_dtype.as_str() {
+            "f32" => true,
+            "bf16" => false,
+            _ => trainer.policy.model.kind() == Kind::Float,
+        };
+        cfg.learner.mismatch_bound(&cfg.model.dtype, f32_wire && trainer.policy.model.kind() == Kind::Float)
+    };
+    // Synchronous mode only: there every group was sampled by the learner's own weights, so
+    // its behaviour log-probs must match the learner's up to numerical noise.
+    let mismatch_bound = (opts.max_policy_lag == 0).then_some(bound);
+    if let Some(bound) = mismatch_bound {
+        tracing::debug!(bound, "groups whose log-probs disagree with the learner's by more than this (mean nats per token) are refused as corrupt");
+    }
+    let (ref_fraction, ref_kind) = (cfg.learner.reference_check_fraction, trainer.policy.model.kind());
     let mut runner = Runner {
         cfg: cfg.clone(),
         opts: opts.clone(),
@@ -708,6 +771,7 @@ pub async fn run(
         .spawn(move || -> Result<LearnerSummary, LearnerError> {
             let mut trainer = trainer;
             let shared = thread_shared;
+            let reference_check = ReferenceCheck::load(&runner.cfg, ref_fraction, opts.device, ref_kind, bound)?;
             runner.begin_epoch(&trainer, &shared)?;
             // Loaded, serving, and the coordinator knows this learner's epoch and weights.
             selfplay_proto::health::health().ready("learner");
@@ -754,8 +818,39 @@ pub async fn run(
                         .record(version_before.saturating_sub(g.weights_version) as f64);
                 }
                 selfplay_proto::health::health().progress("learner", true);
-                let stats = trainer.train_step(&groups)?;
+                let wrong_reference = match &reference_check {
+                    Some(check) => check.refusals(&groups)?,
+                    None => vec![],
+                };
+                let result = if wrong_reference.is_empty() {
+                    trainer.train_step_checked(&groups, mismatch_bound)?
+                } else {
+                    StepResult::Refused(wrong_reference)
+                };
                 selfplay_proto::health::health().progress("learner", true);
+                let stats = match result {
+                    StepResult::Trained(stats) => stats,
+                    StepResult::Refused(refused) => {
+                        // Nothing was applied: the step is taken again once honest copies of
+                        // the refused units are in. Their actors were acknowledged and
+                        // reported them done, so their steps are reopened for them to be
+                        // played again (the units already here are refused as duplicates).
+                        metrics::record_refused(&refused);
+                        let bad: Vec<usize> = refused.iter().map(|r| r.index).collect();
+                        let steps: std::collections::BTreeSet<u64> =
+                            refused.iter().map(|r| groups[r.index].step).collect();
+                        shared.inbox.lock().expect("inbox lock").put_back(groups, &bad);
+                        let reopen = |runner: &mut Runner| steps.iter().try_for_each(|s| runner.open_step(*s, true));
+                        match reopen(&mut runner) {
+                            Err(LearnerError::EpochChanged(why)) => {
+                                tracing::warn!(%why, "the coordinator refused this learner's epoch");
+                                runner.resync(&trainer, &shared)?;
+                            }
+                            r => r?,
+                        }
+                        continue;
+                    }
+                };
                 if stats.skipped {
                     ::metrics::counter!("selfplay_learner_steps_skipped_total").increment(1);
                 }
@@ -829,4 +924,24 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = server.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_reference_check_picks_its_share_of_units_by_seed_and_id() {
+        let ids: Vec<String> = (0..4000).map(|i| format!("s{}-u{}", i / 8, i % 8)).collect();
+        let picked = |seed, f| ids.iter().filter(|id| super::reference_check_selects(seed, f, id)).count();
+        assert_eq!(picked(1, 0.0), 0);
+        assert_eq!(picked(1, 1.0), ids.len());
+        let quarter = picked(1, 0.25);
+        assert!((900..1100).contains(&quarter), "{quarter}");
+        // Fixed per (seed, id); another seed picks other units.
+        assert_eq!(quarter, picked(1, 0.25));
+        let same = ids
+            .iter()
+            .filter(|id| super::reference_check_selects(1, 0.25, id) == super::reference_check_selects(2, 0.25, id))
+            .count();
+        assert!(same < ids.len());
+    }
 }

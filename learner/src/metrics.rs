@@ -1,6 +1,6 @@
 //! The learner's metrics: names, descriptions, and recording of one step's statistics.
 use metrics::{describe_counter, describe_gauge, describe_histogram, gauge, Unit};
-use selfplay_game::StepStats;
+use selfplay_game::{Refusal, StepStats};
 
 pub fn describe_metrics() {
     selfplay_proto::guard::LEARNER_SERVICE.describe_metrics();
@@ -27,7 +27,19 @@ pub fn describe_metrics() {
     describe_counter!("selfplay_learner_groups_accepted_total", "Rollout groups stored for a step.");
     describe_counter!(
         "selfplay_learner_groups_rejected_total",
-        "Rollout groups refused, by reason (invalid, stale, duplicate, unleased: no valid lease ticket for the unit and actor)."
+        "Rollout groups refused, by reason (invalid, stale, duplicate, unleased: no valid lease ticket for the unit and actor, corrupt: log-probs that disagree with the learner's at its step)."
+    );
+    describe_counter!(
+        "selfplay_learner_groups_corrupt_total",
+        "Groups refused at their step because their log-probs disagree with the learner's own, by actor and by which log-probs (behaviour: synchronous mode; reference: learner.reference_check_fraction)."
+    );
+    describe_gauge!(
+        "selfplay_learner_logprob_mismatch_mean_nats",
+        "Mean over the last step's completion tokens of |learner log-prob - behaviour log-prob|."
+    );
+    describe_gauge!(
+        "selfplay_learner_logprob_mismatch_max_nats",
+        "Largest per-token |learner log-prob - behaviour log-prob| of the last step."
     );
     describe_histogram!(
         "selfplay_learner_staleness_steps",
@@ -81,7 +93,7 @@ pub fn describe_metrics() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    for reason in ["invalid", "stale", "duplicate", "unleased"] {
+    for reason in ["invalid", "stale", "duplicate", "unleased", "corrupt"] {
         metrics::counter!("selfplay_learner_groups_rejected_total", "reason" => reason).increment(0);
     }
 }
@@ -113,5 +125,25 @@ pub fn record_step(s: &StepStats) {
     gauge!("selfplay_learner_weights_version").set(s.step as f64);
     gauge!("selfplay_learner_grad_norm").set(s.grad_norm);
     gauge!("selfplay_learner_tokens_per_second").set(s.tokens_per_second);
+    gauge!("selfplay_learner_logprob_mismatch_mean_nats").set(s.logprob_mismatch_mean);
+    gauge!("selfplay_learner_logprob_mismatch_max_nats").set(s.logprob_mismatch_max);
     metrics::counter!("selfplay_learner_parse_failures_total").increment(s.parse_failures);
+}
+
+/// Counts and logs the groups a step refused as corrupt.
+pub fn record_refused(refused: &[Refusal]) {
+    for r in refused {
+        metrics::counter!("selfplay_learner_groups_rejected_total", "reason" => "corrupt").increment(1);
+        metrics::counter!("selfplay_learner_groups_corrupt_total", "actor" => r.actor_id.clone(), "logprobs" => r.which.as_str())
+            .increment(1);
+        tracing::warn!(
+            unit = %r.unit_id,
+            actor = %r.actor_id,
+            logprobs = r.which.as_str(),
+            mismatch_mean = r.mean,
+            mismatch_max = r.max,
+            bound = r.bound,
+            "rollout group refused as corrupt: its log-probs disagree with the learner's own; the step waits for its unit to be played again"
+        );
+    }
 }

@@ -23,7 +23,6 @@
 //! ```
 
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -97,7 +96,7 @@ pub enum AuthError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the token file {path} is accessible to other users (mode {mode:o}): chmod 600 it")]
+    #[error("the token file {path} is accessible to other users or writable by its group (mode {mode:o}; allowed: 600, 640, 400, 440): chmod 600 it")]
     Permissions { path: PathBuf, mode: u32 },
     #[error("the token from {origin} is empty")]
     Empty { origin: String },
@@ -124,21 +123,13 @@ impl fmt::Debug for BearerToken {
     }
 }
 
-/// `words` random 64-bit words as hex (16 digits each). The randomness comes from the
-/// OS-seeded keys of the standard library's SipHash (a fresh `RandomState` each call), mixed
-/// with the time and the pid.
+/// `words` random 64-bit words as hex (16 digits each), from the operating system's
+/// cryptographically secure generator (`getrandom`: the getrandom(2) system call on Linux).
+/// Panics if the OS has no such generator to offer, rather than make a guessable token.
 pub(crate) fn random_hex(words: usize) -> String {
-    let state = std::collections::hash_map::RandomState::new();
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
-    let mut hex = String::with_capacity(16 * words);
-    for i in 0..words as u64 {
-        let mut h = state.build_hasher();
-        h.write_u64(i);
-        h.write_u128(nanos);
-        h.write_u32(std::process::id());
-        hex.push_str(&format!("{:016x}", h.finish()));
-    }
-    hex
+    let mut bytes = vec![0u8; 8 * words];
+    getrandom::fill(&mut bytes).expect("the operating system's random number generator");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl BearerToken {
@@ -193,16 +184,19 @@ impl BearerToken {
 }
 
 /// Reads a token file: one token a line; blank lines and lines starting with `#` are
-/// skipped; at least one token. The file must not be readable or writable by other users
-/// (mode 0600 or 0400, as Kubernetes Secrets with `defaultMode: 0400` and `install -m 600`
-/// give).
+/// skipped; at least one token. The file must give other users no access and its group no
+/// write access ([`TOKEN_FILE_FORBIDDEN_BITS`]): modes 600, 640, 400 and 440 pass (Kubernetes
+/// Secrets with `defaultMode: 0440`, `install -m 600`); 644, 604 and 660 are refused.
+/// The permission bits a token file must not have: any for other users, write for its group.
+pub const TOKEN_FILE_FORBIDDEN_BITS: u32 = 0o027;
+
 fn read_token_file(path: &Path) -> Result<Vec<BearerToken>, AuthError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let meta = std::fs::metadata(path).map_err(|source| AuthError::Read { path: path.to_path_buf(), source })?;
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o007 != 0 {
+        if mode & TOKEN_FILE_FORBIDDEN_BITS != 0 {
             return Err(AuthError::Permissions { path: path.to_path_buf(), mode });
         }
     }
@@ -530,6 +524,7 @@ mod tests {
         let a = BearerToken::generate();
         let b = BearerToken::generate();
         assert_eq!(a.secret().len(), 64);
+        assert!(a.secret().bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a.secret(), b.secret());
     }
 
@@ -539,10 +534,17 @@ mod tests {
         let path = dir.path().join("token");
         std::fs::write(&path, "abc123\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(Credential::from_file(&path), Err(AuthError::Permissions { mode: 0o644, .. })));
+        // The one rule: no access for other users, no write for the group.
+        for mode in [0o644, 0o604, 0o660, 0o620, 0o601, 0o602, 0o666] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let r = Credential::from_file(&path);
+            assert!(matches!(r, Err(AuthError::Permissions { mode: m, .. }) if m == mode), "{mode:o}: {r:?}");
+        }
+        for mode in [0o600, 0o640, 0o400, 0o440] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(Credential::from_file(&path).unwrap().current().secret(), "abc123", "{mode:o}");
+        }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(Credential::from_file(&path).unwrap().current().secret(), "abc123");
         write_private(&path, "# rotation: new first\n\n  new-one  \nold-one\n");
         let c = Credential::from_file(&path).unwrap();
         let secrets: Vec<String> = c.tokens().iter().map(|t| t.secret().to_string()).collect();

@@ -1,4 +1,4 @@
-"""Independent reference for one learner step, written from METHOD.md with PyTorch autograd.
+"""Independent reference for one learner step, written from docs/method.md with PyTorch autograd.
 
 usage: step_reference.py MODEL_DIR SPEC_JSON OUT_SAFETENSORS
 

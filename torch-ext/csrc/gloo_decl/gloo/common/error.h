@@ -1,0 +1,2 @@
+// Declarations only: see gloo/README.md.
+#pragma once
