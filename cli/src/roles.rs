@@ -2,7 +2,7 @@
 //! embedded default), `coordinator`, `learner`, `actor`, `reward-server` and `status`.
 use crate::progress::Progress;
 use crate::{default_model, telemetry};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use selfplay_game::{Config, Player};
 use selfplay_proto::auth::Credential;
 use std::path::{Path, PathBuf};
@@ -394,12 +394,82 @@ pub struct LearnerArgs {
     #[arg(long, env = "SELFPLAY_OPERATOR_TOKENS_FILE")]
     pub operator_tokens_file: Option<PathBuf>,
     #[command(flatten)]
+    pub ranks: RankArgs,
+    #[command(flatten)]
     pub serve: ServeArgs,
+}
+
+/// Learner ranks (data-parallel, docs/operations.md). Unset flags fall back to the variables
+/// torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), then Slurm's
+/// (SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RankArgs {
+    /// Number of learner ranks (one process per device); 1 = a single learner.
+    #[arg(long, env = "SELFPLAY_WORLD_SIZE")]
+    pub world_size: Option<usize>,
+    /// This process's rank: 0 serves actors and the coordinator, the others follow it.
+    #[arg(long, env = "SELFPLAY_RANK")]
+    pub rank: Option<usize>,
+    /// This process's rank on its node: its CUDA device when model.device is cuda.
+    #[arg(long, env = "SELFPLAY_LOCAL_RANK")]
+    pub local_rank: Option<usize>,
+    /// Address of rank 0, where it hosts the ranks' TCPStore.
+    #[arg(long, env = "SELFPLAY_MASTER_ADDR")]
+    pub master_addr: Option<String>,
+    /// Port of that store.
+    #[arg(long, env = "SELFPLAY_MASTER_PORT")]
+    pub master_port: Option<u16>,
+}
+
+impl RankArgs {
+    /// The launch: the flags first, then the launcher's variables. `None`: a single learner.
+    pub fn launch(&self) -> Result<Option<selfplay_game::ranks::Launch>> {
+        let flags: Vec<(&str, Option<String>)> = vec![
+            ("WORLD_SIZE", self.world_size.map(|v| v.to_string())),
+            ("RANK", self.rank.map(|v| v.to_string())),
+            ("LOCAL_RANK", self.local_rank.map(|v| v.to_string())),
+            ("MASTER_ADDR", self.master_addr.clone()),
+            ("MASTER_PORT", self.master_port.map(|v| v.to_string())),
+        ];
+        let get = |k: &str| {
+            flags.iter().find(|(n, _)| *n == k).and_then(|(_, v)| v.clone()).or_else(|| std::env::var(k).ok())
+        };
+        let launch = selfplay_game::ranks::Launch::from_env(get).map_err(|e| anyhow!("learner ranks: {e}"))?;
+        Ok(launch.filter(|l| l.world_size > 1))
+    }
 }
 
 pub fn learner(args: LearnerArgs) -> Result<()> {
     let cfg = args.config.load()?;
-    let dev = device(&cfg)?;
+    let launch = args.ranks.launch()?;
+    let dev = match (device(&cfg)?, &launch) {
+        // One device per rank: LOCAL_RANK picks it.
+        (tch::Device::Cuda(_), Some(l)) => tch::Device::Cuda(l.local_rank),
+        (d, _) => d,
+    };
+    if let Some(l) = launch.as_ref().filter(|l| l.rank > 0) {
+        // Not rank 0: no server, no step log; it trains beside rank 0 until rank 0 stops.
+        let opts = selfplay_learner::LearnerOptions {
+            coordinator: args.coordinator.clone(),
+            credential: args.auth.credential()?,
+            actor: Credential::from_file(&args.actor_tokens_file)?,
+            operator: accept(&args.operator_tokens_file)?,
+            max_policy_lag: args.max_policy_lag,
+            publish_every: args.publish_every,
+            wire_dtype: args.wire_dtype.clone(),
+            device: dev,
+            resume: args.resume,
+            tls: None,
+            tls_ca: None,
+            init_from: args.init_from.clone(),
+            keep_optimizer: args.keep_optimizer,
+            in_process: None,
+            ranks: Some(l.clone()),
+        };
+        let steps = selfplay_learner::follow_rank(cfg, &opts)?;
+        eprintln!("learner rank {} of {} done: {steps} steps", l.rank, l.world_size);
+        return Ok(());
+    }
     let rt = runtime()?;
     rt.block_on(async {
         selfplay_proto::health::health().expect("learner");
@@ -437,6 +507,7 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
             init_from: args.init_from.clone(),
             keep_optimizer: args.keep_optimizer,
             in_process: None,
+            ranks: launch.clone(),
         };
         write_ready(
             &args.serve.ready_file,

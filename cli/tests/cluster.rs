@@ -626,3 +626,63 @@ fn an_actor_process_joins_a_local_cluster_and_fetches_the_same_weights_over_grpc
     // Not vacuous: the weights changed during the run.
     assert_ne!(learner_digest(&model, &run_dir, version), learner_digest(&model, &run_dir, 0));
 }
+
+/// Two learner ranks (Gloo on loopback, launched with the rank flags torchrun's variables
+/// also set) behind one learner endpoint train the same run as one learner: every step has
+/// its N distinct units, the first step (whose groups are the same in both runs: one actor,
+/// one unit at a time, the same initial weights) has the same loss and gradient norm to 1e-6,
+/// and rank 1 follows rank 0 to the end and exits cleanly.
+#[test]
+fn two_learner_ranks_train_as_one_learner() {
+    let k1 = "[actor]\nunits_in_flight = 1";
+    let (_t1, mut one) = Cluster::new(&[k1]);
+    {
+        let _coord = one.coordinator("127.0.0.1:0");
+        let mut learner = one.learner(&[]);
+        let a = one.actor("actor-a");
+        one.wait_exit(&mut learner);
+        drop(a);
+    }
+    let want = one.check_steps(5);
+
+    let (_t2, mut two) = Cluster::new(&[k1]);
+    let _coord = two.coordinator("127.0.0.1:0");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let ranks = |r: &str| -> Vec<String> {
+        ["--world-size", "2", "--rank", r, "--master-addr", "127.0.0.1", "--master-port", &port]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    // Rank 1 first: it waits for rank 0's store.
+    let mut follower_args: Vec<String> = vec![
+        "learner".into(),
+        "--config".into(),
+        two.config.to_str().unwrap().into(),
+        "--coordinator".into(),
+        two.coordinator_addr.clone().unwrap(),
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
+    ];
+    follower_args.extend(ranks("1"));
+    let mut follower = two.spawn("learner-rank1", &follower_args);
+    let rank0: Vec<String> = ranks("0");
+    let mut learner = two.learner(&rank0.iter().map(String::as_str).collect::<Vec<_>>());
+    let a = two.actor("actor-a");
+    two.wait_exit(&mut learner);
+    two.wait_exit(&mut follower);
+    drop(a);
+    let got = two.check_steps(5);
+    for key in ["loss", "grad_norm"] {
+        let (x, y) = (want[0]["stats"][key].as_f64().unwrap(), got[0]["stats"][key].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-6 * x.abs().max(y.abs()), "step 1 {key}: one learner {x}, two ranks {y}");
+    }
+    assert!(two.log("learner").contains("learner ranks joined"), "{}", two.log("learner"));
+    let log = std::fs::read_to_string(two.dir.join("learner-rank1.log")).unwrap();
+    assert!(log.contains("learner rank 1 of 2 done: 5 steps"), "{log}");
+    // The checkpoint rank 0 wrote holds the whole optimizer state, gathered from both ranks.
+    let ckpt = selfplay_learner::latest_checkpoint(&two.dir.join("run")).expect("a checkpoint");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer.json")).unwrap()).unwrap();
+    assert_eq!(state["adam_t"].as_u64(), Some(5));
+}

@@ -233,6 +233,7 @@ impl LocalCluster {
             init_from,
             keep_optimizer,
             in_process: Some(in_process.clone()),
+            ranks: None,
         };
         let (learner_stop, learner_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let learner = tokio::spawn(selfplay_learner::run(

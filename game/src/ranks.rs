@@ -103,6 +103,15 @@ impl RankedTrainer {
     }
 }
 
+/// Reading through to the trainer (its step, policy, config); what the ranks do together goes
+/// through [`RankedTrainer`]'s own methods.
+impl std::ops::Deref for RankedTrainer {
+    type Target = Trainer;
+    fn deref(&self) -> &Trainer {
+        &self.trainer
+    }
+}
+
 impl Drop for RankedTrainer {
     fn drop(&mut self) {
         // A leader that goes away without a Stop (an error) still lets the others exit at
@@ -114,30 +123,68 @@ impl Drop for RankedTrainer {
 /// How long ranks wait for each other (a collective, a command) before giving up.
 pub const RANK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
-/// Joins the launch's ranks: rank 0 hosts the store. Returns this rank's trainer made
-/// data-parallel, and the store (rank 0 keeps it for [`RankedTrainer`], the others for
-/// [`follow`]).
-pub fn join(launch: &Launch, trainer: Trainer, timeout: Duration) -> Result<(Trainer, Arc<Store>)> {
+/// Meets the launch's other ranks: rank 0 hosts the TCPStore at MASTER_ADDR:MASTER_PORT,
+/// the others connect to it (retrying until `timeout`).
+pub fn rendezvous(launch: &Launch, timeout: Duration) -> Result<Arc<Store>> {
     let store = if launch.rank == 0 {
         Store::serve(&launch.master_addr, launch.master_port, timeout)
     } else {
         Store::connect(&launch.master_addr, launch.master_port, timeout)
     }
     .map_err(dist_err)?;
+    Ok(Arc::new(store))
+}
+
+/// Where every rank's trainer starts, decided by rank 0 and read by the others, so that all
+/// load the same weights and optimizer state (from a filesystem they share).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Start {
+    /// model.path, a fresh optimizer.
+    Fresh,
+    /// A checkpoint of this run.
+    Resume(PathBuf),
+    /// A new run from a checkpoint's weights (and its optimizer state when `keep_optimizer`).
+    InitFrom { dir: PathBuf, keep_optimizer: bool },
+}
+
+const START_KEY: &str = "selfplay/start";
+
+/// Rank 0: tells the others where to start.
+pub fn announce_start(store: &Store, start: &Start) -> Result<()> {
+    let bytes = serde_json::to_vec(start).map_err(|e| GameError::Distributed(e.to_string()))?;
+    store.set(START_KEY, &bytes).map_err(dist_err)
+}
+
+/// Ranks 1..W-1: where rank 0 started (waits for it).
+pub fn read_start(store: &Store) -> Result<Start> {
+    let bytes = store.get(START_KEY).map_err(dist_err)?;
+    serde_json::from_slice(&bytes).map_err(|e| GameError::Distributed(format!("start: {e}")))
+}
+
+/// Makes `trainer` this rank of the data-parallel learner: the process group over `store`
+/// (Gloo on the CPU, NCCL on CUDA) and its shard of the optimizer state.
+pub fn join_group(launch: &Launch, trainer: Trainer, store: &Store, timeout: Duration) -> Result<Trainer> {
     let device = trainer.policy.model.device();
     let pg = match device {
-        tch::Device::Cuda(_) => ProcessGroup::nccl(&store, launch.rank, launch.world_size, timeout),
+        tch::Device::Cuda(_) => ProcessGroup::nccl(store, launch.rank, launch.world_size, timeout),
         _ => {
             let host = if launch.master_addr == "127.0.0.1" || launch.master_addr == "localhost" {
                 "127.0.0.1".to_string()
             } else {
                 String::new() // this machine's own address (or GLOO_SOCKET_IFNAME)
             };
-            ProcessGroup::gloo(&store, launch.rank, launch.world_size, &host, timeout)
+            ProcessGroup::gloo(store, launch.rank, launch.world_size, &host, timeout)
         }
     }
     .map_err(dist_err)?;
-    Ok((trainer.into_data_parallel(pg)?, Arc::new(store)))
+    trainer.into_data_parallel(pg)
+}
+
+/// [`rendezvous`] then [`join_group`].
+pub fn join(launch: &Launch, trainer: Trainer, timeout: Duration) -> Result<(Trainer, Arc<Store>)> {
+    let store = rendezvous(launch, timeout)?;
+    let trainer = join_group(launch, trainer, &store, timeout)?;
+    Ok((trainer, store))
 }
 
 /// Rank 0 after [`join`]: the trainer that posts commands.

@@ -13,6 +13,7 @@ pub mod service;
 
 use inbox::Inbox;
 use selfplay_game::driver::units_for_step;
+use selfplay_game::ranks::{self, RankedTrainer, Start};
 use selfplay_game::{Config, StepResult, StepStats, Trainer};
 use selfplay_proto::auth::{Credential, Role, Verifier};
 use selfplay_proto::client::{coordinator_client, AuthChannel};
@@ -87,6 +88,10 @@ pub struct LearnerOptions {
     /// Actors in this process (`selfplay train`): every version published to the coordinator
     /// is also left here, on this learner's device, for them to copy.
     pub in_process: Option<Arc<selfplay_policy::InProcessWeights>>,
+    /// This process's place among the learner's ranks (torchrun's or Slurm's variables, or
+    /// the matching flags); `None` or a world of one: a single learner. Rank 0 is the learner
+    /// the coordinator and actors see; the other ranks run [`follow_rank`].
+    pub ranks: Option<selfplay_game::ranks::Launch>,
 }
 
 impl LearnerOptions {
@@ -459,7 +464,12 @@ fn reference_check_selects(seed: u64, fraction: f64, unit_id: &str) -> bool {
     ((x >> 11) as f64) / ((1u64 << 53) as f64) < fraction
 }
 
-fn checkpoint(trainer: &Trainer, inbox: &Mutex<Inbox>, out_dir: &Path, keep: usize) -> Result<PathBuf, LearnerError> {
+fn checkpoint(
+    trainer: &mut RankedTrainer,
+    inbox: &Mutex<Inbox>,
+    out_dir: &Path,
+    keep: usize,
+) -> Result<PathBuf, LearnerError> {
     let t0 = Instant::now();
     let extra = {
         let b = inbox.lock().expect("inbox lock");
@@ -638,7 +648,7 @@ pub async fn run(
     let candidates = if opts.resume { checkpoints_newest_first(&out_dir) } else { Vec::new() };
     let (cfg2, device) = (cfg.clone(), opts.device);
     let (init_from, keep_optimizer) = (opts.init_from.clone(), opts.keep_optimizer);
-    let (trainer, extra, _resumed_from) = tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
+    let (trainer, extra, resumed_from) = tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
         for dir in candidates {
             tracing::info!(checkpoint = %dir.display(), "resuming");
             match Trainer::resume(&dir, Some(cfg2.clone()), device) {
@@ -671,6 +681,27 @@ pub async fn run(
     .await
     .map_err(|e| LearnerError::Thread(e.to_string()))??;
 
+    // Learner ranks: the others start where this one did, then every rank joins the group.
+    let trainer = match opts.ranks.clone().filter(|l| l.world_size > 1) {
+        None => RankedTrainer::alone(trainer),
+        Some(launch) => {
+            let start = match (resumed_from, &opts.init_from) {
+                (Some(dir), _) => Start::Resume(dir),
+                (None, Some(dir)) => Start::InitFrom { dir: dir.clone(), keep_optimizer: opts.keep_optimizer },
+                (None, None) => Start::Fresh,
+            };
+            tokio::task::spawn_blocking(move || -> Result<RankedTrainer, LearnerError> {
+                tracing::info!(world_size = launch.world_size, master = %format!("{}:{}", launch.master_addr, launch.master_port), "waiting for the other learner ranks");
+                let store = ranks::rendezvous(&launch, ranks::RANK_TIMEOUT)?;
+                ranks::announce_start(&store, &start)?;
+                let trainer = ranks::join_group(&launch, trainer, &store, ranks::RANK_TIMEOUT)?;
+                tracing::info!(world_size = launch.world_size, "learner ranks joined");
+                Ok(ranks::lead(trainer, store))
+            })
+            .await
+            .map_err(|e| LearnerError::Thread(e.to_string()))??
+        }
+    };
     let run_id = resolve_run_id(&cfg)?;
     // The newest epoch this output directory has seen: the checkpoint's, or the one recorded
     // at every BeginEpoch (a coordinator that lost its state must not hand out an epoch
@@ -776,7 +807,7 @@ pub async fn run(
             // Loaded, serving, and the coordinator knows this learner's epoch and weights.
             selfplay_proto::health::health().ready("learner");
             let (ckpt_root, keep) = (runner.cfg.run.out_dir.clone(), runner.cfg.run.keep_checkpoints);
-            let save = |trainer: &Trainer| checkpoint(trainer, &shared.inbox, &ckpt_root, keep);
+            let save = |trainer: &mut RankedTrainer| checkpoint(trainer, &shared.inbox, &ckpt_root, keep);
             let mut last = None;
             let mut last_ckpt = None;
             let mut since = Instant::now();
@@ -902,7 +933,7 @@ pub async fn run(
                 }
                 let every = runner.cfg.run.checkpoint_every;
                 if every > 0 && trainer.step % every == 0 {
-                    last_ckpt = Some(save(&trainer)?);
+                    last_ckpt = Some(save(&mut trainer)?);
                 }
                 last = Some(stats);
             }
@@ -911,8 +942,9 @@ pub async fn run(
             // A checkpoint of this very step already on disk (a resumed learner that stops
             // before training) holds these weights: never rewrite it in place.
             if trainer.step > 0 && last_ckpt.as_ref() != Some(&final_dir) && !final_dir.join("trainer.json").exists() {
-                last_ckpt = Some(save(&trainer)?);
+                last_ckpt = Some(save(&mut trainer)?);
             }
+            trainer.stop()?;
             Ok(LearnerSummary { steps: trainer.step, last, checkpoint: last_ckpt })
         })
         .map_err(|e| LearnerError::Thread(e.to_string()))?;
@@ -924,6 +956,36 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = server.await;
     result
+}
+
+/// A learner rank other than 0: meets rank 0, starts where it started (a checkpoint on a
+/// filesystem both see, an --init-from directory, or model.path), joins the process group and
+/// does each step, checkpoint and stop that rank 0 posts. It serves nothing: actors and the
+/// coordinator only ever see rank 0. Returns the number of steps trained.
+pub fn follow_rank(cfg: Config, opts: &LearnerOptions) -> Result<u64, LearnerError> {
+    let launch = opts.ranks.clone().filter(|l| l.rank > 0).ok_or_else(|| {
+        LearnerError::Options("follow_rank is for learner ranks 1..WORLD_SIZE-1 (rank 0 runs the learner)".into())
+    })?;
+    tracing::info!(rank = launch.rank, world_size = launch.world_size, "learner rank waiting for rank 0");
+    let store = ranks::rendezvous(&launch, ranks::RANK_TIMEOUT)?;
+    let start = ranks::read_start(&store)?;
+    tracing::info!(rank = launch.rank, ?start, "learner rank starting");
+    let trainer = match &start {
+        Start::Fresh => {
+            let policy = selfplay_policy::Policy::load(&cfg.model.path, opts.device, cfg.kind_on(opts.device)?)?;
+            Trainer::new(policy, cfg)?
+        }
+        Start::Resume(dir) => Trainer::resume(dir, Some(cfg), opts.device)?.0,
+        Start::InitFrom { dir, keep_optimizer } => Trainer::init_from(dir, cfg, opts.device, *keep_optimizer)?,
+    };
+    let trainer = ranks::join_group(&launch, trainer, &store, ranks::RANK_TIMEOUT)?;
+    let mut steps = 0;
+    ranks::follow(trainer, store, |t| {
+        steps = t.step;
+        selfplay_proto::health::health().progress("learner", true);
+    })?;
+    tracing::info!(rank = launch.rank, steps, "learner rank done");
+    Ok(steps)
 }
 
 #[cfg(test)]
