@@ -126,28 +126,47 @@ fn write_ready(path: &Option<PathBuf>, value: serde_json::Value) -> Result<()> {
 }
 
 /// Resolves on Ctrl-C or SIGTERM; from then on the readiness probe fails.
-pub async fn shutdown_signal() {
-    shutdown_signal_inner().await;
-    selfplay_proto::health::health().stopping();
-}
-
-async fn shutdown_signal_inner() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM. The handlers are installed when this is
+/// called, not when it is first polled, so a role that calls it before writing its ready file
+/// never dies of a signal sent after that. Must be called inside the Tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok())
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("stop requested");
+    async move {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! { _ = next(&mut int) => {}, _ = next(&mut term) => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("stop requested");
+        selfplay_proto::health::health().stopping();
+        // A step in flight can take a minute on a CPU: say why nothing happens yet, and let a
+        // second Ctrl-C stop at once. That loses nothing either: every role is built to survive
+        // kill -9 (the learner redoes the step from its last checkpoint on resume). Only Ctrl-C:
+        // launchers may deliver SIGTERM twice (scancel to every step, then the job script's own
+        // cleanup), and that must still end in a clean checkpoint.
+        eprintln!("\nstopping after the work in flight (a learner finishes its step and checkpoints); press Ctrl-C again to stop now");
+        #[cfg(unix)]
+        if let Some(mut int) = int {
+            tokio::spawn(async move {
+                int.recv().await;
+                eprintln!("stopped at once; the step in flight is redone on --resume");
+                std::process::exit(130);
+            });
+        }
+    }
 }
 
 fn device(cfg: &Config) -> Result<tch::Device> {
@@ -234,13 +253,14 @@ pub fn train(args: TrainArgs) -> Result<()> {
         let tele = telemetry::serve(&args.serve.metrics(9464)).await?;
         let progress = Progress::new(cfg.run.steps);
         let cluster = selfplay_cluster::LocalCluster::start(opts, move |s| progress.step(s)).await?;
+        let shutdown = shutdown_signal();
         write_ready(
             &args.serve.ready_file,
             serde_json::json!({
                 "coordinator": cluster.coordinator_addr, "learner": cluster.learner_addr, "metrics": tele.addr.to_string(),
             }),
         )?;
-        let summary = cluster.run(shutdown_signal()).await?.learner;
+        let summary = cluster.run(shutdown).await?.learner;
         eprintln!(
             "done: {} steps; checkpoint {}",
             summary.steps,
@@ -330,12 +350,13 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             tls,
             ..Default::default()
         };
+        let shutdown = shutdown_signal();
         write_ready(
             &args.serve.ready_file,
             serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}),
         )?;
         tracing::info!(%addr, "coordinator serving");
-        selfplay_coordinator::serve(cfg, listener, shutdown_signal()).await?;
+        selfplay_coordinator::serve(cfg, listener, shutdown).await?;
         Ok(())
     })
 }
@@ -443,8 +464,11 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
     let cfg = args.config.load()?;
     let launch = args.ranks.launch()?;
     let dev = match (device(&cfg)?, &launch) {
-        // One device per rank: LOCAL_RANK picks it.
-        (tch::Device::Cuda(_), Some(l)) => tch::Device::Cuda(l.local_rank),
+        // One device per rank: LOCAL_RANK picks it, unless the launcher bound one GPU to the
+        // task (Slurm's --gpus-per-task=1: it is cuda:0).
+        (tch::Device::Cuda(_), Some(l)) => {
+            tch::Device::Cuda(if tch::Cuda::device_count() > 1 { l.local_rank } else { 0 })
+        }
         (d, _) => d,
     };
     if let Some(l) = launch.as_ref().filter(|l| l.rank > 0) {
@@ -509,12 +533,13 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
             in_process: None,
             ranks: launch.clone(),
         };
+        let shutdown = shutdown_signal();
         write_ready(
             &args.serve.ready_file,
             serde_json::json!({"grpc": addr.to_string(), "metrics": tele.addr.to_string()}),
         )?;
         let progress = Progress::new(cfg.run.steps);
-        let summary = selfplay_learner::run(cfg, opts, listener, shutdown_signal(), move |s| progress.step(s)).await?;
+        let summary = selfplay_learner::run(cfg, opts, listener, shutdown, move |s| progress.step(s)).await?;
         eprintln!("done: {} steps", summary.steps);
         Ok(())
     })

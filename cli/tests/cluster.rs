@@ -686,3 +686,17 @@ fn two_learner_ranks_train_as_one_learner() {
         serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer.json")).unwrap()).unwrap();
     assert_eq!(state["adam_t"].as_u64(), Some(5));
 }
+
+/// Ctrl-C says on the terminal what the learner is waiting for and how to stop at once; the
+/// learner then stops cleanly (exit 0).
+#[test]
+fn ctrl_c_says_what_it_waits_for_and_the_learner_stops_cleanly() {
+    let (_tmp, mut c) = Cluster::new(&[]);
+    let _coord = c.coordinator("127.0.0.1:0");
+    let mut learner = c.learner(&[]);
+    // No actor: the learner waits for groups until interrupted.
+    Command::new("kill").args(["-INT", &learner.child.id().to_string()]).status().unwrap();
+    c.wait_exit(&mut learner);
+    let log = std::fs::read_to_string(c.dir.join("learner.log")).unwrap();
+    assert!(log.contains("press Ctrl-C again to stop now"), "{log}");
+}

@@ -506,6 +506,11 @@ impl Upload {
             Some(_) => PublishOutcome::Replaced,
             None => PublishOutcome::Stored,
         };
+        // A resumed learner re-publishes its checkpoint's version in its new epoch: the same
+        // bytes, nothing to warn about.
+        let epoch = self.manifest.epoch;
+        let same_bytes =
+            previous.as_ref().is_some_and(|p| p.manifest.sha256.eq_ignore_ascii_case(&self.manifest.sha256));
         let dir = store.dir.clone();
         let bin = payload_path(&dir, version);
         if outcome == PublishOutcome::Replaced {
@@ -522,7 +527,9 @@ impl Upload {
         let stored = Arc::new(StoredVersion::new(std::mem::take(&mut self.manifest), file));
         store.versions.write().unwrap().insert(version, stored);
         store.prune();
-        if outcome == PublishOutcome::Replaced {
+        if outcome == PublishOutcome::Replaced && same_bytes {
+            tracing::info!(version, epoch, "weights version re-published by a new learner epoch (same bytes)");
+        } else if outcome == PublishOutcome::Replaced {
             tracing::warn!(version, "weights version replaced by a different payload");
         }
         Ok(outcome)

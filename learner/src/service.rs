@@ -1,5 +1,5 @@
 //! The `Learner` gRPC service: a stream of rollout groups in, one ack per group out.
-use crate::inbox::{Inbox, Verdict};
+use crate::inbox::{Inbox, RejectKind, Verdict};
 use selfplay_proto::auth::Role;
 use selfplay_proto::guard::LEARNER_SERVICE;
 use selfplay_proto::ticket::{Lease, LeaseTickets};
@@ -72,7 +72,12 @@ impl LearnerService {
             }
             Verdict::Rejected { reason, kind } => {
                 metrics::counter!("selfplay_learner_groups_rejected_total", "reason" => kind.as_str()).increment(1);
-                tracing::warn!(unit = %unit_id, %reason, "rollout group rejected");
+                match kind {
+                    // A group of an earlier learner epoch or too old a version is the normal
+                    // aftermath of a restart or of asynchrony: its unit is played again.
+                    RejectKind::Stale => tracing::info!(unit = %unit_id, %reason, "rollout group not taken (stale)"),
+                    RejectKind::Invalid => tracing::warn!(unit = %unit_id, %reason, "rollout group rejected"),
+                }
                 ack.reason = reason;
             }
         }
