@@ -4,7 +4,7 @@
 //! batches that wait for their longest row; continuous batching refills a finished row at once.
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
-use selfplay_policy::generate::{generate_requests_stats, GenRequest, GenStats};
+use selfplay_policy::generate::{GenRequest, GenStats, Generator};
 use selfplay_policy::SamplingConfig;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -65,7 +65,7 @@ pub fn run(a: BatchingArgs) -> Result<()> {
     let mut tokens = 0;
     let mut total = GenStats::default();
     for chunk in reqs.chunks(a.batch) {
-        let (out, s) = generate_requests_stats(&policy.model, &policy.tokenizer, chunk, &cfg, eos)?;
+        let (out, s) = Generator::new(&policy.model, &policy.tokenizer, eos).run(chunk, &cfg)?;
         tokens += out.iter().map(|c| c.completion_ids.len()).sum::<usize>();
         total.steps += s.steps;
         total.active_row_steps += s.active_row_steps;
@@ -75,7 +75,7 @@ pub fn run(a: BatchingArgs) -> Result<()> {
     // Continuous: the same requests, --batch slots, refilled as rows finish.
     let t0 = Instant::now();
     let cont = SamplingConfig { max_batch: a.batch, ..cfg.clone() };
-    let (out, s) = generate_requests_stats(&policy.model, &policy.tokenizer, &reqs, &cont, eos)?;
+    let (out, s) = Generator::new(&policy.model, &policy.tokenizer, eos).run(&reqs, &cont)?;
     let tokens_c: usize = out.iter().map(|c| c.completion_ids.len()).sum();
     let cont_rate = report("continuous", t0.elapsed().as_secs_f64(), tokens_c, &s);
     println!(

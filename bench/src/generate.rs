@@ -2,7 +2,7 @@
 //! as JSON so that scripts/bench.sh can put them beside transformers' figures.
 use crate::ModelArgs;
 use anyhow::{bail, Context, Result};
-use selfplay_policy::{generate::generate, scoring::completion_logprobs, SamplingConfig};
+use selfplay_policy::{GenRequest, Generator, Grad, SamplingConfig, Scorer};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -65,7 +65,9 @@ pub fn bench_generate(a: BenchGenerateArgs) -> Result<()> {
             ..Default::default()
         };
         let t0 = Instant::now();
-        let out = generate(&policy.model, &policy.tokenizer, &prompts, &cfg, &[])?;
+        let out = Generator::new(&policy.model, &policy.tokenizer, &[])
+            .run(&GenRequest::from_prompts(&prompts, cfg.seed), &cfg)?
+            .0;
         if i >= a.warmup {
             secs.push(t0.elapsed().as_secs_f64());
             tokens = out.iter().map(|c| c.completion_ids.len()).sum();
@@ -96,7 +98,7 @@ pub fn bench_score(a: BenchGenerateArgs) -> Result<()> {
     let mut secs = vec![];
     for i in 0..a.warmup + a.repeats {
         let t0 = Instant::now();
-        let lp = completion_logprobs(&policy.model, &pairs, false)?;
+        let lp = Scorer::new(&policy.model).grad(Grad::Graph).score(&pairs)?;
         let loss = -(lp.logprobs.sum(tch::Kind::Float));
         loss.backward();
         for (_, p) in policy.model.parameters() {

@@ -1,7 +1,7 @@
 //! `selfplay generate`: one chat answer, streamed to the terminal or printed as JSON.
 use crate::ModelArgs;
 use anyhow::Result;
-use selfplay_policy::{generate::generate_with, ChatMessage, SamplingConfig};
+use selfplay_policy::{ChatMessage, GenRequest, SamplingConfig};
 use std::io::Write;
 
 #[derive(clap::Args, Debug)]
@@ -55,7 +55,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     let stream = !args.json;
     let t0 = std::time::Instant::now();
-    let out = generate_with(&policy.model, &policy.tokenizer, &[prompt], &cfg, &policy.eos_ids, |_, id| {
+    let reqs = GenRequest::from_prompts(&[prompt], cfg.seed);
+    let on_token = |_: usize, id: i64| {
         if !stream {
             return;
         }
@@ -68,7 +69,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 printed = text.len();
             }
         }
-    })?;
+    };
+    let (out, _) = policy.generator().on_token(on_token).run(&reqs, &cfg)?;
     let c = &out[0];
     if args.json {
         println!("{}", serde_json::to_string_pretty(c)?);

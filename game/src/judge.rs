@@ -6,8 +6,7 @@
 use crate::config::SelfRewardMode;
 use crate::error::{GameError, Result};
 use crate::prompts::{judge_prompt, parse_score};
-use selfplay_policy::generate::generate_probed;
-use selfplay_policy::{ChatMessage, FinishProbe, FinishReason, Policy, SamplingConfig};
+use selfplay_policy::{ChatMessage, FinishProbe, FinishReason, GenRequest, Policy, SamplingConfig};
 use tch::Kind;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,10 +89,11 @@ impl Judge {
                 })
             }),
         });
-        let out = match probe {
-            Some(p) => generate_probed(&judge.model, tokenizer, &prompts, &cfg, &judge.eos_ids, p)?.0,
-            None => judge.generate(&prompts, &cfg)?,
-        };
+        let mut generator = judge.generator();
+        if let Some(p) = probe {
+            generator = generator.probe(p);
+        }
+        let (out, _) = generator.run(&GenRequest::from_prompts(&prompts, cfg.seed), &cfg)?;
         Ok(out
             .into_iter()
             .map(|c| {

@@ -7,8 +7,8 @@ use crate::judge::Judge;
 use crate::prompts::{challenger_prompt, DEFAULT_CHALLENGER_PROMPT, DEFAULT_JUDGE_PROMPT};
 use crate::reward::RewardSource;
 use crate::rollout::{AnswerData, RolloutGroup, SequenceData};
-use selfplay_policy::generate::{generate_requests, row_seed, GenRequest};
-use selfplay_policy::{scoring, ChatMessage, Policy};
+use selfplay_policy::generate::{row_seed, GenRequest, Generator};
+use selfplay_policy::{ChatMessage, Policy, Scorer};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
@@ -114,7 +114,7 @@ impl Player {
     }
 
     fn reference_logprobs(&self, seqs: &[(Vec<i64>, Vec<i64>)]) -> Result<Vec<Vec<f32>>> {
-        let lp = tch::no_grad(|| scoring::completion_logprobs(&self.reference.model, seqs, false))?;
+        let lp = tch::no_grad(|| Scorer::new(&self.reference.model).score(seqs))?;
         let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(lp.logprobs.to_device(tch::Device::Cpu))?;
         Ok(rows
             .into_iter()
@@ -166,7 +166,7 @@ impl Player {
                     Ok(GenRequest { prompt_ids, seed: challenger_seed(u.seed) })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let out = generate_requests(model, tok, &reqs, &self.cfg.challenger.to_sampling(0), eos)?;
+            let out = Generator::new(model, tok, eos).run(&reqs, &self.cfg.challenger.to_sampling(0))?.0;
             out.into_iter()
                 .map(|c| {
                     stats.generated_tokens += c.completion_ids.len() as u64;
@@ -194,7 +194,7 @@ impl Player {
             let prompt_ids = tok.encode_chat(&[ChatMessage::user(query.clone())], true)?;
             reqs.extend((0..g).map(|j| GenRequest { prompt_ids: prompt_ids.clone(), seed: answer_seed(u.seed, j) }));
         }
-        let answers = generate_requests(model, tok, &reqs, &self.cfg.solver.to_sampling(0), eos)?;
+        let answers = Generator::new(model, tok, eos).run(&reqs, &self.cfg.solver.to_sampling(0))?.0;
         stats.generated_tokens += answers.iter().map(|a| a.completion_ids.len() as u64).sum::<u64>();
         stats.generation_seconds = t.elapsed().as_secs_f64();
 

@@ -26,7 +26,7 @@ use crate::optim::AdamW;
 use crate::prompts::ParseFailure;
 use crate::rewards::{advantages, Advantages, GroupRewards};
 use crate::rollout::{GroupLimits, RolloutGroup, SequenceData};
-use selfplay_policy::scoring::{self, ChunkedLogprobs};
+use selfplay_policy::scoring::{self, Grad, Scorer, TokenLogprobs};
 use selfplay_policy::Policy;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -566,16 +566,16 @@ impl Trainer {
 
     /// The loss of one micro-batch, built on the chunked log-probs' leaf: the caller runs
     /// `loss.backward()` and then the log-probs' own backward (scoring.rs).
-    fn micro_batch_loss(&self, items: &[&LossItem], acc: &mut Accum) -> Result<(Tensor, ChunkedLogprobs)> {
+    fn micro_batch_loss(&self, items: &[&LossItem], acc: &mut Accum) -> Result<(Tensor, TokenLogprobs)> {
         let dev = self.policy.model.device();
         let pairs: Vec<(Vec<i64>, Vec<i64>)> =
             items.iter().map(|it| (it.seq.prompt_ids.clone(), it.seq.completion_ids.clone())).collect();
-        let score = if self.cfg.optim.gradient_checkpointing {
-            scoring::completion_logprobs_checkpointed
-        } else {
-            scoring::completion_logprobs_chunked
-        };
-        let scored = score(&self.policy.model, &pairs, true, self.cfg.optim.logprob_chunk_tokens)?;
+        let grad = if self.cfg.optim.gradient_checkpointing { Grad::Checkpointed } else { Grad::Chunked };
+        let scored = Scorer::new(&self.policy.model)
+            .grad(grad)
+            .entropy(true)
+            .chunk_positions(self.cfg.optim.logprob_chunk_tokens)
+            .score(&pairs)?;
         let (lp, mask) = (&scored.logprobs, scored.mask.to_kind(Kind::Float));
         let c = lp.size()[1] as usize;
         let pad = |v: &[f32]| {
@@ -783,7 +783,7 @@ pub fn reference_refusals(
         let seqs: Vec<&SequenceData> = g.challenger.iter().chain(g.answers.iter().map(|a| &a.sequence)).collect();
         let pairs: Vec<(Vec<i64>, Vec<i64>)> =
             seqs.iter().map(|s| (s.prompt_ids.clone(), s.completion_ids.clone())).collect();
-        let lp = tch::no_grad(|| scoring::completion_logprobs(&reference.model, &pairs, false))?;
+        let lp = tch::no_grad(|| Scorer::new(&reference.model).score(&pairs))?;
         let rows: Vec<Vec<f32>> =
             Vec::<Vec<f32>>::try_from(lp.logprobs.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
         let (mut mean, mut max) = (0.0f64, 0.0f64);

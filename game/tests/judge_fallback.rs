@@ -5,7 +5,7 @@
 use selfplay_game::config::SelfRewardMode;
 use selfplay_game::judge::Judge;
 use selfplay_game::prompts::{judge_prompt, DEFAULT_JUDGE_PROMPT};
-use selfplay_policy::{scoring, ChatMessage, Policy, SamplingConfig};
+use selfplay_policy::{ChatMessage, Policy, SamplingConfig, Scorer};
 use tch::{Device, Kind};
 
 #[test]
@@ -33,7 +33,7 @@ fn a_judgement_without_a_score_falls_back_to_the_expected_score() {
         let digits: Vec<(Vec<i64>, Vec<i64>)> =
             (0..=7).map(|d| (context.clone(), policy.tokenizer.encode(&d.to_string(), false).unwrap())).collect();
         assert!(digits.iter().all(|(_, d)| d.len() == 1));
-        let lp = tch::no_grad(|| scoring::completion_logprobs(&policy.model, &digits, false)).unwrap();
+        let lp = tch::no_grad(|| Scorer::new(&policy.model).score(&digits)).unwrap();
         let lp: Vec<f64> = Vec::<Vec<f32>>::try_from(lp.logprobs).unwrap().iter().map(|r| r[0] as f64).collect();
         let z: f64 = lp.iter().map(|v| v.exp()).sum();
         let want: f64 = lp.iter().enumerate().map(|(k, v)| k as f64 * v.exp() / z).sum();

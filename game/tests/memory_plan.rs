@@ -5,7 +5,7 @@
 use selfplay_game::rollout::{AnswerData, RolloutGroup, SequenceData};
 use selfplay_game::{Config, Player, Trainer};
 use selfplay_policy::generate::SplitMix64;
-use selfplay_policy::{scoring, Policy};
+use selfplay_policy::{Policy, Scorer};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -16,8 +16,7 @@ fn seq(rng: &mut SplitMix64, policy: &Policy, plen: usize, clen: usize) -> Seque
     let ids = |n: usize, rng: &mut SplitMix64| (0..n).map(|_| 5 + (rng.next_u64() % 200) as i64).collect::<Vec<_>>();
     let prompt_ids = ids(plen, rng);
     let completion_ids = ids(clen, rng);
-    let lp =
-        scoring::completion_logprobs(&policy.model, &[(prompt_ids.clone(), completion_ids.clone())], false).unwrap();
+    let lp = Scorer::new(&policy.model).score(&[(prompt_ids.clone(), completion_ids.clone())]).unwrap();
     let beh: Vec<f32> = Vec::<Vec<f32>>::try_from(lp.logprobs).unwrap().remove(0);
     let ref_lp: Vec<f32> = beh.iter().map(|v| (v - 0.3 + 0.6 * rng.next_f64() as f32).min(-1e-3)).collect();
     SequenceData { prompt_ids, completion_ids, behaviour_logprobs: beh, ref_logprobs: ref_lp, text: String::new() }

@@ -6,7 +6,7 @@ use selfplay_game::driver::{run_local, units_for_step};
 use selfplay_game::reward::RewardModel;
 use selfplay_game::rules::{final_answer_matches, RuleReward};
 use selfplay_game::{Config, Player, Trainer};
-use selfplay_policy::{scoring, Policy};
+use selfplay_policy::{Policy, Scorer};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
@@ -123,9 +123,7 @@ fn reference_path_replaces_the_reference() {
         config(&policy, &[base.to_vec(), vec![format!("model.reference_path={:?}", other.to_str().unwrap())]].concat());
     let (g, _) = Player::new(load(&policy), None, cfg).unwrap().play(&unit, 0, "t").unwrap();
     let a = &g.answers[0].sequence;
-    let want =
-        scoring::completion_logprobs(&load(&other).model, &[(a.prompt_ids.clone(), a.completion_ids.clone())], false)
-            .unwrap();
+    let want = Scorer::new(&load(&other).model).score(&[(a.prompt_ids.clone(), a.completion_ids.clone())]).unwrap();
     let want: Vec<f32> = Vec::<Vec<f32>>::try_from(want.logprobs).unwrap().remove(0);
     for (r, w) in a.ref_logprobs.iter().zip(&want) {
         assert!((r - w).abs() < 1e-4, "{r} vs {w}");

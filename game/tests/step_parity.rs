@@ -5,7 +5,7 @@ use selfplay_game::config::{Aggregation, KlMode};
 use selfplay_game::rollout::{AnswerData, RolloutGroup, SequenceData};
 use selfplay_game::{Config, Mode, Trainer};
 use selfplay_policy::generate::SplitMix64;
-use selfplay_policy::{scoring, Policy};
+use selfplay_policy::{Policy, Scorer};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind};
@@ -29,9 +29,8 @@ fn seq(rng: &mut SplitMix64, policy: &Policy, plen: usize, clen: usize, stale: b
     let completion_ids = ids(clen, rng);
     // Behaviour log-probs: the policy's own (on-policy); reference: the policy's plus noise,
     // so that the KL terms are not zero.
-    let lp = tch::no_grad(|| {
-        scoring::completion_logprobs(&policy.model, &[(prompt_ids.clone(), completion_ids.clone())], false).unwrap()
-    });
+    let lp =
+        tch::no_grad(|| Scorer::new(&policy.model).score(&[(prompt_ids.clone(), completion_ids.clone())]).unwrap());
     let own: Vec<f32> = Vec::<Vec<f32>>::try_from(lp.logprobs).unwrap().remove(0);
     let ref_lp: Vec<f32> = own.iter().map(|v| (v - 0.3 + 0.6 * rng.next_f64() as f32).min(-1e-3)).collect();
     let beh: Vec<f32> =
@@ -127,12 +126,8 @@ fn check_case(mode: Mode, kl: KlMode, agg: Aggregation, extra: &[&str], case: Ca
         let (mut above, mut below) = (0, 0);
         for g in &groups {
             for s in g.answers.iter().map(|a| &a.sequence).chain(&g.challenger) {
-                let own = scoring::completion_logprobs(
-                    &policy.model,
-                    &[(s.prompt_ids.clone(), s.completion_ids.clone())],
-                    false,
-                )
-                .unwrap();
+                let own =
+                    Scorer::new(&policy.model).score(&[(s.prompt_ids.clone(), s.completion_ids.clone())]).unwrap();
                 let own: Vec<f32> = Vec::<Vec<f32>>::try_from(own.logprobs).unwrap().remove(0);
                 let ratios: Vec<f64> = match agg {
                     Aggregation::SequenceSum => {

@@ -157,7 +157,15 @@ pub struct GenRequest {
     pub seed: u64,
 }
 
-/// The seed of row `row` when a whole batch is given one seed ([`generate`]).
+impl GenRequest {
+    /// One request per prompt, row r seeded with `row_seed(seed, r)`: a whole batch under one
+    /// seed (what `SamplingConfig::seed` means for a list of prompts).
+    pub fn from_prompts(prompts: &[Vec<i64>], seed: u64) -> Vec<GenRequest> {
+        prompts.iter().enumerate().map(|(r, p)| GenRequest { prompt_ids: p.clone(), seed: row_seed(seed, r) }).collect()
+    }
+}
+
+/// The seed of row `row` when a whole batch is given one seed ([`GenRequest::from_prompts`]).
 pub fn row_seed(seed: u64, row: usize) -> u64 {
     let mut g = SplitMix64::new(seed ^ (row as u64).wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03));
     g.next_u64()
@@ -208,51 +216,63 @@ impl Transfers<'_> {
     }
 }
 
-/// Generates one completion per prompt (token ids, already chat-rendered), all in one batch.
-/// Row r samples from the stream `row_seed(cfg.seed, r)`.
-pub fn generate(
-    model: &Llama,
-    tokenizer: &Tokenizer,
-    prompts: &[Vec<i64>],
-    cfg: &SamplingConfig,
-    eos_ids: &[i64],
-) -> Result<Vec<Completion>> {
-    generate_with(model, tokenizer, prompts, cfg, eos_ids, |_, _| {})
+/// The one generation path: a model, its tokenizer and EOS ids, and optional extras (a
+/// finish probe, a per-token callback), run over requests. There is a single decoding loop so
+/// that every caller gets the same numerics and the same optimisations (and a GPU has one
+/// path to capture).
+pub struct Generator<'a> {
+    model: &'a Llama,
+    tokenizer: &'a Tokenizer,
+    eos_ids: &'a [i64],
+    probe: Option<FinishProbe<'a>>,
+    #[allow(clippy::type_complexity)]
+    on_token: Option<Box<dyn FnMut(usize, i64) + 'a>>,
 }
 
-/// As [`generate`], calling `on_token(row, id)` for every sampled token (for streaming).
-pub fn generate_with(
-    model: &Llama,
-    tokenizer: &Tokenizer,
-    prompts: &[Vec<i64>],
-    cfg: &SamplingConfig,
-    eos_ids: &[i64],
-    on_token: impl FnMut(usize, i64),
-) -> Result<Vec<Completion>> {
-    let reqs: Vec<GenRequest> = prompts
-        .iter()
-        .enumerate()
-        .map(|(r, p)| GenRequest { prompt_ids: p.clone(), seed: row_seed(cfg.seed, r) })
-        .collect();
-    Ok(run(model, tokenizer, &reqs, cfg, eos_ids, on_token)?.0)
+impl<'a> Generator<'a> {
+    pub fn new(model: &'a Llama, tokenizer: &'a Tokenizer, eos_ids: &'a [i64]) -> Self {
+        Generator { model, tokenizer, eos_ids, probe: None, on_token: None }
+    }
+
+    /// Reads `probe` after every finished row that asks for it ([`FinishProbe`]).
+    pub fn probe(mut self, probe: FinishProbe<'a>) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
+    /// Calls `f(request, id)` for every sampled token as it is sampled (streaming).
+    pub fn on_token(mut self, f: impl FnMut(usize, i64) + 'a) -> Self {
+        self.on_token = Some(Box::new(f));
+        self
+    }
+
+    /// Generates one completion per request, in order, and says what the call did. Each
+    /// request samples from its own stream `SplitMix64(seed)` (`cfg.seed` is not read; see
+    /// [`GenRequest::from_prompts`]), so its tokens do not depend on the other requests in
+    /// the batch except through floating-point effects. At most `cfg.max_batch` rows run at
+    /// once (0 = all); a row that finishes is refilled at once with a waiting request
+    /// (continuous batching).
+    pub fn run(&mut self, reqs: &[GenRequest], cfg: &SamplingConfig) -> Result<(Vec<Completion>, GenStats)> {
+        let on_token = &mut self.on_token;
+        decode(
+            self.model,
+            self.tokenizer,
+            reqs,
+            cfg,
+            self.eos_ids,
+            |r, id| {
+                if let Some(f) = on_token.as_mut() {
+                    f(r, id)
+                }
+            },
+            self.probe.as_mut(),
+        )
+    }
 }
 
-/// Generates one completion per request, in order. Each request samples from its own stream
-/// `SplitMix64(seed)` (`cfg.seed` is not used), so its tokens do not depend on the other
-/// requests in the batch except through floating-point effects. At most `cfg.max_batch` rows
-/// run at once (0 = all); a row that finishes is refilled at once with a waiting request
-/// (continuous batching).
-pub fn generate_requests(
-    model: &Llama,
-    tokenizer: &Tokenizer,
-    reqs: &[GenRequest],
-    cfg: &SamplingConfig,
-    eos_ids: &[i64],
-) -> Result<Vec<Completion>> {
-    Ok(run(model, tokenizer, reqs, cfg, eos_ids, |_, _| {})?.0)
-}
-
-/// As [`generate_requests`], also returning what the call did.
+/// As [`Generator::run`] without extras. Kept only for callers the API change has not
+/// reached yet.
+#[deprecated(note = "use Generator::new(model, tokenizer, eos_ids).run(reqs, cfg)")]
 pub fn generate_requests_stats(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -260,50 +280,22 @@ pub fn generate_requests_stats(
     cfg: &SamplingConfig,
     eos_ids: &[i64],
 ) -> Result<(Vec<Completion>, GenStats)> {
-    run(model, tokenizer, reqs, cfg, eos_ids, |_, _| {})
-}
-
-/// As [`generate`] (row r samples from `row_seed(cfg.seed, r)`), reading `probe` after every
-/// finished row that asks for it.
-pub fn generate_probed(
-    model: &Llama,
-    tokenizer: &Tokenizer,
-    prompts: &[Vec<i64>],
-    cfg: &SamplingConfig,
-    eos_ids: &[i64],
-    probe: FinishProbe,
-) -> Result<(Vec<Completion>, GenStats)> {
-    let reqs: Vec<GenRequest> = prompts
-        .iter()
-        .enumerate()
-        .map(|(r, p)| GenRequest { prompt_ids: p.clone(), seed: row_seed(cfg.seed, r) })
-        .collect();
-    run_probed(model, tokenizer, &reqs, cfg, eos_ids, |_, _| {}, Some(probe))
+    Generator::new(model, tokenizer, eos_ids).run(reqs, cfg)
 }
 
 /// Decoding capacities are rounded up to this many positions, so that calls with similar
 /// lengths share attention shapes (and kernels).
 const CAPACITY_QUANTUM: i64 = 64;
 
-fn run(
-    model: &Llama,
-    tokenizer: &Tokenizer,
-    reqs: &[GenRequest],
-    cfg: &SamplingConfig,
-    eos_ids: &[i64],
-    on_token: impl FnMut(usize, i64),
-) -> Result<(Vec<Completion>, GenStats)> {
-    run_probed(model, tokenizer, reqs, cfg, eos_ids, on_token, None)
-}
-
-fn run_probed(
+#[allow(clippy::too_many_arguments)]
+fn decode(
     model: &Llama,
     tokenizer: &Tokenizer,
     reqs: &[GenRequest],
     cfg: &SamplingConfig,
     eos_ids: &[i64],
     mut on_token: impl FnMut(usize, i64),
-    mut probe: Option<FinishProbe>,
+    mut probe: Option<&mut FinishProbe>,
 ) -> Result<(Vec<Completion>, GenStats)> {
     cfg.validate()?;
     if reqs.is_empty() || reqs.iter().any(|r| r.prompt_ids.is_empty()) {
@@ -322,6 +314,9 @@ fn run_probed(
     // A probed row also feeds its last sampled token and its suffix.
     let probe_room = probe.as_ref().map_or(0, |p| p.max_suffix as i64 + 1);
     let capacity = (longest + max_new + probe_room + CAPACITY_QUANTUM - 1) / CAPACITY_QUANTUM * CAPACITY_QUANTUM;
+    // On CUDA the decode step (cache and graphs) is kept for the next generation of the same
+    // shape: capacities in powers of two let calls of similar lengths share it.
+    let capacity = if dev == tch::Device::Cpu { capacity } else { (capacity as u64).next_power_of_two() as i64 };
     let max_pos = model.config().max_position_embeddings;
     if longest + max_new > max_pos && model.config().rope.scaling.is_none() && max_pos > 0 {
         tracing::debug!(longest, max_new, max_pos, "generating past max_position_embeddings");
@@ -375,194 +370,189 @@ fn run_probed(
     };
 
     let result = tch::no_grad(|| -> Result<()> {
-        let mut cache = model.new_slot_cache(slots as i64, capacity);
-        let key_index = Tensor::arange(capacity, (Kind::Int64, dev)).view([1, capacity]);
-        // Device state per slot: the position of the next fed token, the cell of the next
-        // sampled token, whether the slot samples, and whether it feeds tokens (sampling or
-        // probing).
-        let mut position = Tensor::zeros([slots as i64], (Kind::Int64, dev));
-        let mut cell = Tensor::full([slots as i64], sink, (Kind::Int64, dev));
-        let mut active = Tensor::zeros([slots as i64], (Kind::Int64, dev));
-        let mut feeding = Tensor::zeros([slots as i64], (Kind::Int64, dev));
-        let mut logits = Tensor::zeros([slots as i64, vocab], (Kind::Float, dev));
+        model.with_decode_step(slots as i64, capacity, |step| -> Result<()> {
+            // Device state per slot: the position of the next fed token, the cell of the next
+            // sampled token, whether the slot samples, and whether it feeds tokens (sampling or
+            // probing).
+            let mut position = Tensor::zeros([slots as i64], (Kind::Int64, dev));
+            let mut cell = Tensor::full([slots as i64], sink, (Kind::Int64, dev));
+            let mut active = Tensor::zeros([slots as i64], (Kind::Int64, dev));
+            let mut feeding = Tensor::zeros([slots as i64], (Kind::Int64, dev));
+            let mut logits = Tensor::zeros([slots as i64, vocab], (Kind::Float, dev));
 
-        let mut state = SlotState {
-            holder: &mut holder,
-            host_position: &mut host_position,
-            cache: &mut cache,
-            logits: &mut logits,
-            position: &mut position,
-            cell: &mut cell,
-            active: &mut active,
-            feeding: &mut feeding,
-        };
-        let all: Vec<usize> = (0..slots).collect();
-        state.fill(&all, &mut waiting, reqs, model, pad, max_new, &mut io)?;
-        let SlotState { holder, host_position, cache, logits, position, cell, active, feeding } = state;
+            {
+                let mut state = SlotState {
+                    holder: &mut holder,
+                    host_position: &mut host_position,
+                    cache: &mut step.cache,
+                    logits: &mut logits,
+                    position: &mut position,
+                    cell: &mut cell,
+                    active: &mut active,
+                    feeding: &mut feeding,
+                };
+                let all: Vec<usize> = (0..slots).collect();
+                state.fill(&all, &mut waiting, reqs, model, pad, max_new, &mut io)?;
+            }
+            let (holder, host_position, logits, position, cell, active, feeding) =
+                (&mut holder, &mut host_position, &mut logits, &mut position, &mut cell, &mut active, &mut feeding);
 
-        loop {
-            // Sample every slot's next token on the device; read back only the ids.
-            let logp = logits.log_softmax(-1, Kind::Float);
-            let mut next = match &uniforms {
-                None => logits.argmax(-1, false),
-                Some(u) => {
-                    let probs = sampling_probs(&logits, cfg);
-                    let cum = probs.cumsum(-1, Kind::Float);
-                    let total = cum.narrow(1, vocab - 1, 1);
-                    let u = u.index_select(0, &cell).unsqueeze(1);
-                    // Inverse-CDF sampling; clamp guards against rounding past the last token.
-                    (u * &total)
-                        .searchsorted(&cum, false, true, "right", None::<Tensor>)
-                        .squeeze_dim(1)
-                        .clamp_max(vocab - 1)
-                }
-            };
-            let lp = logp.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
-            let _ = logprob_cells.index_copy_(0, &cell, &lp);
-            let mut finished = Vec::new();
-            // Probed slots: read the logits of those that fed their whole suffix, and take
-            // the next forced token of the others.
-            let mut overrides: Vec<(i64, i64)> = Vec::new();
-            let mut reads: Vec<usize> = Vec::new();
-            for (slot, f) in forced.iter_mut().enumerate() {
-                let Some(queue) = f else { continue };
-                match queue.pop_front() {
-                    Some(id) => overrides.push((slot as i64, id)),
-                    None => reads.push(slot),
-                }
-            }
-            if let (false, Some(ids)) = (reads.is_empty(), &probe_ids) {
-                let at: Vec<i64> = reads.iter().map(|&s| s as i64).collect();
-                let at = io.up(&at);
-                let k = ids.size()[0] as usize;
-                let values = io.down_f32(&logits.index_select(0, &at).index_select(1, ids))?;
-                for (i, &slot) in reads.iter().enumerate() {
-                    let r = holder[slot].take().expect("a probed slot holds its request");
-                    out[r].probe = Some(values[i * k..(i + 1) * k].to_vec());
-                    forced[slot] = None;
-                    finished.push(slot);
-                }
-            }
-            let ids = io.down_ids(&next)?;
-            io.stats.steps += 1;
-            io.stats.slot_steps += slots as u64;
-            // Rows that finish this step and are probed: they still feed the token just sampled.
-            let mut probing = Vec::new();
-            for (slot, held) in holder.iter_mut().enumerate() {
-                let Some(r) = *held else { continue };
-                io.stats.active_row_steps += 1;
-                if forced[slot].is_some() {
-                    continue;
-                }
-                let c = &mut out[r];
-                let id = ids[slot];
-                c.completion_ids.push(id);
-                on_token(r, id);
-                let done = if eos_ids.contains(&id) {
-                    c.finish_reason = FinishReason::Eos;
-                    true
-                } else if !cfg.stop.is_empty() && {
-                    let text = tokenizer.decode(&c.completion_ids, true)?;
-                    cfg.stop.iter().any(|s| text.contains(s.as_str()))
-                } {
-                    c.finish_reason = FinishReason::Stop;
-                    true
-                } else {
-                    c.completion_ids.len() as i64 == max_new
-                };
-                if !done {
-                    continue;
-                }
-                let suffix = match probe.as_mut() {
-                    Some(p) => (p.suffix)(r, &c.completion_ids, c.finish_reason)?,
-                    None => None,
-                };
-                match suffix {
-                    Some(s) if s.len() > probe.as_ref().map_or(0, |p| p.max_suffix) => {
-                        return Err(PolicyError::InvalidInput(format!(
-                            "a probe suffix of {} tokens, longer than its max_suffix",
-                            s.len()
-                        )));
+            loop {
+                // Sample every slot's next token on the device; read back only the ids.
+                let logp = logits.log_softmax(-1, Kind::Float);
+                let mut next = match &uniforms {
+                    None => logits.argmax(-1, false),
+                    Some(u) => {
+                        let probs = sampling_probs(&logits, cfg);
+                        let cum = probs.cumsum(-1, Kind::Float);
+                        let total = cum.narrow(1, vocab - 1, 1);
+                        let u = u.index_select(0, &cell).unsqueeze(1);
+                        // Inverse-CDF sampling; clamp guards against rounding past the last token.
+                        (u * &total)
+                            .searchsorted(&cum, false, true, "right", None::<Tensor>)
+                            .squeeze_dim(1)
+                            .clamp_max(vocab - 1)
                     }
-                    Some(s) => {
-                        if let Some(&id) = s.iter().find(|&&id| id < 0 || id >= vocab) {
-                            return Err(PolicyError::TokenOutOfRange { id, vocab_size: vocab });
-                        }
-                        forced[slot] = Some(s.into());
-                        probing.push(slot);
+                };
+                let lp = logp.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
+                let _ = logprob_cells.index_copy_(0, &cell, &lp);
+                let mut finished = Vec::new();
+                // Probed slots: read the logits of those that fed their whole suffix, and take
+                // the next forced token of the others.
+                let mut overrides: Vec<(i64, i64)> = Vec::new();
+                let mut reads: Vec<usize> = Vec::new();
+                for (slot, f) in forced.iter_mut().enumerate() {
+                    let Some(queue) = f else { continue };
+                    match queue.pop_front() {
+                        Some(id) => overrides.push((slot as i64, id)),
+                        None => reads.push(slot),
                     }
-                    None => {
-                        *held = None;
+                }
+                if let (false, Some(ids)) = (reads.is_empty(), &probe_ids) {
+                    let at: Vec<i64> = reads.iter().map(|&s| s as i64).collect();
+                    let at = io.up(&at);
+                    let k = ids.size()[0] as usize;
+                    let values = io.down_f32(&logits.index_select(0, &at).index_select(1, ids))?;
+                    for (i, &slot) in reads.iter().enumerate() {
+                        let r = holder[slot].take().expect("a probed slot holds its request");
+                        out[r].probe = Some(values[i * k..(i + 1) * k].to_vec());
+                        forced[slot] = None;
                         finished.push(slot);
                     }
                 }
-            }
-            let more = waiting.len() > 0;
-            if holder.iter().all(|h| h.is_none()) && !more {
-                break;
-            }
-            if !finished.is_empty() || !probing.is_empty() {
-                // Neither samples any more; finished slots stop feeding too.
-                let stopped: Vec<i64> = finished.iter().chain(&probing).map(|&s| s as i64).collect();
-                let stopped = io.up(&stopped);
-                let _ = active.index_fill_(0, &stopped, 0);
-                let _ = cell.index_fill_(0, &stopped, sink);
-                if !finished.is_empty() {
-                    let _ = feeding.index_fill_(0, &stopped.narrow(0, 0, finished.len() as i64), 0);
-                }
-            }
-            // The next cell of every generating slot; the sink stays the sink.
-            *cell = &*cell + &*active;
-            if holder.iter().any(|h| h.is_some()) {
-                if !overrides.is_empty() {
-                    let (at, id): (Vec<i64>, Vec<i64>) = overrides.iter().copied().unzip();
-                    next = next.index_put(&[Some(io.up(&at))], &io.up(&id), false);
-                }
-                // Feed the sampled (or forced) ids back; finished and empty slots compute on
-                // unchanged positions and their outputs are ignored.
-                // Attend over the positions in use, rounded up: the shape changes once per
-                // CAPACITY_QUANTUM positions, not at every step.
-                let used = holder
-                    .iter()
-                    .zip(host_position.iter())
-                    .filter(|(h, _)| h.is_some())
-                    .map(|(_, &p)| p + 1)
-                    .max()
-                    .unwrap_or(1);
-                let span = ((used + CAPACITY_QUANTUM - 1) / CAPACITY_QUANTUM * CAPACITY_QUANTUM).min(capacity);
-                cache.set_span(span);
-                let mask =
-                    key_index.narrow(1, 0, span).le_tensor(&position.unsqueeze(1)).view([slots as i64, 1, 1, span]);
-                let hidden = model.forward_hidden(
-                    &next.unsqueeze(1),
-                    &position.unsqueeze(1),
-                    &AttnMask::Explicit(mask),
-                    Some(&mut *cache),
-                )?;
-                *logits = model.decode_logits(&hidden.squeeze_dim(1))?;
-                *position = &*position + &*feeding;
-                for (p, h) in host_position.iter_mut().zip(holder.iter()) {
-                    if h.is_some() {
-                        *p += 1;
+                let ids = io.down_ids(&next)?;
+                io.stats.steps += 1;
+                io.stats.slot_steps += slots as u64;
+                // Rows that finish this step and are probed: they still feed the token just sampled.
+                let mut probing = Vec::new();
+                for (slot, held) in holder.iter_mut().enumerate() {
+                    let Some(r) = *held else { continue };
+                    io.stats.active_row_steps += 1;
+                    if forced[slot].is_some() {
+                        continue;
+                    }
+                    let c = &mut out[r];
+                    let id = ids[slot];
+                    c.completion_ids.push(id);
+                    on_token(r, id);
+                    let done = if eos_ids.contains(&id) {
+                        c.finish_reason = FinishReason::Eos;
+                        true
+                    } else if !cfg.stop.is_empty() && {
+                        let text = tokenizer.decode(&c.completion_ids, true)?;
+                        cfg.stop.iter().any(|s| text.contains(s.as_str()))
+                    } {
+                        c.finish_reason = FinishReason::Stop;
+                        true
+                    } else {
+                        c.completion_ids.len() as i64 == max_new
+                    };
+                    if !done {
+                        continue;
+                    }
+                    let suffix = match probe.as_mut() {
+                        Some(p) => (p.suffix)(r, &c.completion_ids, c.finish_reason)?,
+                        None => None,
+                    };
+                    match suffix {
+                        Some(s) if s.len() > probe.as_ref().map_or(0, |p| p.max_suffix) => {
+                            return Err(PolicyError::InvalidInput(format!(
+                                "a probe suffix of {} tokens, longer than its max_suffix",
+                                s.len()
+                            )));
+                        }
+                        Some(s) => {
+                            if let Some(&id) = s.iter().find(|&&id| id < 0 || id >= vocab) {
+                                return Err(PolicyError::TokenOutOfRange { id, vocab_size: vocab });
+                            }
+                            forced[slot] = Some(s.into());
+                            probing.push(slot);
+                        }
+                        None => {
+                            *held = None;
+                            finished.push(slot);
+                        }
                     }
                 }
+                let more = waiting.len() > 0;
+                if holder.iter().all(|h| h.is_none()) && !more {
+                    break;
+                }
+                if !finished.is_empty() || !probing.is_empty() {
+                    // Neither samples any more; finished slots stop feeding too.
+                    let stopped: Vec<i64> = finished.iter().chain(&probing).map(|&s| s as i64).collect();
+                    let stopped = io.up(&stopped);
+                    let _ = active.index_fill_(0, &stopped, 0);
+                    let _ = cell.index_fill_(0, &stopped, sink);
+                    if !finished.is_empty() {
+                        let _ = feeding.index_fill_(0, &stopped.narrow(0, 0, finished.len() as i64), 0);
+                    }
+                }
+                // The next cell of every generating slot; the sink stays the sink.
+                *cell = &*cell + &*active;
+                if holder.iter().any(|h| h.is_some()) {
+                    if !overrides.is_empty() {
+                        let (at, id): (Vec<i64>, Vec<i64>) = overrides.iter().copied().unzip();
+                        next = next.index_put(&[Some(io.up(&at))], &io.up(&id), false);
+                    }
+                    // Feed the sampled (or forced) ids back; finished and empty slots compute on
+                    // unchanged positions and their outputs are ignored.
+                    // Attend over the positions in use, rounded up: the shape changes once per
+                    // CAPACITY_QUANTUM positions, not at every step.
+                    let used = holder
+                        .iter()
+                        .zip(host_position.iter())
+                        .filter(|(h, _)| h.is_some())
+                        .map(|(_, &p)| p + 1)
+                        .max()
+                        .unwrap_or(1);
+                    let span = ((used + CAPACITY_QUANTUM - 1) / CAPACITY_QUANTUM * CAPACITY_QUANTUM).min(capacity);
+                    // One decode step (a CUDA graph's replay on CUDA, crate::decode_step).
+                    *logits = step.run(model, &next, position, span)?;
+                    *position = &*position + &*feeding;
+                    for (p, h) in host_position.iter_mut().zip(holder.iter()) {
+                        if h.is_some() {
+                            *p += 1;
+                        }
+                    }
+                }
+                if more && !finished.is_empty() {
+                    io.stats.refills += finished.len().min(waiting.len()) as u64;
+                    let mut state = SlotState {
+                        holder: &mut *holder,
+                        host_position: &mut *host_position,
+                        cache: &mut step.cache,
+                        logits: &mut *logits,
+                        position: &mut *position,
+                        cell: &mut *cell,
+                        active: &mut *active,
+                        feeding: &mut *feeding,
+                    };
+                    state.fill(&finished, &mut waiting, reqs, model, pad, max_new, &mut io)?;
+                }
             }
-            if more && !finished.is_empty() {
-                io.stats.refills += finished.len().min(waiting.len()) as u64;
-                let mut state = SlotState {
-                    holder: &mut *holder,
-                    host_position: &mut *host_position,
-                    cache: &mut *cache,
-                    logits: &mut *logits,
-                    position: &mut *position,
-                    cell: &mut *cell,
-                    active: &mut *active,
-                    feeding: &mut *feeding,
-                };
-                state.fill(&finished, &mut waiting, reqs, model, pad, max_new, &mut io)?;
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     });
     result?;
     let cells = io.down_f32(&logprob_cells)?;

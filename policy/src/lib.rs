@@ -2,6 +2,7 @@
 //! tokenizer and chat template, batched sampling with a KV cache, exact token log-probs for
 //! the learner, reward-model scoring, and GGUF import.
 pub mod config;
+pub mod decode_step;
 pub mod error;
 pub mod generate;
 pub mod in_process;
@@ -16,9 +17,10 @@ pub use selfplay_gguf as gguf;
 
 pub use config::{Architecture, Family, ModelConfig};
 pub use error::{PolicyError, Result};
-pub use generate::{Completion, FinishProbe, FinishReason, SamplingConfig};
+pub use generate::{Completion, FinishProbe, FinishReason, GenRequest, GenStats, Generator, SamplingConfig};
 pub use in_process::InProcessWeights;
 pub use model::Llama;
+pub use scoring::{Grad, Scorer};
 pub use tokenizer::{ChatMessage, ChatOptions, Tokenizer};
 
 use std::path::{Path, PathBuf};
@@ -141,8 +143,15 @@ impl Policy {
         self.tokenizer.encode_chat(&[ChatMessage::user(text)], true)
     }
 
+    /// A [`Generator`] over this policy's model, tokenizer and EOS ids.
+    pub fn generator(&self) -> Generator<'_> {
+        Generator::new(&self.model, &self.tokenizer, &self.eos_ids)
+    }
+
+    /// One completion per prompt, row r seeded with `row_seed(cfg.seed, r)`: the common case
+    /// of [`Policy::generator`].
     pub fn generate(&self, prompts: &[Vec<i64>], cfg: &SamplingConfig) -> Result<Vec<Completion>> {
-        generate::generate(&self.model, &self.tokenizer, prompts, cfg, &self.eos_ids)
+        Ok(self.generator().run(&GenRequest::from_prompts(prompts, cfg.seed), cfg)?.0)
     }
 }
 

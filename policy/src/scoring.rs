@@ -4,11 +4,11 @@
 //! The output head is where a long batch's memory goes: full-vocabulary f32 logits are
 //! V x 4 bytes per position (0.5 MB for Llama-3's 128k vocabulary), several times over once
 //! log-softmax and its gradient are counted. So the head runs over at most `chunk_positions`
-//! positions at a time, also for the gradient ([`completion_logprobs_chunked`]):
+//! positions at a time, also for the gradient ([`Grad::Chunked`]):
 //! 1. the trunk runs with its graph; the head runs chunk by chunk without one, giving the
 //!    log-probs, which become a leaf tensor the loss is built on;
 //! 2. `loss.backward()` leaves dL/dlogp on that leaf;
-//! 3. [`ChunkedLogprobs::backward`] recomputes each chunk's logits from the (detached) final
+//! 3. [`TokenLogprobs::backward`] recomputes each chunk's logits from the (detached) final
 //!    hidden states with a graph, back-propagates sum(dL/dlogp * logp) through the head, and
 //!    collects the hidden states' gradient;
 //! 4. that gradient goes back through the trunk in one backward pass.
@@ -16,7 +16,7 @@
 //! The chain rule makes this the same gradient as one graph through everything; only the
 //! order of floating-point sums differs (tests compare them in f32).
 //!
-//! With gradient checkpointing ([`completion_logprobs_checkpointed`]) step 1 runs the trunk
+//! With gradient checkpointing ([`Grad::Checkpointed`]) step 1 runs the trunk
 //! without a graph too, keeping only each decoder block's input, and step 4 goes back block by
 //! block, last to first: the block is recomputed with a graph from its kept input, the
 //! gradient of its output is sent through it, and its input's gradient goes on to the block
@@ -28,12 +28,91 @@ use tch::{Device, Kind, Tensor};
 
 /// Completion log-probs of a batch, right-padded to the longest completion.
 pub struct TokenLogprobs {
-    /// [B, C] f32: log pi(c_t | prompt, c_<t); 0 where `mask` is false.
+    /// [B, C] f32: log pi(c_t | prompt, c_<t); 0 where `mask` is false. With
+    /// [`Grad::Chunked`] or [`Grad::Checkpointed`] a leaf tensor (requiring grad when the
+    /// model's parameters do) that the loss is built on.
     pub logprobs: Tensor,
     /// [B, C] bool: true on real completion tokens.
     pub mask: Tensor,
-    /// [B, C] f32 entropy of the next-token distribution at each completion position.
+    /// [B, C] f32 entropy of the next-token distribution at each completion position
+    /// (detached), when asked for.
     pub entropy: Option<Tensor>,
+    /// The chunked modes' rest of the gradient, for [`TokenLogprobs::backward`].
+    deferred: Option<Deferred>,
+}
+
+/// Whether scoring keeps a graph for the gradient, and how. The modes give the same log-probs
+/// (up to the order of floating-point sums); they differ in what exists at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Grad {
+    /// No graph (reference model, evaluation): the trunk runs over batches of at most
+    /// [`ScoreLimits::batch_tokens`] padded tokens, the head over at most
+    /// [`ScoreLimits::chunk_positions`] positions at a time. Rows keep the order of the pairs.
+    #[default]
+    None,
+    /// One graph through the trunk and the whole head, whose full-vocabulary logits then all
+    /// exist at once (the reference the chunked modes are tested against).
+    Graph,
+    /// The learner's mode: the trunk with its graph, the head in chunks of
+    /// [`ScoreLimits::chunk_positions`] for the forward pass and the gradient. After
+    /// `loss.backward()`, [`TokenLogprobs::backward`] finishes the gradient (module docs).
+    Chunked,
+    /// [`Grad::Chunked`] with gradient checkpointing: the trunk runs without a graph, keeping
+    /// each block's input, and the backward pass recomputes one block at a time. The same
+    /// log-probs and gradient with one block's activations at a time instead of every block's.
+    Checkpointed,
+}
+
+/// The one scoring path: per-token log-probs of (prompt, completion) pairs under `model`, in
+/// a [`Grad`] mode (default [`Grad::None`]), with or without entropies, within
+/// [`ScoreLimits`] (default [`ScoreLimits::default`]).
+#[derive(Clone, Copy)]
+pub struct Scorer<'a> {
+    model: &'a Llama,
+    grad: Grad,
+    entropy: bool,
+    limits: ScoreLimits,
+}
+
+impl<'a> Scorer<'a> {
+    pub fn new(model: &'a Llama) -> Self {
+        Scorer { model, grad: Grad::None, entropy: false, limits: ScoreLimits::default() }
+    }
+
+    pub fn grad(mut self, grad: Grad) -> Self {
+        self.grad = grad;
+        self
+    }
+
+    /// Also return the entropy at each completion position.
+    pub fn entropy(mut self, on: bool) -> Self {
+        self.entropy = on;
+        self
+    }
+
+    /// `chunk_positions` bounds the head in every mode but [`Grad::Graph`]; `batch_tokens`
+    /// only [`Grad::None`] (the learner splits its micro-batches itself).
+    pub fn limits(mut self, limits: ScoreLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Head positions at a time (0 = all): [`ScoreLimits::chunk_positions`] alone.
+    pub fn chunk_positions(mut self, n: usize) -> Self {
+        self.limits.chunk_positions = n;
+        self
+    }
+
+    /// Scores `pairs`, refusing empty or out-of-vocabulary ones before any work.
+    pub fn score(&self, pairs: &[(Vec<i64>, Vec<i64>)]) -> Result<TokenLogprobs> {
+        let (model, entropy, chunk) = (self.model, self.entropy, self.limits.chunk_positions);
+        match self.grad {
+            Grad::None => limited(model, pairs, entropy, self.limits),
+            Grad::Graph => graph(model, pairs, entropy),
+            Grad::Chunked => chunked(model, pairs, entropy, chunk),
+            Grad::Checkpointed => checkpointed(model, pairs, entropy, chunk),
+        }
+    }
 }
 
 /// How much of a scoring call exists at once.
@@ -58,15 +137,8 @@ impl Default for ScoreLimits {
     }
 }
 
-/// Completion log-probs whose gradient is taken in chunks (module docs). The loss is built on
-/// `logprobs`; after `loss.backward()`, [`ChunkedLogprobs::backward`] finishes the gradient.
-pub struct ChunkedLogprobs {
-    /// [B, C] f32 leaf tensor (requires grad when the model's parameters do); 0 off the mask.
-    pub logprobs: Tensor,
-    /// [B, C] bool: true on real completion tokens.
-    pub mask: Tensor,
-    /// [B, C] f32 entropy at each completion position (detached), when asked for.
-    pub entropy: Option<Tensor>,
+/// What a chunked mode keeps for the gradient (module docs).
+struct Deferred {
     /// [R, H] final hidden states of the R real completion positions (with the trunk's graph
     /// unless checkpointed).
     rows: Tensor,
@@ -213,27 +285,17 @@ fn grad_enabled() -> bool {
     (&probe * 1.0).requires_grad()
 }
 
-/// Log-probs of every completion token. With a graph (grad enabled and the model's
-/// parameters requiring grad) the result is differentiable through one graph over the whole
-/// head, whose full-vocabulary logits then all exist at once: the learner uses
-/// [`completion_logprobs_chunked`] instead. Without a graph (reference model, evaluation) the
-/// work is split by [`ScoreLimits::default`].
+/// [`Grad::Graph`] when autograd records and the model's parameters require grad, else
+/// [`Grad::None`]. Kept only for callers the API change has not reached yet.
+#[deprecated(note = "use Scorer::new(model).grad(..).entropy(..).score(pairs)")]
 pub fn completion_logprobs(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)], with_entropy: bool) -> Result<TokenLogprobs> {
     let differentiable = grad_enabled() && model.parameters().iter().any(|(_, p)| p.requires_grad());
-    if differentiable {
-        completion_logprobs_graph(model, pairs, with_entropy)
-    } else {
-        completion_logprobs_limited(model, pairs, with_entropy, ScoreLimits::default())
-    }
+    Scorer::new(model).grad(if differentiable { Grad::Graph } else { Grad::None }).entropy(with_entropy).score(pairs)
 }
 
-/// One graph through the trunk and the whole head. Only completion positions go through the
-/// output head, which saves most of the vocabulary-sized work on long prompts.
-pub fn completion_logprobs_graph(
-    model: &Llama,
-    pairs: &[(Vec<i64>, Vec<i64>)],
-    with_entropy: bool,
-) -> Result<TokenLogprobs> {
+/// [`Grad::Graph`]. Only completion positions go through the output head, which saves most of
+/// the vocabulary-sized work on long prompts.
+fn graph(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)], with_entropy: bool) -> Result<TokenLogprobs> {
     validate(model, pairs)?;
     let (hidden, src, tgt, mask) = trunk(model, pairs)?;
     let (b, cmax) = src.size2()?;
@@ -247,13 +309,12 @@ pub fn completion_logprobs_graph(
         let e = -(logp_all.exp() * &logp_all).sum_dim_intlist(-1, false, Kind::Float);
         e.where_self(&mask, &e.zeros_like()).detach()
     });
-    Ok(TokenLogprobs { logprobs, mask, entropy })
+    Ok(TokenLogprobs { logprobs, mask, entropy, deferred: None })
 }
 
-/// Log-probs without a graph, the trunk run over batches of at most `limits.batch_tokens`
-/// padded tokens and the head over at most `limits.chunk_positions` positions at a time.
-/// Rows come back in the order of `pairs`, padded to the longest completion of all.
-pub fn completion_logprobs_limited(
+/// [`Grad::None`]: rows come back in the order of `pairs`, padded to the longest completion
+/// of all.
+fn limited(
     model: &Llama,
     pairs: &[(Vec<i64>, Vec<i64>)],
     with_entropy: bool,
@@ -273,7 +334,12 @@ pub fn completion_logprobs_limited(
             let rows = real_rows(&hidden, &src, &mask);
             let (lp, ent) =
                 head_logprobs(model, &rows, &tgt.masked_select(&mask), chunk_of(limits.chunk_positions), with_entropy)?;
-            Ok(TokenLogprobs { logprobs: spread(&mask, &lp), entropy: ent.map(|e| spread(&mask, &e)), mask })
+            Ok(TokenLogprobs {
+                logprobs: spread(&mask, &lp),
+                entropy: ent.map(|e| spread(&mask, &e)),
+                mask,
+                deferred: None,
+            })
         })?;
         let width = scored.mask.size()[1];
         let pad = |t: &Tensor| t.constant_pad_nd([0, cmax - width]);
@@ -290,7 +356,12 @@ pub fn completion_logprobs_limited(
     }
     let at = Tensor::from_slice(&at).to_device(model.device());
     let order = |v: Vec<Tensor>| Tensor::cat(&v, 0).index_select(0, &at);
-    Ok(TokenLogprobs { logprobs: order(lps), mask: order(masks), entropy: with_entropy.then(|| order(ents)) })
+    Ok(TokenLogprobs {
+        logprobs: order(lps),
+        mask: order(masks),
+        entropy: with_entropy.then(|| order(ents)),
+        deferred: None,
+    })
 }
 
 /// Below this many padded tokens a batch is not split by length: the passes would be too small
@@ -369,15 +440,14 @@ fn real_rows(hidden: &Tensor, src: &Tensor, mask: &Tensor) -> Tensor {
     picked.reshape([b * cmax, h]).index_select(0, &mask.reshape([-1]).nonzero().squeeze_dim(1))
 }
 
-/// Log-probs for the learner: the trunk with its graph, the head in chunks of at most
-/// `chunk_positions` positions (0 = all at once), for the forward pass and for the gradient
-/// (module docs).
-pub fn completion_logprobs_chunked(
+/// [`Grad::Chunked`], the head in chunks of at most `chunk_positions` positions (0 = all at
+/// once).
+fn chunked(
     model: &Llama,
     pairs: &[(Vec<i64>, Vec<i64>)],
     with_entropy: bool,
     chunk_positions: usize,
-) -> Result<ChunkedLogprobs> {
+) -> Result<TokenLogprobs> {
     validate(model, pairs)?;
     let (hidden, src, tgt, mask) = trunk(model, pairs)?;
     let rows = real_rows(&hidden, &src, &mask);
@@ -387,19 +457,16 @@ pub fn completion_logprobs_chunked(
     let (lp, ent) = head_logprobs(model, &rows, &targets, chunk, with_entropy)?;
     let logprobs = spread(&mask, &lp).set_requires_grad(rows.requires_grad());
     let entropy = ent.map(|e| spread(&mask, &e));
-    Ok(ChunkedLogprobs { logprobs, mask, entropy, rows, targets, chunk, checkpoints: None })
+    Ok(TokenLogprobs { logprobs, mask, entropy, deferred: Some(Deferred { rows, targets, chunk, checkpoints: None }) })
 }
 
-/// [`completion_logprobs_chunked`] with gradient checkpointing (module docs): the trunk runs
-/// without a graph, keeping each block's input; [`ChunkedLogprobs::backward`] recomputes the
-/// blocks one at a time. The same log-probs and, up to the order of floating-point sums, the
-/// same gradient, with one block's activations at a time instead of every block's.
-pub fn completion_logprobs_checkpointed(
+/// [`Grad::Checkpointed`] (module docs).
+fn checkpointed(
     model: &Llama,
     pairs: &[(Vec<i64>, Vec<i64>)],
     with_entropy: bool,
     chunk_positions: usize,
-) -> Result<ChunkedLogprobs> {
+) -> Result<TokenLogprobs> {
     validate(model, pairs)?;
     let trainable = model.parameters().iter().any(|(_, p)| p.requires_grad());
     let (batch, src, tgt, mask) = layout(model, pairs)?;
@@ -421,37 +488,40 @@ pub fn completion_logprobs_checkpointed(
     let logprobs = spread(&mask, &lp).set_requires_grad(trainable);
     let entropy = ent.map(|e| spread(&mask, &e));
     let checkpoints = Checkpoints { ids: batch.ids, pass, inputs, last, src };
-    Ok(ChunkedLogprobs { logprobs, mask, entropy, rows, targets, chunk, checkpoints: Some(checkpoints) })
+    let deferred = Deferred { rows, targets, chunk, checkpoints: Some(checkpoints) };
+    Ok(TokenLogprobs { logprobs, mask, entropy, deferred: Some(deferred) })
 }
 
-impl ChunkedLogprobs {
-    /// Finishes the gradient once the loss's backward pass has reached `logprobs`: through
-    /// the head chunk by chunk, then through the trunk. Gradients accumulate into the
-    /// parameters' `.grad` as with any backward pass. A loss that did not use the log-probs
-    /// leaves nothing to do.
+impl TokenLogprobs {
+    /// Finishes the gradient once the loss's backward pass has reached `logprobs`: in the
+    /// chunked modes through the head chunk by chunk, then through the trunk (with
+    /// [`Grad::Graph`] `loss.backward()` already went all the way). Gradients accumulate into
+    /// the parameters' `.grad` as with any backward pass. A loss that did not use the
+    /// log-probs leaves nothing to do.
     pub fn backward(self, model: &Llama) -> Result<()> {
         if !self.logprobs.requires_grad() {
             return Err(PolicyError::InvalidInput(
                 "backward through log-probs of a model whose parameters do not require grad".into(),
             ));
         }
+        let Some(this) = self.deferred else { return Ok(()) };
         let upstream = self.logprobs.grad();
         if !upstream.defined() {
             return Ok(());
         }
         let upstream = upstream.masked_select(&self.mask);
-        let detached = self.rows.detach();
+        let detached = this.rows.detach();
         let r = detached.size()[0];
         let mut grads = vec![];
         let mut at = 0;
         while at < r {
-            let n = self.chunk.min(r - at);
+            let n = this.chunk.min(r - at);
             let x = detached.narrow(0, at, n).detach().set_requires_grad(true);
             tch::with_grad(|| -> Result<()> {
                 let lp = model
                     .logits(&x)?
                     .log_softmax(-1, Kind::Float)
-                    .gather(1, &self.targets.narrow(0, at, n).unsqueeze(-1), false)
+                    .gather(1, &this.targets.narrow(0, at, n).unsqueeze(-1), false)
                     .squeeze_dim(-1);
                 (lp * upstream.narrow(0, at, n)).sum(Kind::Float).backward();
                 Ok(())
@@ -466,8 +536,8 @@ impl ChunkedLogprobs {
         drop(grads);
         // The gradient of sum(y * d) with respect to y is exactly d: each backward below sends
         // a given gradient d through the graph of y.
-        let Some(mut c) = self.checkpoints else {
-            tch::with_grad(|| (&self.rows * d_rows).sum(Kind::Float).backward());
+        let Some(mut c) = this.checkpoints else {
+            tch::with_grad(|| (&this.rows * d_rows).sum(Kind::Float).backward());
             return Ok(());
         };
         tch::with_grad(|| -> Result<()> {

@@ -121,7 +121,7 @@ fn token_ids_out_of_range() {
     let p = Policy::load(tmp.path(), Device::Cpu, Kind::Float).unwrap();
     let e = p.generate(&[vec![1, 5, 999]], &selfplay_policy::SamplingConfig::greedy(3)).unwrap_err();
     assert!(e.to_string().contains("999"), "{e}");
-    let e = selfplay_policy::scoring::completion_logprobs(&p.model, &[(vec![1], vec![-4])], false).err().unwrap();
+    let e = selfplay_policy::Scorer::new(&p.model).score(&[(vec![1], vec![-4])]).err().unwrap();
     assert!(e.to_string().contains("-4"), "{e}");
     let e = p.generate(&[vec![]], &selfplay_policy::SamplingConfig::greedy(3)).unwrap_err();
     assert!(e.to_string().contains("non-empty"), "{e}");

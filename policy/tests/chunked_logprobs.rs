@@ -2,7 +2,7 @@
 //! tiny random models in f32: the same log-probs, entropies and parameter gradients, for any
 //! chunk size; and inference split into batches by tokens gives the same rows.
 use selfplay_policy::model::expected_tensors;
-use selfplay_policy::scoring::{self, ScoreLimits};
+use selfplay_policy::scoring::{Grad, ScoreLimits, Scorer};
 use selfplay_policy::{Llama, ModelConfig, PolicyError};
 use std::collections::HashMap;
 use std::path::Path;
@@ -70,22 +70,17 @@ fn chunked_gradients_equal_one_graph() {
         model.set_requires_grad(true);
         let pairs = pairs();
 
-        let one = scoring::completion_logprobs_graph(&model, &pairs, true).unwrap();
+        let one = Scorer::new(&model).grad(Grad::Graph).entropy(true).score(&pairs).unwrap();
         let want_loss = loss_of(&one.logprobs, &one.mask);
         want_loss.backward();
         let want = grads(&model);
         let want_lp = one.logprobs.detach();
         let want_ent = one.entropy.unwrap();
 
-        type Score =
-            fn(&Llama, &[(Vec<i64>, Vec<i64>)], bool, usize) -> selfplay_policy::Result<scoring::ChunkedLogprobs>;
-        let ways: [(&str, Score); 2] = [
-            ("chunked", scoring::completion_logprobs_chunked),
-            ("checkpointed", scoring::completion_logprobs_checkpointed),
-        ];
-        for ((way, score), chunk) in ways.into_iter().flat_map(|w| [1usize, 3, 7, 0].map(|c| (w, c))) {
+        let ways = [("chunked", Grad::Chunked), ("checkpointed", Grad::Checkpointed)];
+        for ((way, grad), chunk) in ways.into_iter().flat_map(|w| [1usize, 3, 7, 0].map(|c| (w, c))) {
             zero_grads(&model);
-            let scored = score(&model, &pairs, true, chunk).unwrap();
+            let scored = Scorer::new(&model).grad(grad).entropy(true).chunk_positions(chunk).score(&pairs).unwrap();
             assert!(scored.logprobs.is_leaf() && scored.logprobs.requires_grad());
             assert!(scored.mask.equal(&one.mask));
             let label = format!("{way}, tied {tied}, chunk {chunk}");
@@ -129,7 +124,7 @@ fn blocks_one_at_a_time_are_the_forward_pass() {
 fn a_loss_without_the_logprobs_leaves_no_gradient() {
     let mut model = tiny(true, 4);
     model.set_requires_grad(true);
-    let scored = scoring::completion_logprobs_chunked(&model, &pairs(), false, 2).unwrap();
+    let scored = Scorer::new(&model).grad(Grad::Chunked).chunk_positions(2).score(&pairs()).unwrap();
     assert!(scored.entropy.is_none());
     scored.backward(&model).unwrap();
     assert!(model.parameters().iter().all(|(_, p)| !p.grad().defined()));
@@ -138,7 +133,7 @@ fn a_loss_without_the_logprobs_leaves_no_gradient() {
 #[test]
 fn backward_without_trainable_parameters_is_refused() {
     let model = tiny(true, 5);
-    let scored = scoring::completion_logprobs_chunked(&model, &pairs(), false, 2).unwrap();
+    let scored = Scorer::new(&model).grad(Grad::Chunked).chunk_positions(2).score(&pairs()).unwrap();
     assert!(!scored.logprobs.requires_grad());
     match scored.backward(&model) {
         Err(PolicyError::InvalidInput(m)) => assert!(m.contains("require grad"), "{m}"),
@@ -152,10 +147,10 @@ fn inference_split_into_batches_gives_the_same_rows() {
     let model = tiny(false, 6);
     // Longer lists, as the actors send (all of a unit's answers and its challenger at once).
     let pairs: Vec<_> = (0..3).flat_map(|_| pairs()).collect();
-    let one = tch::no_grad(|| scoring::completion_logprobs_graph(&model, &pairs, true)).unwrap();
+    let one = tch::no_grad(|| Scorer::new(&model).grad(Grad::Graph).entropy(true).score(&pairs)).unwrap();
     for (batch_tokens, chunk_positions) in [(1, 1), (12, 5), (30, 2), (0, 0), (10_000, 1)] {
         let limits = ScoreLimits { chunk_positions, batch_tokens };
-        let got = scoring::completion_logprobs_limited(&model, &pairs, true, limits).unwrap();
+        let got = Scorer::new(&model).entropy(true).limits(limits).score(&pairs).unwrap();
         let label = format!("{limits:?}");
         assert_eq!(got.logprobs.size(), one.logprobs.size(), "{label}");
         assert!(got.mask.equal(&one.mask), "{label}: mask");
@@ -165,7 +160,7 @@ fn inference_split_into_batches_gives_the_same_rows() {
         assert!(d < 1e-5, "{label}: entropies differ by {d:e}");
     }
     // The default entry point takes this path for a model without trainable parameters.
-    let dflt = scoring::completion_logprobs(&model, &pairs, false).unwrap();
+    let dflt = Scorer::new(&model).score(&pairs).unwrap();
     assert!(!dflt.logprobs.requires_grad() && dflt.entropy.is_none());
     assert!(max_abs(&(&dflt.logprobs - &one.logprobs)) < 1e-5);
 }
@@ -180,9 +175,9 @@ fn bad_sequences_are_refused_before_any_work() {
         (vec![(vec![1, 2], vec![3]), (vec![5], vec![97])], "97"),
         (vec![(vec![1, 2], vec![3]), (vec![-1], vec![4])], "-1"),
     ] {
-        let e = scoring::completion_logprobs_limited(&model, &pairs, false, limits).err().unwrap().to_string();
+        let e = Scorer::new(&model).limits(limits).score(&pairs).err().unwrap().to_string();
         assert!(e.contains(want), "{e}");
-        let e = scoring::completion_logprobs_chunked(&model, &pairs, false, 1).err().unwrap().to_string();
+        let e = Scorer::new(&model).grad(Grad::Chunked).chunk_positions(1).score(&pairs).err().unwrap().to_string();
         assert!(e.contains(want), "{e}");
     }
 }

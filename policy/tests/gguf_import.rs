@@ -525,7 +525,7 @@ fn bad_input_gives_typed_errors() {
 /// and generates the same tokens.
 #[test]
 fn qwen_gguf_import_round_trips() {
-    use selfplay_policy::{generate, Llama, SamplingConfig, Tokenizer};
+    use selfplay_policy::{GenRequest, Generator, Llama, SamplingConfig, Tokenizer};
     use tch::{Device, Kind};
     for (variant, arch) in [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("qwen3_bias", "qwen3")] {
         let tmp = tempfile::tempdir().unwrap();
@@ -550,8 +550,8 @@ fn qwen_gguf_import_round_trips() {
         assert_eq!(tok.decode(&[27, 26, 0], false).unwrap(), "ab a");
         let prompts = vec![vec![1, 5, 9, 33, 17, 101, 7], vec![1, 44]];
         let cfg = SamplingConfig::greedy(8);
-        let ga = generate::generate(&a, &tok, &prompts, &cfg, &[]).unwrap();
-        let gb = generate::generate(&b, &tok, &prompts, &cfg, &[]).unwrap();
+        let ga = Generator::new(&a, &tok, &[]).run(&GenRequest::from_prompts(&prompts, cfg.seed), &cfg).unwrap().0;
+        let gb = Generator::new(&b, &tok, &[]).run(&GenRequest::from_prompts(&prompts, cfg.seed), &cfg).unwrap().0;
         for (x, y) in ga.iter().zip(&gb) {
             assert_eq!(x.completion_ids, y.completion_ids, "{variant}");
         }

@@ -3,7 +3,7 @@
 //! within 1e-4 (f32), identical greedy continuations, generation's log-probs equal to the
 //! training-side scoring, and reward-model scores.
 use selfplay_policy::model::{Llama, PaddedBatch};
-use selfplay_policy::{generate, scoring, SamplingConfig, Tokenizer};
+use selfplay_policy::{generate, scoring, GenRequest, Generator, Grad, SamplingConfig, Scorer, Tokenizer};
 use tch::{Device, Kind, Tensor};
 
 const VARIANTS: [&str; 4] = ["gqa_tied", "mha_untied", "llama3_rope", "head_dim"];
@@ -80,7 +80,8 @@ fn logits_and_greedy_match(variant: &str) {
 
         // Greedy generation of all prompts in one left-padded batch.
         let tok = tiny_tokenizer(tmp.path());
-        let out = generate::generate(&model, &tok, &prompts, &SamplingConfig::greedy(12), &[]).unwrap();
+        let greedy = SamplingConfig::greedy(12);
+        let out = Generator::new(&model, &tok, &[]).run(&GenRequest::from_prompts(&prompts, 0), &greedy).unwrap().0;
         for (i, c) in out.iter().enumerate() {
             let want: Vec<i64> = serde_json::from_value(reference["greedy"][i].clone()).unwrap();
             assert_eq!(c.completion_ids, want, "{variant}: greedy continuation of prompt {i}");
@@ -143,15 +144,15 @@ fn sampling_logprobs_match_scoring(variant: &str) {
         stop: vec![],
         max_batch: 0,
     };
-    let a = generate::generate(&model, &tok, &prompts, &cfg, &[2]).unwrap();
-    let b = generate::generate(&model, &tok, &prompts, &cfg, &[2]).unwrap();
-    let c = generate::generate(&model, &tok, &prompts, &SamplingConfig { seed: 12, ..cfg.clone() }, &[2]).unwrap();
+    let a = Generator::new(&model, &tok, &[2]).run(&GenRequest::from_prompts(&prompts, cfg.seed), &cfg).unwrap().0;
+    let b = Generator::new(&model, &tok, &[2]).run(&GenRequest::from_prompts(&prompts, cfg.seed), &cfg).unwrap().0;
+    let c = Generator::new(&model, &tok, &[2]).run(&GenRequest::from_prompts(&prompts, 12), &cfg).unwrap().0;
     let ids = |v: &[selfplay_policy::Completion]| v.iter().map(|c| c.completion_ids.clone()).collect::<Vec<_>>();
     assert_eq!(ids(&a), ids(&b), "same seed, same tokens");
     assert_ne!(ids(&a), ids(&c), "another seed, other tokens");
 
     let pairs: Vec<(Vec<i64>, Vec<i64>)> = a.iter().map(|c| (c.prompt_ids.clone(), c.completion_ids.clone())).collect();
-    let scored = tch::no_grad(|| scoring::completion_logprobs(&model, &pairs, false).unwrap());
+    let scored = tch::no_grad(|| Scorer::new(&model).score(&pairs).unwrap());
     let mut worst = 0f64;
     for (i, c) in a.iter().enumerate() {
         for (t, lp) in c.logprobs.iter().enumerate() {
@@ -169,16 +170,18 @@ fn stop_strings_and_eos_end_generation() {
     let model = tiny("mha_untied", tmp.path());
     let tok = tiny_tokenizer(tmp.path());
     let prompts = prompts();
-    let free = generate::generate(&model, &tok, &prompts, &SamplingConfig::greedy(10), &[]).unwrap();
+    let greedy = SamplingConfig::greedy(10);
+    let free = Generator::new(&model, &tok, &[]).run(&GenRequest::from_prompts(&prompts, 0), &greedy).unwrap().0;
     // Stop on the third token of the first row's greedy continuation.
     let stop_id = free[0].completion_ids[2];
-    let eos = generate::generate(&model, &tok, &prompts[..1], &SamplingConfig::greedy(10), &[stop_id]).unwrap();
+    let eos =
+        Generator::new(&model, &tok, &[stop_id]).run(&GenRequest::from_prompts(&prompts[..1], 0), &greedy).unwrap().0;
     assert_eq!(eos[0].completion_ids.last(), Some(&stop_id));
     assert!(eos[0].completion_ids.len() <= 3);
     assert_eq!(eos[0].finish_reason, selfplay_policy::FinishReason::Eos);
     let word = format!("t{stop_id}");
     let cfg = SamplingConfig { stop: vec![word.clone()], ..SamplingConfig::greedy(10) };
-    let st = generate::generate(&model, &tok, &prompts[..1], &cfg, &[]).unwrap();
+    let st = Generator::new(&model, &tok, &[]).run(&GenRequest::from_prompts(&prompts[..1], cfg.seed), &cfg).unwrap().0;
     assert_eq!(st[0].finish_reason, selfplay_policy::FinishReason::Stop);
     assert!(!st[0].text.contains(&word), "text cut before the stop string: {:?}", st[0].text);
 }
@@ -194,23 +197,26 @@ fn decoding_follows_weight_updates() {
     let tok = tiny_tokenizer(ta.path());
     let cfg = SamplingConfig::greedy(12);
     let ids = |v: &[selfplay_policy::Completion]| v.iter().map(|c| c.completion_ids.clone()).collect::<Vec<_>>();
-    let before = generate::generate(&a, &tok, &prompts(), &cfg, &[]).unwrap();
+    let before = Generator::new(&a, &tok, &[]).run(&GenRequest::from_prompts(&prompts(), cfg.seed), &cfg).unwrap().0;
 
     let update = b.parameters().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
     a.set_weights(&update).unwrap();
-    let after = generate::generate(&a, &tok, &prompts(), &cfg, &[]).unwrap();
+    let after = Generator::new(&a, &tok, &[]).run(&GenRequest::from_prompts(&prompts(), cfg.seed), &cfg).unwrap().0;
     assert_ne!(ids(&before), ids(&after), "the update changed nothing");
     // Against the other model's own training-side scoring (plain linears, no cache).
     let pairs: Vec<(Vec<i64>, Vec<i64>)> =
         after.iter().map(|c| (c.prompt_ids.clone(), c.completion_ids.clone())).collect();
-    let scored = tch::no_grad(|| scoring::completion_logprobs(&b, &pairs, false).unwrap());
+    let scored = tch::no_grad(|| Scorer::new(&b).score(&pairs).unwrap());
     for (i, c) in after.iter().enumerate() {
         for (t, lp) in c.logprobs.iter().enumerate() {
             let s = scored.logprobs.double_value(&[i as i64, t as i64]);
             assert!((s - *lp as f64).abs() < 1e-4, "row {i} token {t}: {lp} vs {s}");
         }
     }
-    assert_eq!(ids(&after), ids(&generate::generate(&b, &tok, &prompts(), &cfg, &[]).unwrap()));
+    assert_eq!(
+        ids(&after),
+        ids(&Generator::new(&b, &tok, &[]).run(&GenRequest::from_prompts(&prompts(), cfg.seed), &cfg).unwrap().0)
+    );
 }
 
 /// Continuous batching: with fewer slots than requests, finished rows are refilled at once, and
@@ -234,7 +240,7 @@ fn continuous_batching_equals_generating_alone() {
         for temperature in [0.0, 0.9] {
             let base = SamplingConfig { temperature, top_k: 40, max_new_tokens: 16, ..Default::default() };
             // Mixed lengths: end rows on the token the first free run samples most often.
-            let free = generate::generate_requests(&model, &tok, &reqs, &base, &[]).unwrap();
+            let free = Generator::new(&model, &tok, &[]).run(&reqs, &base).unwrap().0;
             let mut counts = std::collections::HashMap::new();
             for c in &free {
                 for &id in &c.completion_ids {
@@ -244,15 +250,13 @@ fn continuous_batching_equals_generating_alone() {
             let eos = *counts.iter().max_by_key(|(id, n)| (**n, -**id)).unwrap().0;
             let alone: Vec<_> = reqs
                 .iter()
-                .map(|r| {
-                    generate::generate_requests(&model, &tok, std::slice::from_ref(r), &base, &[eos]).unwrap().remove(0)
-                })
+                .map(|r| Generator::new(&model, &tok, &[eos]).run(std::slice::from_ref(r), &base).unwrap().0.remove(0))
                 .collect();
             let lens: Vec<usize> = alone.iter().map(|c| c.completion_ids.len()).collect();
             assert!(lens.iter().min() < lens.iter().max(), "{variant}: the workload needs mixed lengths: {lens:?}");
             for max_batch in [0, 2, 3] {
                 let cfg = SamplingConfig { max_batch, ..base.clone() };
-                let (got, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[eos]).unwrap();
+                let (got, stats) = Generator::new(&model, &tok, &[eos]).run(&reqs, &cfg).unwrap();
                 if max_batch > 0 {
                     assert!(stats.refills > 0, "{variant} max_batch {max_batch}: no slot was refilled");
                 } else {
@@ -293,13 +297,15 @@ fn finish_probe_equals_a_fresh_forward_pass() {
             _ => None,
         };
         let base = SamplingConfig { temperature: 0.9, top_k: 40, max_new_tokens: 10, seed: 4, ..Default::default() };
-        let free = generate::generate(&model, &tok, &prompts, &base, &[]).unwrap();
+        let free =
+            Generator::new(&model, &tok, &[]).run(&GenRequest::from_prompts(&prompts, base.seed), &base).unwrap().0;
         let mut counts = std::collections::HashMap::new();
         for &id in free.iter().flat_map(|c| &c.completion_ids) {
             *counts.entry(id).or_insert(0) += 1;
         }
         let eos = *counts.iter().max_by_key(|(id, n)| (**n, -**id)).unwrap().0;
-        let plain = generate::generate(&model, &tok, &prompts, &base, &[eos]).unwrap();
+        let plain =
+            Generator::new(&model, &tok, &[eos]).run(&GenRequest::from_prompts(&prompts, base.seed), &base).unwrap().0;
         let mut kinds = std::collections::HashSet::new();
         for max_batch in [0, 2] {
             let cfg = SamplingConfig { max_batch, ..base.clone() };
@@ -308,7 +314,10 @@ fn finish_probe_equals_a_fresh_forward_pass() {
                 max_suffix: 2,
                 suffix: Box::new(move |row, _, _| Ok(suffix_for(row))),
             };
-            let (got, _) = generate::generate_probed(&model, &tok, &prompts, &cfg, &[eos], probe).unwrap();
+            let (got, _) = Generator::new(&model, &tok, &[eos])
+                .probe(probe)
+                .run(&GenRequest::from_prompts(&prompts, cfg.seed), &cfg)
+                .unwrap();
             for (i, (g, p)) in got.iter().zip(&plain).enumerate() {
                 assert_eq!(g.completion_ids, p.completion_ids, "{variant} batch {max_batch} row {i}");
                 let Some(suffix) = suffix_for(i) else {
@@ -346,7 +355,12 @@ fn a_bad_finish_probe_is_refused() {
     let run = |ids: Vec<i64>, suffix: Vec<i64>| {
         let probe =
             generate::FinishProbe { ids, max_suffix: 2, suffix: Box::new(move |_, _, _| Ok(Some(suffix.clone()))) };
-        generate::generate_probed(&model, &tok, &prompts(), &cfg, &[], probe).map(|_| ()).unwrap_err().to_string()
+        Generator::new(&model, &tok, &[])
+            .probe(probe)
+            .run(&GenRequest::from_prompts(&prompts(), cfg.seed), &cfg)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
     };
     let e = run(vec![3, vocab], vec![]);
     assert!(e.contains(&vocab.to_string()), "{e}");
@@ -387,10 +401,8 @@ fn a_shared_opening_equals_the_plain_pass() {
         // Scoring: completions after prompts that share the opening.
         let pairs: Vec<(Vec<i64>, Vec<i64>)> =
             seqs.iter().map(|s| (s[..s.len() - 1].to_vec(), vec![s[s.len() - 1], 12, 60])).collect();
-        let limited = tch::no_grad(|| {
-            scoring::completion_logprobs_limited(&model, &pairs, false, scoring::ScoreLimits::default()).unwrap()
-        });
-        let graph = tch::no_grad(|| scoring::completion_logprobs_graph(&model, &pairs, false).unwrap());
+        let limited = tch::no_grad(|| Scorer::new(&model).score(&pairs).unwrap());
+        let graph = tch::no_grad(|| Scorer::new(&model).grad(Grad::Graph).score(&pairs).unwrap());
         let diff = (limited.logprobs - graph.logprobs).abs().max().double_value(&[]);
         assert!(diff < 1e-4, "{variant}: scoring log-probs differ by {diff:e}");
         // Generation: one prefill of the opening, then each prompt's remainder.
@@ -400,7 +412,7 @@ fn a_shared_opening_equals_the_plain_pass() {
             .map(|(i, p)| generate::GenRequest { prompt_ids: p.clone(), seed: 70 + i as u64 })
             .collect();
         let cfg = SamplingConfig { temperature: 0.9, top_k: 40, max_new_tokens: 8, ..Default::default() };
-        let (together, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[]).unwrap();
+        let (together, stats) = Generator::new(&model, &tok, &[]).run(&reqs, &cfg).unwrap();
         assert_eq!(stats.shared_prefix_tokens, opening.len() as u64, "{variant}: {stats:?}");
         same_as_alone(&model, &tok, &reqs, &cfg, &together, variant);
     }
@@ -416,7 +428,7 @@ fn same_as_alone(
     what: &str,
 ) {
     for (i, r) in reqs.iter().enumerate() {
-        let alone = generate::generate_requests(model, tok, std::slice::from_ref(r), cfg, &[]).unwrap().remove(0);
+        let alone = Generator::new(model, tok, &[]).run(std::slice::from_ref(r), cfg).unwrap().0.remove(0);
         assert_eq!(together[i].completion_ids, alone.completion_ids, "{what} row {i}");
         for (x, y) in together[i].logprobs.iter().zip(&alone.logprobs) {
             assert!((x - y).abs() < 1e-4, "{what} row {i}: log-prob {x} vs {y}");
@@ -444,10 +456,8 @@ fn mixed_length_batches_split_by_length() {
     assert!(buckets.len() > 1, "the workload must split: {lengths:?}");
     let pairs: Vec<(Vec<i64>, Vec<i64>)> =
         seqs.iter().map(|s| (s[..s.len() - 3].to_vec(), s[s.len() - 3..].to_vec())).collect();
-    let limited = tch::no_grad(|| {
-        scoring::completion_logprobs_limited(&model, &pairs, true, scoring::ScoreLimits::default()).unwrap()
-    });
-    let graph = tch::no_grad(|| scoring::completion_logprobs_graph(&model, &pairs, true).unwrap());
+    let limited = tch::no_grad(|| Scorer::new(&model).entropy(true).score(&pairs).unwrap());
+    let graph = tch::no_grad(|| Scorer::new(&model).grad(Grad::Graph).entropy(true).score(&pairs).unwrap());
     assert!(limited.mask.equal(&graph.mask));
     let diff = (limited.logprobs - graph.logprobs).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "scoring log-probs differ by {diff:e}");
@@ -459,7 +469,7 @@ fn mixed_length_batches_split_by_length() {
         .map(|(i, p)| generate::GenRequest { prompt_ids: p.clone(), seed: 500 + i as u64 })
         .collect();
     let cfg = SamplingConfig { temperature: 0.9, max_new_tokens: 4, ..Default::default() };
-    let (together, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[]).unwrap();
+    let (together, stats) = Generator::new(&model, &tok, &[]).run(&reqs, &cfg).unwrap();
     assert_eq!(stats.prefills, buckets.len() as u64, "{stats:?}");
     same_as_alone(&model, &tok, &reqs, &cfg, &together, "mixed lengths");
 }
@@ -478,7 +488,7 @@ fn one_device_read_per_generated_token() {
         .collect();
     for (temperature, uploads) in [(0.0, 2), (1.0, 3)] {
         let cfg = SamplingConfig { temperature, max_new_tokens: 24, ..Default::default() };
-        let (out, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[]).unwrap();
+        let (out, stats) = Generator::new(&model, &tok, &[]).run(&reqs, &cfg).unwrap();
         assert!(out.iter().all(|c| c.completion_ids.len() == 24));
         assert_eq!(stats.steps, 24);
         // The ids of every step, and the log-probs once at the end.
@@ -489,7 +499,7 @@ fn one_device_read_per_generated_token() {
     }
     // With refills: a constant number of uploads per refill, none per token.
     let cfg = SamplingConfig { max_new_tokens: 24, max_batch: 1, ..SamplingConfig::greedy(24) };
-    let (_, stats) = generate::generate_requests_stats(&model, &tok, &reqs, &cfg, &[]).unwrap();
+    let (_, stats) = Generator::new(&model, &tok, &[]).run(&reqs, &cfg).unwrap();
     assert_eq!(stats.steps, 24 * reqs.len() as u64);
     assert_eq!(stats.device_to_host, stats.steps + 1, "{stats:?}");
     assert_eq!(stats.prefills, reqs.len() as u64);

@@ -93,6 +93,9 @@ pub struct Llama {
     inv_freq: Tensor,
     /// Every parameter under its Hugging Face name (shallow handles onto the same storage).
     params: Vec<(String, Tensor)>,
+    /// CUDA: the decode step of the last generation (its cache and graphs), kept for the next
+    /// generation of the same shape.
+    decode_step: std::sync::Mutex<Option<crate::decode_step::DecodeStep>>,
 }
 
 impl Llama {
@@ -123,6 +126,7 @@ impl Llama {
             inv_freq: rope::inv_freq(&cfg).to_device(device),
             blocks,
             params: store.named(),
+            decode_step: std::sync::Mutex::new(None),
             cfg,
             device,
             kind,
@@ -158,6 +162,30 @@ impl Llama {
         let mut tensors: HashMap<String, Tensor> =
             self.params.iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect();
         Self::from_tensors(self.cfg.clone(), &mut tensors, self.device, self.kind, Path::new("<copy>"))
+    }
+
+    /// Runs `f` with a decode step of `slots` slots and a cache of `capacity` positions. On
+    /// CUDA the step (its cache and captured graphs) is kept for the next call of the same
+    /// shape; on the CPU, or while another generation holds it, a fresh step is made.
+    pub fn with_decode_step<R>(
+        &self,
+        slots: i64,
+        capacity: i64,
+        f: impl FnOnce(&mut crate::decode_step::DecodeStep) -> R,
+    ) -> R {
+        use crate::decode_step::DecodeStep;
+        if self.device == Device::Cpu {
+            return f(&mut DecodeStep::new(self, slots, capacity));
+        }
+        let Ok(mut kept) = self.decode_step.try_lock() else {
+            return f(&mut DecodeStep::new(self, slots, capacity));
+        };
+        if !kept.as_ref().is_some_and(|s| s.slots() == slots && s.capacity() == capacity) {
+            // Free the old cache and graphs before the new cache is allocated.
+            *kept = None;
+            *kept = Some(DecodeStep::new(self, slots, capacity));
+        }
+        f(kept.as_mut().expect("just made"))
     }
 
     /// Copies every parameter's values from a model of the same shape (weight sync).
