@@ -6,6 +6,9 @@ compares what the selfplay binary wrote. Needs torch (CUDA build) and transforme
   prompts FILE                      the token-id prompts of the correctness checks
   logits OUT MODEL DEVICE           transformers' logits of each prompt alone (f32)
   compare OUT                       every comparison; writes OUT/checks.json, exits 1 on a failure
+  decode-vs-anchor SP ANCHOR OUT    per batch: selfplay's decode (device-check decode JSON lines)
+                                    beside transformers eager and compiled (anchor_decode.py's),
+                                    with the ratios; writes OUT (JSON) and prints a table
   summarize OUT                     merges OUT/*.json and *.jsonl into OUT/gpu_check.json
 """
 import glob
@@ -162,6 +165,10 @@ def compare(out, dry_run=False):
     check("train_step_weights_dev_vs_cpu", frac >= 0.999 and diffs.max().item() <= 2e-3,
           max_abs_diff=diffs.max().item(), frac_within_1e_5=frac)
 
+    # CUDA graphs: decoding captured per span equals eager decoding on the same device.
+    gr = json.load(open(os.path.join(out, "graphs_f32.json")))
+    check("decode_cuda_graphs_equal_eager_f32", gr["ok"], **{k: gr[k] for k in gr if k != "ok"})
+
     steps = [json.loads(l) for l in open(os.path.join(out, "train_run", "run", "steps.jsonl"))]
     losses = [x["stats"]["loss"] for x in steps]
     finite = all(abs(v) < float("inf") for v in losses)
@@ -171,6 +178,84 @@ def compare(out, dry_run=False):
 
     json.dump(checks, open(os.path.join(out, "checks.json"), "w"), indent=1)
     sys.exit(0 if all(c["ok"] for c in checks) else 1)
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    rows = []
+    for line in open(path):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def decode_vs_anchor(sp_path, anchor_path, out):
+    """Per batch: selfplay's decode-only figures, transformers' in each mode, and the ratios
+    selfplay / transformers (decode tokens/s; > 1 means selfplay is faster)."""
+    sp = {r["batch"]: r for r in read_jsonl(sp_path) if r.get("what") == "decode"}
+    anchor = read_jsonl(anchor_path)
+    env = next((r for r in anchor if r.get("what") == "anchor_env"), {})
+    hf = {(r["mode"], r["batch"]): r for r in anchor if r.get("what") == "anchor_decode"}
+    done = any(r.get("what") == "anchor_done" for r in anchor)
+    rows = []
+    for b in sorted(set(sp) | {k[1] for k in hf}):
+        s = sp.get(b, {})
+        row = dict(batch=b,
+                   selfplay_decode_tokens_per_s=s.get("decode_tokens_per_s"),
+                   selfplay_decode_ms_per_step=s.get("decode_ms_per_step"),
+                   selfplay_prefill_ms=s.get("prefill_ms"),
+                   selfplay_attention_kernel=s.get("attention_kernel"),
+                   selfplay_hbm_floor_share=s.get("hbm_floor_share"),
+                   hbm_floor_ms_per_step=s.get("hbm_floor_ms_per_step"),
+                   hbm_tb_s=s.get("hbm_tb_s"))
+        for mode in ("eager", "compile"):
+            h = hf.get((mode, b))
+            if h is None:
+                row[f"transformers_{mode}_missing"] = "no result (the anchor did not reach it: time limit or crash)" \
+                    if not done else "no result"
+                continue
+            if "decode_tokens_per_s" not in h:
+                row[f"transformers_{mode}_missing"] = h.get("skipped") or h.get("error") or "no figures"
+                continue
+            row.update({f"transformers_{mode}_decode_tokens_per_s": h["decode_tokens_per_s"],
+                        f"transformers_{mode}_decode_ms_per_step": h["decode_ms_per_step"],
+                        f"transformers_{mode}_prefill_ms": h.get("prefill_ms"),
+                        f"transformers_{mode}_attention_kernel": h.get("attention_kernel"),
+                        f"transformers_{mode}_hbm_floor_share": h.get("hbm_floor_share")})
+            if mode == "compile":
+                row["transformers_compile_s"] = h.get("compile_s")
+            if row["selfplay_decode_tokens_per_s"]:
+                row[f"ratio_selfplay_over_{mode}"] = row["selfplay_decode_tokens_per_s"] / h["decode_tokens_per_s"]
+        rows.append(row)
+    res = dict(what="decode_vs_transformers", torch=env.get("torch"), transformers=env.get("transformers"),
+               device_name=env.get("device_name"), anchor_finished=done, rows=rows,
+               note="decode only (prefill timed apart), tokens/s = batch / decode ms per step; "
+                    "ratio = selfplay tokens/s / transformers tokens/s")
+    json.dump(res, open(out, "w"), indent=1)
+
+    def f(x, fmt="{:.1f}"):
+        return "-" if x is None else (fmt.format(x) if isinstance(x, (int, float)) else str(x))
+    print(f"decode only, device {env.get('device_name') or env.get('device')}: tokens/s (ms/step) [kernel]")
+    print(f"{'batch':>5} | {'selfplay':>26} | {'transformers eager':>34} | {'transformers compile':>34} "
+          f"| {'x eager':>7} | {'x compile':>9} | {'HBM floor share':>15}")
+    for r in rows:
+        def cell(prefix):
+            t = r.get(f"{prefix}_decode_tokens_per_s")
+            if t is None:
+                return r.get(f"{prefix}_missing", "-")[:34]
+            return f"{t:.0f} ({r[prefix + '_decode_ms_per_step']:.2f}) [{r.get(prefix + '_attention_kernel')}]"
+        sp_cell = "-" if r["selfplay_decode_tokens_per_s"] is None else \
+            f"{r['selfplay_decode_tokens_per_s']:.0f} ({r['selfplay_decode_ms_per_step']:.2f}) [{r['selfplay_attention_kernel']}]"
+        share = "/".join(f(r.get(k), "{:.0%}") for k in ("selfplay_hbm_floor_share", "transformers_eager_hbm_floor_share",
+                                                          "transformers_compile_hbm_floor_share"))
+        print(f"{r['batch']:>5} | {sp_cell:>26} | {cell('transformers_eager'):>34} | {cell('transformers_compile'):>34} "
+              f"| {f(r.get('ratio_selfplay_over_eager'), '{:.2f}x'):>7} | {f(r.get('ratio_selfplay_over_compile'), '{:.2f}x'):>9} "
+              f"| {share:>15}")
 
 
 def summarize(out):
@@ -200,6 +285,8 @@ if __name__ == "__main__":
         hf_logits(a[0], a[1], a[2])
     elif cmd == "compare":
         compare(a[0], len(a) > 1 and a[1] == "cpu")
+    elif cmd == "decode-vs-anchor":
+        decode_vs_anchor(a[0], a[1], a[2])
     elif cmd == "summarize":
         summarize(a[0])
     else:

@@ -7,9 +7,9 @@ use clap::{Args, Subcommand};
 use selfplay_game::rollout::{AnswerData, RolloutGroup, SequenceData};
 use selfplay_game::trainer::Trainer;
 use selfplay_game::Config;
-use selfplay_policy::generate::{generate_requests_stats, GenRequest, SplitMix64};
+use selfplay_policy::generate::{GenRequest, GenStats, Generator, SplitMix64};
 use selfplay_policy::model::{Llama, PaddedBatch};
-use selfplay_policy::{parse_device, parse_kind_on, scoring, weights, Policy, SamplingConfig, Tokenizer};
+use selfplay_policy::{parse_device, parse_kind_on, weights, Policy, SamplingConfig, Tokenizer};
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -23,10 +23,29 @@ pub enum DeviceCheck {
     Logits(LogitsArgs),
     /// One learner step on fixed synthetic groups; writes the updated weights and the stats.
     TrainStep(TrainStepArgs),
-    /// Decoding throughput at several batch sizes on random prompts (greedy, no EOS).
+    /// Decoding throughput at several batch sizes on random prompts (sampling, no EOS): the
+    /// whole call, prefill alone, decode-only ms per step, the attention kernels SDPA picks,
+    /// and the share of the HBM floor when the card's bandwidth is known.
     Decode(DecodeArgs),
     /// Learner step throughput on synthetic groups.
     LearnerStep(LearnerStepArgs),
+    /// Decoding in CUDA graphs against eager decoding on the same device: the same ids and
+    /// log-probs within 1e-5 (f32), with refills and a finish probe, before and after an in-place
+    /// weight update (JSON). On the CPU both sides are eager (the dry run).
+    Graphs(GraphsArgs),
+}
+
+#[derive(Args)]
+pub struct GraphsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Where the comparison goes (JSON).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 6)]
+    prompts: usize,
+    #[arg(long, default_value_t = 24)]
+    max_new_tokens: i64,
 }
 
 #[derive(Args)]
@@ -84,6 +103,16 @@ pub struct DecodeArgs {
     prompt_len: usize,
     #[arg(long, default_value_t = 128)]
     new_tokens: i64,
+    /// Timed calls per batch size (prefill alone, then the whole call); the fastest counts.
+    #[arg(long, default_value_t = 2)]
+    repeats: usize,
+    /// The card's name (nvidia-smi's or torch.cuda.get_device_name's), to look up its memory
+    /// bandwidth for the HBM floor.
+    #[arg(long)]
+    device_name: Option<String>,
+    /// The memory bandwidth in TB/s, instead of the lookup by name.
+    #[arg(long)]
+    hbm_tb_s: Option<f64>,
 }
 
 #[derive(Args)]
@@ -114,6 +143,7 @@ pub fn run(cmd: DeviceCheck) -> Result<()> {
         DeviceCheck::TrainStep(a) => train_step(a),
         DeviceCheck::Decode(a) => decode(a),
         DeviceCheck::LearnerStep(a) => learner_step(a),
+        DeviceCheck::Graphs(a) => graphs(a),
     }
 }
 
@@ -135,6 +165,101 @@ fn info() -> Result<()> {
     Ok(())
 }
 
+/// One seeded sampling run with refills (two slots) and a finish probe that feeds two tokens
+/// and reads three logits.
+fn probed_run(
+    model: &Llama,
+    tok: &Tokenizer,
+    prompts: &[Vec<i64>],
+    max_new: i64,
+) -> Result<Vec<selfplay_policy::Completion>> {
+    let vocab = model.config().vocab_size;
+    let probe = selfplay_policy::generate::FinishProbe {
+        ids: vec![1, 2, vocab - 1],
+        max_suffix: 2,
+        suffix: Box::new(move |row, _, _| Ok((row % 2 == 0).then(|| vec![3, 4]))),
+    };
+    let cfg = SamplingConfig { max_batch: 2, seed: 7, ..SamplingConfig::greedy(max_new) };
+    let cfg = SamplingConfig { temperature: 1.0, ..cfg };
+    let reqs = GenRequest::from_prompts(prompts, cfg.seed);
+    Ok(tch::no_grad(|| Generator::new(model, tok, &[]).probe(probe).run(&reqs, &cfg))?.0)
+}
+
+fn graphs(a: GraphsArgs) -> Result<()> {
+    let (dev, kind) = a.model.device()?;
+    let tok = Tokenizer::load(&a.model.model).with_context(|| format!("tokenizer in {}", a.model.model.display()))?;
+    // Two models of the same weights: one decodes eagerly, one in graphs (the mode is fixed
+    // when a model makes its decode step).
+    // Safety of set_var: nothing else runs in this process yet.
+    std::env::set_var("SELFPLAY_CUDA_GRAPHS", "0");
+    let eager = Llama::load(&a.model.model, dev, kind)?;
+    let mut rng = SplitMix64::new(11);
+    let vocab = eager.config().vocab_size;
+    let prompts: Vec<Vec<i64>> = (0..a.prompts)
+        .map(|i| (0..(5 + 3 * i)).map(|_| (rng.next_u64() % (vocab as u64 - 10)) as i64 + 5).collect())
+        .collect();
+    let want = probed_run(&eager, &tok, &prompts, a.max_new_tokens)?;
+    std::env::set_var("SELFPLAY_CUDA_GRAPHS", "1");
+    let graphed = Llama::load(&a.model.model, dev, kind)?;
+    let got = probed_run(&graphed, &tok, &prompts, a.max_new_tokens)?;
+    // A second call replays the graphs captured by the first.
+    let again = probed_run(&graphed, &tok, &prompts, a.max_new_tokens)?;
+    let compare = |x: &[selfplay_policy::Completion], y: &[selfplay_policy::Completion]| {
+        let ids = x
+            .iter()
+            .zip(y)
+            .all(|(a, b)| a.completion_ids == b.completion_ids && a.probe.is_some() == b.probe.is_some());
+        let lp = x
+            .iter()
+            .zip(y)
+            .flat_map(|(a, b)| a.logprobs.iter().zip(&b.logprobs).map(|(p, q)| (p - q).abs()))
+            .fold(0f32, f32::max);
+        let probe = x
+            .iter()
+            .zip(y)
+            .filter_map(|(a, b)| {
+                Some(a.probe.as_ref()?.iter().zip(b.probe.as_ref()?).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max))
+            })
+            .fold(0f32, f32::max);
+        (ids, lp, probe)
+    };
+    let before = compare(&want, &got);
+    let replayed = compare(&want, &again);
+    // The same in-place update of both models' weights: a graph must follow it.
+    tch::no_grad(|| {
+        for ((_, p), (_, q)) in eager.parameters().iter().zip(graphed.parameters()) {
+            let delta = p.randn_like() * 0.02;
+            let _ = p.shallow_clone().g_add_(&delta);
+            let _ = q.shallow_clone().g_add_(&delta);
+        }
+    });
+    let want2 = probed_run(&eager, &tok, &prompts, a.max_new_tokens)?;
+    let got2 = probed_run(&graphed, &tok, &prompts, a.max_new_tokens)?;
+    let after = compare(&want2, &got2);
+    let moved = want2.iter().zip(&want).any(|(a, b)| a.completion_ids != b.completion_ids);
+    let stats = graphed.decode_step_stats();
+    let (mode, captures, replays) = match stats {
+        Some((m, c, r)) => (format!("{m:?}"), c, r),
+        None => ("eager (not kept: CPU)".to_string(), 0, 0),
+    };
+    let tol = if kind == Kind::Float { 1e-5 } else { 5e-2 };
+    let ok = |c: (bool, f32, f32)| c.0 && c.1 <= tol && c.2 <= tol;
+    let v = serde_json::json!({
+        "device": format!("{dev:?}"),
+        "dtype": a.model.dtype,
+        "mode": mode,
+        "captures": captures,
+        "replays": replays,
+        "tolerance": tol,
+        "first_call": {"same_ids": before.0, "max_logprob_diff": before.1, "max_probe_diff": before.2},
+        "replayed_call": {"same_ids": replayed.0, "max_logprob_diff": replayed.1, "max_probe_diff": replayed.2},
+        "after_weight_update": {"same_ids": after.0, "max_logprob_diff": after.1, "max_probe_diff": after.2, "weights_changed_the_samples": moved},
+        "ok": ok(before) && ok(replayed) && ok(after) && (dev == Device::Cpu || replays > 0),
+    });
+    std::fs::write(&a.out, serde_json::to_string_pretty(&v)?)?;
+    Ok(())
+}
+
 fn logits(a: LogitsArgs) -> Result<()> {
     let (dev, kind) = a.model.device()?;
     let model = Llama::load(&a.model.model, dev, kind)?;
@@ -150,7 +275,7 @@ fn logits(a: LogitsArgs) -> Result<()> {
     let reqs: Vec<GenRequest> =
         prompts.iter().enumerate().map(|(i, p)| GenRequest { prompt_ids: p.clone(), seed: i as u64 }).collect();
     let cfg = SamplingConfig { max_batch: 2, ..SamplingConfig::greedy(a.max_new_tokens) };
-    let (out, stats) = generate_requests_stats(&model, &tok, &reqs, &cfg, &[])?;
+    let (out, stats) = Generator::new(&model, &tok, &[]).run(&reqs, &cfg)?;
     let v = serde_json::json!({
         "ids": out.iter().map(|c| &c.completion_ids).collect::<Vec<_>>(),
         "logprobs": out.iter().map(|c| &c.logprobs).collect::<Vec<_>>(),
@@ -245,12 +370,97 @@ fn sync(dev: Device) {
     }
 }
 
+/// Memory bandwidth in TB/s of the cards whose figures are published, from the name that
+/// nvidia-smi or torch.cuda.get_device_name gives ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe",
+/// "NVIDIA H200", "NVIDIA A100-SXM4-80GB", ...). None for any other card (H100 NVL included).
+pub fn hbm_tb_s(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    if n.contains("H200") {
+        Some(4.8)
+    } else if n.contains("H100") {
+        if n.contains("PCIE") {
+            Some(2.0)
+        } else if n.contains("NVL") {
+            None
+        } else {
+            Some(3.35) // SXM: "H100 80GB HBM3", "H100 SXM5 80GB"
+        }
+    } else if n.contains("A100") {
+        if n.contains("80GB") {
+            Some(2.0)
+        } else if n.contains("40GB") {
+            Some(1.55)
+        } else {
+            None
+        }
+    } else {
+        None
+    }
+}
+
+/// What one decoding step must read from device memory at least: every weight the step
+/// multiplies by (an untied embedding table is only gathered, a few rows), and the keys and
+/// values of each row up to its position. `span` is the mean number of cached positions a step
+/// attends over.
+pub fn decode_bytes_per_step(model: &Llama, batch: usize, span: f64) -> (f64, f64) {
+    let cfg = model.config();
+    let elt = model.kind().elt_size_in_bytes() as f64;
+    let gathered: i64 = if cfg.tie_word_embeddings {
+        0
+    } else {
+        model
+            .parameters()
+            .iter()
+            .filter(|(n, _)| n.ends_with("embed_tokens.weight"))
+            .map(|(_, t)| t.numel() as i64)
+            .sum()
+    };
+    let weights = (model.num_parameters() - gathered) as f64 * elt;
+    let kv_per_position = 2.0 * (cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim) as f64 * elt;
+    (weights, batch as f64 * span * kv_per_position)
+}
+
+/// The kernel `scaled_dot_product_attention` picks for the shapes of the model's attention
+/// calls: a decode step (one query per row over `span` cached keys, under the slot cache's
+/// boolean mask; grouped-query heads folded into the query length as `model::attention` does)
+/// and a prefill (causal, no mask).
+fn attention_kernels(model: &Llama, batch: i64, prompt_len: i64, span: i64) -> (String, String) {
+    let cfg = model.config();
+    let (dev, kind) = (model.device(), model.kind());
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let group = nh / nkv;
+    let name = |r: selfplay_torch_ext::Result<&'static str>| match r {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("unknown ({e})"),
+    };
+    tch::no_grad(|| {
+        let k = Tensor::zeros([batch, nkv, span, hd], (kind, dev));
+        let decode = if group > 1 {
+            let q = Tensor::zeros([batch, nkv, group, hd], (kind, dev));
+            let m = Tensor::ones([batch, 1, group, span], (Kind::Bool, dev));
+            name(selfplay_torch_ext::sdp_backend(&q, &k, &k, Some(&m), false, false))
+        } else {
+            let q = Tensor::zeros([batch, nh, 1, hd], (kind, dev));
+            let m = Tensor::ones([batch, 1, 1, span], (Kind::Bool, dev));
+            name(selfplay_torch_ext::sdp_backend(&q, &k, &k, Some(&m), false, false))
+        };
+        let q = Tensor::zeros([batch, nh, prompt_len, hd], (kind, dev));
+        let kp = Tensor::zeros([batch, nkv, prompt_len, hd], (kind, dev));
+        let prefill = name(selfplay_torch_ext::sdp_backend(&q, &kp, &kp, None, true, group > 1));
+        (decode, prefill)
+    })
+}
+
 fn decode(a: DecodeArgs) -> Result<()> {
     let (dev, kind) = a.model.device()?;
     let t0 = Instant::now();
     let model = Llama::load(&a.model.model, dev, kind)?;
     let tok = Tokenizer::load(&a.model.model).with_context(|| format!("tokenizer in {}", a.model.model.display()))?;
     eprintln!("loaded {} parameters in {:.1} s", model.num_parameters(), t0.elapsed().as_secs_f64());
+    if a.new_tokens < 2 {
+        bail!("--new-tokens must be at least 2 (decode is timed as the call minus its prefill)");
+    }
+    let bandwidth = a.hbm_tb_s.or_else(|| a.device_name.as_deref().and_then(hbm_tb_s));
     let vocab = model.config().vocab_size;
     let mut rng = SplitMix64::new(7);
     for &b in &a.batch {
@@ -263,23 +473,68 @@ fn decode(a: DecodeArgs) -> Result<()> {
                 seed: i as u64,
             })
             .collect();
-        // Warm-up (allocator, kernels), then one timed call.
+        // Warm-up (allocator, kernels), then the timed calls: the fastest of `repeats`.
         let warm = SamplingConfig { temperature: 1.0, ..SamplingConfig::greedy(8) };
-        generate_requests_stats(&model, &tok, &reqs, &warm, &[])?;
+        Generator::new(&model, &tok, &[]).run(&reqs, &warm)?;
         sync(dev);
-        let cfg = SamplingConfig { temperature: 1.0, ..SamplingConfig::greedy(a.new_tokens) };
-        let t = Instant::now();
-        let (out, stats) = generate_requests_stats(&model, &tok, &reqs, &cfg, &[])?;
-        sync(dev);
-        let secs = t.elapsed().as_secs_f64();
-        let tokens: usize = out.iter().map(|c| c.completion_ids.len()).sum();
+        let timed = |new_tokens: i64| -> Result<(f64, usize, GenStats)> {
+            let cfg = SamplingConfig { temperature: 1.0, ..SamplingConfig::greedy(new_tokens) };
+            let mut best: Option<(f64, usize, GenStats)> = None;
+            for _ in 0..a.repeats.max(1) {
+                let t = Instant::now();
+                let (out, stats) = Generator::new(&model, &tok, &[]).run(&reqs, &cfg)?;
+                sync(dev);
+                let secs = t.elapsed().as_secs_f64();
+                let tokens: usize = out.iter().map(|c| c.completion_ids.len()).sum();
+                if best.as_ref().is_none_or(|(s, _, _)| secs < *s) {
+                    best = Some((secs, tokens, stats));
+                }
+            }
+            Ok(best.expect("at least one repeat"))
+        };
+        // Prefill alone: the same call with one new token (the prefill, its sampling and the
+        // read of the first ids). Decode is the rest of the whole call, per added step.
+        let (prefill_secs, _, prefill_stats) = timed(1)?;
+        let (secs, tokens, stats) = timed(a.new_tokens)?;
+        let decode_steps = stats.steps.saturating_sub(prefill_stats.steps);
+        let decode_secs = secs - prefill_secs;
+        let decode_ms = (decode_steps > 0 && decode_secs > 0.0).then(|| 1e3 * decode_secs / decode_steps as f64);
+        let decode_tokens = tokens.saturating_sub(b) as f64;
+        // Decode step j (j = 2..=n) attends over prompt + j - 1 positions: prompt + n/2 on average.
+        let span = a.prompt_len as f64 + a.new_tokens as f64 / 2.0;
+        let (weight_bytes, kv_bytes) = decode_bytes_per_step(&model, b, span);
+        let floor_ms = bandwidth.map(|bw| (weight_bytes + kv_bytes) / (bw * 1e12) * 1e3);
+        // The slot cache's span at the middle of the call (rounded as the generator rounds it).
+        let mid_span = ((span.ceil() as i64 + 63) / 64 * 64).max(64);
+        let (kernel, prefill_kernel) = attention_kernels(&model, b as i64, a.prompt_len as i64, mid_span);
         println!(
             "{}",
             serde_json::json!({
                 "what": "decode", "device": a.model.device, "dtype": a.model.dtype, "batch": b,
-                "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "seconds": secs,
-                "tokens_per_s": tokens as f64 / secs, "ms_per_step": 1e3 * secs / stats.steps.max(1) as f64,
+                "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeats": a.repeats.max(1),
+                // The whole call (prefill, decode, the first token's sampling): as before.
+                "seconds": secs, "tokens_per_s": tokens as f64 / secs,
+                "ms_per_step": 1e3 * secs / stats.steps.max(1) as f64,
                 "device_to_host_per_step": stats.device_to_host as f64 / stats.steps.max(1) as f64,
+                "prefills": stats.prefills, "refills": stats.refills, "steps": stats.steps,
+                // Prefill alone, and decode only (the call minus its prefill).
+                "prefill_ms": 1e3 * prefill_secs,
+                "decode_steps": decode_steps,
+                "decode_ms_per_step": decode_ms,
+                "decode_tokens_per_s": decode_ms.map(|ms| b as f64 * 1e3 / ms),
+                "decode_tokens": decode_tokens,
+                "attention_kernel": kernel,
+                "attention_kernel_prefill": prefill_kernel,
+                "attention_kernel_source": format!(
+                    "_fused_sdp_choice on the decode step's shapes (span {mid_span}, grouped heads in the query length, bool mask) and the prefill's (causal, no mask)"),
+                // The HBM floor: what a step must read, at the card's bandwidth.
+                "device_name": a.device_name,
+                "hbm_tb_s": bandwidth,
+                "weight_bytes_per_step": weight_bytes,
+                "kv_bytes_per_step": kv_bytes,
+                "mean_span": span,
+                "hbm_floor_ms_per_step": floor_ms,
+                "hbm_floor_share": floor_ms.zip(decode_ms).map(|(f, d)| f / d),
             })
         );
     }
@@ -319,9 +574,27 @@ fn learner_step(a: LearnerStepArgs) -> Result<()> {
         .flat_map(|g| g.answers.iter().map(|x| (x.sequence.prompt_ids.clone(), x.sequence.completion_ids.clone())))
         .take(8)
         .collect();
-    let lp = tch::no_grad(|| scoring::completion_logprobs(&t.policy.model, &pairs, false))?;
+    let lp = tch::no_grad(|| selfplay_policy::scoring::Scorer::new(&t.policy.model).score(&pairs))?;
     if !bool::try_from(lp.logprobs.isfinite().all())? {
         bail!("non-finite log-probs after the learner steps");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hbm_tb_s;
+
+    #[test]
+    fn bandwidth_by_card_name() {
+        // Names as nvidia-smi and torch.cuda.get_device_name give them.
+        assert_eq!(hbm_tb_s("NVIDIA H100 80GB HBM3"), Some(3.35));
+        assert_eq!(hbm_tb_s("NVIDIA H100 PCIe"), Some(2.0));
+        assert_eq!(hbm_tb_s("NVIDIA H200"), Some(4.8));
+        assert_eq!(hbm_tb_s("NVIDIA A100-SXM4-80GB"), Some(2.0));
+        assert_eq!(hbm_tb_s("NVIDIA A100-PCIE-40GB"), Some(1.55));
+        assert_eq!(hbm_tb_s("NVIDIA H100 NVL"), None);
+        assert_eq!(hbm_tb_s("NVIDIA L4"), None);
+        assert_eq!(hbm_tb_s(""), None);
+    }
 }

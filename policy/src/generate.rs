@@ -270,19 +270,6 @@ impl<'a> Generator<'a> {
     }
 }
 
-/// As [`Generator::run`] without extras. Kept only for callers the API change has not
-/// reached yet.
-#[deprecated(note = "use Generator::new(model, tokenizer, eos_ids).run(reqs, cfg)")]
-pub fn generate_requests_stats(
-    model: &Llama,
-    tokenizer: &Tokenizer,
-    reqs: &[GenRequest],
-    cfg: &SamplingConfig,
-    eos_ids: &[i64],
-) -> Result<(Vec<Completion>, GenStats)> {
-    Generator::new(model, tokenizer, eos_ids).run(reqs, cfg)
-}
-
 /// Decoding capacities are rounded up to this many positions, so that calls with similar
 /// lengths share attention shapes (and kernels).
 const CAPACITY_QUANTUM: i64 = 64;

@@ -24,7 +24,7 @@
 //! at a time, at the cost of a second forward pass through the trunk.
 use crate::error::{PolicyError, Result};
 use crate::model::{Llama, PaddedBatch};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Completion log-probs of a batch, right-padded to the longest completion.
 pub struct TokenLogprobs {
@@ -277,20 +277,6 @@ fn chunk_of(chunk_positions: usize) -> i64 {
     } else {
         chunk_positions as i64
     }
-}
-
-/// Whether autograd records operations here (false inside `tch::no_grad`).
-fn grad_enabled() -> bool {
-    let probe = Tensor::zeros([1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    (&probe * 1.0).requires_grad()
-}
-
-/// [`Grad::Graph`] when autograd records and the model's parameters require grad, else
-/// [`Grad::None`]. Kept only for callers the API change has not reached yet.
-#[deprecated(note = "use Scorer::new(model).grad(..).entropy(..).score(pairs)")]
-pub fn completion_logprobs(model: &Llama, pairs: &[(Vec<i64>, Vec<i64>)], with_entropy: bool) -> Result<TokenLogprobs> {
-    let differentiable = grad_enabled() && model.parameters().iter().any(|(_, p)| p.requires_grad());
-    Scorer::new(model).grad(if differentiable { Grad::Graph } else { Grad::None }).entropy(with_entropy).score(pairs)
 }
 
 /// [`Grad::Graph`]. Only completion positions go through the output head, which saves most of

@@ -188,6 +188,13 @@ impl Llama {
         f(kept.as_mut().expect("just made"))
     }
 
+    /// The kept decode step's mode, graph captures and replays (CUDA; `None` before the first
+    /// generation, and always on the CPU, where steps are not kept).
+    pub fn decode_step_stats(&self) -> Option<(crate::decode_step::StepMode, u64, u64)> {
+        let kept = self.decode_step.lock().ok()?;
+        kept.as_ref().map(|s| (s.mode(), s.captures, s.replays))
+    }
+
     /// Copies every parameter's values from a model of the same shape (weight sync).
     pub fn copy_weights_from(&mut self, other: &Llama) -> Result<()> {
         if other.params.len() != self.params.len() {
