@@ -700,3 +700,67 @@ fn ctrl_c_says_what_it_waits_for_and_the_learner_stops_cleanly() {
     let log = std::fs::read_to_string(c.dir.join("learner.log")).unwrap();
     assert!(log.contains("press Ctrl-C again to stop now"), "{log}");
 }
+
+/// kill -9 of a learner rank stops the group (rank 0 fails its next collective instead of
+/// hanging), and both ranks restarted with --resume finish the run: every step on N distinct
+/// units, none trained twice.
+#[test]
+fn a_killed_learner_rank_stops_the_group_and_a_restart_resumes_it() {
+    // More steps than the 5 of the other tests: the run must still be going when a rank dies.
+    let (_tmp, mut c) = Cluster::with_run(30, 2, &["[actor]\nunits_in_flight = 1"]);
+    let _coord = c.coordinator("127.0.0.1:0");
+    let config = c.config.to_str().unwrap().to_string();
+    let coordinator = c.coordinator_addr.clone().unwrap();
+    let start = |c: &mut Cluster, resume: bool| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+        let ranks = |r: &str| -> Vec<String> {
+            ["--world-size", "2", "--rank", r, "--master-addr", "127.0.0.1", "--master-port", &port]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let mut args: Vec<String> =
+            ["learner", "--config", &config, "--coordinator", &coordinator].iter().map(|s| s.to_string()).collect();
+        args.extend(ranks("1"));
+        let follower = c.spawn("learner-rank1", &args);
+        let mut rank0 = ranks("0");
+        if resume {
+            rank0.push("--resume".into());
+        }
+        let leader = c.learner(&rank0.iter().map(String::as_str).collect::<Vec<_>>());
+        (leader, follower)
+    };
+    let (mut leader, mut follower) = start(&mut c, false);
+    let a = c.actor("actor-a");
+    c.wait_steps(2, &mut [&mut leader, &mut follower]);
+    // Freeze the actor so that the run cannot end meanwhile, kill rank 1, then let the actor
+    // go on: rank 0 needs its peer for the next step.
+    let actor_pid = a.child.id().to_string();
+    Command::new("kill").args(["-STOP", &actor_pid]).status().unwrap();
+    assert!(c.steps().len() < 30, "the run ended before a rank could be killed");
+    follower.child.kill().unwrap();
+    let _ = follower.child.wait();
+    Command::new("kill").args(["-CONT", &actor_pid]).status().unwrap();
+    // Rank 0 notices at its next collective and exits with an error.
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = leader.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "rank 0 still runs after its peer died:\n{}",
+            c.log("learner")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "rank 0 exited cleanly without its peer:\n{}", c.log("learner"));
+    assert!(c.log("learner").contains("learner ranks"), "{}", c.log("learner"));
+    // The launcher's restart: both ranks, rank 0 resuming.
+    let (mut leader, mut follower) = start(&mut c, true);
+    c.wait_exit(&mut leader);
+    c.wait_exit(&mut follower);
+    drop(a);
+    c.check_steps(30);
+    assert!(c.log("learner").contains("resuming"), "{}", c.log("learner"));
+}

@@ -6,18 +6,20 @@
 //! step, so a run is reproducible). The losses use the step's global denominators, so the
 //! ranks' gradients sum to the one-process gradient. Then, per step:
 //!
-//! 1. the gradients, flattened into one f32 buffer of W equal shards, are reduce-scattered:
-//!    rank r receives the sum of shard r only (ZeRO-2: no rank ever holds the whole reduced
-//!    gradient);
+//! 1. the gradients, flattened into f32 buckets (128 MB by default) each cut into W equal
+//!    slices, are reduce-scattered bucket by bucket: rank r receives the sum of slice r of
+//!    every bucket only (ZeRO-2: no rank ever holds the whole reduced gradient, nor more than
+//!    one bucket of the flat buffer);
 //! 2. the global norm is the all-reduced sum of the shards' squared norms, and clipping
 //!    scales each shard by the same factor;
 //! 3. each rank updates its shard of the f32 master weights with its shard of the AdamW
 //!    moments (ZeRO-1: 1/W of the 12 bytes per parameter of optimizer state per rank), with
 //!    the same fused kernel as one process;
-//! 4. the updated shards are all-gathered and copied into every rank's weights.
+//! 4. the updated shards are all-gathered, bucket by bucket, into every rank's weights.
 //!
 //! Resident per rank: weights (2 or 4 bytes per parameter) + gradients (same) + 12/W bytes of
-//! f32 master and moments, against 16 bytes (bf16) for one process. The optimizer state is
+//! f32 master and moments, against 16 bytes (bf16) for one process; during the update, two
+//! f32 buckets more. The optimizer state is
 //! saved in [`crate::optim::AdamW`]'s format (gathered to rank 0), so a run resumes under any
 //! number of ranks, or one.
 use crate::error::{GameError, Result};
@@ -47,6 +49,87 @@ pub fn assign(tokens: &[usize], world: usize) -> Vec<usize> {
     owner
 }
 
+/// Elements per bucket (f32) unless `SELFPLAY_DP_BUCKET_ELEMENTS` says otherwise: 128 MB, the
+/// most the update allocates at once beyond the resident state.
+pub const BUCKET_ELEMENTS: i64 = 1 << 25;
+
+/// Where each parameter sits in the flat f32 buffer, cut into buckets of equal size (a multiple
+/// of W; the last one zero-padded). Rank r owns slice r of every bucket: its shard is those
+/// slices end to end. Collectives go bucket by bucket, so the update never holds more than one
+/// bucket of the flat buffer.
+struct Layout {
+    /// Per parameter: (offset, elements, shape, kind).
+    params: Vec<(i64, i64, Vec<i64>, Kind)>,
+    bucket: i64,
+    buckets: i64,
+    world: i64,
+}
+
+impl Layout {
+    fn new(params: &[(String, Tensor)], world: i64) -> Layout {
+        let mut offset = 0i64;
+        let params: Vec<(i64, i64, Vec<i64>, Kind)> = params
+            .iter()
+            .map(|(_, p)| {
+                let n = p.numel() as i64;
+                offset += n;
+                (offset - n, n, p.size(), p.kind())
+            })
+            .collect();
+        let total = offset.max(1);
+        let want =
+            std::env::var("SELFPLAY_DP_BUCKET_ELEMENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(BUCKET_ELEMENTS);
+        // At most the whole model, at least one element per rank; a multiple of W.
+        let bucket = (want.min(total).max(world) + world - 1) / world * world;
+        Layout { params, bucket, buckets: (total + bucket - 1) / bucket, world }
+    }
+
+    /// Elements of one rank's slice of a bucket.
+    fn slice(&self) -> i64 {
+        self.bucket / self.world
+    }
+
+    /// Elements of one rank's shard.
+    fn shard(&self) -> i64 {
+        self.buckets * self.slice()
+    }
+
+    /// Bucket `b` of the flat buffer made of `tensors` (one per parameter, any dtype; `None`
+    /// reads as zeros), as f32 on `dev`.
+    fn bucket_of(&self, b: i64, tensors: &[Option<Tensor>], dev: tch::Device) -> Tensor {
+        let (start, end) = (b * self.bucket, (b + 1) * self.bucket);
+        let mut parts = vec![];
+        let mut filled = 0;
+        for ((off, n, _, _), t) in self.params.iter().zip(tensors) {
+            let (lo, hi) = (start.max(*off), end.min(off + n));
+            if lo >= hi {
+                continue;
+            }
+            parts.push(match t {
+                Some(t) => t.reshape([-1]).narrow(0, lo - off, hi - lo).to_kind(Kind::Float).to_device(dev),
+                None => Tensor::zeros([hi - lo], (Kind::Float, dev)),
+            });
+            filled += hi - lo;
+        }
+        if filled < self.bucket {
+            parts.push(Tensor::zeros([self.bucket - filled], (Kind::Float, dev)));
+        }
+        Tensor::cat(&parts, 0)
+    }
+
+    /// Copies bucket `b` (f32) into the parameters' elements it covers.
+    fn write_bucket(&self, b: i64, flat: &Tensor, params: &[(String, Tensor)]) {
+        let (start, end) = (b * self.bucket, (b + 1) * self.bucket);
+        for ((off, n, _, _), (_, p)) in self.params.iter().zip(params) {
+            let (lo, hi) = (start.max(*off), end.min(off + n));
+            if lo < hi {
+                let _ =
+                    p.detach().reshape([-1]).narrow(0, lo - off, hi - lo).copy_(&flat.narrow(0, lo - start, hi - lo));
+            }
+        }
+    }
+}
+
 /// One rank's sharded AdamW and the collectives of a step.
 pub struct DataParallel {
     pg: ProcessGroup,
@@ -54,10 +137,7 @@ pub struct DataParallel {
     /// Updates done so far.
     pub t: u64,
     names: Vec<String>,
-    /// Each parameter's (offset, elements, shape, kind) in the flat buffer.
-    layout: Vec<(i64, i64, Vec<i64>, Kind)>,
-    /// Elements per shard (the flat buffer is W shards, zero-padded at the end).
-    shard: i64,
+    layout: Layout,
     master: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -68,30 +148,27 @@ impl DataParallel {
     /// Shards the optimizer state of `params` (the same parameters, in the same order, on every
     /// rank) over `pg`. The master shard starts from this rank's weights.
     pub fn new(pg: ProcessGroup, params: &[(String, Tensor)], hyper: AdamWHyper) -> Result<Self> {
-        let mut layout = vec![];
-        let mut offset = 0i64;
         let device = params.first().map(|(_, p)| p.device()).unwrap_or(tch::Device::Cpu);
-        for (_, p) in params {
-            let n = p.numel() as i64;
-            layout.push((offset, n, p.size(), p.kind()));
-            offset += n;
+        if let Some((name, _)) = params.iter().find(|(_, p)| !p.is_contiguous()) {
+            // Updated weights are written back through flat views of the parameters.
+            return Err(GameError::Distributed(format!("parameter {name} is not contiguous")));
         }
-        let world = pg.size() as i64;
-        let shard = (offset + world - 1) / world;
-        let full = tch::no_grad(|| Self::flatten(params.iter().map(|(_, p)| p.detach()), shard * world, device));
-        let master = full.narrow(0, pg.rank() as i64 * shard, shard).copy();
-        Ok(DataParallel {
+        let layout = Layout::new(params, pg.size() as i64);
+        let master = Tensor::zeros([layout.shard()], (Kind::Float, device));
+        let mut dp = DataParallel {
             hyper,
             t: 0,
             names: params.iter().map(|(n, _)| n.clone()).collect(),
-            layout,
-            shard,
             exp_avg: master.zeros_like(),
             exp_avg_sq: master.zeros_like(),
             step: Tensor::zeros([1], (Kind::Float, device)),
             master,
+            layout,
             pg,
-        })
+        };
+        let weights: Vec<Option<Tensor>> = params.iter().map(|(_, p)| Some(p.detach())).collect();
+        tch::no_grad(|| dp.take_slices(&weights, Part::Master));
+        Ok(dp)
     }
 
     pub fn rank(&self) -> usize {
@@ -102,16 +179,6 @@ impl DataParallel {
     }
     pub fn group(&self) -> &ProcessGroup {
         &self.pg
-    }
-
-    /// The tensors, as f32, end to end in one buffer of `len` elements (zero-padded).
-    fn flatten(ts: impl Iterator<Item = Tensor>, len: i64, device: tch::Device) -> Tensor {
-        let mut parts: Vec<Tensor> = ts.map(|t| t.to_kind(Kind::Float).reshape([-1])).collect();
-        let used: i64 = parts.iter().map(|t| t.numel() as i64).sum();
-        if used < len {
-            parts.push(Tensor::zeros([len - used], (Kind::Float, device)));
-        }
-        Tensor::cat(&parts, 0)
     }
 
     /// Sums `values` over the ranks (f64 statistics of the step).
@@ -138,33 +205,54 @@ impl DataParallel {
         Ok(())
     }
 
-    /// Reduce-scatters the ranks' gradients of `params` and returns this rank's shard of their
-    /// sum with the global gradient norm (before clipping). The gradients are cleared.
+    fn state(&self, part: Part) -> &Tensor {
+        match part {
+            Part::Master => &self.master,
+            Part::ExpAvg => &self.exp_avg,
+            Part::ExpAvgSq => &self.exp_avg_sq,
+        }
+    }
+
+    /// Sets this rank's slices of a state tensor from whole per-parameter tensors.
+    fn take_slices(&mut self, whole: &[Option<Tensor>], part: Part) {
+        let (slice, dev) = (self.layout.slice(), self.master.device());
+        let at = self.rank() as i64 * slice;
+        for b in 0..self.layout.buckets {
+            let flat = self.layout.bucket_of(b, whole, dev);
+            let _ = self.state(part).narrow(0, b * slice, slice).copy_(&flat.narrow(0, at, slice));
+        }
+    }
+
+    /// Reduce-scatters the ranks' gradients of `params`, bucket by bucket, and returns this
+    /// rank's shard of their sum with the global gradient norm (before clipping). The gradients
+    /// are cleared.
     pub fn reduce_gradients(&self, params: &[(String, Tensor)]) -> Result<(Tensor, f64)> {
         tch::no_grad(|| {
-            let world = self.world() as i64;
             let dev = self.master.device();
-            let grads = params.iter().zip(&self.layout).map(|((_, p), (_, n, _, _))| {
-                let g = p.grad();
-                if g.defined() {
-                    g
-                } else {
-                    Tensor::zeros([*n], (Kind::Float, dev))
-                }
-            });
-            let flat = Self::flatten(grads, self.shard * world, dev);
-            let mine = Tensor::zeros([self.shard], (Kind::Float, dev));
-            self.pg.reduce_scatter(&mine, &flat, ReduceOp::Sum).map_err(dist_err)?;
+            let slice = self.layout.slice();
+            let grads: Vec<Option<Tensor>> = params
+                .iter()
+                .map(|(_, p)| {
+                    let g = p.grad();
+                    g.defined().then_some(g)
+                })
+                .collect();
+            let mine = Tensor::zeros([self.layout.shard()], (Kind::Float, dev));
+            for b in 0..self.layout.buckets {
+                let flat = self.layout.bucket_of(b, &grads, dev);
+                self.pg.reduce_scatter(&mine.narrow(0, b * slice, slice), &flat, ReduceOp::Sum).map_err(dist_err)?;
+            }
             let mut sq = [mine.square().sum(Kind::Double).double_value(&[])];
             self.sum(&mut sq)?;
-            let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
-            foreach::zero_(&grads).map_err(dist_err)?;
+            let defined: Vec<Tensor> = grads.into_iter().flatten().collect();
+            foreach::zero_(&defined).map_err(dist_err)?;
             Ok((mine, sq[0].sqrt()))
         })
     }
 
     /// Clips this rank's gradient shard to the global `norm` (`max_norm` 0 = no clipping),
-    /// updates the shard of the masters, and all-gathers the updated weights into `params`.
+    /// updates the shard of the masters, and all-gathers the updated weights into `params`,
+    /// bucket by bucket.
     pub fn apply(&mut self, params: &[(String, Tensor)], grad_shard: &Tensor, norm: f64, max_norm: f64) -> Result<()> {
         tch::no_grad(|| {
             if max_norm > 0.0 {
@@ -183,10 +271,11 @@ impl DataParallel {
                 self.hyper,
             )
             .map_err(dist_err)?;
-            let full = Tensor::zeros([self.shard * self.world() as i64], (Kind::Float, self.master.device()));
-            self.pg.all_gather(&full, &self.master).map_err(dist_err)?;
-            for ((_, p), (off, n, shape, _)) in params.iter().zip(&self.layout) {
-                let _ = p.detach().copy_(&full.narrow(0, *off, *n).view(shape.as_slice()));
+            let slice = self.layout.slice();
+            let full = Tensor::zeros([self.layout.bucket], (Kind::Float, self.master.device()));
+            for b in 0..self.layout.buckets {
+                self.pg.all_gather(&full, &self.master.narrow(0, b * slice, slice)).map_err(dist_err)?;
+                self.layout.write_bucket(b, &full, params);
             }
             Ok(())
         })
@@ -202,40 +291,44 @@ impl DataParallel {
         params: &[(String, Tensor)],
         t: u64,
     ) {
-        let len = self.shard * self.world() as i64;
-        let start = self.rank() as i64 * self.shard;
-        let dev = self.master.device();
-        let mine = |parts: Vec<Tensor>| Self::flatten(parts.into_iter(), len, dev).narrow(0, start, self.shard).copy();
-        let masters: Vec<Tensor> = master
+        let some = |ts: &[Tensor]| ts.iter().map(|t| Some(t.shallow_clone())).collect::<Vec<_>>();
+        let masters: Vec<Option<Tensor>> = master
             .iter()
             .zip(params)
-            .map(|(m, (_, p))| m.as_ref().map_or_else(|| p.detach(), |m| m.shallow_clone()))
+            .map(|(m, (_, p))| Some(m.as_ref().map_or_else(|| p.detach(), |m| m.shallow_clone())))
             .collect();
         tch::no_grad(|| {
-            self.exp_avg.copy_(&mine(exp_avg.iter().map(|t| t.shallow_clone()).collect()));
-            self.exp_avg_sq.copy_(&mine(exp_avg_sq.iter().map(|t| t.shallow_clone()).collect()));
-            self.master.copy_(&mine(masters));
+            self.take_slices(&some(exp_avg), Part::ExpAvg);
+            self.take_slices(&some(exp_avg_sq), Part::ExpAvgSq);
+            self.take_slices(&masters, Part::Master);
         });
         self.t = t;
     }
 
-    /// Every rank's shard of `t`, gathered into the whole flat buffer.
-    fn gather(&self, t: &Tensor) -> Result<Tensor> {
-        let full = Tensor::zeros([self.shard * self.world() as i64], (Kind::Float, t.device()));
-        self.pg.all_gather(&full, t).map_err(dist_err)?;
-        Ok(full)
+    /// A state tensor gathered from every rank into the whole flat buffer, on the CPU (bucket by
+    /// bucket: the device never holds more than one bucket of it).
+    fn gather(&self, part: Part) -> Result<Tensor> {
+        let slice = self.layout.slice();
+        let full = Tensor::zeros([self.layout.bucket], (Kind::Float, self.master.device()));
+        let mut out = vec![];
+        for b in 0..self.layout.buckets {
+            self.pg.all_gather(&full, &self.state(part).narrow(0, b * slice, slice)).map_err(dist_err)?;
+            // A copy: on the CPU `to_device` would hand back the buffer the next bucket overwrites.
+            out.push(if full.device() == tch::Device::Cpu { full.copy() } else { full.to_device(tch::Device::Cpu) });
+        }
+        Ok(Tensor::cat(&out, 0))
     }
 
     /// Writes the optimizer state in [`crate::optim::AdamW`]'s format (moments, and masters
     /// of parameters that are not f32) at `path`. Collective: every rank calls it; rank 0
     /// writes.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let (m, v, w) = (self.gather(&self.exp_avg)?, self.gather(&self.exp_avg_sq)?, self.gather(&self.master)?);
+        let (m, v, w) = (self.gather(Part::ExpAvg)?, self.gather(Part::ExpAvgSq)?, self.gather(Part::Master)?);
         if self.rank() != 0 {
             return Ok(());
         }
         let mut named: Vec<(String, Tensor)> = vec![];
-        for (name, (off, n, shape, kind)) in self.names.iter().zip(&self.layout) {
+        for (name, (off, n, shape, kind)) in self.names.iter().zip(&self.layout.params) {
             let part = |t: &Tensor| t.narrow(0, *off, *n).view(shape.as_slice());
             named.push((format!("{name}.exp_avg"), part(&m)));
             named.push((format!("{name}.exp_avg_sq"), part(&v)));
@@ -249,21 +342,18 @@ impl DataParallel {
 
     /// Takes this rank's shard of the state [`save`](Self::save) (or one process's AdamW)
     /// wrote, for the same parameters; `params` supplies the masters of f32 parameters (their
-    /// weights are their masters). A file that does not match changes nothing.
+    /// weights are their masters). The file is read on the CPU; one that does not match
+    /// changes nothing.
     pub fn load(&mut self, path: &Path, t: u64, params: &[(String, Tensor)]) -> Result<()> {
-        let dev = self.master.device();
+        let cpu = tch::Device::Cpu;
         let mut m_parts = vec![];
         let mut v_parts = vec![];
         let mut w_parts = vec![];
-        for ((name, p), (_, _, shape, kind)) in params.iter().zip(&self.layout) {
-            let z = || Tensor::zeros(shape.as_slice(), (Kind::Float, dev));
+        for ((name, p), (_, _, shape, kind)) in params.iter().zip(&self.layout.params) {
+            let z = || Tensor::zeros(shape.as_slice(), (Kind::Float, cpu));
             m_parts.push((format!("{name}.exp_avg"), z()));
             v_parts.push((format!("{name}.exp_avg_sq"), z()));
-            w_parts.push(if *kind != Kind::Float {
-                (Some(format!("{name}.master")), z())
-            } else {
-                (None, p.detach().copy())
-            });
+            w_parts.push(if *kind != Kind::Float { (Some(format!("{name}.master")), z()) } else { (None, p.detach()) });
         }
         let mut dst: Vec<(String, &Tensor)> = vec![];
         for ((m, v), w) in m_parts.iter().zip(&v_parts).zip(&w_parts) {
@@ -277,17 +367,24 @@ impl DataParallel {
             path: path.to_path_buf(),
             message: format!("optimizer state: {e}"),
         })?;
-        let len = self.shard * self.world() as i64;
-        let start = self.rank() as i64 * self.shard;
-        let mine = |parts: Vec<Tensor>| Self::flatten(parts.into_iter(), len, dev).narrow(0, start, self.shard).copy();
+        let whole = |parts: Vec<(String, Tensor)>| parts.into_iter().map(|(_, t)| Some(t)).collect::<Vec<_>>();
+        let masters: Vec<Option<Tensor>> = w_parts.into_iter().map(|(_, t)| Some(t)).collect();
         tch::no_grad(|| {
-            self.exp_avg.copy_(&mine(m_parts.into_iter().map(|(_, t)| t).collect()));
-            self.exp_avg_sq.copy_(&mine(v_parts.into_iter().map(|(_, t)| t).collect()));
-            self.master.copy_(&mine(w_parts.into_iter().map(|(_, t)| t).collect()));
+            self.take_slices(&whole(m_parts), Part::ExpAvg);
+            self.take_slices(&whole(v_parts), Part::ExpAvgSq);
+            self.take_slices(&masters, Part::Master);
         });
         self.t = t;
         Ok(())
     }
+}
+
+/// The three state tensors of the sharded optimizer.
+#[derive(Clone, Copy)]
+enum Part {
+    Master,
+    ExpAvg,
+    ExpAvgSq,
 }
 
 #[cfg(test)]

@@ -93,6 +93,26 @@ impl Shape {
         .collect()
     }
 
+    /// Larger shapes for the learner-ranks plan (untied output heads; q/k/v biases, where a
+    /// family has them, are left out: under 0.01% of the parameters).
+    pub fn large() -> Vec<Shape> {
+        let shape = |name: &str, vocab, hidden, intermediate, layers, heads, kv_heads, head_dim| Shape {
+            name: name.into(),
+            vocab,
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            tied: false,
+        };
+        vec![
+            shape("Llama-3.1-8B", 128256, 4096, 14336, 32, 32, 8, 128),
+            shape("Qwen2.5-14B", 152064, 5120, 13824, 48, 40, 8, 128),
+        ]
+    }
+
     fn q(&self) -> u64 {
         self.heads * self.head_dim
     }
@@ -174,6 +194,26 @@ impl Learner {
         (self.activations_per_token * tokens + self.logprob_chunk).max(self.update_scratch)
     }
 
+    /// The same learner as one of `world` data-parallel ranks with sharded optimizer state
+    /// (crate::data_parallel): each rank keeps its full weights and gradients but 1/W of the f32
+    /// masters and moments (rounded up), and its update holds its f32 gradient shard and two
+    /// f32 buckets of `bucket` elements (the reduce-scatter input and the all-gather output)
+    /// instead of one widened gradient.
+    pub fn sharded(self, world: u64, bucket: u64) -> Learner {
+        let world = world.max(1);
+        let p = self.params;
+        let shard = p.div_ceil(world);
+        let master = if self.master > 0 { 4 * shard } else { 0 };
+        let moments = 8 * shard;
+        Learner {
+            master,
+            moments,
+            resident: self.weights + self.grads + master + moments,
+            update_scratch: 4 * shard + 2 * 4 * bucket.min(p),
+            ..self
+        }
+    }
+
     /// The peak of a step whose largest micro-batch has `tokens` padded tokens.
     pub fn peak(&self, tokens: u64) -> u64 {
         self.resident + self.step_peak(tokens)
@@ -221,6 +261,52 @@ mod tests {
         assert!(peak < 76.0, "{peak} GB");
         // Without the token bound a step of 8 x 4 x 1,024-token sequences would not fit.
         assert!(gb(l.peak(8 * 1024 * 4 / 2)) > 80.0);
+    }
+
+    /// The per-rank plan of docs/operations.md ("Learner ranks: memory per rank"), computed here
+    /// so that the table cannot drift from the formulas.
+    fn ranks_table() -> String {
+        let gb = |b: u64| format!("{:.1}", b as f64 / 1e9);
+        let mut out = String::from(
+            "| model | W | resident per rank (GB) | peak, 4,096-token micro-batch (GB) | peak with gradient checkpointing (GB) |\n|---|---|---|---|---|\n",
+        );
+        let mut shapes = vec![Shape::known()[2].clone()];
+        shapes.extend(Shape::large());
+        for shape in &shapes {
+            for w in [1u64, 2, 4, 8] {
+                let plain = learner(shape, 2, 1024);
+                let ckpt = plain.clone().with_checkpointing(shape, 2);
+                let (plain, ckpt) =
+                    if w == 1 { (plain, ckpt) } else { (plain.sharded(w, 1 << 25), ckpt.sharded(w, 1 << 25)) };
+                out += &format!(
+                    "| {} | {w} | {} | {} | {} |\n",
+                    shape.name,
+                    gb(plain.resident),
+                    gb(plain.peak(4096)),
+                    gb(ckpt.peak(4096))
+                );
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_ranks_memory_table_in_the_docs_is_the_formulas() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).unwrap();
+        let table = ranks_table();
+        assert!(doc.contains(&table), "docs/operations.md lacks the current table:\n{table}");
+    }
+
+    #[test]
+    fn eight_b_trains_on_eight_80_gb_gpus_and_shards_cut_the_optimizer_by_w() {
+        let b8 = &Shape::large()[0];
+        assert_eq!(b8.params(), 8_030_261_248, "Llama-3.1-8B's published count");
+        let one = learner(b8, 2, 1024);
+        assert!(one.resident > 80_000_000_000, "8B does not fit one 80 GB GPU: {}", one.resident);
+        let eight = one.clone().with_checkpointing(b8, 2).sharded(8, 1 << 25);
+        assert!(eight.peak(4096) < 76_000_000_000, "{}", eight.peak(4096));
+        assert_eq!(eight.moments, 8 * b8.params().div_ceil(8));
+        assert_eq!(one.clone().sharded(1, 1 << 25).resident, one.resident);
     }
 
     #[test]

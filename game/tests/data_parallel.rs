@@ -107,6 +107,9 @@ fn two_ranks_train_as_one_process() {
                 .env("LOCAL_RANK", "0")
                 // One libtorch thread per rank: two ranks on two cores.
                 .env("SP_DP_THREADS", "1")
+                // Buckets of 1,000 elements: the model's parameters straddle many bucket edges
+                // (the default, 2^25, would put this model in one bucket).
+                .env("SELFPLAY_DP_BUCKET_ELEMENTS", "1000")
                 .spawn()
                 .unwrap()
         })
