@@ -123,8 +123,7 @@ impl Layout {
         for ((off, n, _, _), (_, p)) in self.params.iter().zip(params) {
             let (lo, hi) = (start.max(*off), end.min(off + n));
             if lo < hi {
-                let _ =
-                    p.detach().reshape([-1]).narrow(0, lo - off, hi - lo).copy_(&flat.narrow(0, lo - start, hi - lo));
+                p.detach().reshape([-1]).narrow(0, lo - off, hi - lo).copy_(&flat.narrow(0, lo - start, hi - lo));
             }
         }
     }
@@ -219,7 +218,7 @@ impl DataParallel {
         let at = self.rank() as i64 * slice;
         for b in 0..self.layout.buckets {
             let flat = self.layout.bucket_of(b, whole, dev);
-            let _ = self.state(part).narrow(0, b * slice, slice).copy_(&flat.narrow(0, at, slice));
+            self.state(part).narrow(0, b * slice, slice).copy_(&flat.narrow(0, at, slice));
         }
     }
 
