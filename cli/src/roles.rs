@@ -471,25 +471,25 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
         }
         (d, _) => d,
     };
+    let opts = selfplay_learner::LearnerOptions {
+        coordinator: args.coordinator.clone(),
+        credential: args.auth.credential()?,
+        actor: Credential::from_file(&args.actor_tokens_file)?,
+        operator: accept(&args.operator_tokens_file)?,
+        max_policy_lag: args.max_policy_lag,
+        publish_every: args.publish_every,
+        wire_dtype: args.wire_dtype.clone(),
+        device: dev,
+        resume: args.resume,
+        tls: args.tls_cert.clone().zip(args.tls_key.clone()),
+        tls_ca: args.tls_ca.clone(),
+        init_from: args.init_from.clone(),
+        keep_optimizer: args.keep_optimizer,
+        in_process: None,
+        ranks: launch.clone(),
+    };
     if let Some(l) = launch.as_ref().filter(|l| l.rank > 0) {
         // Not rank 0: no server, no step log; it trains beside rank 0 until rank 0 stops.
-        let opts = selfplay_learner::LearnerOptions {
-            coordinator: args.coordinator.clone(),
-            credential: args.auth.credential()?,
-            actor: Credential::from_file(&args.actor_tokens_file)?,
-            operator: accept(&args.operator_tokens_file)?,
-            max_policy_lag: args.max_policy_lag,
-            publish_every: args.publish_every,
-            wire_dtype: args.wire_dtype.clone(),
-            device: dev,
-            resume: args.resume,
-            tls: None,
-            tls_ca: None,
-            init_from: args.init_from.clone(),
-            keep_optimizer: args.keep_optimizer,
-            in_process: None,
-            ranks: Some(l.clone()),
-        };
         let steps = selfplay_learner::follow_rank(cfg, &opts)?;
         eprintln!("learner rank {} of {} done: {steps} steps", l.rank, l.world_size);
         return Ok(());
@@ -516,23 +516,6 @@ pub fn learner(args: LearnerArgs) -> Result<()> {
             );
         }
         std::fs::create_dir_all(&cfg.run.out_dir)?;
-        let opts = selfplay_learner::LearnerOptions {
-            coordinator: args.coordinator.clone(),
-            credential: args.auth.credential()?,
-            actor: Credential::from_file(&args.actor_tokens_file)?,
-            operator: accept(&args.operator_tokens_file)?,
-            max_policy_lag: args.max_policy_lag,
-            publish_every: args.publish_every,
-            wire_dtype: args.wire_dtype.clone(),
-            device: dev,
-            resume: args.resume,
-            tls: args.tls_cert.clone().zip(args.tls_key.clone()),
-            tls_ca: args.tls_ca.clone(),
-            init_from: args.init_from.clone(),
-            keep_optimizer: args.keep_optimizer,
-            in_process: None,
-            ranks: launch.clone(),
-        };
         let shutdown = shutdown_signal();
         write_ready(
             &args.serve.ready_file,

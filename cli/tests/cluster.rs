@@ -647,26 +647,10 @@ fn two_learner_ranks_train_as_one_learner() {
 
     let (_t2, mut two) = Cluster::new(&[k1]);
     let _coord = two.coordinator("127.0.0.1:0");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-    let ranks = |r: &str| -> Vec<String> {
-        ["--world-size", "2", "--rank", r, "--master-addr", "127.0.0.1", "--master-port", &port]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-    };
+    let port = free_port();
     // Rank 1 first: it waits for rank 0's store.
-    let mut follower_args: Vec<String> = vec![
-        "learner".into(),
-        "--config".into(),
-        two.config.to_str().unwrap().into(),
-        "--coordinator".into(),
-        two.coordinator_addr.clone().unwrap(),
-        "--metrics-addr".into(),
-        "127.0.0.1:0".into(),
-    ];
-    follower_args.extend(ranks("1"));
-    let mut follower = two.spawn("learner-rank1", &follower_args);
-    let rank0: Vec<String> = ranks("0");
+    let mut follower = spawn_rank1(&two, &port);
+    let rank0 = rank_flags(&port, "0");
     let mut learner = two.learner(&rank0.iter().map(String::as_str).collect::<Vec<_>>());
     let a = two.actor("actor-a");
     two.wait_exit(&mut learner);
@@ -709,21 +693,10 @@ fn a_killed_learner_rank_stops_the_group_and_a_restart_resumes_it() {
     // More steps than the 5 of the other tests: the run must still be going when a rank dies.
     let (_tmp, mut c) = Cluster::with_run(30, 2, &["[actor]\nunits_in_flight = 1"]);
     let _coord = c.coordinator("127.0.0.1:0");
-    let config = c.config.to_str().unwrap().to_string();
-    let coordinator = c.coordinator_addr.clone().unwrap();
     let start = |c: &mut Cluster, resume: bool| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-        let ranks = |r: &str| -> Vec<String> {
-            ["--world-size", "2", "--rank", r, "--master-addr", "127.0.0.1", "--master-port", &port]
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        };
-        let mut args: Vec<String> =
-            ["learner", "--config", &config, "--coordinator", &coordinator].iter().map(|s| s.to_string()).collect();
-        args.extend(ranks("1"));
-        let follower = c.spawn("learner-rank1", &args);
-        let mut rank0 = ranks("0");
+        let port = free_port();
+        let follower = spawn_rank1(c, &port);
+        let mut rank0 = rank_flags(&port, "0");
         if resume {
             rank0.push("--resume".into());
         }
@@ -763,4 +736,30 @@ fn a_killed_learner_rank_stops_the_group_and_a_restart_resumes_it() {
     c.check_steps(30);
     let log = std::fs::read_to_string(c.dir.join("learner.log")).unwrap();
     assert!(log.contains("resuming"), "{}", c.log("learner"));
+}
+
+/// The flags of learner rank `rank` of two, meeting at `port`.
+fn rank_flags(port: &str, rank: &str) -> Vec<String> {
+    ["--world-size", "2", "--rank", rank, "--master-addr", "127.0.0.1", "--master-port", port]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Starts learner rank 1 of two (it serves nothing, so there is no ready file to wait for).
+fn spawn_rank1(c: &Cluster, port: &str) -> Proc {
+    let mut args: Vec<String> = vec![
+        "learner".into(),
+        "--config".into(),
+        c.config.to_str().unwrap().into(),
+        "--coordinator".into(),
+        c.coordinator_addr.clone().unwrap(),
+    ];
+    args.extend(rank_flags(port, "1"));
+    c.spawn("learner-rank1", &args)
+}
+
+/// A port the OS had free a moment ago (rank 0's store binds it).
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string()
 }
